@@ -1,0 +1,178 @@
+//! The network: [`Nin`] runs the layers that [`NinConfig::layers`] lists.
+//!
+//! (N, C, S, S) images -> (N, classes) logits. The same code serves training
+//! (`VarBuilder` over a `VarMap`, see [`Nin::init`]) and inference (`VarBuilder`
+//! over loaded tensors, see [`crate::weights::load`]).
+
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Result, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, ModuleT, VarBuilder, VarMap};
+
+use crate::block::{nin_block, NinBlock};
+use crate::config::{Layer, NinConfig, Window};
+use crate::dropout::Dropout;
+use crate::pool;
+
+/// A Network-in-Network classifier.
+#[derive(Debug)]
+pub struct Nin {
+    config: NinConfig,
+    layers: Vec<(String, NinLayer)>,
+}
+
+#[derive(Debug)]
+enum NinLayer {
+    Block(NinBlock),
+    MaxPool(Window),
+    Dropout(Dropout),
+    GlobalAvgPool,
+}
+
+impl Nin {
+    /// Builds the network described by `config` with parameters from `vb`.
+    /// Dropout masks come from seed 0; see [`Nin::init`] for a seeded network.
+    pub fn new(config: &NinConfig, vb: VarBuilder) -> crate::Result<Self> {
+        Self::build(config, vb, 0)
+    }
+
+    /// A fresh, trainable network: parameters drawn from `seed` into the
+    /// returned `VarMap` (hand its `all_vars()` to an optimizer), dropout
+    /// masks drawn from `seed` too. Same seed, bit-identical network.
+    pub fn init(config: &NinConfig, seed: u64, device: &Device) -> crate::Result<(Self, VarMap)> {
+        let varmap = VarMap::new();
+        let vb = crate::init::seeded_var_builder(&varmap, seed, DType::F32, device);
+        Ok((Self::build(config, vb, seed)?, varmap))
+    }
+
+    fn build(config: &NinConfig, vb: VarBuilder, seed: u64) -> crate::Result<Self> {
+        let mut layers = Vec::new();
+        for spec in config.layers()? {
+            let layer = match spec.layer {
+                Layer::Block {
+                    in_channels,
+                    channels,
+                    conv,
+                } => NinLayer::Block(nin_block(
+                    in_channels,
+                    channels,
+                    conv,
+                    config.mlp_convs,
+                    config.batch_norm,
+                    vb.pp(&spec.name),
+                )?),
+                Layer::MaxPool(window) => NinLayer::MaxPool(window),
+                Layer::Dropout(p) => NinLayer::Dropout(Dropout::new(p, seed)),
+                Layer::GlobalAvgPool => NinLayer::GlobalAvgPool,
+            };
+            layers.push((spec.name, layer));
+        }
+        Ok(Self {
+            config: config.clone(),
+            layers,
+        })
+    }
+
+    /// The configuration this network was built from.
+    pub fn config(&self) -> &NinConfig {
+        &self.config
+    }
+
+    /// Runs the network and returns every layer's output with the layer's
+    /// name, in order: the book's "print the shape after each layer".
+    pub fn forward_trace(&self, x: &Tensor, train: bool) -> Result<Vec<(String, Tensor)>> {
+        self.check_input(x)?;
+        let mut outputs: Vec<(String, Tensor)> = Vec::with_capacity(self.layers.len());
+        for (name, layer) in &self.layers {
+            let x = outputs.last().map_or(x, |(_, t)| t);
+            outputs.push((name.clone(), layer.forward_t(x, train)?));
+        }
+        Ok(outputs)
+    }
+
+    /// Position of the dropout mask stream, for checkpoints (0 without dropout).
+    pub fn dropout_position(&self) -> u128 {
+        self.dropout().map_or(0, Dropout::position)
+    }
+
+    /// Restores the dropout mask stream saved by [`Nin::dropout_position`].
+    pub fn set_dropout_position(&self, position: u128) {
+        if let Some(dropout) = self.dropout() {
+            dropout.set_position(position)
+        }
+    }
+
+    fn dropout(&self) -> Option<&Dropout> {
+        self.layers.iter().find_map(|(_, layer)| match layer {
+            NinLayer::Dropout(d) => Some(d),
+            _ => None,
+        })
+    }
+
+    fn check_input(&self, x: &Tensor) -> Result<()> {
+        let c = &self.config;
+        match x.dims() {
+            [_, ch, h, w] if *ch == c.in_channels && *h == c.input_size && *w == c.input_size => {
+                Ok(())
+            }
+            dims => candle_core::bail!(
+                "NiN expects input of shape (N, {}, {}, {}), got {dims:?}",
+                c.in_channels,
+                c.input_size,
+                c.input_size
+            ),
+        }
+    }
+
+    /// The name and shape of every tensor a network with `config` holds, in
+    /// construction order: what a weights file for it must contain.
+    pub fn parameter_shapes(config: &NinConfig) -> crate::Result<Vec<(String, Vec<usize>)>> {
+        let recorder = ShapeRecorder::default();
+        let vb = VarBuilder::from_backend(Box::new(recorder.clone()), DType::F32, Device::Cpu);
+        Self::build(config, vb, 0)?;
+        let shapes = recorder.0.lock().expect("recorder poisoned").clone();
+        Ok(shapes)
+    }
+}
+
+impl ModuleT for NinLayer {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        match self {
+            NinLayer::Block(block) => block.forward_t(x, train),
+            NinLayer::MaxPool(window) => pool::max_pool2d(x, *window),
+            NinLayer::Dropout(dropout) => dropout.forward_t(x, train),
+            NinLayer::GlobalAvgPool => pool::global_avg_pool(x),
+        }
+    }
+}
+
+impl ModuleT for Nin {
+    /// (N, C, S, S) -> (N, classes) logits; dropout only when `train`.
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.check_input(x)?;
+        self.layers
+            .iter()
+            .try_fold(x.clone(), |x, (_, layer)| layer.forward_t(&x, train))
+    }
+}
+
+/// A `VarBuilder` backend that hands out zeros and writes down what was asked.
+#[derive(Clone, Default)]
+struct ShapeRecorder(std::sync::Arc<Mutex<Vec<(String, Vec<usize>)>>>);
+
+impl SimpleBackend for ShapeRecorder {
+    fn get(&self, shape: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+        let mut seen = self.0.lock().expect("recorder poisoned");
+        seen.push((name.to_string(), shape.dims().to_vec()));
+        Tensor::zeros(shape, dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> Result<Tensor> {
+        candle_core::bail!("shape recorder needs a shape for `{name}`")
+    }
+
+    fn contains_tensor(&self, _name: &str) -> bool {
+        true
+    }
+}
