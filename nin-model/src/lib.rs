@@ -17,6 +17,9 @@ mod error;
 pub mod init;
 mod model;
 pub mod pool;
+pub mod preprocess;
+pub mod summary;
+pub mod weights;
 
 pub use config::{BlockConfig, NinConfig, Window};
 pub use error::{Error, Result};
