@@ -49,7 +49,10 @@ impl ConvUnit {
         let bias = if batch_norm {
             None
         } else {
-            Some(vb.pp(name).get_with_hints(out_channels, "bias", Init::Const(0.0))?)
+            Some(
+                vb.pp(name)
+                    .get_with_hints(out_channels, "bias", Init::Const(0.0))?,
+            )
         };
         let config = Conv2dConfig {
             padding: window.padding,
@@ -91,10 +94,24 @@ pub fn nin_block(
     batch_norm: bool,
     vb: VarBuilder,
 ) -> Result<NinBlock> {
-    let mut units = vec![ConvUnit::new(in_channels, channels, conv, batch_norm, "conv", &vb)?];
+    let mut units = vec![ConvUnit::new(
+        in_channels,
+        channels,
+        conv,
+        batch_norm,
+        "conv",
+        &vb,
+    )?];
     for i in 1..=mlp_convs {
         let name = format!("mlp{i}");
-        units.push(ConvUnit::new(channels, channels, Window::new(1, 1, 0), batch_norm, &name, &vb)?);
+        units.push(ConvUnit::new(
+            channels,
+            channels,
+            Window::new(1, 1, 0),
+            batch_norm,
+            &name,
+            &vb,
+        )?);
     }
     Ok(NinBlock { units })
 }

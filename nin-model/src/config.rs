@@ -186,7 +186,12 @@ impl NinConfig {
         for (i, (channels, conv, pool)) in blocks.chain(head).enumerate() {
             let is_head = i == count;
             if is_head && self.dropout > 0.0 {
-                layers.push(LayerSpec::new("dropout", Layer::Dropout(self.dropout), shape, shape));
+                layers.push(LayerSpec::new(
+                    "dropout",
+                    Layer::Dropout(self.dropout),
+                    shape,
+                    shape,
+                ));
             }
             let name = if is_head {
                 "head".to_string()
@@ -315,13 +320,20 @@ mod tests {
         let mut config = NinConfig::compact();
         config.blocks[1].channels = 0;
         let err = config.validate().unwrap_err().to_string();
-        assert!(err.contains("`block2`") && err.contains("0 channels"), "{err}");
+        assert!(
+            err.contains("`block2`") && err.contains("0 channels"),
+            "{err}"
+        );
 
         let config = NinConfig {
             dropout: 1.0,
             ..NinConfig::compact()
         };
-        assert!(config.validate().unwrap_err().to_string().contains("dropout"));
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("dropout"));
 
         let config = NinConfig {
             in_channels: 0,

@@ -32,7 +32,10 @@ impl Dropout {
 
     /// How far the mask stream has advanced; see [`Dropout::set_position`].
     pub fn position(&self) -> u128 {
-        self.rng.lock().expect("dropout rng poisoned").get_word_pos()
+        self.rng
+            .lock()
+            .expect("dropout rng poisoned")
+            .get_word_pos()
     }
 
     /// Rewinds or advances the mask stream, so a resumed run draws the masks
@@ -54,7 +57,13 @@ impl ModuleT for Dropout {
         let mask: Vec<f32> = {
             let mut rng = self.rng.lock().expect("dropout rng poisoned");
             (0..x.elem_count())
-                .map(|_| if rng.random::<f32>() < self.p { 0.0 } else { keep })
+                .map(|_| {
+                    if rng.random::<f32>() < self.p {
+                        0.0
+                    } else {
+                        keep
+                    }
+                })
                 .collect()
         };
         let mask = Tensor::from_vec(mask, x.shape(), &candle_core::Device::Cpu)?
@@ -77,13 +86,41 @@ mod tests {
     fn seeded_masks_repeat_and_resume() {
         let a = Dropout::new(0.5, 9);
         let b = Dropout::new(0.5, 9);
-        let first: Vec<f32> = a.forward_t(&ones(), true).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let first: Vec<f32> = a
+            .forward_t(&ones(), true)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let position = a.position();
-        let second: Vec<f32> = a.forward_t(&ones(), true).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        assert_eq!(first, b.forward_t(&ones(), true).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        let second: Vec<f32> = a
+            .forward_t(&ones(), true)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(
+            first,
+            b.forward_t(&ones(), true)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        );
         assert_ne!(first, second);
         b.set_position(position);
-        assert_eq!(second, b.forward_t(&ones(), true).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        assert_eq!(
+            second,
+            b.forward_t(&ones(), true)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        );
 
         let kept = first.iter().filter(|&&v| v > 0.0).count() as f32 / first.len() as f32;
         assert!((kept - 0.5).abs() < 0.03, "kept {kept}");

@@ -36,7 +36,9 @@ pub enum Error {
     },
 
     /// The file is not a safetensors file, or it is truncated.
-    #[error("weights file {path} is not a valid safetensors file (truncated or damaged?): {reason}")]
+    #[error(
+        "weights file {path} is not a valid safetensors file (truncated or damaged?): {reason}"
+    )]
     MalformedWeights { path: PathBuf, reason: String },
 
     /// The file is safetensors but was not written by nin, or its metadata is damaged.
@@ -44,7 +46,9 @@ pub enum Error {
     Metadata { path: PathBuf, reason: String },
 
     /// The file was written by a newer (or unknown) version of the weights format.
-    #[error("weights file {path} has format version {found}, this build reads version {supported}")]
+    #[error(
+        "weights file {path} has format version {found}, this build reads version {supported}"
+    )]
     UnsupportedVersion {
         path: PathBuf,
         found: String,
@@ -60,7 +64,9 @@ pub enum Error {
     UnexpectedTensor { path: PathBuf, name: String },
 
     /// A tensor in the file does not have the shape its config implies.
-    #[error("weights file {path}: tensor `{name}` has shape {found:?}, the config needs {expected:?}")]
+    #[error(
+        "weights file {path}: tensor `{name}` has shape {found:?}, the config needs {expected:?}"
+    )]
     ShapeMismatch {
         path: PathBuf,
         name: String,

@@ -11,8 +11,8 @@
 //! sqrt(2)) because every conv in the network feeds a ReLU.
 
 use candle_core::{DType, Device, Result, Shape, Tensor, Var};
-use candle_nn::var_builder::SimpleBackend;
 use candle_nn::init::NormalOrUniform;
+use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -56,7 +56,9 @@ fn sample(init: Init, shape: &Shape, rng: &mut ChaCha8Rng) -> Result<Vec<f32>> {
         Ok((0..count).map(|_| dist.sample(rng) as f32).collect())
     };
     let uniform = |lo: f64, up: f64, rng: &mut ChaCha8Rng| -> Vec<f32> {
-        (0..count).map(|_| rng.random_range(lo..up) as f32).collect()
+        (0..count)
+            .map(|_| rng.random_range(lo..up) as f32)
+            .collect()
     };
     Ok(match init {
         Init::Const(v) => vec![v as f32; count],
@@ -85,14 +87,18 @@ struct SeededVarMap {
 }
 
 impl SimpleBackend for SeededVarMap {
-    fn get(&self, shape: Shape, name: &str, init: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        init: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Tensor> {
         let mut vars = self.varmap.data().lock().expect("VarMap lock poisoned");
         if let Some(var) = vars.get(name) {
             if var.shape() != &shape {
-                candle_core::bail!(
-                    "shape mismatch on {name}: {shape:?} <> {:?}",
-                    var.shape()
-                )
+                candle_core::bail!("shape mismatch on {name}: {shape:?} <> {:?}", var.shape())
             }
             return Ok(var.as_tensor().clone());
         }
@@ -147,15 +153,26 @@ mod tests {
         let varmap = VarMap::new();
         let vb = seeded_var_builder(&varmap, 1, DType::F32, &Device::Cpu);
         let w = vb
-            .get_with_hints((256, 64, 3, 3), "w", candle_nn::init::DEFAULT_KAIMING_NORMAL)
+            .get_with_hints(
+                (256, 64, 3, 3),
+                "w",
+                candle_nn::init::DEFAULT_KAIMING_NORMAL,
+            )
             .unwrap();
         let values: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
         let n = values.len() as f64;
         let mean = values.iter().map(|&v| v as f64).sum::<f64>() / n;
-        let var = values.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+        let var = values
+            .iter()
+            .map(|&v| (v as f64 - mean).powi(2))
+            .sum::<f64>()
+            / n;
         let expected = 2.0 / (64.0 * 9.0);
         assert!(mean.abs() < 0.01, "mean {mean}");
-        assert!((var / expected - 1.0).abs() < 0.05, "variance {var}, expected {expected}");
+        assert!(
+            (var / expected - 1.0).abs() < 0.05,
+            "variance {var}, expected {expected}"
+        );
         // The variable is in the map, so an optimizer sees it.
         assert_eq!(varmap.all_vars().len(), 1);
     }

@@ -18,7 +18,8 @@
 //! padding counts as minus infinity.
 
 use candle_core::{
-    backend::BackendStorage, bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor,
+    backend::BackendStorage, bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape,
+    Tensor,
 };
 use rayon::prelude::*;
 
@@ -203,7 +204,9 @@ impl CustomOp1 for MaxPoolCpu {
         let backward = MaxPoolCpuBackward {
             window: self.window,
         };
-        Ok(Some(arg.apply_op2_no_bwd(&grad_res.contiguous()?, &backward)?))
+        Ok(Some(
+            arg.apply_op2_no_bwd(&grad_res.contiguous()?, &backward)?,
+        ))
     }
 }
 
@@ -291,7 +294,9 @@ mod tests {
             let x = input(shape, 7);
             let ours = max_pool2d(&x, window).unwrap();
             let portable = max_pool2d_portable(&x, window).unwrap();
-            let theirs = x.max_pool2d_with_stride(window.kernel, window.stride).unwrap();
+            let theirs = x
+                .max_pool2d_with_stride(window.kernel, window.stride)
+                .unwrap();
             assert_close(&ours, &theirs, 0.0);
             assert_close(&portable, &theirs, 0.0);
         }
@@ -320,9 +325,20 @@ mod tests {
             .unwrap()
             .backward()
             .unwrap();
-        let analytic = grads.get(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let analytic = grads
+            .get(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
 
-        let base = x.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let base = x
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         // Values are 0.37 apart, so a 0.05 nudge never changes a window's winner.
         let eps = 0.05f32;
         let nudged = |i: usize, delta: f32| {
@@ -333,7 +349,13 @@ mod tests {
         for (i, &g) in analytic.iter().enumerate() {
             // Differencing the outputs before weighting keeps f32 exact here.
             let diff = (nudged(i, eps) - nudged(i, -eps)).unwrap();
-            let numeric = diff.mul(&r).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap()
+            let numeric = diff
+                .mul(&r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
                 / (2.0 * eps);
             assert!(
                 (numeric - g).abs() <= 1e-3 * (1.0 + g.abs()),
@@ -377,7 +399,13 @@ mod tests {
         let y = global_avg_pool(x.as_tensor()).unwrap();
         assert_eq!(y.dims(), &[2, 3]);
         let grads = y.sum_all().unwrap().backward().unwrap();
-        let g = grads.get(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let g = grads
+            .get(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert!(g.iter().all(|&v| (v - 1.0 / 16.0).abs() < 1e-7));
     }
 }
