@@ -26,7 +26,7 @@ pub struct Nin {
 enum NinLayer {
     Block(NinBlock),
     MaxPool(Window),
-    Dropout(Dropout),
+    Dropout(Box<Dropout>),
     GlobalAvgPool,
 }
 
@@ -63,7 +63,7 @@ impl Nin {
                     vb.pp(&spec.name),
                 )?),
                 Layer::MaxPool(window) => NinLayer::MaxPool(window),
-                Layer::Dropout(p) => NinLayer::Dropout(Dropout::new(p, seed)),
+                Layer::Dropout(p) => NinLayer::Dropout(Box::new(Dropout::new(p, seed))),
                 Layer::GlobalAvgPool => NinLayer::GlobalAvgPool,
             };
             layers.push((spec.name, layer));
@@ -105,7 +105,7 @@ impl Nin {
 
     fn dropout(&self) -> Option<&Dropout> {
         self.layers.iter().find_map(|(_, layer)| match layer {
-            NinLayer::Dropout(d) => Some(d),
+            NinLayer::Dropout(d) => Some(d.as_ref()),
             _ => None,
         })
     }
@@ -127,7 +127,7 @@ impl Nin {
 
     /// The name and shape of every tensor a network with `config` holds, in
     /// construction order: what a weights file for it must contain.
-    pub fn parameter_shapes(config: &NinConfig) -> crate::Result<Vec<(String, Vec<usize>)>> {
+    pub fn parameter_shapes(config: &NinConfig) -> crate::Result<Shapes> {
         let recorder = ShapeRecorder::default();
         let vb = VarBuilder::from_backend(Box::new(recorder.clone()), DType::F32, Device::Cpu);
         Self::build(config, vb, 0)?;
@@ -157,15 +157,19 @@ impl ModuleT for Nin {
     }
 }
 
+/// Tensor names with their shapes.
+type Shapes = Vec<(String, Vec<usize>)>;
+
 /// A `VarBuilder` backend that hands out zeros and writes down what was asked.
 #[derive(Clone, Default)]
-struct ShapeRecorder(std::sync::Arc<Mutex<Vec<(String, Vec<usize>)>>>);
+struct ShapeRecorder(std::sync::Arc<Mutex<Shapes>>);
 
 impl SimpleBackend for ShapeRecorder {
     fn get(&self, shape: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
         let mut seen = self.0.lock().expect("recorder poisoned");
         seen.push((name.to_string(), shape.dims().to_vec()));
-        Tensor::zeros(shape, dtype, dev)
+        // A broadcast scalar: no allocation, however large the config.
+        Tensor::zeros((), dtype, dev)?.broadcast_as(shape)
     }
 
     fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> Result<Tensor> {
