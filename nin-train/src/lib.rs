@@ -3,3 +3,4 @@
 //! - [`data`]: the four original IDX files, checked and decoded.
 
 pub mod data;
+pub mod optim;
