@@ -1,0 +1,68 @@
+//! Images per second of one workload, printed as one JSON line.
+//!
+//! The Rust half of `bench/compare.sh`, which runs `bench/nin_torch.py`
+//! with the same arguments beside it. Workloads: `forward` (inference,
+//! no graph) and `train` (forward, cross-entropy, backward, plain SGD update).
+//!
+//! cargo run --release -p nin-model --example throughput -- compact train 128 10
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{ModuleT, Optimizer};
+use nin_model::{summary, Nin, NinConfig};
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [arch, mode, batch, seconds] = args.as_slice() else {
+        bail!("usage: throughput <d2l|compact> <forward|train> <batch> <seconds>")
+    };
+    let config = NinConfig::preset(arch)?;
+    let batch: usize = batch.parse().context("batch")?;
+    let budget = Duration::from_secs_f64(seconds.parse().context("seconds")?);
+    let device = Device::Cpu;
+    let (model, varmap) = Nin::init(&config, 0, &device)?;
+    let s = config.input_size;
+    let x = Tensor::rand(0f32, 1f32, (batch, config.in_channels, s, s), &device)?;
+    let labels = Tensor::from_vec(
+        (0..batch as u32).map(|i| i % config.num_classes as u32).collect(),
+        batch,
+        &device,
+    )?;
+    let mut sgd = candle_nn::SGD::new(varmap.all_vars(), 1e-3)?;
+    let mut step = || -> anyhow::Result<()> {
+        match mode.as_str() {
+            "forward" => {
+                model.forward_t(&x, false)?.to_dtype(DType::F32)?;
+            }
+            "train" => {
+                let logits = model.forward_t(&x, true)?;
+                let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+                sgd.backward_step(&loss)?;
+            }
+            other => bail!("unknown mode {other}"),
+        }
+        Ok(())
+    };
+    step()?; // warm-up
+    let start = Instant::now();
+    let mut steps = 0usize;
+    while start.elapsed() < budget || steps < 3 {
+        step()?;
+        steps += 1;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let flops = summary::summarize(&config, batch, summary::OptimizerKind::Sgd)?;
+    let per_step = if mode == "train" {
+        flops.training_step_flops
+    } else {
+        flops.forward_flops
+    } as f64;
+    println!(
+        "{{\"impl\":\"nin\",\"arch\":\"{arch}\",\"mode\":\"{mode}\",\"batch\":{batch},\"images_per_s\":{:.1},\"gflops\":{:.2}}}",
+        (steps * batch) as f64 / elapsed,
+        per_step * steps as f64 / elapsed / 1e9
+    );
+    Ok(())
+}
