@@ -26,7 +26,9 @@ fn main() -> anyhow::Result<()> {
     let s = config.input_size;
     let x = Tensor::rand(0f32, 1f32, (batch, config.in_channels, s, s), &device)?;
     let labels = Tensor::from_vec(
-        (0..batch as u32).map(|i| i % config.num_classes as u32).collect(),
+        (0..batch as u32)
+            .map(|i| i % config.num_classes as u32)
+            .collect(),
         batch,
         &device,
     )?;

@@ -27,7 +27,10 @@ pub fn batch(
         })
         .collect::<nin_model::Result<Vec<_>>>()?;
     let images = batch_tensor(&prepared, preprocessing.size, device)?;
-    let labels: Vec<u32> = indices.iter().map(|&i| u32::from(dataset.label(i))).collect();
+    let labels: Vec<u32> = indices
+        .iter()
+        .map(|&i| u32::from(dataset.label(i)))
+        .collect();
     let labels = Tensor::from_vec(labels, indices.len(), device)?;
     Ok((images, labels))
 }

@@ -45,9 +45,16 @@ fn nin_overfits_a_small_real_batch() {
     }
     let last = loss_of(false).to_scalar::<f32>().unwrap();
     let predictions = model.forward_t(&x, false).unwrap().argmax(1).unwrap();
-    let correct = predictions.eq(&y).unwrap().to_dtype(candle_core::DType::F32).unwrap();
+    let correct = predictions
+        .eq(&y)
+        .unwrap()
+        .to_dtype(candle_core::DType::F32)
+        .unwrap();
     let accuracy = correct.mean_all().unwrap().to_scalar::<f32>().unwrap();
-    assert!(first > 2.0, "an untrained 10-class model starts near ln 10: {first}");
+    assert!(
+        first > 2.0,
+        "an untrained 10-class model starts near ln 10: {first}"
+    );
     assert!(last < 0.2 * first, "loss went from {first} to {last}");
     assert!(accuracy > 0.9, "memorised only {accuracy} of the batch");
 }
