@@ -7,14 +7,26 @@
 //! Shapes: (N, C_in, H, W) -> (N, channels, H', W') with H' and W' given by
 //! the spatial conv's [`Window`]; the 1x1 convs keep the spatial size.
 //!
+//! Every block runs on two paths with the same tensors: the plain candle
+//! path (any device, (N, C, H, W) tensors) and the CPU fast path of
+//! [`crate::channels_last`] ((N*H*W, C) matrices, fused kernels).
+//!
 //! Tensor names under the block's prefix: `conv`, `mlp1`, `mlp2`, ... for
 //! the convolutions (`weight`, and `bias` without batch norm), and
-//! `conv_bn`, `mlp1_bn`, ... for the batch norms.
+//! `conv_bn`, `mlp1_bn`, ... for the batch norms (`weight`, `bias`,
+//! `running_mean`, `running_var`, as in PyTorch).
 
-use candle_core::{Result, Tensor};
-use candle_nn::{BatchNorm, Conv2d, Conv2dConfig, Init, ModuleT, VarBuilder};
+use std::sync::{Arc, Mutex};
 
+use candle_core::{Result, Tensor, Var};
+use candle_nn::{Init, VarBuilder};
+
+use crate::channels_last::{self as cl, BatchStats, Nhwc};
 use crate::config::Window;
+
+/// Batch norm's epsilon and running-average momentum (PyTorch's defaults).
+const BN_EPS: f64 = 1e-5;
+const BN_MOMENTUM: f64 = 0.1;
 
 /// One mlpconv block.
 #[derive(Debug, Clone)]
@@ -25,8 +37,91 @@ pub struct NinBlock {
 /// conv -> (batch norm) -> ReLU.
 #[derive(Debug, Clone)]
 struct ConvUnit {
-    conv: Conv2d,
-    bn: Option<BatchNorm>,
+    weight: Tensor,
+    window: Window,
+    /// The conv bias, or batch norm (whose shift makes a bias redundant).
+    after: After,
+}
+
+#[derive(Debug, Clone)]
+enum After {
+    Bias(Tensor),
+    Norm(Norm),
+}
+
+/// Batch norm over channels: learned scale and shift, running statistics
+/// for evaluation.
+#[derive(Debug, Clone)]
+struct Norm {
+    gamma: Tensor,
+    beta: Tensor,
+    running_mean: Var,
+    running_var: Var,
+    /// Where the fast path's kernel leaves the batch statistics.
+    stats: Arc<Mutex<BatchStats>>,
+}
+
+impl Norm {
+    fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
+        // From a VarMap these are the map's own variables, so the running
+        // averages written below are what gets saved.
+        let running = |name, init| -> Result<Var> {
+            Var::from_tensor(&vb.get_with_hints(channels, name, Init::Const(init))?)
+        };
+        Ok(Self {
+            gamma: vb.get_with_hints(channels, "weight", Init::Const(1.0))?,
+            beta: vb.get_with_hints(channels, "bias", Init::Const(0.0))?,
+            running_mean: running("running_mean", 0.0)?,
+            running_var: running("running_var", 1.0)?,
+            stats: Arc::default(),
+        })
+    }
+
+    /// Moves the running averages toward a batch's mean and biased variance
+    /// over `count` values (the variance is stored unbiased, as PyTorch).
+    fn update_running(&self, mean: &Tensor, var: &Tensor, count: usize) -> Result<()> {
+        let unbias = if count > 1 {
+            count as f64 / (count as f64 - 1.0)
+        } else {
+            1.0
+        };
+        let m = BN_MOMENTUM;
+        let mean = mean.to_dtype(self.running_mean.dtype())?.detach();
+        let var = var.to_dtype(self.running_var.dtype())?.detach();
+        self.running_mean
+            .set(&((self.running_mean.as_tensor() * (1.0 - m))? + (mean * m)?)?)?;
+        self.running_var
+            .set(&((self.running_var.as_tensor() * (1.0 - m))? + (var * (m * unbias))?)?)?;
+        Ok(())
+    }
+
+    /// Evaluation-mode batch norm as y = x * scale + shift per channel.
+    fn eval_affine(&self) -> Result<(Tensor, Tensor)> {
+        let scale = (&self.gamma / (self.running_var.as_tensor() + BN_EPS)?.sqrt()?)?;
+        let shift = (&self.beta - (self.running_mean.as_tensor() * &scale)?)?;
+        Ok((scale, shift))
+    }
+
+    /// Plain path on (N, C, H, W).
+    fn forward_plain(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let c = x.dim(1)?;
+        let per_channel = |t: &Tensor| t.reshape((1, c, 1, 1));
+        if !train {
+            let (scale, shift) = self.eval_affine()?;
+            return x
+                .broadcast_mul(&per_channel(&scale)?)?
+                .broadcast_add(&per_channel(&shift)?);
+        }
+        let count = x.elem_count() / c;
+        let mean = x.mean_keepdim((0, 2, 3))?;
+        let centred = x.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim((0, 2, 3))?;
+        self.update_running(&mean.flatten_all()?, &var.flatten_all()?, count)?;
+        centred
+            .broadcast_div(&(var + BN_EPS)?.sqrt()?)?
+            .broadcast_mul(&per_channel(&self.gamma)?)?
+            .broadcast_add(&per_channel(&self.beta)?)
+    }
 }
 
 impl ConvUnit {
@@ -45,43 +140,66 @@ impl ConvUnit {
             "weight",
             candle_nn::init::DEFAULT_KAIMING_NORMAL,
         )?;
-        // With batch norm a conv bias would be cancelled by the mean removal.
-        let bias = if batch_norm {
-            None
+        let after = if batch_norm {
+            After::Norm(Norm::new(out_channels, vb.pp(format!("{name}_bn")))?)
         } else {
-            Some(
+            After::Bias(
                 vb.pp(name)
                     .get_with_hints(out_channels, "bias", Init::Const(0.0))?,
             )
         };
-        let config = Conv2dConfig {
-            padding: window.padding,
-            stride: window.stride,
-            dilation: 1,
-            groups: 1,
-            cudnn_fwd_algo: None,
-        };
-        let bn = if batch_norm {
-            let bn_name = format!("{name}_bn");
-            Some(candle_nn::batch_norm(out_channels, 1e-5, vb.pp(bn_name))?)
-        } else {
-            None
-        };
         Ok(Self {
-            conv: Conv2d::new(weight, bias, config),
-            bn,
+            weight,
+            window,
+            after,
         })
     }
-}
 
-impl ModuleT for ConvUnit {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let x = x.apply(&self.conv)?;
-        let x = match &self.bn {
-            Some(bn) => x.apply_t(bn, train)?,
-            None => x,
+    fn forward_plain(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let Window {
+            stride, padding, ..
+        } = self.window;
+        let y = x.conv2d(&self.weight, padding, stride, 1, 1)?;
+        let y = match &self.after {
+            After::Bias(bias) => y.broadcast_add(&bias.reshape((1, (), 1, 1))?)?,
+            After::Norm(norm) => norm.forward_plain(&y, train)?,
         };
-        x.relu()
+        y.relu()
+    }
+
+    fn forward_fast(&self, x: &Nhwc, train: bool) -> Result<Nhwc> {
+        match &self.after {
+            After::Bias(bias) => {
+                let y = cl::conv(x, &self.weight, self.window)?;
+                Ok(Nhwc {
+                    data: cl::bias_relu(&y.data, bias)?,
+                    ..y
+                })
+            }
+            After::Norm(norm) if train => {
+                let y = cl::conv(x, &self.weight, self.window)?;
+                let data =
+                    cl::batch_norm_relu(&y.data, &norm.gamma, &norm.beta, BN_EPS, &norm.stats)?;
+                let stats = norm.stats.lock().expect("batch stats poisoned").clone();
+                let as_tensor = |v: &[f64]| Tensor::new(v, y.data.device());
+                norm.update_running(
+                    &as_tensor(&stats.mean)?,
+                    &as_tensor(&stats.var)?,
+                    stats.count,
+                )?;
+                Ok(Nhwc { data, ..y })
+            }
+            After::Norm(norm) => {
+                // Fold the per-channel scale into the kernel: one pass fewer.
+                let (scale, shift) = norm.eval_affine()?;
+                let weight = self.weight.broadcast_mul(&scale.reshape(((), 1, 1, 1))?)?;
+                let y = cl::conv(x, &weight, self.window)?;
+                Ok(Nhwc {
+                    data: cl::bias_relu(&y.data, &shift)?,
+                    ..y
+                })
+            }
+        }
     }
 }
 
@@ -103,23 +221,27 @@ pub fn nin_block(
         &vb,
     )?];
     for i in 1..=mlp_convs {
+        let one_by_one = Window::new(1, 1, 0);
         let name = format!("mlp{i}");
         units.push(ConvUnit::new(
-            channels,
-            channels,
-            Window::new(1, 1, 0),
-            batch_norm,
-            &name,
-            &vb,
+            channels, channels, one_by_one, batch_norm, &name, &vb,
         )?);
     }
     Ok(NinBlock { units })
 }
 
-impl ModuleT for NinBlock {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+impl NinBlock {
+    /// Plain candle path: (N, C_in, H, W) -> (N, C, H', W').
+    pub fn forward_plain(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         self.units
             .iter()
-            .try_fold(x.clone(), |x, unit| unit.forward_t(&x, train))
+            .try_fold(x.clone(), |x, unit| unit.forward_plain(&x, train))
+    }
+
+    /// CPU fast path on channels-last maps.
+    pub fn forward_fast(&self, x: &Nhwc, train: bool) -> Result<Nhwc> {
+        self.units
+            .iter()
+            .try_fold(x.clone(), |x, unit| unit.forward_fast(&x, train))
     }
 }

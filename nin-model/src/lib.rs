@@ -10,6 +10,7 @@
 //! - [`summary`]: parameters, FLOPs and memory per layer.
 
 pub mod block;
+pub mod channels_last;
 pub mod config;
 pub mod device;
 pub mod dropout;

@@ -11,6 +11,7 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, ModuleT, VarBuilder, VarMap};
 
 use crate::block::{nin_block, NinBlock};
+use crate::channels_last::{self as cl, Nhwc};
 use crate::config::{Layer, NinConfig, Window};
 use crate::dropout::Dropout;
 use crate::pool;
@@ -20,6 +21,8 @@ use crate::pool;
 pub struct Nin {
     config: NinConfig,
     layers: Vec<(String, NinLayer)>,
+    /// Use the channels-last CPU kernels for f32 inputs on CPU (default).
+    fast_path: bool,
 }
 
 #[derive(Debug)]
@@ -71,7 +74,20 @@ impl Nin {
         Ok(Self {
             config: config.clone(),
             layers,
+            fast_path: true,
         })
+    }
+
+    /// Chooses between the CPU fast path ([`crate::channels_last`], the
+    /// default) and the plain candle path for f32 inputs on CPU. Other
+    /// devices and dtypes always take the plain path. Both compute the same
+    /// function with the same tensors; the switch exists to compare them.
+    pub fn set_fast_path(&mut self, enabled: bool) {
+        self.fast_path = enabled;
+    }
+
+    fn takes_fast_path(&self, x: &Tensor) -> bool {
+        self.fast_path && x.device().is_cpu() && x.dtype() == DType::F32
     }
 
     /// The configuration this network was built from.
@@ -81,14 +97,59 @@ impl Nin {
 
     /// Runs the network and returns every layer's output with the layer's
     /// name, in order: the book's "print the shape after each layer".
+    /// Feature maps are reported as (N, C, H, W) whichever path ran.
     pub fn forward_trace(&self, x: &Tensor, train: bool) -> Result<Vec<(String, Tensor)>> {
+        let mut trace = Vec::with_capacity(self.layers.len());
+        self.run(x, train, Some(&mut trace))?;
+        Ok(trace)
+    }
+
+    fn run(
+        &self,
+        x: &Tensor,
+        train: bool,
+        mut trace: Option<&mut Vec<(String, Tensor)>>,
+    ) -> Result<Tensor> {
         self.check_input(x)?;
-        let mut outputs: Vec<(String, Tensor)> = Vec::with_capacity(self.layers.len());
-        for (name, layer) in &self.layers {
-            let x = outputs.last().map_or(x, |(_, t)| t);
-            outputs.push((name.clone(), layer.forward_t(x, train)?));
+        if !self.takes_fast_path(x) {
+            let mut x = x.clone();
+            for (name, layer) in &self.layers {
+                x = layer.forward_plain(&x, train)?;
+                if let Some(trace) = trace.as_deref_mut() {
+                    trace.push((name.clone(), x.clone()));
+                }
+            }
+            return Ok(x);
         }
-        Ok(outputs)
+        let mut x = Nhwc::from_nchw(x)?;
+        for (name, layer) in &self.layers {
+            let logits = match layer {
+                NinLayer::Block(block) => {
+                    x = block.forward_fast(&x, train)?;
+                    None
+                }
+                NinLayer::MaxPool(window) => {
+                    x = cl::max_pool(&x, *window)?;
+                    None
+                }
+                NinLayer::Dropout(dropout) => {
+                    x.data = dropout.forward_t(&x.data, train)?;
+                    None
+                }
+                NinLayer::GlobalAvgPool => Some(cl::global_avg_pool(&x)?),
+            };
+            if let Some(trace) = trace.as_deref_mut() {
+                let out = match &logits {
+                    Some(logits) => logits.clone(),
+                    None => x.to_nchw()?,
+                };
+                trace.push((name.clone(), out));
+            }
+            if let Some(logits) = logits {
+                return Ok(logits);
+            }
+        }
+        candle_core::bail!("NiN has no global average pool layer")
     }
 
     /// Position of the dropout mask stream, for checkpoints (0 without dropout).
@@ -136,10 +197,10 @@ impl Nin {
     }
 }
 
-impl ModuleT for NinLayer {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+impl NinLayer {
+    fn forward_plain(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         match self {
-            NinLayer::Block(block) => block.forward_t(x, train),
+            NinLayer::Block(block) => block.forward_plain(x, train),
             NinLayer::MaxPool(window) => pool::max_pool2d(x, *window),
             NinLayer::Dropout(dropout) => dropout.forward_t(x, train),
             NinLayer::GlobalAvgPool => pool::global_avg_pool(x),
@@ -150,10 +211,7 @@ impl ModuleT for NinLayer {
 impl ModuleT for Nin {
     /// (N, C, S, S) -> (N, classes) logits; dropout only when `train`.
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.check_input(x)?;
-        self.layers
-            .iter()
-            .try_fold(x.clone(), |x, (_, layer)| layer.forward_t(&x, train))
+        self.run(x, train, None)
     }
 }
 
