@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
@@ -19,9 +19,13 @@ use nin_model::{summary, Nin, NinConfig};
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [arch, mode, batch, seconds] = args.as_slice() else {
-        bail!("usage: throughput <d2l|compact> <forward|train> <batch> <seconds>")
+        bail!("usage: throughput <d2l|compact|config.json> <forward|train> <batch> <seconds>")
     };
-    let config = NinConfig::preset(arch)?;
+    let config: NinConfig = if arch.ends_with(".json") {
+        serde_json::from_str(&std::fs::read_to_string(arch)?)?
+    } else {
+        NinConfig::preset(arch)?
+    };
     let batch: usize = batch.parse().context("batch")?;
     let budget = Duration::from_secs_f64(seconds.parse().context("seconds")?);
     let device = Device::Cpu;

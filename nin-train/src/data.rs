@@ -81,7 +81,7 @@ pub enum DataError {
     },
 
     /// No directory in the search list holds the four files.
-    #[error("Fashion-MNIST not found: no directory holds {}; searched {}; {HOW_TO_GET}", ALL_STEMS.join(", "), searched_list(.searched))]
+    #[error("Fashion-MNIST not found: no directory holds the needed files; searched {}; {HOW_TO_GET}", searched_list(.searched))]
     NotFound {
         /// Each directory searched, with what it lacks.
         searched: Vec<(PathBuf, String)>,
@@ -179,14 +179,6 @@ pub enum Split {
     /// `t10k-*`: 10,000 held-out images to measure it on.
     Test,
 }
-
-/// File stems of all four files, in the order they are checked.
-const ALL_STEMS: [&str; 4] = [
-    Split::Train.images_stem(),
-    Split::Train.labels_stem(),
-    Split::Test.images_stem(),
-    Split::Test.labels_stem(),
-];
 
 impl Split {
     /// Both splits, training first.
@@ -401,11 +393,11 @@ pub fn load_split(dir: &Path, split: Split) -> Result<Dataset> {
 /// `/usr/share/datasets/fashion-mnist` that holds all four files (each
 /// plain or `.gz`) wins. Only existence is checked here; [`load_split`]
 /// checks the contents.
-pub fn find_data_dir(explicit: Option<&Path>) -> Result<PathBuf> {
+pub fn find_data_dir(explicit: Option<&Path>, splits: &[Split]) -> Result<PathBuf> {
     let env = std::env::var_os(DATA_DIR_ENV);
     if explicit.is_none() {
         if let Some(dir) = env.as_deref().filter(|dir| !dir.is_empty()) {
-            if let Some(why) = lacks(Path::new(dir)) {
+            if let Some(why) = lacks(Path::new(dir), splits) {
                 tracing::warn!(
                     "{DATA_DIR_ENV}={} is not usable ({why}); looking elsewhere",
                     Path::new(dir).display()
@@ -413,7 +405,7 @@ pub fn find_data_dir(explicit: Option<&Path>) -> Result<PathBuf> {
             }
         }
     }
-    search_data_dir(explicit, &candidate_dirs(env.as_deref()))
+    search_data_dir(explicit, &candidate_dirs(env.as_deref()), splits)
 }
 
 /// The search list after an explicit directory, given the value of
@@ -431,16 +423,20 @@ fn candidate_dirs(env_value: Option<&OsStr>) -> Vec<PathBuf> {
 }
 
 /// [`find_data_dir`] with the candidate list spelled out, for tests.
-fn search_data_dir(explicit: Option<&Path>, candidates: &[PathBuf]) -> Result<PathBuf> {
+fn search_data_dir(
+    explicit: Option<&Path>,
+    candidates: &[PathBuf],
+    splits: &[Split],
+) -> Result<PathBuf> {
     if let Some(dir) = explicit {
-        for stem in ALL_STEMS {
+        for stem in stems(splits) {
             locate(dir, stem)?;
         }
         return Ok(dir.to_path_buf());
     }
     let mut searched = Vec::with_capacity(candidates.len());
     for dir in candidates {
-        match lacks(dir) {
+        match lacks(dir, splits) {
             None => {
                 tracing::debug!(dir = %dir.display(), "found Fashion-MNIST");
                 return Ok(dir.clone());
@@ -451,13 +447,19 @@ fn search_data_dir(explicit: Option<&Path>, candidates: &[PathBuf]) -> Result<Pa
     Err(DataError::NotFound { searched })
 }
 
-/// What `dir` lacks to be a data directory, or `None` if it has all four files.
-fn lacks(dir: &Path) -> Option<String> {
+/// The file stems of `splits`.
+fn stems(splits: &[Split]) -> impl Iterator<Item = &'static str> + '_ {
+    splits
+        .iter()
+        .flat_map(|split| [split.images_stem(), split.labels_stem()])
+}
+
+/// What `dir` lacks to hold `splits`, or `None` if it has their files.
+fn lacks(dir: &Path, splits: &[Split]) -> Option<String> {
     if !dir.is_dir() {
         return Some("no such directory".into());
     }
-    ALL_STEMS
-        .iter()
+    stems(splits)
         .find(|stem| locate(dir, stem).is_err())
         .map(|stem| format!("no {stem}(.gz)"))
 }
@@ -967,13 +969,19 @@ mod tests {
 
         let candidates = paths(&[env.path(), local.path()]);
         assert_eq!(
-            search_data_dir(Some(explicit.path()), &candidates).unwrap(),
+            search_data_dir(Some(explicit.path()), &candidates, &Split::ALL).unwrap(),
             explicit.path()
         );
-        assert_eq!(search_data_dir(None, &candidates).unwrap(), env.path());
+        assert_eq!(
+            search_data_dir(None, &candidates, &Split::ALL).unwrap(),
+            env.path()
+        );
         // Candidates that lack the files are skipped.
         let candidates = paths(&[&nowhere, empty.path(), local.path()]);
-        assert_eq!(search_data_dir(None, &candidates).unwrap(), local.path());
+        assert_eq!(
+            search_data_dir(None, &candidates, &Split::ALL).unwrap(),
+            local.path()
+        );
     }
 
     #[test]
@@ -985,11 +993,16 @@ mod tests {
         // Only the test split: training would fail later, so fail now.
         let partial = tempfile::tempdir().unwrap();
         write_sample_split(partial.path(), Split::Test, true);
-        let err = search_data_dir(Some(partial.path()), &[full.path().to_path_buf()]).unwrap_err();
+        let err = search_data_dir(
+            Some(partial.path()),
+            &[full.path().to_path_buf()],
+            &Split::ALL,
+        )
+        .unwrap_err();
         assert!(matches!(err, DataError::Missing { .. }), "{err:?}");
         assert!(err.to_string().contains("train-images-idx3-ubyte"), "{err}");
         assert_tells_how_to_get_data(&err.to_string());
-        assert!(find_data_dir(Some(partial.path())).is_err());
+        assert!(find_data_dir(Some(partial.path()), &Split::ALL).is_err());
     }
 
     #[test]
@@ -997,8 +1010,12 @@ mod tests {
         let partial = tempfile::tempdir().unwrap();
         write_sample_split(partial.path(), Split::Train, false);
         let nowhere = partial.path().join("does-not-exist");
-        let err =
-            search_data_dir(None, &[nowhere.clone(), partial.path().to_path_buf()]).unwrap_err();
+        let err = search_data_dir(
+            None,
+            &[nowhere.clone(), partial.path().to_path_buf()],
+            &Split::ALL,
+        )
+        .unwrap_err();
         let message = err.to_string();
         assert!(matches!(err, DataError::NotFound { .. }), "{err:?}");
         assert!(
@@ -1036,7 +1053,7 @@ mod tests {
     #[test]
     #[ignore = "needs the full Fashion-MNIST (apt-get install dataset-fashion-mnist)"]
     fn full_data_set_loads() {
-        let dir = find_data_dir(None).unwrap();
+        let dir = find_data_dir(None, &Split::ALL).unwrap();
         for (split, len) in [(Split::Train, 60_000), (Split::Test, 10_000)] {
             let data = load_split(&dir, split).unwrap();
             assert_eq!(data.len(), len);
@@ -1044,5 +1061,15 @@ mod tests {
             // Fashion-MNIST is balanced: every class has a tenth of each split.
             assert_eq!(data.class_counts(), vec![len / NUM_CLASSES; NUM_CLASSES]);
         }
+    }
+
+    #[test]
+    fn a_directory_with_only_the_test_split_serves_evaluation() {
+        let slice = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data");
+        assert_eq!(
+            search_data_dir(Some(&slice), &[], &[Split::Test]).unwrap(),
+            slice
+        );
+        assert!(search_data_dir(Some(&slice), &[], &Split::ALL).is_err());
     }
 }

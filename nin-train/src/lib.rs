@@ -4,9 +4,17 @@
 //! - [`loader`]: batches through the shared preprocessing;
 //! - [`optim`]: SGD with momentum and AdamW with checkpointable state.
 
+pub mod augment;
+pub mod checkpoint;
 pub mod data;
+pub mod download;
 mod error;
+pub mod eval;
 pub mod loader;
+pub mod metrics;
 pub mod optim;
+pub mod report;
+pub mod schedule;
+pub mod train;
 
 pub use error::{Error, Result};

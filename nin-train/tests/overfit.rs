@@ -24,7 +24,14 @@ fn nin_overfits_a_small_real_batch() {
     config.dropout = 0.0;
     let device = Device::Cpu;
     let indices: Vec<usize> = (0..32).collect();
-    let (x, y) = batch(&data, &indices, &Preprocessing::fashion_mnist(28), &device).unwrap();
+    let (x, y) = batch(
+        &data,
+        &indices,
+        &Preprocessing::fashion_mnist(28),
+        None,
+        &device,
+    )
+    .unwrap();
 
     let (model, varmap) = Nin::init(&config, 3, &device).unwrap();
     let adamw = OptimizerConfig::Adamw {

@@ -1,0 +1,476 @@
+//! The training loop: [`fit`].
+//!
+//! Every random choice (initial weights, validation split, shuffling,
+//! augmentation, dropout) is keyed by the run's seed and position, and the
+//! complete state is checkpointed every epoch (and on interrupt), so a run
+//! that is stopped, killed or crashes continues exactly where it was.
+//!
+//! A loss or gradient that stops being finite does not end the run: the
+//! last checkpoint is restored, the learning rate halved, and training goes
+//! on; after [`MAX_ROLLBACKS`] such rollbacks it stops with an error and the
+//! last good checkpoint intact.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{ModuleT, VarMap};
+use nin_model::preprocess::Preprocessing;
+use nin_model::weights::{self, Provenance, WeightsMetadata};
+use nin_model::{Nin, NinConfig};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::augment::Augment;
+use crate::checkpoint::{self, Progress};
+use crate::data::Dataset;
+use crate::eval::{evaluate, smoothed_cross_entropy, Evaluation};
+use crate::metrics::{self, EpochMetrics, Score};
+use crate::optim::{Optimizer, OptimizerConfig};
+use crate::schedule::Schedule;
+use crate::{loader, Error, Result};
+
+/// Rollbacks after a non-finite loss before the run gives up.
+pub const MAX_ROLLBACKS: usize = 3;
+
+/// Everything that defines a run; stored in its checkpoints.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunConfig {
+    pub model: NinConfig,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub optimizer: OptimizerConfig,
+    pub schedule: Schedule,
+    pub seed: u64,
+    pub augment: Augment,
+    /// Label smoothing epsilon (0 = plain cross-entropy).
+    pub label_smoothing: f64,
+    /// Clip the global gradient norm to this value.
+    pub grad_clip: Option<f64>,
+    /// Training images held out for validation (taken from a seeded shuffle).
+    pub val_size: usize,
+    /// The command line that started the run, for the weights' provenance.
+    pub command: String,
+}
+
+impl RunConfig {
+    /// Refuses settings that cannot train.
+    pub fn validate(&self, train_len: usize) -> Result<()> {
+        self.model.validate()?;
+        let bad = |m: String| Err(Error::Invalid(m));
+        if self.epochs == 0 || self.batch_size == 0 {
+            return bad("epochs and batch size must be at least 1".into());
+        }
+        if self.val_size >= train_len {
+            return bad(format!(
+                "validation split of {} leaves no training images out of {train_len}",
+                self.val_size
+            ));
+        }
+        if !(0.0..1.0).contains(&self.label_smoothing) {
+            return bad(format!(
+                "label smoothing {} is not in [0, 1)",
+                self.label_smoothing
+            ));
+        }
+        if !(self.schedule.peak() > 0.0 && self.schedule.peak().is_finite()) {
+            return bad(format!(
+                "learning rate {} must be positive",
+                self.schedule.peak()
+            ));
+        }
+        Ok(())
+    }
+
+    fn preprocessing(&self) -> Preprocessing {
+        Preprocessing::fashion_mnist(self.model.input_size)
+    }
+}
+
+/// The data a run uses.
+pub struct TrainData<'a> {
+    pub train: &'a Dataset,
+    /// Evaluated after every epoch and at the end, when given.
+    pub test: Option<&'a Dataset>,
+}
+
+/// What the trainer reports as it goes (the CLI draws progress bars).
+pub trait Observer {
+    /// An epoch begins: `done` of `batches` batches are already done (resume).
+    fn epoch_start(&mut self, _epoch: usize, _batches: usize, _done: usize) {}
+    /// A batch finished, with the epoch's running mean loss and accuracy.
+    fn batch(&mut self, _loss: f64, _accuracy: f64, _images_per_s: f64) {}
+    /// An epoch finished.
+    fn epoch_end(&mut self, _metrics: &EpochMetrics) {}
+    /// Something worth telling the user (rollbacks, checkpoints).
+    fn note(&mut self, message: &str) {
+        tracing::info!("{message}");
+    }
+}
+
+/// An observer that only logs.
+pub struct LogOnly;
+impl Observer for LogOnly {}
+
+/// How a call to [`fit`] ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// All epochs done; the weights file was written.
+    Finished {
+        weights: PathBuf,
+        test: Option<Evaluation>,
+    },
+    /// Stopped on request after a checkpoint; `--resume` continues.
+    Interrupted { checkpoint: PathBuf },
+}
+
+/// Files a run writes into its output directory.
+pub struct RunFiles {
+    pub checkpoint: PathBuf,
+    pub metrics: PathBuf,
+    pub weights: PathBuf,
+}
+
+impl RunFiles {
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            checkpoint: dir.join("checkpoint.safetensors"),
+            metrics: dir.join("metrics.jsonl"),
+            weights: dir.join("nin-fashion-mnist.safetensors"),
+        }
+    }
+}
+
+/// A run in memory: the model, its variables, the optimizer and position.
+struct State {
+    model: Nin,
+    varmap: VarMap,
+    optimizer: Optimizer,
+    progress: Progress,
+}
+
+impl State {
+    fn fresh(run: &RunConfig, device: &Device) -> Result<Self> {
+        let (model, varmap) = Nin::init(&run.model, run.seed, device)?;
+        let optimizer = Optimizer::new(run.optimizer, &varmap);
+        Ok(Self {
+            model,
+            varmap,
+            optimizer,
+            progress: Progress {
+                lr_scale: 1.0,
+                dropout_position: "0".into(),
+                ..Progress::default()
+            },
+        })
+    }
+
+    /// Restores a checkpoint into a fresh state for the same run.
+    fn restore(
+        run: &RunConfig,
+        checkpoint: checkpoint::Checkpoint,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut state = Self::fresh(run, device)?;
+        {
+            let vars = state.varmap.data().lock().expect("VarMap lock poisoned");
+            for (name, var) in vars.iter() {
+                let saved = checkpoint.model.get(name).ok_or_else(|| {
+                    Error::Invalid(format!("checkpoint lacks model tensor `{name}`"))
+                })?;
+                var.set(&saved.to_device(device)?)?;
+            }
+        }
+        state
+            .optimizer
+            .load_state(&checkpoint.optimizer, checkpoint.progress.steps)?;
+        let position = checkpoint
+            .progress
+            .dropout_position
+            .parse::<u128>()
+            .map_err(|e| Error::Invalid(format!("checkpoint dropout position: {e}")))?;
+        state.model.set_dropout_position(position);
+        state.progress = checkpoint.progress;
+        Ok(state)
+    }
+
+    fn save(&mut self, run: &RunConfig, path: &Path) -> Result<()> {
+        self.progress.dropout_position = self.model.dropout_position().to_string();
+        checkpoint::save(path, run, &self.progress, &self.varmap, &self.optimizer)
+    }
+}
+
+/// The seeded split of the training file into (train, validation) indices.
+pub fn split(run: &RunConfig, len: usize) -> (Vec<usize>, Vec<usize>) {
+    let mut order: Vec<usize> = (0..len).collect();
+    if run.val_size > 0 {
+        order.shuffle(&mut keyed_rng(run.seed, 1 << 62));
+    }
+    let val = order.split_off(len - run.val_size);
+    (order, val)
+}
+
+/// The order of the training images in `epoch`.
+fn epoch_order(seed: u64, epoch: usize, train: &[usize]) -> Vec<usize> {
+    let mut order = train.to_vec();
+    order.shuffle(&mut keyed_rng(seed, (1 << 61) | epoch as u64));
+    order
+}
+
+fn keyed_rng(seed: u64, stream: u64) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(stream);
+    rng
+}
+
+/// Trains `run` on `data`, writing checkpoints, metrics and finally the
+/// weights file into `out_dir`. With `resume`, continues from the
+/// checkpoint there (and the run configuration stored in it) if one exists.
+/// When `stop` becomes true, the current step finishes, a checkpoint is
+/// written and [`Outcome::Interrupted`] is returned.
+pub fn fit(
+    run: &RunConfig,
+    data: &TrainData,
+    out_dir: &Path,
+    device: &Device,
+    resume: bool,
+    stop: &AtomicBool,
+    observer: &mut dyn Observer,
+) -> Result<Outcome> {
+    std::fs::create_dir_all(out_dir).map_err(|e| {
+        Error::Invalid(format!(
+            "cannot create output directory {}: {e}",
+            out_dir.display()
+        ))
+    })?;
+    let files = RunFiles::new(out_dir);
+    let (run, mut state) = if resume && files.checkpoint.exists() {
+        let checkpoint = checkpoint::load(&files.checkpoint, device)?;
+        let run = checkpoint.run.clone();
+        observer.note(&format!(
+            "resuming {} at epoch {}, batch {}",
+            files.checkpoint.display(),
+            checkpoint.progress.epoch + 1,
+            checkpoint.progress.batch
+        ));
+        let state = State::restore(&run, checkpoint, device)?;
+        (run, state)
+    } else {
+        if files.metrics.exists() {
+            std::fs::remove_file(&files.metrics).map_err(|e| Error::Invalid(e.to_string()))?;
+        }
+        let mut state = State::fresh(run, device)?;
+        // A good state on disk from the start: the NaN guard can always roll back.
+        state.save(run, &files.checkpoint)?;
+        (run.clone(), state)
+    };
+    run.validate(data.train.len())?;
+    let preprocessing = run.preprocessing();
+    let (train_idx, val_idx) = split(&run, data.train.len());
+    let batches_per_epoch = train_idx.len().div_ceil(run.batch_size);
+    let total_steps = (batches_per_epoch * run.epochs) as u64;
+    let started = Instant::now();
+    let wall_before = state.progress.wall_s;
+
+    while state.progress.epoch < run.epochs {
+        let epoch = state.progress.epoch;
+        let order = epoch_order(run.seed, epoch, &train_idx);
+        observer.epoch_start(epoch + 1, batches_per_epoch, state.progress.batch);
+        let epoch_started = Instant::now();
+        let mut epoch_images = 0usize;
+        let mut rolled_back = false;
+        while state.progress.batch < batches_per_epoch {
+            let b = state.progress.batch;
+            let indices = &order[b * run.batch_size..((b + 1) * run.batch_size).min(order.len())];
+            let mut rng = Augment::rng(run.seed, epoch, b);
+            let augment = run.augment.is_on().then_some((&run.augment, &mut rng));
+            let (x, y) = loader::batch(data.train, indices, &preprocessing, augment, device)?;
+            let lr = run.schedule.lr(state.progress.steps, total_steps) * state.progress.lr_scale;
+            match train_step(&run, &mut state, &x, &y, lr)? {
+                Some((loss, correct)) => {
+                    let p = &mut state.progress;
+                    p.epoch_loss_sum += loss * indices.len() as f64;
+                    p.epoch_correct += correct;
+                    p.epoch_seen += indices.len() as u64;
+                    p.batch += 1;
+                    epoch_images += indices.len();
+                    let seen = p.epoch_seen as f64;
+                    observer.batch(
+                        p.epoch_loss_sum / seen,
+                        p.epoch_correct as f64 / seen,
+                        epoch_images as f64 / epoch_started.elapsed().as_secs_f64(),
+                    );
+                }
+                None => {
+                    state = roll_back(&run, &files.checkpoint, device, observer)?;
+                    rolled_back = true;
+                    break;
+                }
+            }
+            if stop.load(Ordering::SeqCst) {
+                state.progress.wall_s = wall_before + started.elapsed().as_secs_f64();
+                state.save(&run, &files.checkpoint)?;
+                observer.note(&format!(
+                    "interrupted; checkpoint at {}",
+                    files.checkpoint.display()
+                ));
+                return Ok(Outcome::Interrupted {
+                    checkpoint: files.checkpoint,
+                });
+            }
+        }
+        if rolled_back {
+            continue;
+        }
+        let p = &state.progress;
+        let seen = p.epoch_seen.max(1) as f64;
+        let train_score = Score {
+            loss: p.epoch_loss_sum / seen,
+            accuracy: p.epoch_correct as f64 / seen,
+        };
+        let images_per_s = epoch_images as f64 / epoch_started.elapsed().as_secs_f64();
+        let score = |e: Evaluation| Score {
+            loss: e.loss,
+            accuracy: e.accuracy,
+        };
+        let validation = if val_idx.is_empty() {
+            None
+        } else {
+            Some(score(evaluate(
+                &state.model,
+                data.train,
+                Some(&val_idx),
+                &preprocessing,
+                256,
+                device,
+            )?))
+        };
+        let test = match data.test {
+            Some(test) => Some(score(evaluate(
+                &state.model,
+                test,
+                None,
+                &preprocessing,
+                256,
+                device,
+            )?)),
+            None => None,
+        };
+        let p = &mut state.progress;
+        p.epoch += 1;
+        p.batch = 0;
+        p.epoch_loss_sum = 0.0;
+        p.epoch_correct = 0;
+        p.epoch_seen = 0;
+        p.wall_s = wall_before + started.elapsed().as_secs_f64();
+        let line = EpochMetrics {
+            epoch: p.epoch,
+            lr: run.schedule.lr(p.steps, total_steps) * p.lr_scale,
+            train: train_score,
+            validation,
+            test,
+            images_per_s,
+            wall_s: p.wall_s,
+        };
+        // Checkpoint first: a crash between the two repeats the metrics line
+        // at worst, never loses the epoch.
+        state.save(&run, &files.checkpoint)?;
+        metrics::append(&files.metrics, &line).map_err(|e| Error::Invalid(e.to_string()))?;
+        observer.epoch_end(&line);
+    }
+
+    let test = match data.test {
+        Some(test) => Some(evaluate(
+            &state.model,
+            test,
+            None,
+            &preprocessing,
+            256,
+            device,
+        )?),
+        None => None,
+    };
+    let provenance = Provenance {
+        dataset: "Fashion-MNIST".into(),
+        epochs: run.epochs,
+        test_accuracy: test.as_ref().map(|e| e.accuracy),
+        seed: Some(run.seed),
+        command: Some(run.command.clone()),
+        created_by: format!("nin-train {}", env!("CARGO_PKG_VERSION")),
+    };
+    let metadata = WeightsMetadata::fashion_mnist(run.model.clone(), provenance);
+    weights::save(&files.weights, &state.varmap, &metadata)?;
+    Ok(Outcome::Finished {
+        weights: files.weights,
+        test,
+    })
+}
+
+/// One optimizer step. `None` when the loss or the gradient is not finite
+/// (nothing is updated then); otherwise the batch's loss and correct count.
+fn train_step(
+    run: &RunConfig,
+    state: &mut State,
+    x: &Tensor,
+    y: &Tensor,
+    lr: f64,
+) -> Result<Option<(f64, u64)>> {
+    let logits = state.model.forward_t(x, true)?;
+    let loss = smoothed_cross_entropy(&logits, y, run.label_smoothing)?;
+    let loss_value = f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+    if !loss_value.is_finite() {
+        return Ok(None);
+    }
+    let grads = loss.backward()?;
+    let norm = state.optimizer.grad_norm(&grads)?;
+    if !norm.is_finite() {
+        return Ok(None);
+    }
+    let scale = match run.grad_clip {
+        Some(clip) if norm > clip => clip / norm,
+        _ => 1.0,
+    };
+    state.optimizer.step(&grads, lr, scale)?;
+    state.progress.steps = state.optimizer.steps();
+    let correct = logits
+        .argmax(1)?
+        .eq(y)?
+        .to_dtype(DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()? as u64;
+    Ok(Some((loss_value, correct)))
+}
+
+/// Restores the last checkpoint with half the learning rate, or gives up.
+fn roll_back(
+    run: &RunConfig,
+    path: &Path,
+    device: &Device,
+    observer: &mut dyn Observer,
+) -> Result<State> {
+    let checkpoint = checkpoint::load(path, device)?;
+    let mut state = State::restore(run, checkpoint, device)?;
+    state.progress.rollbacks += 1;
+    if state.progress.rollbacks > MAX_ROLLBACKS {
+        return Err(Error::Invalid(format!(
+            "the loss became NaN or infinite {} times even after lowering the learning rate to {:.3e}; \
+             stopping. The last good state is in {} (try a lower --lr or --grad-clip)",
+            state.progress.rollbacks,
+            run.schedule.peak() * state.progress.lr_scale,
+            path.display()
+        )));
+    }
+    state.progress.lr_scale *= 0.5;
+    observer.note(&format!(
+        "non-finite loss or gradient: rolled back to epoch {} batch {}, learning rate x{}",
+        state.progress.epoch + 1,
+        state.progress.batch,
+        state.progress.lr_scale
+    ));
+    // The rollback count and the lower rate must survive a crash too.
+    state.save(run, path)?;
+    Ok(state)
+}
