@@ -1,0 +1,220 @@
+//! The training loop on real images (the committed test-set slice):
+//! it learns, it resumes exactly, and it survives a diverging learning rate.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::Device;
+use nin_model::NinConfig;
+use nin_train::augment::Augment;
+use nin_train::data::{load_split, Dataset, Split};
+use nin_train::optim::OptimizerConfig;
+use nin_train::schedule::Schedule;
+use nin_train::train::{fit, LogOnly, Observer, Outcome, RunConfig, TrainData};
+
+fn slice() -> Dataset {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data");
+    load_split(&dir, Split::Test).unwrap()
+}
+
+fn run(epochs: usize, lr: f64) -> RunConfig {
+    let mut model = NinConfig::compact();
+    for (block, width) in model.blocks.iter_mut().zip([8, 16, 24]) {
+        block.channels = width;
+    }
+    model.batch_norm = true;
+    model.dropout = 0.2;
+    RunConfig {
+        model,
+        epochs,
+        batch_size: 50,
+        optimizer: OptimizerConfig::Sgd {
+            momentum: 0.9,
+            nesterov: true,
+            weight_decay: 5e-4,
+        },
+        schedule: Schedule::OneCycle { lr, warmup: 0.3 },
+        seed: 7,
+        augment: Augment {
+            crop_pad: 2,
+            flip: true,
+        },
+        label_smoothing: 0.1,
+        grad_clip: None,
+        val_size: 200,
+        command: "tests/fit.rs".into(),
+    }
+}
+
+fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
+    let weights = nin_model::weights::read(path, &Device::Cpu).unwrap();
+    let mut all: Vec<_> = weights
+        .tensors
+        .into_iter()
+        .map(|(n, t)| (n, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect();
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    all
+}
+
+#[test]
+fn a_short_fit_beats_chance_and_writes_everything() {
+    let data = slice();
+    let out = tempfile::tempdir().unwrap();
+    let stop = AtomicBool::new(false);
+    let train = TrainData {
+        train: &data,
+        test: Some(&data),
+    };
+    let outcome = fit(
+        &run(4, 0.1),
+        &train,
+        out.path(),
+        &Device::Cpu,
+        false,
+        &stop,
+        &mut LogOnly,
+    )
+    .unwrap();
+    let Outcome::Finished { weights, test } = outcome else {
+        panic!("not finished")
+    };
+    let history = nin_train::metrics::read(&out.path().join("metrics.jsonl")).unwrap();
+    assert_eq!(history.len(), 4);
+    let validation = history.last().unwrap().validation.unwrap();
+    // Ten classes: chance is 0.1. 800 images and 4 epochs of a tiny NiN
+    // reach about 0.45 (seed 7); 0.3 leaves room for float differences.
+    assert!(
+        validation.accuracy > 0.3,
+        "validation accuracy {}",
+        validation.accuracy
+    );
+    assert!(history[3].train.loss < history[0].train.loss);
+    // The recorded accuracy is what evaluation measures.
+    let meta = nin_model::weights::read_metadata(&weights).unwrap();
+    assert_eq!(meta.provenance.test_accuracy, test.map(|t| t.accuracy));
+    assert_eq!(meta.provenance.epochs, 4);
+}
+
+/// Sets the stop flag after `after` batches, as Ctrl-C would.
+struct StopAfter<'a> {
+    after: usize,
+    seen: usize,
+    stop: &'a AtomicBool,
+}
+
+impl Observer for StopAfter<'_> {
+    fn batch(&mut self, _: f64, _: f64, _: f64) {
+        self.seen += 1;
+        if self.seen == self.after {
+            self.stop.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+#[test]
+fn an_interrupted_run_resumes_to_the_same_weights() {
+    let data = slice();
+    let train = TrainData {
+        train: &data,
+        test: None,
+    };
+    let config = run(2, 0.05);
+    let straight = tempfile::tempdir().unwrap();
+    let never = AtomicBool::new(false);
+    fit(
+        &config,
+        &train,
+        straight.path(),
+        &Device::Cpu,
+        false,
+        &never,
+        &mut LogOnly,
+    )
+    .unwrap();
+
+    let resumed = tempfile::tempdir().unwrap();
+    // 16 batches per epoch: stop mid-way through the first, then mid-way
+    // through the second, resuming each time.
+    for after in [5, 14] {
+        let stop = AtomicBool::new(false);
+        let mut observer = StopAfter {
+            after,
+            seen: 0,
+            stop: &stop,
+        };
+        let outcome = fit(
+            &config,
+            &train,
+            resumed.path(),
+            &Device::Cpu,
+            true,
+            &stop,
+            &mut observer,
+        )
+        .unwrap();
+        assert!(matches!(outcome, Outcome::Interrupted { .. }));
+    }
+    let outcome = fit(
+        &config,
+        &train,
+        resumed.path(),
+        &Device::Cpu,
+        true,
+        &never,
+        &mut LogOnly,
+    )
+    .unwrap();
+    assert!(matches!(outcome, Outcome::Finished { .. }));
+
+    let name = "nin-fashion-mnist.safetensors";
+    assert_eq!(
+        tensors(&straight.path().join(name)),
+        tensors(&resumed.path().join(name))
+    );
+    let metrics = |dir: &Path| {
+        nin_train::metrics::read(&dir.join("metrics.jsonl"))
+            .unwrap()
+            .into_iter()
+            .map(|m| (m.epoch, m.train, m.validation))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(metrics(straight.path()), metrics(resumed.path()));
+}
+
+#[test]
+fn a_diverging_run_stops_with_the_last_good_weights() {
+    let data = slice();
+    let train = TrainData {
+        train: &data,
+        test: None,
+    };
+    let mut config = run(1, 1e12);
+    config.model.batch_norm = false;
+    let out = tempfile::tempdir().unwrap();
+    let stop = AtomicBool::new(false);
+    let err = fit(
+        &config,
+        &train,
+        out.path(),
+        &Device::Cpu,
+        false,
+        &stop,
+        &mut LogOnly,
+    )
+    .unwrap_err();
+    let message = err.to_string();
+    assert!(message.contains("NaN or infinite"), "{message}");
+    assert!(message.contains("checkpoint.safetensors"), "{message}");
+
+    // The checkpoint holds finite weights and records the rollbacks.
+    let checkpoint =
+        nin_train::checkpoint::load(&out.path().join("checkpoint.safetensors"), &Device::Cpu)
+            .unwrap();
+    assert!(checkpoint.progress.rollbacks >= nin_train::train::MAX_ROLLBACKS);
+    for (name, tensor) in &checkpoint.model {
+        let values = tensor.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(values.iter().all(|v| v.is_finite()), "{name} is not finite");
+    }
+    assert!(!out.path().join("nin-fashion-mnist.safetensors").exists());
+}
