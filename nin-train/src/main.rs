@@ -22,7 +22,7 @@ use nin_train::schedule::Schedule;
 use nin_train::train::{fit, Observer, Outcome, RunConfig, TrainData};
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Train and evaluate Network-in-Network on Fashion-MNIST.
 #[derive(Parser)]

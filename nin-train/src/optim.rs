@@ -108,12 +108,15 @@ impl Optimizer {
         let t = self.steps as i32;
         for p in &mut self.params {
             let Some(g) = grads.get(&p.var) else { continue };
+            // Detached: gradients and weights carry their computation graph,
+            // and buffers built from them would keep every past step alive.
+            let g = g.detach();
             let g = if grad_scale == 1.0 {
-                g.clone()
+                g
             } else {
                 (g * grad_scale)?
             };
-            let w = p.var.as_tensor();
+            let w = &p.var.as_tensor().detach();
             match self.config {
                 OptimizerConfig::Sgd {
                     momentum,
@@ -200,5 +203,138 @@ impl Optimizer {
         }
         self.steps = steps;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    /// A one-variable map whose loss is sum(w * x) (gradient x), so the
+    /// updates can be checked by hand.
+    fn setup(values: &[f32]) -> (VarMap, Var) {
+        let varmap = VarMap::new();
+        let var = Var::from_slice(values, (1, values.len()), &Device::Cpu).unwrap();
+        varmap
+            .data()
+            .lock()
+            .unwrap()
+            .insert("w".into(), var.clone());
+        (varmap, var)
+    }
+
+    fn grads(var: &Var, x: &[f32]) -> GradStore {
+        let x = Tensor::from_slice(x, (1, x.len()), &Device::Cpu).unwrap();
+        var.as_tensor()
+            .mul(&x)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+    }
+
+    fn values(var: &Var) -> Vec<f32> {
+        var.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    #[test]
+    fn sgd_nesterov_matches_pytorch_by_hand() {
+        let (varmap, var) = setup(&[1.0, -2.0]);
+        let config = OptimizerConfig::Sgd {
+            momentum: 0.9,
+            nesterov: true,
+            weight_decay: 0.1,
+        };
+        let mut opt = Optimizer::new(config, &varmap);
+        // Step 1: g = x + 0.1 w = (0.6, 0.3); buf = g; update = g + 0.9 buf.
+        opt.step(&grads(&var, &[0.5, 0.5]), 0.1, 1.0).unwrap();
+        let w1 = [1.0 - 0.1 * 0.6 * 1.9, -2.0 - 0.1 * 0.3 * 1.9];
+        let got = values(&var);
+        for (a, b) in got.iter().zip(w1) {
+            assert!((a - b).abs() < 1e-6, "{got:?} vs {w1:?}");
+        }
+        // Step 2: g' = x + 0.1 w1; buf' = 0.9 buf + g'; update = g' + 0.9 buf'.
+        opt.step(&grads(&var, &[0.5, 0.5]), 0.1, 1.0).unwrap();
+        let g2 = [0.5 + 0.1 * w1[0], 0.5 + 0.1 * w1[1]];
+        let buf2 = [0.9 * 0.6 + g2[0], 0.9 * 0.3 + g2[1]];
+        let w2 = [
+            w1[0] - 0.1 * (g2[0] + 0.9 * buf2[0]),
+            w1[1] - 0.1 * (g2[1] + 0.9 * buf2[1]),
+        ];
+        let got = values(&var);
+        for (a, b) in got.iter().zip(w2) {
+            assert!((a - b).abs() < 1e-6, "{got:?} vs {w2:?}");
+        }
+    }
+
+    #[test]
+    fn adamw_first_step_moves_by_lr() {
+        // With bias correction the first Adam step is lr * sign(g) (eps aside),
+        // plus the decoupled decay lr * wd * w.
+        let (varmap, var) = setup(&[1.0, -2.0]);
+        let config = OptimizerConfig::Adamw {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        };
+        let mut opt = Optimizer::new(config, &varmap);
+        opt.step(&grads(&var, &[3.0, -0.5]), 0.1, 1.0).unwrap();
+        let expected = [1.0 - 0.1 - 0.1 * 0.01 * 1.0, -2.0 + 0.1 - 0.1 * 0.01 * -2.0];
+        let got = values(&var);
+        for (a, b) in got.iter().zip(expected) {
+            assert!((a - b).abs() < 1e-5, "{got:?} vs {expected:?}");
+        }
+    }
+
+    #[test]
+    fn state_round_trips_and_holds_no_graph() {
+        let config = OptimizerConfig::Adamw {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        };
+        let (varmap_a, var_a) = setup(&[1.0, 2.0]);
+        let (varmap_b, var_b) = setup(&[1.0, 2.0]);
+        let mut a = Optimizer::new(config, &varmap_a);
+        for _ in 0..3 {
+            a.step(&grads(&var_a, &[0.3, -0.7]), 0.01, 1.0).unwrap();
+        }
+        // Buffers built from gradients must not keep the graph (and with it
+        // every earlier step) alive.
+        assert!(a.state().iter().all(|(_, t)| !t.track_op()));
+
+        let mut b = Optimizer::new(config, &varmap_b);
+        var_b.set(var_a.as_tensor()).unwrap();
+        let saved: HashMap<String, Tensor> = a.state().into_iter().collect();
+        b.load_state(&saved, a.steps()).unwrap();
+        a.step(&grads(&var_a, &[0.3, -0.7]), 0.01, 1.0).unwrap();
+        b.step(&grads(&var_b, &[0.3, -0.7]), 0.01, 1.0).unwrap();
+        assert_eq!(values(&var_a), values(&var_b));
+        assert_eq!(a.state().len(), 2);
+        assert_eq!(a.state()[0].1.dtype(), DType::F32);
+    }
+
+    #[test]
+    fn batch_norm_statistics_are_not_trained() {
+        let varmap = VarMap::new();
+        let running = Var::zeros(3, DType::F32, &Device::Cpu).unwrap();
+        varmap
+            .data()
+            .lock()
+            .unwrap()
+            .insert("b.conv_bn.running_mean".into(), running);
+        let opt = Optimizer::new(
+            OptimizerConfig::Sgd {
+                momentum: 0.0,
+                nesterov: false,
+                weight_decay: 0.0,
+            },
+            &varmap,
+        );
+        assert!(opt.params.is_empty());
     }
 }
