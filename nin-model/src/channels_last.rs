@@ -288,17 +288,17 @@ impl CustomOp2 for BiasRelu {
         let (grad_x, grad_bias) = with_f32(res, |res| {
             with_f32(grad, |grad| {
                 let mut grad_x = vec![0f32; grad.len()];
-                let partials: Vec<Vec<f64>> = grad_x
+                let partials: Vec<Vec<f32>> = grad_x
                     .par_chunks_mut(c * ROWS_PER_TASK)
                     .zip(grad.par_chunks(c * ROWS_PER_TASK))
                     .zip(res.par_chunks(c * ROWS_PER_TASK))
                     .map(|((gx, g), r)| {
-                        let mut sums = vec![0f64; c];
+                        let mut sums = vec![0f32; c];
                         for ((gx, g), r) in gx.chunks_mut(c).zip(g.chunks(c)).zip(r.chunks(c)) {
                             for j in 0..c {
                                 let v = if r[j] > 0.0 { g[j] } else { 0.0 };
                                 gx[j] = v;
-                                sums[j] += f64::from(v);
+                                sums[j] += v;
                             }
                         }
                         sums
@@ -314,21 +314,34 @@ impl CustomOp2 for BiasRelu {
     }
 }
 
-fn column_total(partials: &[Vec<f64>], c: usize) -> Vec<f32> {
-    (0..c)
-        .map(|j| partials.iter().map(|p| p[j]).sum::<f64>() as f32)
+/// Adds per-task column sums (each over at most [`ROWS_PER_TASK`] rows, so
+/// f32 is exact enough) in f64, in a fixed order: the result does not
+/// depend on how rayon scheduled the tasks.
+fn column_total(partials: &[Vec<f32>], c: usize) -> Vec<f32> {
+    column_total_f64(partials, c)
+        .into_iter()
+        .map(|v| v as f32)
         .collect()
 }
 
-/// Per-channel mean and biased variance of a (M, C) matrix, in f64.
+fn column_total_f64(partials: &[Vec<f32>], c: usize) -> Vec<f64> {
+    (0..c)
+        .map(|j| partials.iter().map(|p| f64::from(p[j])).sum::<f64>())
+        .collect()
+}
+
+/// Per-channel mean and biased variance of a (M, C) matrix. Each task sums
+/// [`ROWS_PER_TASK`] rows in f32 around a per-channel shift (the first
+/// row), which keeps E[x^2] - E[x]^2 from cancelling; tasks add up in f64.
 fn moments(x: &[f32], c: usize) -> (Vec<f64>, Vec<f64>) {
-    let partials: Vec<(Vec<f64>, Vec<f64>)> = x
-        .par_chunks(c * ROWS_PER_TASK * 4)
+    let shift = &x[..c];
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = x
+        .par_chunks(c * ROWS_PER_TASK)
         .map(|rows| {
-            let (mut s, mut s2) = (vec![0f64; c], vec![0f64; c]);
+            let (mut s, mut s2) = (vec![0f32; c], vec![0f32; c]);
             for row in rows.chunks(c) {
                 for j in 0..c {
-                    let v = f64::from(row[j]);
+                    let v = row[j] - shift[j];
                     s[j] += v;
                     s2[j] += v * v;
                 }
@@ -336,12 +349,12 @@ fn moments(x: &[f32], c: usize) -> (Vec<f64>, Vec<f64>) {
             (s, s2)
         })
         .collect();
+    let (s, s2): (Vec<_>, Vec<_>) = partials.into_iter().unzip();
     let m = (x.len() / c) as f64;
-    let mean: Vec<f64> = (0..c)
-        .map(|j| partials.iter().map(|p| p.0[j]).sum::<f64>() / m)
-        .collect();
+    let (s, s2) = (column_total_f64(&s, c), column_total_f64(&s2, c));
+    let mean = (0..c).map(|j| f64::from(shift[j]) + s[j] / m).collect();
     let var = (0..c)
-        .map(|j| (partials.iter().map(|p| p.1[j]).sum::<f64>() / m - mean[j] * mean[j]).max(0.0))
+        .map(|j| (s2[j] / m - (s[j] / m).powi(2)).max(0.0))
         .collect();
     (mean, var)
 }
@@ -458,33 +471,42 @@ impl CustomOp3 for BatchNormRelu {
             with_f32(res, |res| {
                 with_f32(grad, |grad| {
                     let chunk = c * ROWS_PER_TASK;
-                    // Pass 1: sums of g and g * xhat per channel, g = grad masked by ReLU.
-                    let partials: Vec<(Vec<f64>, Vec<f64>)> = x
+                    // Pass 1: per channel, sums of g and g * x, with g the
+                    // incoming gradient where the ReLU let it through.
+                    let partials: Vec<(Vec<f32>, Vec<f32>)> = x
                         .par_chunks(chunk)
                         .zip(res.par_chunks(chunk))
                         .zip(grad.par_chunks(chunk))
                         .map(|((x, r), g)| {
-                            let (mut sg, mut sgx) = (vec![0f64; c], vec![0f64; c]);
+                            let (mut sg, mut sgx) = (vec![0f32; c], vec![0f32; c]);
                             for ((x, r), g) in x.chunks(c).zip(r.chunks(c)).zip(g.chunks(c)) {
                                 for j in 0..c {
-                                    if r[j] > 0.0 {
-                                        let xhat = (f64::from(x[j]) - stats.mean[j]) * inv_std[j];
-                                        sg[j] += f64::from(g[j]);
-                                        sgx[j] += f64::from(g[j]) * xhat;
-                                    }
+                                    let gj = if r[j] > 0.0 { g[j] } else { 0.0 };
+                                    sg[j] += gj;
+                                    sgx[j] += gj * x[j];
                                 }
                             }
                             (sg, sgx)
                         })
                         .collect();
-                    let dbeta: Vec<f64> = (0..c)
-                        .map(|j| partials.iter().map(|p| p.0[j]).sum())
-                        .collect();
+                    let (sg, sgx): (Vec<_>, Vec<_>) = partials.into_iter().unzip();
+                    let (sg, sgx) = (column_total_f64(&sg, c), column_total_f64(&sgx, c));
+                    // dbeta = sum g; dgamma = sum g * xhat = istd * (sum g x - mean sum g).
+                    let dbeta = sg.clone();
                     let dgamma: Vec<f64> = (0..c)
-                        .map(|j| partials.iter().map(|p| p.1[j]).sum())
+                        .map(|j| inv_std[j] * (sgx[j] - stats.mean[j] * sg[j]))
                         .collect();
-                    // Pass 2: dx = gamma / std * (g - mean(g) - xhat * mean(g * xhat)).
+                    // dx = gamma istd (g - dbeta/M - xhat dgamma/M) = a g + b + k x.
                     let mf = m as f64;
+                    let (mut a, mut b, mut k) = (vec![0f32; c], vec![0f32; c], vec![0f32; c]);
+                    for j in 0..c {
+                        let aj = f64::from(gamma[j]) * inv_std[j];
+                        let kj = -aj * dgamma[j] * inv_std[j] / mf;
+                        a[j] = aj as f32;
+                        k[j] = kj as f32;
+                        b[j] = (-aj * dbeta[j] / mf - kj * stats.mean[j]) as f32;
+                    }
+                    // Pass 2.
                     let mut dx = vec![0f32; x.len()];
                     dx.par_chunks_mut(chunk)
                         .zip(x.par_chunks(chunk))
@@ -497,12 +519,8 @@ impl CustomOp3 for BatchNormRelu {
                                 .zip(g.chunks(c))
                             {
                                 for j in 0..c {
-                                    let xhat = (f64::from(x[j]) - stats.mean[j]) * inv_std[j];
-                                    let gj = if r[j] > 0.0 { f64::from(g[j]) } else { 0.0 };
-                                    dx[j] = (f64::from(gamma[j])
-                                        * inv_std[j]
-                                        * (gj - dbeta[j] / mf - xhat * dgamma[j] / mf))
-                                        as f32;
+                                    let gj = if r[j] > 0.0 { g[j] } else { 0.0 };
+                                    dx[j] = a[j] * gj + b[j] + k[j] * x[j];
                                 }
                             }
                         });

@@ -270,6 +270,11 @@ pub fn fit(
     run.validate(data.train.len())?;
     let preprocessing = run.preprocessing();
     let (train_idx, val_idx) = split(&run, data.train.len());
+    observer.note(&format!(
+        "training on {} images, {} held out for validation",
+        train_idx.len(),
+        val_idx.len()
+    ));
     let batches_per_epoch = train_idx.len().div_ceil(run.batch_size);
     let total_steps = (batches_per_epoch * run.epochs) as u64;
     let started = Instant::now();
