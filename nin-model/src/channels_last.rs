@@ -295,10 +295,12 @@ impl CustomOp2 for BiasRelu {
                     .map(|((gx, g), r)| {
                         let mut sums = vec![0f32; c];
                         for ((gx, g), r) in gx.chunks_mut(c).zip(g.chunks(c)).zip(r.chunks(c)) {
-                            for j in 0..c {
-                                let v = if r[j] > 0.0 { g[j] } else { 0.0 };
-                                gx[j] = v;
-                                sums[j] += v;
+                            // Zipped iterators (no indexing) so the loop vectorises.
+                            for (((gx, &g), &r), sum) in gx.iter_mut().zip(g).zip(r).zip(&mut sums)
+                            {
+                                let v = if r > 0.0 { g } else { 0.0 };
+                                *gx = v;
+                                *sum += v;
                             }
                         }
                         sums
@@ -340,10 +342,10 @@ fn moments(x: &[f32], c: usize) -> (Vec<f64>, Vec<f64>) {
         .map(|rows| {
             let (mut s, mut s2) = (vec![0f32; c], vec![0f32; c]);
             for row in rows.chunks(c) {
-                for j in 0..c {
-                    let v = row[j] - shift[j];
-                    s[j] += v;
-                    s2[j] += v * v;
+                for (((&x, &shift), s), s2) in row.iter().zip(shift).zip(&mut s).zip(&mut s2) {
+                    let v = x - shift;
+                    *s += v;
+                    *s2 += v * v;
                 }
             }
             (s, s2)
@@ -447,8 +449,8 @@ impl CustomOp3 for BatchNormRelu {
             .zip(x.par_chunks(c * ROWS_PER_TASK))
             .for_each(|(out, x)| {
                 for (out, x) in out.chunks_mut(c).zip(x.chunks(c)) {
-                    for j in 0..c {
-                        out[j] = (x[j] * a[j] + b[j]).max(0.0);
+                    for (((out, &x), &a), &b) in out.iter_mut().zip(x).zip(&a).zip(&b) {
+                        *out = (x * a + b).max(0.0);
                     }
                 }
             });
@@ -480,10 +482,13 @@ impl CustomOp3 for BatchNormRelu {
                         .map(|((x, r), g)| {
                             let (mut sg, mut sgx) = (vec![0f32; c], vec![0f32; c]);
                             for ((x, r), g) in x.chunks(c).zip(r.chunks(c)).zip(g.chunks(c)) {
-                                for j in 0..c {
-                                    let gj = if r[j] > 0.0 { g[j] } else { 0.0 };
-                                    sg[j] += gj;
-                                    sgx[j] += gj * x[j];
+                                let sums = sg.iter_mut().zip(sgx.iter_mut());
+                                for ((&x, (&r, &g)), (sg, sgx)) in
+                                    x.iter().zip(r.iter().zip(g)).zip(sums)
+                                {
+                                    let g = if r > 0.0 { g } else { 0.0 };
+                                    *sg += g;
+                                    *sgx += g * x;
                                 }
                             }
                             (sg, sgx)
@@ -518,9 +523,14 @@ impl CustomOp3 for BatchNormRelu {
                                 .zip(r.chunks(c))
                                 .zip(g.chunks(c))
                             {
-                                for j in 0..c {
-                                    let gj = if r[j] > 0.0 { g[j] } else { 0.0 };
-                                    dx[j] = a[j] * gj + b[j] + k[j] * x[j];
+                                let coefficients = a.iter().zip(&b).zip(&k);
+                                for ((dx, (&x, (&r, &g))), ((&a, &b), &k)) in dx
+                                    .iter_mut()
+                                    .zip(x.iter().zip(r.iter().zip(g)))
+                                    .zip(coefficients)
+                                {
+                                    let g = if r > 0.0 { g } else { 0.0 };
+                                    *dx = a * g + b + k * x;
                                 }
                             }
                         });
