@@ -133,17 +133,14 @@ pub fn conv(x: &Nhwc, weight: &Tensor, window: Window) -> Result<Nhwc> {
 /// Each output pixel's k x k x C neighbourhood as one row, ordered
 /// (ky, kx, c); zeros where the window hangs over the padding.
 pub fn im2col(x: &Nhwc, window: Window) -> Result<Tensor> {
-    x.data.contiguous()?.apply_op1(Im2Col {
-        window,
-        n: x.n,
-        h: x.h,
-        w: x.w,
-        c: x.c,
-    })
+    x.data
+        .contiguous()?
+        .apply_op1(Im2Col(Geometry::of(x, window)))
 }
 
+/// A window sliding over a batch of channels-last maps.
 #[derive(Clone, Copy)]
-struct Im2Col {
+struct Geometry {
     window: Window,
     n: usize,
     h: usize,
@@ -151,15 +148,19 @@ struct Im2Col {
     c: usize,
 }
 
-impl Im2Col {
-    fn out_dims(&self) -> Result<(usize, usize)> {
-        match (
-            self.window.output_size(self.h),
-            self.window.output_size(self.w),
-        ) {
-            (Some(oh), Some(ow)) => Ok((oh, ow)),
-            _ => bail!("im2col: window does not fit"),
+impl Geometry {
+    fn of(x: &Nhwc, window: Window) -> Self {
+        Self {
+            window,
+            n: x.n,
+            h: x.h,
+            w: x.w,
+            c: x.c,
         }
+    }
+
+    fn out_dims(&self) -> Result<(usize, usize)> {
+        crate::pool::output_dims(self.window, self.h, self.w)
     }
 
     /// Input pixel (y, x) under kernel tap (ky, kx) of output (oy, ox), if inside.
@@ -168,6 +169,26 @@ impl Im2Col {
         let y = (oy * self.window.stride + ky).checked_sub(self.window.padding)?;
         let x = (ox * self.window.stride + kx).checked_sub(self.window.padding)?;
         (y < self.h && x < self.w).then_some((y, x))
+    }
+}
+
+/// Patches op (forward im2col, backward col2im).
+struct Im2Col(Geometry);
+
+/// Channels-last max-pool op.
+struct MaxPool(Geometry);
+
+impl std::ops::Deref for Im2Col {
+    type Target = Geometry;
+    fn deref(&self) -> &Geometry {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for MaxPool {
+    type Target = Geometry;
+    fn deref(&self) -> &Geometry {
+        &self.0
     }
 }
 
@@ -550,55 +571,18 @@ impl CustomOp3 for BatchNormRelu {
 /// Max-pool over channels-last maps; the gradient goes to the first
 /// maximum of each window (as PyTorch), and NaNs propagate.
 pub fn max_pool(x: &Nhwc, window: Window) -> Result<Nhwc> {
-    let op = MaxPool {
-        window,
-        n: x.n,
-        h: x.h,
-        w: x.w,
-        c: x.c,
-    };
+    let op = MaxPool(Geometry::of(x, window));
     let (oh, ow) = op.out_dims()?;
     let data = x.data.contiguous()?.apply_op1(op)?;
     x.with_data(data, oh, ow)
 }
 
-#[derive(Clone, Copy)]
-struct MaxPool {
-    window: Window,
-    n: usize,
-    h: usize,
-    w: usize,
-    c: usize,
-}
-
-impl MaxPool {
-    fn out_dims(&self) -> Result<(usize, usize)> {
-        match (
-            self.window.output_size(self.h),
-            self.window.output_size(self.w),
-        ) {
-            (Some(oh), Some(ow)) if oh > 0 && ow > 0 => Ok((oh, ow)),
-            _ => bail!(
-                "max-pool {:?} does not fit a {}x{} input",
-                self.window,
-                self.h,
-                self.w
-            ),
-        }
-    }
-
+impl Geometry {
     /// For output pixel (oy, ox) of one image, the input pixel index that
     /// wins each channel, written to `best_at` (values to `best`).
     fn argmax(&self, image: &[f32], oy: usize, ox: usize, best: &mut [f32], best_at: &mut [usize]) {
-        let Window {
-            kernel,
-            stride,
-            padding,
-        } = self.window;
-        let y0 = (oy * stride).saturating_sub(padding);
-        let y1 = (oy * stride + kernel).saturating_sub(padding).min(self.h);
-        let x0 = (ox * stride).saturating_sub(padding);
-        let x1 = (ox * stride + kernel).saturating_sub(padding).min(self.w);
+        let (rows, cols) = (self.window.span(oy, self.h), self.window.span(ox, self.w));
+        let (y0, y1, x0, x1) = (rows.start, rows.end, cols.start, cols.end);
         best.fill(f32::NEG_INFINITY);
         best_at.fill(y0 * self.w + x0);
         for y in y0..y1 {

@@ -31,6 +31,16 @@ impl Window {
         }
     }
 
+    /// The input positions (clipped to `0..len`, so padding excluded) that
+    /// output position `out` covers along one axis.
+    pub fn span(&self, out: usize, len: usize) -> std::ops::Range<usize> {
+        let start = (out * self.stride).saturating_sub(self.padding);
+        let end = (out * self.stride + self.kernel)
+            .saturating_sub(self.padding)
+            .min(len);
+        start..end.max(start)
+    }
+
     /// Output side for an input side, or `None` when the window does not fit.
     pub fn output_size(&self, input: usize) -> Option<usize> {
         if self.kernel == 0 || self.stride == 0 {

@@ -82,7 +82,8 @@ pub fn max_pool2d_portable(x: &Tensor, window: Window) -> Result<Tensor> {
     out.ok_or_else(|| candle_core::Error::Msg("max-pool with an empty kernel".into()))
 }
 
-fn output_dims(window: Window, h: usize, w: usize) -> Result<(usize, usize)> {
+/// Output height and width of a pool or conv over an `h` x `w` input.
+pub(crate) fn output_dims(window: Window, h: usize, w: usize) -> Result<(usize, usize)> {
     match (window.output_size(h), window.output_size(w)) {
         (Some(oh), Some(ow)) if oh > 0 && ow > 0 => Ok((oh, ow)),
         _ => bail!("max-pool {window:?} does not fit a {h}x{w} input"),
@@ -140,16 +141,9 @@ impl Plan {
     /// A NaN wins its window, so NaNs propagate as in PyTorch.
     #[inline]
     fn argmax(&self, plane: &[f32], oy: usize, ox: usize) -> usize {
-        let Window {
-            kernel,
-            stride,
-            padding,
-        } = self.window;
         // Rows and columns of the window that fall inside the image.
-        let y0 = (oy * stride).saturating_sub(padding);
-        let y1 = (oy * stride + kernel).saturating_sub(padding).min(self.h);
-        let x0 = (ox * stride).saturating_sub(padding);
-        let x1 = (ox * stride + kernel).saturating_sub(padding).min(self.w);
+        let (rows, cols) = (self.window.span(oy, self.h), self.window.span(ox, self.w));
+        let (y0, y1, x0, x1) = (rows.start, rows.end, cols.start, cols.end);
         let mut best = f32::NEG_INFINITY;
         let mut best_at = y0 * self.w + x0;
         for y in y0..y1 {

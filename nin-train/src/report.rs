@@ -968,22 +968,11 @@ mod tests {
     }
 
     fn names(n: usize) -> Vec<String> {
-        [
-            "T-shirt/top",
-            "Trouser",
-            "Pullover",
-            "Dress",
-            "Coat",
-            "Sandal",
-            "Shirt",
-            "Sneaker",
-            "Bag",
-            "Ankle boot",
-        ]
-        .iter()
-        .take(n)
-        .map(|s| s.to_string())
-        .collect()
+        nin_model::weights::FASHION_MNIST_CLASSES
+            .iter()
+            .take(n)
+            .map(|s| s.to_string())
+            .collect()
     }
 
     /// Decodes a PNG and checks its size and that something was drawn.
