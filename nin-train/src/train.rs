@@ -380,10 +380,11 @@ pub fn fit(
             images_per_s,
             wall_s: p.wall_s,
         };
-        // Checkpoint first: a crash between the two repeats the metrics line
-        // at worst, never loses the epoch.
-        state.save(&run, &files.checkpoint)?;
+        // Metrics first: a crash between the two redoes the epoch on resume
+        // and writes its line again (`metrics::read` keeps the last), where
+        // the other order would lose the line for good.
         metrics::append(&files.metrics, &line).map_err(|e| Error::Invalid(e.to_string()))?;
+        state.save(&run, &files.checkpoint)?;
         observer.epoch_end(&line);
     }
 
