@@ -1,0 +1,182 @@
+//! What an operator can choose: every option of the server, with its
+//! command-line flag, environment variable and default in one place.
+//!
+//! The same struct is the library's configuration, so the binary, the
+//! tests and an embedding program cannot disagree about defaults.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::Error;
+
+/// Default `--weights`: the file `nin-train` ships, relative to the repo root.
+pub const DEFAULT_WEIGHTS: &str = "weights/nin-fashion-mnist.safetensors";
+/// Default `--addr`: loopback only, so a fresh start exposes nothing.
+pub const DEFAULT_ADDR: &str = "127.0.0.1:8080";
+/// Default `--max-batch`.
+pub const DEFAULT_MAX_BATCH: usize = 32;
+/// Default `--max-delay-us`.
+pub const DEFAULT_MAX_DELAY_US: u64 = 2_000;
+/// Default `--queue-size`.
+pub const DEFAULT_QUEUE_SIZE: usize = 256;
+/// Default `--max-body-bytes`: 8 MiB, well above a phone photo as JPEG.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+/// Default `--max-pixels`: 40 megapixels, above any camera a user is likely
+/// to post from, far below what a decompression bomb declares.
+pub const DEFAULT_MAX_PIXELS: u64 = 40_000_000;
+/// Default `--request-timeout-ms`.
+pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 30_000;
+/// Default `--shutdown-timeout-ms`.
+pub const DEFAULT_SHUTDOWN_TIMEOUT_MS: u64 = 10_000;
+
+/// Serve a nin weights file over HTTP: `POST /classify` with an image.
+#[derive(Clone, Debug, PartialEq, Eq, Parser)]
+#[command(name = "nin-serve", version, about, long_about = None)]
+pub struct Config {
+    /// Weights file written by `nin-train` (safetensors with nin metadata:
+    /// config, class names and preprocessing travel with the tensors).
+    #[arg(long, env = "NIN_WEIGHTS", default_value = DEFAULT_WEIGHTS)]
+    pub weights: PathBuf,
+
+    /// Address to listen on (host:port); the port is bound only once the
+    /// model is loaded and warmed up.
+    #[arg(long, env = "NIN_ADDR", default_value = DEFAULT_ADDR)]
+    pub addr: String,
+
+    /// Compute device: auto, cpu, cuda, cuda:N or metal.
+    #[arg(long, env = "NIN_DEVICE", default_value = "auto")]
+    pub device: String,
+
+    /// Name of the model in responses.
+    #[arg(long, env = "NIN_MODEL_NAME", default_value = "nin")]
+    pub model_name: String,
+
+    /// Most images run in one forward pass. The warm-up pass uses this size,
+    /// so a batch this large is known to fit in memory before traffic comes.
+    #[arg(long, env = "NIN_MAX_BATCH", default_value_t = DEFAULT_MAX_BATCH,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096))]
+    pub max_batch: usize,
+
+    /// Longest time (microseconds) the first image of a batch waits for
+    /// others to join it: latency traded for throughput under load.
+    #[arg(long, env = "NIN_MAX_DELAY_US", default_value_t = DEFAULT_MAX_DELAY_US)]
+    pub max_delay_us: u64,
+
+    /// Most classification requests in progress at once (decoding, queued
+    /// or running); beyond it the server answers 503 with Retry-After
+    /// instead of letting memory and latency grow without bound.
+    #[arg(long, env = "NIN_QUEUE_SIZE", default_value_t = DEFAULT_QUEUE_SIZE,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub queue_size: usize,
+
+    /// Largest request body in bytes (413 beyond).
+    #[arg(long, env = "NIN_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
+    pub max_body_bytes: usize,
+
+    /// Largest decoded image in pixels (width x height, 413 beyond): a small
+    /// compressed file can declare a huge image (decompression bomb).
+    #[arg(long, env = "NIN_MAX_PIXELS", default_value_t = DEFAULT_MAX_PIXELS,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_pixels: u64,
+
+    /// Longest time (milliseconds) a request may take end to end; a slower
+    /// one is answered 503 `timeout` and its queued work is dropped.
+    #[arg(long, env = "NIN_REQUEST_TIMEOUT_MS", default_value_t = DEFAULT_REQUEST_TIMEOUT_MS,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub request_timeout_ms: u64,
+
+    /// Longest time (milliseconds) a graceful shutdown waits for in-flight
+    /// requests before closing their connections, so it cannot hang.
+    #[arg(long, env = "NIN_SHUTDOWN_TIMEOUT_MS", default_value_t = DEFAULT_SHUTDOWN_TIMEOUT_MS)]
+    pub shutdown_timeout_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            weights: PathBuf::from(DEFAULT_WEIGHTS),
+            addr: DEFAULT_ADDR.to_string(),
+            device: "auto".to_string(),
+            model_name: "nin".to_string(),
+            max_batch: DEFAULT_MAX_BATCH,
+            max_delay_us: DEFAULT_MAX_DELAY_US,
+            queue_size: DEFAULT_QUEUE_SIZE,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_pixels: DEFAULT_MAX_PIXELS,
+            request_timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
+            shutdown_timeout_ms: DEFAULT_SHUTDOWN_TIMEOUT_MS,
+        }
+    }
+}
+
+impl Config {
+    /// Checks what clap cannot see when the struct is built in code (tests,
+    /// embedding programs): every limit must leave room for one request.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |what: &str| Err(Error::Config(what.to_string()));
+        if self.max_batch == 0 {
+            return bad("max_batch must be at least 1");
+        }
+        if self.queue_size == 0 {
+            return bad("queue_size must be at least 1");
+        }
+        if self.max_pixels == 0 {
+            return bad("max_pixels must be at least 1");
+        }
+        if self.request_timeout_ms == 0 {
+            return bad("request_timeout_ms must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// `--max-delay-us` as a duration.
+    pub fn max_delay(&self) -> Duration {
+        Duration::from_micros(self.max_delay_us)
+    }
+
+    /// `--request-timeout-ms` as a duration.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+
+    /// `--shutdown-timeout-ms` as a duration.
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.shutdown_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clap_defaults_equal_the_library_defaults() {
+        // Environment variables would override the defaults; the test
+        // process does not set any NIN_* variable.
+        if std::env::vars().any(|(k, _)| k.starts_with("NIN_")) {
+            return;
+        }
+        let parsed = Config::try_parse_from(["nin-serve"]).unwrap();
+        assert_eq!(parsed, Config::default());
+        assert!(parsed.validate().is_ok());
+    }
+
+    #[test]
+    fn zero_limits_are_refused() {
+        assert!(Config::try_parse_from(["nin-serve", "--max-batch", "0"]).is_err());
+        assert!(Config::try_parse_from(["nin-serve", "--queue-size", "0"]).is_err());
+        let config = Config {
+            queue_size: 0,
+            ..Config::default()
+        };
+        assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        use clap::CommandFactory;
+        Config::command().debug_assert();
+    }
+}

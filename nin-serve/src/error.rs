@@ -1,0 +1,190 @@
+//! The one error type of the server and its single mapping to HTTP.
+//!
+//! Every failure, from a bad flag at start-up to an undecodable upload, is
+//! an [`Error`]. [`Error::status`] decides the status code and [`Error::code`]
+//! a stable machine-readable name; the response body is always
+//! `{"error":{"code":"...","message":"..."}}`. A client's mistake is a 4xx
+//! with a message that helps fix the request; a server fault is a 500 whose
+//! cause goes to the log, not to the client.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+
+/// Everything that can go wrong while starting the server or answering a request.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration cannot work (a zero limit, a bad address).
+    #[error("invalid configuration: {0}")]
+    Config(String),
+
+    /// Loading or running the model failed; the message names the weights
+    /// file and the problem when loading.
+    #[error(transparent)]
+    Model(#[from] nin_model::Error),
+
+    /// The body is not an image format the server can decode, or is damaged.
+    #[error("{0}")]
+    InvalidImage(String),
+
+    /// The decoded image would exceed `--max-pixels` (decompression bomb guard).
+    #[error("{0}")]
+    ImageTooLarge(String),
+
+    /// The request body exceeds `--max-body-bytes`.
+    #[error("the request body exceeds the limit of {limit} bytes")]
+    PayloadTooLarge {
+        /// The configured limit, so the client knows what would fit.
+        limit: usize,
+    },
+
+    /// The body could not be read (the client went away mid-upload, ...).
+    #[error("could not read the request body: {0}")]
+    BadRequest(String),
+
+    /// The `Content-Type` is not one the route accepts.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+
+    /// A query parameter is missing, malformed or out of range.
+    #[error("{0}")]
+    InvalidParameter(String),
+
+    /// No route has this path.
+    #[error("no route for {0}")]
+    NotFound(String),
+
+    /// The route exists but not with this method.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+
+    /// The queue is full; the client should retry after a second.
+    #[error("the server is at capacity ({0} requests in progress); retry later")]
+    Overloaded(usize),
+
+    /// The request did not finish within `--request-timeout-ms`.
+    #[error("the request did not complete within {0} ms")]
+    Timeout(u64),
+
+    /// The model is not (or no longer) able to serve: shutting down, or
+    /// its thread is gone.
+    #[error("{0}")]
+    Unavailable(String),
+
+    /// A fault of the server itself; the message is logged, not sent.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Body of every error response.
+#[derive(Debug, Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorDetail<'a>,
+}
+
+/// The `error` object: a stable code for programs, a message for people.
+#[derive(Debug, Serialize)]
+struct ErrorDetail<'a> {
+    code: &'a str,
+    message: String,
+}
+
+impl Error {
+    /// HTTP status for this error: 4xx for the client's mistakes, 503 for
+    /// load and availability, 500 only for the server's own faults.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Error::InvalidImage(_) | Error::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Error::ImageTooLarge(_) | Error::PayloadTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            Error::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Error::InvalidParameter(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Error::Overloaded(_) | Error::Timeout(_) | Error::Unavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Error::Config(_) | Error::Model(_) | Error::Internal(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        }
+    }
+
+    /// Stable, machine-readable name of the error kind.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::Config(_) => "config",
+            Error::Model(_) | Error::Internal(_) => "internal",
+            Error::InvalidImage(_) => "invalid_image",
+            Error::ImageTooLarge(_) => "image_too_large",
+            Error::PayloadTooLarge { .. } => "payload_too_large",
+            Error::BadRequest(_) => "bad_request",
+            Error::UnsupportedMediaType(_) => "unsupported_media_type",
+            Error::InvalidParameter(_) => "invalid_parameter",
+            Error::NotFound(_) => "not_found",
+            Error::MethodNotAllowed => "method_not_allowed",
+            Error::Overloaded(_) => "overloaded",
+            Error::Timeout(_) => "timeout",
+            Error::Unavailable(_) => "unavailable",
+        }
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let message = if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
+            // The cause may hold paths or internals; the client gets a
+            // generic message, the log gets the details.
+            tracing::error!(error = %self, "request failed with a server fault");
+            "internal server error".to_string()
+        } else {
+            tracing::debug!(error = %self, %status, "request refused");
+            self.to_string()
+        };
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code(),
+                message,
+            },
+        };
+        let mut response = (status, Json(body)).into_response();
+        if matches!(self, Error::Overloaded(_) | Error::Unavailable(_)) {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_mistakes_are_never_500() {
+        let client = [
+            Error::InvalidImage(String::new()),
+            Error::ImageTooLarge(String::new()),
+            Error::PayloadTooLarge { limit: 1 },
+            Error::BadRequest(String::new()),
+            Error::UnsupportedMediaType(String::new()),
+            Error::InvalidParameter(String::new()),
+            Error::NotFound(String::new()),
+            Error::MethodNotAllowed,
+        ];
+        for error in client {
+            assert!(error.status().is_client_error(), "{error:?}");
+        }
+    }
+
+    #[test]
+    fn overload_says_when_to_retry() {
+        let response = Error::Overloaded(4).into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+    }
+}

@@ -1,0 +1,404 @@
+//! The model thread and its batching queue.
+//!
+//! One dedicated OS thread owns the [`Nin`] and is the only code that runs
+//! it: async handlers never block the runtime on a forward pass, and a GPU
+//! context stays on one thread. Handlers hand it [`Job`]s over a bounded
+//! channel; each job carries the prepared pixels and a `oneshot` sender for
+//! the answer.
+//!
+//! Batching: the thread blocks for a first job, then keeps taking jobs
+//! until it has `max_batch` of them or `max_delay` has passed since the
+//! first arrived. Jobs whose client has gone (timeout, disconnect) are
+//! dropped before the pass; the rest run as one (N, 1, S, S) forward pass,
+//! then each job gets its own row of probabilities.
+//!
+//! Back-pressure: a semaphore with `queue_size` permits bounds the requests
+//! in progress (from decoding to the answer). [`Inference::try_admit`] takes
+//! a permit without waiting, so a full server answers 503 at once instead
+//! of queueing without limit.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+use candle_nn::ModuleT;
+use nin_model::preprocess::batch_tensor;
+use nin_model::weights::{self, WeightsMetadata};
+use nin_model::Nin;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+
+use crate::{Config, Error};
+
+/// What the model thread needs to know; taken from [`Config`].
+#[derive(Clone, Debug)]
+pub struct InferOptions {
+    /// Most images in one forward pass (and the warm-up batch size).
+    pub max_batch: usize,
+    /// Longest wait for a batch to fill after its first job arrived.
+    pub max_delay: Duration,
+    /// Most requests in progress at once.
+    pub queue_size: usize,
+}
+
+impl From<&Config> for InferOptions {
+    fn from(config: &Config) -> Self {
+        Self {
+            max_batch: config.max_batch,
+            max_delay: config.max_delay(),
+            queue_size: config.queue_size,
+        }
+    }
+}
+
+/// One image's result: a row of the batch's output.
+#[derive(Clone, Debug)]
+pub struct Output {
+    /// Raw scores, one per class.
+    pub logits: Vec<f32>,
+    /// Softmax of the logits: sums to 1.
+    pub probabilities: Vec<f32>,
+    /// Time spent waiting in the queue before the batch started.
+    pub queue_time: Duration,
+    /// Time of the forward pass this job was part of.
+    pub inference_time: Duration,
+    /// How many images shared the forward pass.
+    pub batch_size: usize,
+}
+
+/// Counters kept by the model thread, read by handlers and tests.
+#[derive(Debug, Default)]
+pub struct BatchStats {
+    batches: AtomicU64,
+    images: AtomicU64,
+    max_batch_seen: AtomicU64,
+    skipped: AtomicU64,
+}
+
+impl BatchStats {
+    /// Forward passes run (warm-up excluded).
+    pub fn batches(&self) -> u64 {
+        self.batches.load(Ordering::Relaxed)
+    }
+
+    /// Images classified (warm-up excluded).
+    pub fn images(&self) -> u64 {
+        self.images.load(Ordering::Relaxed)
+    }
+
+    /// Largest batch run so far: proof that concurrent requests share passes.
+    pub fn max_batch_seen(&self) -> u64 {
+        self.max_batch_seen.load(Ordering::Relaxed)
+    }
+
+    /// Jobs dropped unrun because their client had gone.
+    pub fn skipped(&self) -> u64 {
+        self.skipped.load(Ordering::Relaxed)
+    }
+
+    fn record(&self, batch: usize) {
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.images.fetch_add(batch as u64, Ordering::Relaxed);
+        self.max_batch_seen
+            .fetch_max(batch as u64, Ordering::Relaxed);
+    }
+}
+
+/// Work for the model thread: one prepared image and where to send its answer.
+struct Job {
+    pixels: Vec<f32>,
+    reply: oneshot::Sender<Result<Output, Error>>,
+    enqueued: Instant,
+    /// Held until the job is answered or dropped: the request's place in
+    /// the bounded queue.
+    _permit: OwnedSemaphorePermit,
+    /// The request's span, so the thread's logs carry its request id.
+    span: tracing::Span,
+}
+
+/// A request's admission to the queue; see [`Inference::try_admit`].
+#[derive(Debug)]
+pub struct Admission {
+    permit: OwnedSemaphorePermit,
+}
+
+/// Handle to the model thread; cheap to clone, shared by all handlers.
+#[derive(Clone, Debug)]
+pub struct Inference {
+    sender: SyncSender<Job>,
+    permits: Arc<Semaphore>,
+    queue_size: usize,
+    stats: Arc<BatchStats>,
+    alive: Arc<AtomicBool>,
+    metadata: Arc<WeightsMetadata>,
+}
+
+impl Inference {
+    /// Loads the weights on a new model thread, runs one warm-up forward
+    /// pass at `max_batch` (so the first request is not the slow one and a
+    /// batch that does not fit fails now, not under load), and returns once
+    /// the thread is ready. A missing or damaged file is an error naming it.
+    pub async fn start(
+        weights_path: &std::path::Path,
+        device: &str,
+        options: InferOptions,
+    ) -> Result<Self, Error> {
+        if options.max_batch == 0 || options.queue_size == 0 {
+            return Err(Error::Config(
+                "max_batch and queue_size must be at least 1".into(),
+            ));
+        }
+        let (sender, receiver) = mpsc::sync_channel::<Job>(options.queue_size);
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let stats = Arc::new(BatchStats::default());
+        let alive = Arc::new(AtomicBool::new(true));
+        let path = weights_path.to_path_buf();
+        let device_name = device.to_string();
+        let worker = Worker {
+            receiver,
+            options: options.clone(),
+            stats: stats.clone(),
+            alive: alive.clone(),
+        };
+        std::thread::Builder::new()
+            .name("nin-model".into())
+            .spawn(move || {
+                let loaded = load_and_warm_up(&path, &device_name, options.max_batch);
+                match loaded {
+                    Ok((model, metadata, device)) => {
+                        if ready_tx.send(Ok(metadata.clone())).is_ok() {
+                            worker.run(&model, &metadata, &device);
+                        }
+                    }
+                    Err(error) => {
+                        worker.alive.store(false, Ordering::Relaxed);
+                        let _ = ready_tx.send(Err(error));
+                    }
+                }
+            })
+            .map_err(|e| Error::Internal(format!("cannot start the model thread: {e}")))?;
+        let metadata = ready_rx
+            .await
+            .map_err(|_| Error::Internal("the model thread died while loading".into()))??;
+        Ok(Self {
+            sender,
+            permits: Arc::new(Semaphore::new(options.queue_size)),
+            queue_size: options.queue_size,
+            stats,
+            alive,
+            metadata: Arc::new(metadata),
+        })
+    }
+
+    /// Takes a place in the queue without waiting, or fails with
+    /// [`Error::Overloaded`] when `queue_size` requests are in progress.
+    /// Taken before decoding, so decoding is bounded too.
+    pub fn try_admit(&self) -> Result<Admission, Error> {
+        self.permits
+            .clone()
+            .try_acquire_owned()
+            .map(|permit| Admission { permit })
+            .map_err(|_| Error::Overloaded(self.queue_size))
+    }
+
+    /// Runs one prepared image through the model (batched with whatever
+    /// else is queued) and waits for its row of the output.
+    pub async fn classify(&self, admission: Admission, pixels: Vec<f32>) -> Result<Output, Error> {
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            pixels,
+            reply,
+            enqueued: Instant::now(),
+            _permit: admission.permit,
+            span: tracing::Span::current(),
+        };
+        match self.sender.try_send(job) {
+            Ok(()) => {}
+            // Unreachable while permits == capacity, but never block the runtime.
+            Err(TrySendError::Full(_)) => return Err(Error::Overloaded(self.queue_size)),
+            Err(TrySendError::Disconnected(_)) => {
+                return Err(Error::Unavailable("the model thread has stopped".into()))
+            }
+        }
+        answer
+            .await
+            .map_err(|_| Error::Internal("the model thread dropped a job".into()))?
+    }
+
+    /// Requests in progress (admitted and not yet answered).
+    pub fn in_progress(&self) -> usize {
+        self.queue_size - self.permits.available_permits()
+    }
+
+    /// Batch counters of the model thread.
+    pub fn stats(&self) -> &BatchStats {
+        &self.stats
+    }
+
+    /// False once the model thread has stopped (it should never, short of a bug).
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::Relaxed)
+    }
+
+    /// What the weights file says about the model: classes, preprocessing, provenance.
+    pub fn metadata(&self) -> &WeightsMetadata {
+        &self.metadata
+    }
+}
+
+fn load_and_warm_up(
+    path: &std::path::Path,
+    device: &str,
+    max_batch: usize,
+) -> Result<(Nin, WeightsMetadata, Device), Error> {
+    let device = nin_model::device::select_device(device)?;
+    let (model, metadata) = weights::load(path, &device)?;
+    let size = metadata.preprocessing.size;
+    let started = Instant::now();
+    let zeros = Tensor::zeros(
+        (max_batch, metadata.config.in_channels, size, size),
+        candle_core::DType::F32,
+        &device,
+    )
+    .map_err(nin_model::Error::from)?;
+    let logits = model
+        .forward_t(&zeros, false)
+        .map_err(nin_model::Error::from)?;
+    if logits.dims() != [max_batch, metadata.classes.len()] {
+        return Err(Error::Internal(format!(
+            "warm-up gave logits of shape {:?}, expected [{max_batch}, {}]",
+            logits.dims(),
+            metadata.classes.len()
+        )));
+    }
+    tracing::info!(
+        weights = %path.display(),
+        max_batch,
+        elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+        "model loaded and warmed up"
+    );
+    Ok((model, metadata, device))
+}
+
+/// The model thread's state.
+struct Worker {
+    receiver: Receiver<Job>,
+    options: InferOptions,
+    stats: Arc<BatchStats>,
+    alive: Arc<AtomicBool>,
+}
+
+impl Worker {
+    /// Serves batches until every sender is gone (the server has stopped).
+    fn run(self, model: &Nin, metadata: &WeightsMetadata, device: &Device) {
+        while let Some(batch) = self.next_batch() {
+            // Clients may have gone while the batch was filling.
+            let collected = batch.len();
+            let batch: Vec<Job> = batch
+                .into_iter()
+                .filter(|job| !job.reply.is_closed())
+                .collect();
+            let gone = (collected - batch.len()) as u64;
+            self.stats.skipped.fetch_add(gone, Ordering::Relaxed);
+            if batch.is_empty() {
+                continue;
+            }
+            // A panic inside candle must not kill the only model thread:
+            // the batch fails (its clients get a 500), the server goes on.
+            let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                forward(model, metadata, device, &batch)
+            }))
+            .unwrap_or_else(|_| Err(Error::Internal("the forward pass panicked".into())));
+            self.reply(batch, result);
+        }
+        self.alive.store(false, Ordering::Relaxed);
+        tracing::debug!("model thread stopped: the server has shut down");
+    }
+
+    /// Blocks for a first job, then collects more until the batch is full
+    /// or `max_delay` has passed. `None` once the channel is closed.
+    fn next_batch(&self) -> Option<Vec<Job>> {
+        let first = self.receiver.recv().ok()?;
+        let deadline = Instant::now() + self.options.max_delay;
+        let mut batch = vec![first];
+        while batch.len() < self.options.max_batch {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            let next = if wait.is_zero() {
+                self.receiver.try_recv().ok()
+            } else {
+                // Timeout or closed channel: run what we have.
+                self.receiver.recv_timeout(wait).ok()
+            };
+            match next {
+                Some(job) if job.reply.is_closed() => {
+                    self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+                }
+                Some(job) => batch.push(job),
+                None => break,
+            }
+        }
+        Some(batch)
+    }
+
+    fn reply(&self, batch: Vec<Job>, result: Result<BatchResult, Error>) {
+        let size = batch.len();
+        match result {
+            Ok((logits, probabilities, inference_time)) => {
+                self.stats.record(size);
+                for ((job, logits), probabilities) in
+                    batch.into_iter().zip(logits).zip(probabilities)
+                {
+                    let queue_time = job.enqueued.elapsed().saturating_sub(inference_time);
+                    let _ = job.reply.send(Ok(Output {
+                        logits,
+                        probabilities,
+                        queue_time,
+                        inference_time,
+                        batch_size: size,
+                    }));
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, batch = size, "forward pass failed");
+                for job in batch {
+                    let _guard = job.span.enter();
+                    let _ = job.reply.send(Err(Error::Internal(format!(
+                        "forward pass failed: {error}"
+                    ))));
+                }
+            }
+        }
+    }
+}
+
+/// One row of values per job of a batch.
+type Rows = Vec<Vec<f32>>;
+
+/// Logits and probabilities, one row per job, and the time the pass took.
+type BatchResult = (Rows, Rows, Duration);
+
+fn forward(
+    model: &Nin,
+    metadata: &WeightsMetadata,
+    device: &Device,
+    batch: &[Job],
+) -> Result<BatchResult, Error> {
+    let started = Instant::now();
+    let pixels: Vec<&[f32]> = batch.iter().map(|job| job.pixels.as_slice()).collect();
+    let input = batch_tensor(&pixels, metadata.preprocessing.size, device)?;
+    let run = || -> candle_core::Result<(Rows, Rows)> {
+        let logits = model.forward_t(&input, false)?;
+        let probabilities = candle_nn::ops::softmax_last_dim(&logits)?;
+        Ok((logits.to_vec2()?, probabilities.to_vec2()?))
+    };
+    let (logits, probabilities) = run().map_err(nin_model::Error::from)?;
+    let elapsed = started.elapsed();
+    tracing::debug!(
+        batch = batch.len(),
+        elapsed_ms = elapsed.as_secs_f64() * 1e3,
+        "forward pass"
+    );
+    Ok((logits, probabilities, elapsed))
+}

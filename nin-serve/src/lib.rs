@@ -1,0 +1,32 @@
+//! nin-serve: an HTTP classification server for nin weights.
+//!
+//! A library with a thin binary (`src/main.rs`), so tests and other
+//! programs start the very same server:
+//!
+//! - [`config`]: every option, its flag, environment variable and default;
+//! - [`infer`]: the model thread, its bounded queue and dynamic batching;
+//! - [`routes`]: the handlers (`/healthz`, `/readyz`, `/classify`);
+//! - [`error`]: the one error type and its mapping to status + JSON;
+//! - [`server`]: shared state, the router ([`app`]) and [`run`] with
+//!   graceful shutdown.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = nin_serve::Config::default();
+//! let state = nin_serve::AppState::start(&config).await?; // load + warm up
+//! let listener = tokio::net::TcpListener::bind(&config.addr).await?; // then bind
+//! nin_serve::run(listener, state, nin_serve::shutdown_signal()).await?;
+//! # Ok(()) }
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod error;
+pub mod infer;
+pub mod routes;
+pub mod server;
+
+pub use config::Config;
+pub use error::Error;
+pub use server::{app, run, shutdown_signal, AppState};

@@ -1,0 +1,60 @@
+//! `nin-serve`: parse options, set up logging, load the model, bind, serve.
+//! Everything else lives in the library.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use nin_serve::{AppState, Config};
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = Config::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match serve(config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("nin-serve: {}", report(&error));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes on one line, each said once: nin-model's
+/// messages already include their source (`...: No such file or directory`).
+fn report(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let state = AppState::start(&config)
+        .await
+        .context("cannot start the model")?;
+    // Bound only now: a listening server is a warmed-up one.
+    let listener = tokio::net::TcpListener::bind(&config.addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.addr))?;
+    tracing::info!(addr = %listener.local_addr()?, "listening");
+    nin_serve::run(listener, state, nin_serve::shutdown_signal())
+        .await
+        .context("server failed")?;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,239 @@
+//! Assembling the service: shared state, the router with its middleware,
+//! and the serve loop with graceful shutdown.
+//!
+//! Start-up order, as in TEI: [`AppState::start`] loads the weights and runs
+//! a full-size warm-up pass; only then does the caller bind the port and
+//! call [`run`]. A process that listens is therefore ready, and `/readyz`
+//! turns 503 again as soon as shutdown begins.
+
+use std::future::{Future, IntoFuture};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::{HeaderValue, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use nin_model::weights::FORMAT_VERSION;
+use tokio::net::TcpListener;
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
+use tower_http::trace::TraceLayer;
+
+use crate::infer::{InferOptions, Inference};
+use crate::routes::{self, ModelInfo};
+use crate::{Config, Error};
+
+/// Shared by every handler: the model thread's handle and the request
+/// limits. Cheap to clone (one `Arc`).
+#[derive(Clone, Debug)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    inference: Inference,
+    model: ModelInfo,
+    max_body_bytes: usize,
+    max_pixels: u64,
+    request_timeout: Duration,
+    shutdown_timeout: Duration,
+    /// Cleared when shutdown begins, so `/readyz` sends traffic elsewhere.
+    accepting: AtomicBool,
+}
+
+impl AppState {
+    /// Validates `config`, loads the weights on the model thread and warms
+    /// the model up at `max_batch`. Errors name the weights file and the
+    /// problem (missing, truncated, not nin's, wrong shapes).
+    pub async fn start(config: &Config) -> Result<Self, Error> {
+        config.validate()?;
+        let inference =
+            Inference::start(&config.weights, &config.device, InferOptions::from(config)).await?;
+        let provenance = &inference.metadata().provenance;
+        let mut version = format!("nin-weights/{FORMAT_VERSION}");
+        if !provenance.dataset.is_empty() {
+            version.push_str(&format!(" {}", provenance.dataset));
+        }
+        version.push_str(&format!(" epochs={}", provenance.epochs));
+        if let Some(seed) = provenance.seed {
+            version.push_str(&format!(" seed={seed}"));
+        }
+        let model = ModelInfo {
+            name: config.model_name.clone(),
+            version,
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                inference,
+                model,
+                max_body_bytes: config.max_body_bytes,
+                max_pixels: config.max_pixels,
+                request_timeout: config.request_timeout(),
+                shutdown_timeout: config.shutdown_timeout(),
+                accepting: AtomicBool::new(true),
+            }),
+        })
+    }
+
+    /// The model thread's handle (batch counters, metadata, queue depth).
+    pub fn inference(&self) -> &Inference {
+        &self.inner.inference
+    }
+
+    /// Name and version reported in every classification.
+    pub fn model_info(&self) -> &ModelInfo {
+        &self.inner.model
+    }
+
+    /// `--max-body-bytes`.
+    pub fn max_body_bytes(&self) -> usize {
+        self.inner.max_body_bytes
+    }
+
+    /// `--max-pixels`.
+    pub fn max_pixels(&self) -> u64 {
+        self.inner.max_pixels
+    }
+
+    /// True while the model thread runs and shutdown has not begun.
+    pub fn is_ready(&self) -> bool {
+        self.inner.accepting.load(Ordering::Relaxed) && self.inner.inference.is_alive()
+    }
+
+    /// Marks the server as going away: `/readyz` answers 503 from now on.
+    pub fn begin_shutdown(&self) {
+        self.inner.accepting.store(false, Ordering::Relaxed);
+    }
+}
+
+/// The complete router with its middleware: request ids (`x-request-id`,
+/// kept from the client or generated), a tracing span per request, the
+/// request timeout, the body limit, and JSON errors for unknown routes.
+/// Exposed so tests can call it without a socket.
+pub fn app(state: AppState) -> Router {
+    let timeout = state.inner.request_timeout;
+    let classify = post(routes::classify).layer(DefaultBodyLimit::max(state.max_body_bytes()));
+    Router::new()
+        .route("/healthz", get(routes::healthz))
+        .route("/readyz", get(routes::readyz))
+        .route("/classify", classify)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(move |request: Request, next: Next| {
+            with_timeout(timeout, request, next)
+        }))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|request: &Request| {
+                let id = request
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-");
+                tracing::info_span!("request", method = %request.method(), uri = %request.uri(), id)
+            }),
+        )
+        .layer(SetRequestIdLayer::x_request_id(Counter::default()))
+        .with_state(state)
+}
+
+/// Serves `listener` until `shutdown` completes, then stops accepting,
+/// lets in-flight requests finish for at most `--shutdown-timeout-ms`, and
+/// returns. The model thread stops once the last handle is dropped.
+pub async fn run(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let grace = state.inner.shutdown_timeout;
+    let (began_tx, began_rx) = tokio::sync::oneshot::channel::<()>();
+    let notify_state = state.clone();
+    let signal = async move {
+        shutdown.await;
+        tracing::info!("shutting down: finishing in-flight requests");
+        notify_state.begin_shutdown();
+        let _ = began_tx.send(());
+    };
+    let serve = axum::serve(listener, app(state))
+        .with_graceful_shutdown(signal)
+        .into_future();
+    let deadline = async move {
+        match began_rx.await {
+            Ok(()) => tokio::time::sleep(grace).await,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        result = serve => result,
+        () = deadline => {
+            tracing::warn!(?grace, "shutdown timed out; closing remaining connections");
+            Ok(())
+        }
+    }
+}
+
+/// Completes on Ctrl-C or (on Unix) SIGTERM: what container runtimes and
+/// systemd send before killing the process.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::warn!(%error, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}
+
+async fn with_timeout(limit: Duration, request: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        // Dropping the handler drops its reply channel: the model thread
+        // skips the job if it has not run yet.
+        Err(_) => Error::Timeout(limit.as_millis() as u64).into_response(),
+    }
+}
+
+async fn not_found(uri: Uri) -> Error {
+    Error::NotFound(uri.path().to_string())
+}
+
+async fn method_not_allowed() -> Error {
+    Error::MethodNotAllowed
+}
+
+/// Request ids for requests that arrive without one: a process-wide
+/// counter, cheap and unique per run (no UUID dependency needed).
+#[derive(Clone, Default)]
+struct Counter(Arc<AtomicU64>);
+
+impl MakeRequestId for Counter {
+    fn make_request_id<B>(&mut self, _: &axum::http::Request<B>) -> Option<RequestId> {
+        let id = self.0.fetch_add(1, Ordering::Relaxed) + 1;
+        HeaderValue::from_str(&id.to_string())
+            .ok()
+            .map(RequestId::new)
+    }
+}
