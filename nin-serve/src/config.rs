@@ -55,6 +55,8 @@ pub struct Config {
 
     /// Most images run in one forward pass. The warm-up pass uses this size,
     /// so a batch this large is known to fit in memory before traffic comes.
+    /// Also the most images one request may hold (multipart `image` fields,
+    /// the N of a v2 tensor; 413 beyond), capped by `--queue-size`.
     #[arg(long, env = "NIN_MAX_BATCH", default_value_t = DEFAULT_MAX_BATCH,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096))]
     pub max_batch: usize,

@@ -51,6 +51,27 @@ pub enum Error {
     #[error("{0}")]
     InvalidParameter(String),
 
+    /// A multipart request has no `image` field.
+    #[error("the multipart body has no `image` field: send one or more images as `image` fields")]
+    MissingImage,
+
+    /// A request holds more images than one request may (`--max-batch`,
+    /// and never more than `--queue-size`).
+    #[error("the request holds more than {limit} images; send at most {limit} per request")]
+    TooManyImages {
+        /// The most images one request may hold.
+        limit: usize,
+    },
+
+    /// A v2 inference request names tensors, shapes, datatypes or values
+    /// the model cannot take.
+    #[error("{0}")]
+    InvalidTensor(String),
+
+    /// A v2 route names a model this server does not serve.
+    #[error("unknown model `{0}`")]
+    UnknownModel(String),
+
     /// No route has this path.
     #[error("no route for {0}")]
     NotFound(String),
@@ -95,13 +116,17 @@ impl Error {
     /// load and availability, 500 only for the server's own faults.
     pub fn status(&self) -> StatusCode {
         match self {
-            Error::InvalidImage(_) | Error::BadRequest(_) => StatusCode::BAD_REQUEST,
-            Error::ImageTooLarge(_) | Error::PayloadTooLarge { .. } => {
-                StatusCode::PAYLOAD_TOO_LARGE
+            Error::InvalidImage(_) | Error::BadRequest(_) | Error::MissingImage => {
+                StatusCode::BAD_REQUEST
             }
+            Error::ImageTooLarge(_)
+            | Error::PayloadTooLarge { .. }
+            | Error::TooManyImages { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Error::InvalidParameter(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::InvalidParameter(_) | Error::InvalidTensor(_) => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            Error::NotFound(_) | Error::UnknownModel(_) => StatusCode::NOT_FOUND,
             Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Error::Overloaded(_) | Error::Timeout(_) | Error::Unavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -123,6 +148,10 @@ impl Error {
             Error::BadRequest(_) => "bad_request",
             Error::UnsupportedMediaType(_) => "unsupported_media_type",
             Error::InvalidParameter(_) => "invalid_parameter",
+            Error::MissingImage => "missing_image",
+            Error::TooManyImages { .. } => "too_many_images",
+            Error::InvalidTensor(_) => "invalid_tensor",
+            Error::UnknownModel(_) => "unknown_model",
             Error::NotFound(_) => "not_found",
             Error::MethodNotAllowed => "method_not_allowed",
             Error::Overloaded(_) => "overloaded",
@@ -132,31 +161,70 @@ impl Error {
     }
 }
 
-impl IntoResponse for Error {
-    fn into_response(self) -> Response {
+impl Error {
+    /// The message a client may see: the error itself for a 4xx or 503, a
+    /// generic text for a server fault (whose cause is logged here instead,
+    /// since it may hold paths or internals).
+    fn client_message(&self) -> String {
         let status = self.status();
-        let message = if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
-            // The cause may hold paths or internals; the client gets a
-            // generic message, the log gets the details.
+        if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
             tracing::error!(error = %self, "request failed with a server fault");
             "internal server error".to_string()
         } else {
             tracing::debug!(error = %self, %status, "request refused");
             self.to_string()
-        };
-        let body = ErrorBody {
-            error: ErrorDetail {
-                code: self.code(),
-                message,
-            },
-        };
-        let mut response = (status, Json(body)).into_response();
+        }
+    }
+
+    /// Adds `Retry-After` when the client should simply try again.
+    fn with_retry_after(&self, mut response: Response) -> Response {
         if matches!(self, Error::Overloaded(_) | Error::Unavailable(_)) {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         response
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code(),
+                message: self.client_message(),
+            },
+        };
+        let response = (self.status(), Json(body)).into_response();
+        self.with_retry_after(response)
+    }
+}
+
+/// An [`Error`] answered in the KServe Open Inference Protocol's shape,
+/// `{"error":"..."}`, with the same status as [`Error::status`]; used by the
+/// `/v2` routes so KServe and Triton clients can read it.
+#[derive(Debug)]
+pub struct V2Error(pub Error);
+
+impl From<Error> for V2Error {
+    fn from(error: Error) -> Self {
+        Self(error)
+    }
+}
+
+/// Body of a v2 error response.
+#[derive(Debug, Serialize)]
+struct V2ErrorBody {
+    error: String,
+}
+
+impl IntoResponse for V2Error {
+    fn into_response(self) -> Response {
+        let body = V2ErrorBody {
+            error: self.0.client_message(),
+        };
+        let response = (self.0.status(), Json(body)).into_response();
+        self.0.with_retry_after(response)
     }
 }
 
@@ -175,6 +243,10 @@ mod tests {
             Error::InvalidParameter(String::new()),
             Error::NotFound(String::new()),
             Error::MethodNotAllowed,
+            Error::MissingImage,
+            Error::TooManyImages { limit: 1 },
+            Error::InvalidTensor(String::new()),
+            Error::UnknownModel(String::new()),
         ];
         for error in client {
             assert!(error.status().is_client_error(), "{error:?}");

@@ -2,7 +2,7 @@
 //!
 //! One dedicated OS thread owns the [`Nin`] and is the only code that runs
 //! it: async handlers never block the runtime on a forward pass, and a GPU
-//! context stays on one thread. Handlers hand it [`Job`]s over a bounded
+//! context stays on one thread. Handlers hand it `Job`s over a bounded
 //! channel; each job carries the prepared pixels and a `oneshot` sender for
 //! the answer.
 //!
@@ -11,6 +11,13 @@
 //! first arrived. Jobs whose client has gone (timeout, disconnect) are
 //! dropped before the pass; the rest run as one (N, 1, S, S) forward pass,
 //! then each job gets its own row of probabilities.
+//!
+//! Explanations: a job may ask for the class activation map of its
+//! predicted class (`?explain=true`). A batch holding such a job runs
+//! through [`Nin::forward_trace`] instead of the plain forward pass and
+//! keeps the `head` layer's output, (N, classes, h, w): NiN's last block
+//! has one channel per class before the global average pool, so the map
+//! costs nothing extra to compute. Batches without one take the cheap path.
 //!
 //! Back-pressure: a semaphore with `queue_size` permits bounds the requests
 //! in progress (from decoding to the answer). [`Inference::try_admit`] takes
@@ -66,6 +73,24 @@ pub struct Output {
     pub inference_time: Duration,
     /// How many images shared the forward pass.
     pub batch_size: usize,
+    /// The predicted class's activation map, when the job asked for it.
+    pub class_map: Option<ClassMap>,
+}
+
+/// The `head` layer's map for one class of one image: before the global
+/// average pool, so its mean is the class's logit.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClassMap {
+    /// The class the map belongs to (the predicted one).
+    pub class_id: usize,
+    /// Columns of the map.
+    pub width: usize,
+    /// Rows of the map.
+    pub height: usize,
+    /// `width * height` activations, row-major; they cover the whole
+    /// model input (the map's pixel (x, y) sits over input pixels
+    /// x * size / width ..).
+    pub values: Vec<f32>,
 }
 
 /// Counters kept by the model thread, read by handlers and tests.
@@ -109,6 +134,8 @@ impl BatchStats {
 /// Work for the model thread: one prepared image and where to send its answer.
 struct Job {
     pixels: Vec<f32>,
+    /// Return the predicted class's activation map too.
+    explain: bool,
     reply: oneshot::Sender<Result<Output, Error>>,
     enqueued: Instant,
     /// Held until the job is answered or dropped: the request's place in
@@ -118,10 +145,26 @@ struct Job {
     span: tracing::Span,
 }
 
-/// A request's admission to the queue; see [`Inference::try_admit`].
+/// A place in the queue for one image; see [`Inference::try_admit`].
 #[derive(Debug)]
 pub struct Admission {
     permit: OwnedSemaphorePermit,
+}
+
+/// A job handed to the model thread; [`Pending::wait`] yields its output.
+/// Dropping it abandons the job (the model thread skips it if not yet run).
+#[derive(Debug)]
+pub struct Pending {
+    answer: oneshot::Receiver<Result<Output, Error>>,
+}
+
+impl Pending {
+    /// Waits for the job's row of the batch output.
+    pub async fn wait(self) -> Result<Output, Error> {
+        self.answer
+            .await
+            .map_err(|_| Error::Internal("the model thread dropped a job".into()))?
+    }
 }
 
 /// Handle to the model thread; cheap to clone, shared by all handlers.
@@ -203,12 +246,59 @@ impl Inference {
             .map_err(|_| Error::Overloaded(self.queue_size))
     }
 
+    /// Takes `n` places in the queue at once, without waiting, for a
+    /// request with `n` images (multipart, v2 batches): all or none, so
+    /// a request is never half admitted. [`Error::TooManyImages`] when `n`
+    /// could never fit (more than `queue_size`), [`Error::Overloaded`]
+    /// when it does not fit now.
+    pub fn try_admit_many(&self, n: usize) -> Result<Vec<Admission>, Error> {
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        if n > self.queue_size {
+            return Err(Error::TooManyImages {
+                limit: self.queue_size,
+            });
+        }
+        let count = u32::try_from(n).map_err(|_| Error::TooManyImages {
+            limit: self.queue_size,
+        })?;
+        let mut permits = self
+            .permits
+            .clone()
+            .try_acquire_many_owned(count)
+            .map_err(|_| Error::Overloaded(self.queue_size))?;
+        let mut admissions = Vec::with_capacity(n);
+        while permits.num_permits() > 1 {
+            let permit = permits
+                .split(1)
+                .ok_or_else(|| Error::Internal("cannot split queue permits".into()))?;
+            admissions.push(Admission { permit });
+        }
+        admissions.push(Admission { permit: permits });
+        Ok(admissions)
+    }
+
     /// Runs one prepared image through the model (batched with whatever
     /// else is queued) and waits for its row of the output.
     pub async fn classify(&self, admission: Admission, pixels: Vec<f32>) -> Result<Output, Error> {
+        self.submit(admission, pixels, false)?.wait().await
+    }
+
+    /// Hands one prepared image to the model thread without waiting for
+    /// the answer, so a request with several images queues them all before
+    /// awaiting any (they then share forward passes). With `explain`, the
+    /// output carries the predicted class's activation map.
+    pub fn submit(
+        &self,
+        admission: Admission,
+        pixels: Vec<f32>,
+        explain: bool,
+    ) -> Result<Pending, Error> {
         let (reply, answer) = oneshot::channel();
         let job = Job {
             pixels,
+            explain,
             reply,
             enqueued: Instant::now(),
             _permit: admission.permit,
@@ -222,9 +312,7 @@ impl Inference {
                 return Err(Error::Unavailable("the model thread has stopped".into()))
             }
         }
-        answer
-            .await
-            .map_err(|_| Error::Internal("the model thread dropped a job".into()))?
+        Ok(Pending { answer })
     }
 
     /// Requests in progress (admitted and not yet answered).
@@ -345,10 +433,18 @@ impl Worker {
     fn reply(&self, batch: Vec<Job>, result: Result<BatchResult, Error>) {
         let size = batch.len();
         match result {
-            Ok((logits, probabilities, inference_time)) => {
+            Ok(BatchResult {
+                logits,
+                probabilities,
+                class_maps,
+                elapsed: inference_time,
+            }) => {
                 self.stats.record(size);
-                for ((job, logits), probabilities) in
-                    batch.into_iter().zip(logits).zip(probabilities)
+                for (((job, logits), probabilities), class_map) in batch
+                    .into_iter()
+                    .zip(logits)
+                    .zip(probabilities)
+                    .zip(class_maps)
                 {
                     let queue_time = job.enqueued.elapsed().saturating_sub(inference_time);
                     let _ = job.reply.send(Ok(Output {
@@ -357,6 +453,7 @@ impl Worker {
                         queue_time,
                         inference_time,
                         batch_size: size,
+                        class_map,
                     }));
                 }
             }
@@ -376,8 +473,15 @@ impl Worker {
 /// One row of values per job of a batch.
 type Rows = Vec<Vec<f32>>;
 
-/// Logits and probabilities, one row per job, and the time the pass took.
-type BatchResult = (Rows, Rows, Duration);
+/// What a forward pass gives back: one entry per job of the batch.
+struct BatchResult {
+    logits: Rows,
+    probabilities: Rows,
+    /// `Some` for the jobs that asked for an explanation.
+    class_maps: Vec<Option<ClassMap>>,
+    /// Time the pass took.
+    elapsed: Duration,
+}
 
 fn forward(
     model: &Nin,
@@ -388,17 +492,72 @@ fn forward(
     let started = Instant::now();
     let pixels: Vec<&[f32]> = batch.iter().map(|job| job.pixels.as_slice()).collect();
     let input = batch_tensor(&pixels, metadata.preprocessing.size, device)?;
-    let run = || -> candle_core::Result<(Rows, Rows)> {
-        let logits = model.forward_t(&input, false)?;
+    let explain = batch.iter().any(|job| job.explain);
+    let run = || -> candle_core::Result<(Rows, Rows, Option<Tensor>)> {
+        let (logits, head) = if explain {
+            let mut trace = model.forward_trace(&input, false)?;
+            let head = trace
+                .iter()
+                .rposition(|(name, _)| name == "head")
+                .map(|i| trace[i].1.clone());
+            let Some((_, logits)) = trace.pop() else {
+                candle_core::bail!("the forward trace is empty");
+            };
+            (logits, head)
+        } else {
+            (model.forward_t(&input, false)?, None)
+        };
         let probabilities = candle_nn::ops::softmax_last_dim(&logits)?;
-        Ok((logits.to_vec2()?, probabilities.to_vec2()?))
+        Ok((logits.to_vec2()?, probabilities.to_vec2()?, head))
     };
-    let (logits, probabilities) = run().map_err(nin_model::Error::from)?;
+    let (logits, probabilities, head) = run().map_err(nin_model::Error::from)?;
+    let mut class_maps = Vec::with_capacity(batch.len());
+    for (row, job) in batch.iter().enumerate() {
+        class_maps.push(match (&head, job.explain) {
+            (Some(head), true) => Some(class_map(head, row, &probabilities[row])?),
+            (None, true) => {
+                return Err(Error::Internal(
+                    "the model has no `head` layer to explain with".into(),
+                ))
+            }
+            _ => None,
+        });
+    }
     let elapsed = started.elapsed();
     tracing::debug!(
         batch = batch.len(),
         elapsed_ms = elapsed.as_secs_f64() * 1e3,
         "forward pass"
     );
-    Ok((logits, probabilities, elapsed))
+    Ok(BatchResult {
+        logits,
+        probabilities,
+        class_maps,
+        elapsed,
+    })
+}
+
+/// The `head` map of image `row` for its most probable class: the first
+/// on ties, like the `top_k` ranking, so the map explains the answer given.
+fn class_map(head: &Tensor, row: usize, probabilities: &[f32]) -> Result<ClassMap, Error> {
+    let class_id = (0..probabilities.len())
+        .max_by(|&a, &b| {
+            probabilities[a]
+                .total_cmp(&probabilities[b])
+                .then(b.cmp(&a))
+        })
+        .ok_or_else(|| Error::Internal("the model returned no classes".into()))?;
+    let (_, _, height, width) = head.dims4().map_err(nin_model::Error::from)?;
+    let values = head
+        .get(row)
+        .and_then(|image| image.get(class_id))
+        .and_then(|map| map.flatten_all())
+        .and_then(|map| map.to_vec1::<f32>())
+        .map_err(nin_model::Error::from)?;
+    Ok(ClassMap {
+        class_id,
+        width,
+        height,
+        values,
+    })
 }

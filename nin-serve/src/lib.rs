@@ -6,6 +6,8 @@
 //! - [`config`]: every option, its flag, environment variable and default;
 //! - [`infer`]: the model thread, its bounded queue and dynamic batching;
 //! - [`routes`]: the handlers (`/healthz`, `/readyz`, `/classify`);
+//! - [`explain`]: class activation maps as heatmaps for `?explain=true`;
+//! - [`v2`]: the KServe Open Inference Protocol v2 (`/v2/...`);
 //! - [`error`]: the one error type and its mapping to status + JSON;
 //! - [`server`]: shared state, the router ([`app`]) and [`run`] with
 //!   graceful shutdown.
@@ -23,9 +25,11 @@
 
 pub mod config;
 pub mod error;
+pub mod explain;
 pub mod infer;
 pub mod routes;
 pub mod server;
+pub mod v2;
 
 pub use config::Config;
 pub use error::Error;

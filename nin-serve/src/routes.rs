@@ -1,4 +1,5 @@
-//! The HTTP handlers: health, readiness and classification.
+//! The HTTP handlers: health, readiness and classification (the v2
+//! protocol's handlers live in [`crate::v2`]).
 //!
 //! Handlers stay thin: they check the request, hand CPU work to the
 //! blocking pool (decoding, preprocessing) or to the model thread
@@ -9,14 +10,18 @@ use std::io::Cursor;
 use std::time::Instant;
 
 use axum::body::Bytes;
+use axum::extract::multipart::{MultipartError, MultipartRejection};
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{Query, State};
+use axum::extract::{FromRequest, Multipart, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use image::{DynamicImage, ImageReader, Limits};
 use nin_model::preprocess::{preprocess, Prepared, PreprocessReport};
 use serde::{Deserialize, Serialize};
 
+use crate::explain::heatmap_png_base64;
+use crate::infer::Output;
 use crate::server::AppState;
 use crate::Error;
 
@@ -54,6 +59,8 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Status>, Error
 pub struct ClassifyParams {
     /// How many classes to list, most probable first (1..=classes).
     pub top_k: Option<usize>,
+    /// Add the predicted class's activation map as a PNG heatmap.
+    pub explain: Option<bool>,
 }
 
 /// One entry of `top_k`.
@@ -94,19 +101,62 @@ pub struct Classification {
     pub preprocessing: PreprocessReport,
     /// Server-side time from the body being read to the answer, in ms.
     pub elapsed_ms: f64,
+    /// The class activation map of the predicted class, with `?explain=true`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub explanation: Option<Explanation>,
+}
+
+/// Why the model chose its class: the `head` layer's map for that class
+/// (its spatial mean is the class's logit), drawn over the original image.
+#[derive(Clone, Debug, Serialize)]
+pub struct Explanation {
+    /// The class explained: the predicted one.
+    pub class_id: usize,
+    /// Width of the heatmap: the original image's.
+    pub width: u32,
+    /// Height of the heatmap: the original image's.
+    pub height: u32,
+    /// RGB PNG, base64 (standard alphabet, padded): the map scaled to
+    /// [0, 1] (black-red-yellow-white), mapped back through the crop and
+    /// resize onto the original pixels; 0 (black) outside the crop.
+    pub heatmap_png_base64: String,
+}
+
+/// Answer of `POST /classify` with a `multipart/form-data` body.
+#[derive(Clone, Debug, Serialize)]
+pub struct Classifications {
+    /// One result per `image` field, in the order of the fields.
+    pub results: Vec<Classification>,
 }
 
 /// `POST /classify`: the body is one image (PNG, JPEG, WebP, GIF, BMP),
 /// sent as `image/*` or `application/octet-stream` (or without a type);
-/// the format is sniffed from the bytes.
+/// the format is sniffed from the bytes. Or a `multipart/form-data` body
+/// with one or more `image` fields (other fields are ignored), answered
+/// with `{"results":[...]}` in field order; no `image` field is a 400
+/// `missing_image`, more than `--max-batch` (or `--queue-size`) images a
+/// 413 `too_many_images`. Query: `top_k` (default 3), `explain` (false).
 pub async fn classify(
     State(state): State<AppState>,
     query: Result<Query<ClassifyParams>, QueryRejection>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Classification>, Error> {
-    check_content_type(&headers)?;
-    let body = body.map_err(|rejection| body_error(rejection, state.max_body_bytes()))?;
+    request: Request,
+) -> Result<Response, Error> {
+    let multipart = is_multipart(request.headers());
+    if !multipart {
+        check_content_type(request.headers())?;
+    }
+    let limit = state.max_body_bytes();
+    let images = if multipart {
+        let form = Multipart::from_request(request, &state)
+            .await
+            .map_err(multipart_rejection)?;
+        read_images(form, state.max_images_per_request(), limit).await?
+    } else {
+        let body = Bytes::from_request(request, &state)
+            .await
+            .map_err(|rejection| body_error(rejection, limit))?;
+        vec![body]
+    };
     let Query(params) = query.map_err(|e| Error::InvalidParameter(e.body_text()))?;
     let classes = state.inference().metadata().classes.len();
     let top_k = params.top_k.unwrap_or(DEFAULT_TOP_K.min(classes));
@@ -115,22 +165,77 @@ pub async fn classify(
             "top_k must be between 1 and {classes}, got {top_k}"
         )));
     }
+    let explain = params.explain.unwrap_or(false);
+    let mut results = classify_images(&state, images, top_k, explain).await?;
+    if multipart {
+        Ok(Json(Classifications { results }).into_response())
+    } else {
+        let result = results
+            .pop()
+            .ok_or_else(|| Error::Internal("no result for the image".into()))?;
+        Ok(Json(result).into_response())
+    }
+}
+
+/// Decodes and classifies `images`, one model job each, all queued before
+/// any is awaited so that they share forward passes (with each other and
+/// with other requests). Results are in the order of `images`.
+async fn classify_images(
+    state: &AppState,
+    images: Vec<Bytes>,
+    top_k: usize,
+    explain: bool,
+) -> Result<Vec<Classification>, Error> {
     let started = Instant::now();
-    let admission = state.inference().try_admit()?;
+    let admissions = state.inference().try_admit_many(images.len())?;
 
-    let recipe = state.inference().metadata().preprocessing.clone();
+    let recipe = &state.inference().metadata().preprocessing;
     let max_pixels = state.max_pixels();
-    let prepared = tokio::task::spawn_blocking(move || {
-        let image = decode(&body, max_pixels)?;
-        prepare(&image, &recipe)
-    })
-    .await
-    .map_err(|e| Error::Internal(format!("decoding task failed: {e}")))??;
+    let decoding: Vec<_> = images
+        .into_iter()
+        .map(|body| {
+            let recipe = recipe.clone();
+            tokio::task::spawn_blocking(move || {
+                let image = decode(&body, max_pixels)?;
+                prepare(&image, &recipe)
+            })
+        })
+        .collect();
+    let mut prepared = Vec::with_capacity(decoding.len());
+    for task in decoding {
+        prepared.push(
+            task.await
+                .map_err(|e| Error::Internal(format!("decoding task failed: {e}")))??,
+        );
+    }
 
-    let output = state
-        .inference()
-        .classify(admission, prepared.pixels)
-        .await?;
+    let mut pending = Vec::with_capacity(prepared.len());
+    let mut reports = Vec::with_capacity(prepared.len());
+    for (admission, prepared) in admissions.into_iter().zip(prepared) {
+        pending.push(
+            state
+                .inference()
+                .submit(admission, prepared.pixels, explain)?,
+        );
+        reports.push(prepared.report);
+    }
+    let mut results = Vec::with_capacity(pending.len());
+    for (pending, report) in pending.into_iter().zip(reports) {
+        let output = pending.wait().await?;
+        results.push(answer(state, output, report, top_k, started).await?);
+    }
+    Ok(results)
+}
+
+/// Shapes one image's model output into its JSON answer, rendering the
+/// heatmap (off the runtime) when the output carries a class map.
+async fn answer(
+    state: &AppState,
+    output: Output,
+    report: PreprocessReport,
+    top_k: usize,
+    started: Instant,
+) -> Result<Classification, Error> {
     let top = top_k_of(
         &output.probabilities,
         top_k,
@@ -146,15 +251,83 @@ pub async fn classify(
         queue_ms = output.queue_time.as_secs_f64() * 1e3,
         "classified"
     );
-    Ok(Json(Classification {
+    let explanation = match output.class_map {
+        Some(map) => {
+            let size = state.inference().metadata().preprocessing.size;
+            let geometry = report.clone();
+            let png = tokio::task::spawn_blocking(move || {
+                heatmap_png_base64(&map, &geometry, size).map(|png| (map.class_id, png))
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("heatmap task failed: {e}")))??;
+            Some(Explanation {
+                class_id: png.0,
+                width: report.original_width,
+                height: report.original_height,
+                heatmap_png_base64: png.1,
+            })
+        }
+        None => None,
+    };
+    Ok(Classification {
         class_id: best.class_id,
         label: best.label,
         confidence: best.probability,
         top_k: top,
         model: state.model_info().clone(),
-        preprocessing: prepared.report,
+        preprocessing: report,
         elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
-    }))
+        explanation,
+    })
+}
+
+/// Reads the `image` fields of a form, in order, refusing more than `cap`
+/// of them and a form with none.
+async fn read_images(mut form: Multipart, cap: usize, limit: usize) -> Result<Vec<Bytes>, Error> {
+    let mut images = Vec::new();
+    while let Some(field) = form
+        .next_field()
+        .await
+        .map_err(|e| multipart_error(e, limit))?
+    {
+        if field.name() != Some("image") {
+            continue;
+        }
+        if images.len() == cap {
+            return Err(Error::TooManyImages { limit: cap });
+        }
+        images.push(field.bytes().await.map_err(|e| multipart_error(e, limit))?);
+    }
+    if images.is_empty() {
+        return Err(Error::MissingImage);
+    }
+    Ok(images)
+}
+
+fn is_multipart(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("multipart/form-data")
+        })
+}
+
+fn multipart_rejection(rejection: MultipartRejection) -> Error {
+    Error::BadRequest(format!(
+        "malformed multipart body: {}",
+        rejection.body_text()
+    ))
+}
+
+fn multipart_error(error: MultipartError, limit: usize) -> Error {
+    if error.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        Error::PayloadTooLarge { limit }
+    } else {
+        Error::BadRequest(format!("malformed multipart body: {}", error.body_text()))
+    }
 }
 
 /// Accepts `image/*`, `application/octet-stream` and no type at all (the
@@ -176,7 +349,8 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), Error> {
     }
     Err(Error::UnsupportedMediaType(format!(
         "Content-Type `{}` is not accepted: send the image bytes as image/* or \
-         application/octet-stream (curl: --data-binary @file -H 'Content-Type: image/png')",
+         application/octet-stream (curl: --data-binary @file -H 'Content-Type: image/png'), \
+         or images as multipart/form-data `image` fields (curl: -F image=@file)",
         value.to_str().unwrap_or("<not text>")
     )))
 }

@@ -26,6 +26,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::infer::{InferOptions, Inference};
 use crate::routes::{self, ModelInfo};
+use crate::v2;
 use crate::{Config, Error};
 
 /// Shared by every handler: the model thread's handle and the request
@@ -41,6 +42,7 @@ struct Inner {
     model: ModelInfo,
     max_body_bytes: usize,
     max_pixels: u64,
+    max_images: usize,
     request_timeout: Duration,
     shutdown_timeout: Duration,
     /// Cleared when shutdown begins, so `/readyz` sends traffic elsewhere.
@@ -74,6 +76,7 @@ impl AppState {
                 model,
                 max_body_bytes: config.max_body_bytes,
                 max_pixels: config.max_pixels,
+                max_images: config.max_batch.min(config.queue_size),
                 request_timeout: config.request_timeout(),
                 shutdown_timeout: config.shutdown_timeout(),
                 accepting: AtomicBool::new(true),
@@ -101,6 +104,13 @@ impl AppState {
         self.inner.max_pixels
     }
 
+    /// Most images one request may hold (multipart fields, v2 batch):
+    /// `--max-batch`, and never more than `--queue-size`, which could not
+    /// be admitted at once.
+    pub fn max_images_per_request(&self) -> usize {
+        self.inner.max_images
+    }
+
     /// True while the model thread runs and shutdown has not begun.
     pub fn is_ready(&self) -> bool {
         self.inner.accepting.load(Ordering::Relaxed) && self.inner.inference.is_alive()
@@ -118,11 +128,19 @@ impl AppState {
 /// Exposed so tests can call it without a socket.
 pub fn app(state: AppState) -> Router {
     let timeout = state.inner.request_timeout;
-    let classify = post(routes::classify).layer(DefaultBodyLimit::max(state.max_body_bytes()));
+    let limit = DefaultBodyLimit::max(state.max_body_bytes());
+    let classify = post(routes::classify).layer(limit);
+    let infer = post(v2::infer).layer(limit);
     Router::new()
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))
         .route("/classify", classify)
+        .route("/v2", get(v2::server_metadata))
+        .route("/v2/health/live", get(v2::live))
+        .route("/v2/health/ready", get(v2::ready))
+        .route("/v2/models/{name}", get(v2::model_metadata))
+        .route("/v2/models/{name}/ready", get(v2::model_ready))
+        .route("/v2/models/{name}/infer", infer)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(move |request: Request, next: Next| {

@@ -5,210 +5,17 @@
 //! tests check the serving path, not the accuracy, by comparing the
 //! server's answers with the same model run directly on the same input.
 
-use std::io::{Cursor, Read};
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::time::{Duration, Instant};
 
-use candle_core::Device;
-use candle_nn::ModuleT;
-use image::{DynamicImage, ImageFormat};
-use nin_model::preprocess::{batch_tensor, gray_image, preprocess};
-use nin_model::weights::{self, Provenance, WeightsMetadata};
-use nin_model::{Nin, NinConfig};
+use base64::Engine;
+use common::*;
+use image::{DynamicImage, Rgb, RgbImage};
+use nin_model::preprocess::gray_image;
 use nin_serve::{AppState, Config};
+use reqwest::multipart::{Form, Part};
 use serde_json::Value;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
-
-/// A running server and what a test needs to talk to it and stop it.
-struct TestServer {
-    base: String,
-    state: AppState,
-    stop: Option<oneshot::Sender<()>>,
-    handle: JoinHandle<std::io::Result<()>>,
-    weights: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl TestServer {
-    async fn start(tweak: impl FnOnce(&mut Config)) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let weights = dir.path().join("nin.safetensors");
-        write_weights(&weights);
-        let mut config = Config {
-            weights: weights.clone(),
-            device: "cpu".into(),
-            addr: "127.0.0.1:0".into(),
-            max_batch: 8,
-            max_delay_us: 1_000,
-            ..Config::default()
-        };
-        tweak(&mut config);
-        let state = AppState::start(&config).await.unwrap();
-        let listener = tokio::net::TcpListener::bind(&config.addr).await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let (stop, stopped) = oneshot::channel::<()>();
-        let handle = tokio::spawn(nin_serve::run(listener, state.clone(), async move {
-            let _ = stopped.await;
-        }));
-        Self {
-            base,
-            state,
-            stop: Some(stop),
-            handle,
-            weights,
-            _dir: dir,
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    async fn post_image(
-        &self,
-        query: &str,
-        content_type: &str,
-        body: Vec<u8>,
-    ) -> reqwest::Response {
-        reqwest::Client::new()
-            .post(self.url(&format!("/classify{query}")))
-            .header("content-type", content_type)
-            .body(body)
-            .send()
-            .await
-            .unwrap()
-    }
-
-    /// Polls until `n` requests are inside the server (admitted, not answered).
-    async fn wait_in_progress(&self, n: usize) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while self.state.inference().in_progress() < n {
-            assert!(
-                Instant::now() < deadline,
-                "requests never reached the queue"
-            );
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    }
-
-    async fn shutdown(mut self) -> std::io::Result<()> {
-        let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(Duration::from_secs(10), self.handle)
-            .await
-            .expect("run() did not return after shutdown")
-            .unwrap()
-    }
-}
-
-fn write_weights(path: &Path) {
-    let config = NinConfig::compact();
-    let (_, varmap) = Nin::init(&config, 42, &Device::Cpu).unwrap();
-    let provenance = Provenance {
-        dataset: "fashion-mnist".into(),
-        seed: Some(42),
-        created_by: "nin-serve tests".into(),
-        ..Provenance::default()
-    };
-    let metadata = WeightsMetadata::fashion_mnist(config, provenance);
-    weights::save(path, &varmap, &metadata).unwrap();
-}
-
-/// The first `n` images of the committed real test-set slice, as raw bytes.
-fn test_images(n: usize) -> Vec<Vec<u8>> {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../tests/data/t10k-images-idx3-ubyte.gz"
-    );
-    let mut bytes = Vec::new();
-    flate2::read::GzDecoder::new(std::fs::File::open(path).unwrap())
-        .read_to_end(&mut bytes)
-        .unwrap();
-    let header =
-        |i: usize| u32::from_be_bytes(bytes[i * 4..i * 4 + 4].try_into().unwrap()) as usize;
-    assert_eq!(header(0), 2051, "not an IDX image file");
-    let (count, rows, cols) = (header(1), header(2), header(3));
-    assert_eq!((rows, cols), (28, 28));
-    assert!(count >= n);
-    bytes[16..]
-        .chunks_exact(rows * cols)
-        .take(n)
-        .map(<[u8]>::to_vec)
-        .collect()
-}
-
-fn png(image: &DynamicImage) -> Vec<u8> {
-    let mut out = Vec::new();
-    image
-        .write_to(&mut Cursor::new(&mut out), ImageFormat::Png)
-        .unwrap();
-    out
-}
-
-/// Probabilities from running the model directly, as `nin-train eval` would.
-fn direct_probabilities(weights_path: &Path, raw: &[Vec<u8>]) -> Vec<Vec<f32>> {
-    let (model, metadata) = weights::load(weights_path, &Device::Cpu).unwrap();
-    raw.iter()
-        .map(|bytes| {
-            let image = gray_image(bytes.clone(), 28, 28).unwrap();
-            let prepared = preprocess(&image, &metadata.preprocessing).unwrap();
-            let x = batch_tensor(&[prepared], 28, &Device::Cpu).unwrap();
-            let logits = model.forward_t(&x, false).unwrap();
-            candle_nn::ops::softmax_last_dim(&logits)
-                .unwrap()
-                .to_vec2::<f32>()
-                .unwrap()
-                .remove(0)
-        })
-        .collect()
-}
-
-fn argmax(values: &[f32]) -> usize {
-    (0..values.len())
-        .max_by(|&a, &b| values[a].total_cmp(&values[b]).then(b.cmp(&a)))
-        .unwrap()
-}
-
-async fn error_of(response: reqwest::Response, status: u16, code: &str) -> Value {
-    assert_eq!(response.status().as_u16(), status);
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(body["error"]["code"], code, "{body}");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .is_some_and(|m| !m.is_empty()),
-        "{body}"
-    );
-    body
-}
-
-/// Checks one classification answer against the direct model run.
-fn check_answer(body: &Value, expected: &[f32], top_k: usize, tolerance: f32) {
-    let class_id = body["class_id"].as_u64().unwrap() as usize;
-    assert_eq!(class_id, argmax(expected), "{body}");
-    let confidence = body["confidence"].as_f64().unwrap() as f32;
-    assert!(
-        (confidence - expected[class_id]).abs() <= tolerance,
-        "{body}"
-    );
-    let top = body["top_k"].as_array().unwrap();
-    assert_eq!(top.len(), top_k);
-    assert_eq!(top[0]["class_id"], body["class_id"]);
-    assert_eq!(top[0]["label"], body["label"]);
-    let mut previous = f32::INFINITY;
-    for entry in top {
-        let id = entry["class_id"].as_u64().unwrap() as usize;
-        let p = entry["probability"].as_f64().unwrap() as f32;
-        assert!(p <= previous, "top_k not sorted: {body}");
-        assert!(
-            (p - expected[id]).abs() <= tolerance,
-            "class {id}: {p} vs {}",
-            expected[id]
-        );
-        assert_eq!(entry["label"], weights::FASHION_MNIST_CLASSES[id]);
-        previous = p;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthz_and_readyz_answer_once_listening() {
@@ -454,4 +261,190 @@ fn the_binary_exits_non_zero_naming_a_missing_weights_file() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains(&missing.display().to_string()), "{stderr}");
+}
+
+fn image_part(bytes: Vec<u8>) -> Part {
+    Part::bytes(bytes)
+        .file_name("image.png")
+        .mime_str("image/png")
+        .unwrap()
+}
+
+async fn post_form(server: &TestServer, query: &str, form: Form) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(server.url(&format!("/classify{query}")))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multipart_with_three_images_equals_three_single_requests() {
+    let server = TestServer::start(|_| {}).await;
+    let images: Vec<Vec<u8>> = test_images(3)
+        .into_iter()
+        .map(|raw| png(&gray_image(raw, 28, 28).unwrap()))
+        .collect();
+    let mut singles = Vec::new();
+    for image in &images {
+        let response = server
+            .post_image("?top_k=10", "image/png", image.clone())
+            .await;
+        assert_eq!(response.status(), 200);
+        singles.push(response.json::<Value>().await.unwrap());
+    }
+    // Another field between the images is ignored; order is kept.
+    let form = Form::new()
+        .part("image", image_part(images[0].clone()))
+        .text("note", "ignored")
+        .part("image", image_part(images[1].clone()))
+        .part("image", image_part(images[2].clone()));
+    let response = post_form(&server, "?top_k=10", form).await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    let results = body["results"].as_array().unwrap();
+    assert_eq!(results.len(), 3);
+    for (result, single) in results.iter().zip(&singles) {
+        assert_eq!(result["class_id"], single["class_id"]);
+        assert_eq!(result["label"], single["label"]);
+        assert_eq!(result["preprocessing"], single["preprocessing"]);
+        assert_eq!(result["model"], single["model"]);
+        let (a, b) = (
+            result["top_k"].as_array().unwrap(),
+            single["top_k"].as_array().unwrap(),
+        );
+        assert_eq!(a.len(), 10);
+        for (a, b) in a.iter().zip(b) {
+            assert_eq!(a["class_id"], b["class_id"]);
+            let diff = a["probability"].as_f64().unwrap() - b["probability"].as_f64().unwrap();
+            assert!(diff.abs() <= 1e-6, "{a} vs {b}");
+        }
+        assert!(result.get("explanation").is_none());
+    }
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multipart_mistakes_get_4xx_json_errors() {
+    let server = TestServer::start(|c| c.max_batch = 2).await;
+    let image = png(&gray_image(test_images(1).remove(0), 28, 28).unwrap());
+
+    let no_image = Form::new().text("picture", "not the right field");
+    error_of(post_form(&server, "", no_image).await, 400, "missing_image").await;
+
+    let too_many = Form::new()
+        .part("image", image_part(image.clone()))
+        .part("image", image_part(image.clone()))
+        .part("image", image_part(image.clone()));
+    error_of(
+        post_form(&server, "", too_many).await,
+        413,
+        "too_many_images",
+    )
+    .await;
+
+    let garbage = Form::new().part("image", image_part(b"not an image".to_vec()));
+    error_of(post_form(&server, "", garbage).await, 400, "invalid_image").await;
+
+    // No boundary at all, and a body that does not follow its boundary.
+    let no_boundary = server
+        .post_image("", "multipart/form-data", image.clone())
+        .await;
+    error_of(no_boundary, 400, "bad_request").await;
+    let broken = server
+        .post_image(
+            "",
+            "multipart/form-data; boundary=XYZ",
+            b"--XYZ\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\nabc".to_vec(),
+        )
+        .await;
+    error_of(broken, 400, "bad_request").await;
+
+    let ok = Form::new().part("image", image_part(image));
+    assert_eq!(post_form(&server, "", ok).await.status(), 200);
+    server.shutdown().await.unwrap();
+}
+
+fn decode_heatmap(body: &Value) -> DynamicImage {
+    let explanation = &body["explanation"];
+    assert_eq!(explanation["class_id"], body["class_id"], "{body}");
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(explanation["heatmap_png_base64"].as_str().unwrap())
+        .unwrap();
+    assert!(png.starts_with(b"\x89PNG"));
+    let image = image::load_from_memory_with_format(&png, image::ImageFormat::Png).unwrap();
+    assert_eq!(explanation["width"], image.width());
+    assert_eq!(explanation["height"], image.height());
+    image
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_returns_a_heatmap_png_the_size_of_the_input() {
+    let server = TestServer::start(|_| {}).await;
+    // A photo-like picture: 50 wide, 70 tall, a dark garment on white.
+    let photo = RgbImage::from_fn(50, 70, |x, y| {
+        if (10..30).contains(&x) && (20..60).contains(&y) {
+            Rgb([40, 50, 60])
+        } else {
+            Rgb([255, 255, 255])
+        }
+    });
+    let photo = png(&DynamicImage::ImageRgb8(photo));
+    let plain = server.post_image("", "image/png", photo.clone()).await;
+    let plain: Value = plain.json().await.unwrap();
+    assert!(plain.get("explanation").is_none());
+
+    let response = server
+        .post_image("?explain=true", "image/png", photo.clone())
+        .await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    // The explanation changes nothing else.
+    assert_eq!(body["class_id"], plain["class_id"]);
+    assert_eq!(body["top_k"], plain["top_k"]);
+    let heatmap = decode_heatmap(&body).to_rgb8();
+    assert_eq!(heatmap.dimensions(), (50, 70));
+    assert_eq!(body["preprocessing"]["crop"]["x"], 10);
+    // Outside the crop there is no heat; inside, the map's maximum is white.
+    assert_eq!(heatmap.get_pixel(2, 2).0, [0, 0, 0]);
+    assert_eq!(heatmap.get_pixel(45, 65).0, [0, 0, 0]);
+    let brightest = (20..60)
+        .flat_map(|y| (10..30).map(move |x| (x, y)))
+        .map(|(x, y)| {
+            heatmap
+                .get_pixel(x, y)
+                .0
+                .iter()
+                .map(|&c| u32::from(c))
+                .sum::<u32>()
+        })
+        .max()
+        .unwrap();
+    assert!(brightest > 600, "no heat in the crop: {brightest}");
+
+    // A data-set image, and multipart: every result is explained.
+    let small = png(&gray_image(test_images(1).remove(0), 28, 28).unwrap());
+    let form = Form::new()
+        .part("image", image_part(small))
+        .part("image", image_part(photo));
+    let response = post_form(&server, "?explain=true", form).await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    let sizes: Vec<(u32, u32)> = body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|result| {
+            let image = decode_heatmap(result);
+            (image.width(), image.height())
+        })
+        .collect();
+    assert_eq!(sizes, [(28, 28), (50, 70)]);
+
+    let bad = server
+        .post_image("?explain=maybe", "image/png", vec![])
+        .await;
+    error_of(bad, 422, "invalid_parameter").await;
+    server.shutdown().await.unwrap();
 }
