@@ -30,6 +30,7 @@ use candle_core::{
 use rayon::prelude::*;
 
 use crate::config::Window;
+use crate::pool::contiguous_f32;
 
 /// A batch of feature maps stored channels-last as a (N*H*W, C) matrix.
 #[derive(Clone, Debug)]
@@ -90,16 +91,6 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
         bail!("channels-last kernels need contiguous tensors")
     };
     Ok(f(&data[start..end]))
-}
-
-fn slice<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(data) = storage else {
-        bail!("{op}: only f32 is supported")
-    };
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => bail!("{op}: input must be contiguous"),
-    }
 }
 
 fn cpu_tensor(values: Vec<f32>, shape: impl Into<Shape>) -> Result<Tensor> {
@@ -198,7 +189,7 @@ impl CustomOp1 for Im2Col {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let src = slice(storage, layout, self.name())?;
+        let src = contiguous_f32(storage, layout, self.name())?;
         let (oh, ow) = self.out_dims()?;
         let (k, c) = (self.window.kernel, self.c);
         let row_len = k * k * c;
@@ -279,8 +270,8 @@ impl CustomOp2 for BiasRelu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = slice(s1, l1, self.name())?;
-        let bias = slice(s2, l2, self.name())?;
+        let x = contiguous_f32(s1, l1, self.name())?;
+        let bias = contiguous_f32(s2, l2, self.name())?;
         let c = bias.len();
         if l1.shape().dims2()?.1 != c {
             bail!("{}: {} biases for {:?}", self.name(), c, l1.shape())
@@ -443,9 +434,9 @@ impl CustomOp3 for BatchNormRelu {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = slice(s1, l1, self.name())?;
-        let gamma = slice(s2, l2, self.name())?;
-        let beta = slice(s3, l3, self.name())?;
+        let x = contiguous_f32(s1, l1, self.name())?;
+        let gamma = contiguous_f32(s2, l2, self.name())?;
+        let beta = contiguous_f32(s3, l3, self.name())?;
         let (m, c) = l1.shape().dims2()?;
         if gamma.len() != c || beta.len() != c || m == 0 {
             bail!("{}: bad shapes for {:?}", self.name(), l1.shape())
@@ -607,7 +598,7 @@ impl CustomOp1 for MaxPool {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let src = slice(storage, layout, self.name())?;
+        let src = contiguous_f32(storage, layout, self.name())?;
         let (oh, ow) = self.out_dims()?;
         let (image_len, c) = (self.h * self.w * self.c, self.c);
         let mut out = vec![0f32; self.n * oh * ow * c];

@@ -162,7 +162,12 @@ impl Plan {
     }
 }
 
-fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+/// The f32 values of a contiguous CPU storage, or an error naming `op`.
+pub(crate) fn contiguous_f32<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> Result<&'a [f32]> {
     let CpuStorage::F32(data) = storage else {
         bail!("{op}: only f32 is supported, got {:?}", storage.dtype())
     };

@@ -279,6 +279,7 @@ pub fn fit(
     let total_steps = (batches_per_epoch * run.epochs) as u64;
     let started = Instant::now();
     let wall_before = state.progress.wall_s;
+    let mut last_test: Option<Evaluation> = None;
 
     while state.progress.epoch < run.epochs {
         let epoch = state.progress.epoch;
@@ -353,17 +354,18 @@ pub fn fit(
                 device,
             )?))
         };
-        let test = match data.test {
-            Some(test) => Some(score(evaluate(
+        last_test = match data.test {
+            Some(test) => Some(evaluate(
                 &state.model,
                 test,
                 None,
                 &preprocessing,
                 256,
                 device,
-            )?)),
+            )?),
             None => None,
         };
+        let test = last_test.clone().map(score);
         let p = &mut state.progress;
         p.epoch += 1;
         p.batch = 0;
@@ -388,8 +390,11 @@ pub fn fit(
         observer.epoch_end(&line);
     }
 
-    let test = match data.test {
-        Some(test) => Some(evaluate(
+    // The last epoch's evaluation is the final one; a run resumed after its
+    // last epoch has none yet.
+    let test = match (last_test, data.test) {
+        (Some(done), _) => Some(done),
+        (None, Some(test)) => Some(evaluate(
             &state.model,
             test,
             None,
@@ -397,7 +402,7 @@ pub fn fit(
             256,
             device,
         )?),
-        None => None,
+        (None, None) => None,
     };
     let provenance = Provenance {
         dataset: "Fashion-MNIST".into(),
