@@ -220,17 +220,31 @@ pub fn read(path: &Path, device: &Device) -> Result<Weights> {
     let mut tensors = HashMap::new();
     for (name, view) in views {
         use candle_core::safetensors::Load;
-        let tensor = view.load(device)?;
+        let bad = |reason: String| Error::MalformedWeights {
+            path: path.to_path_buf(),
+            reason: format!("tensor `{name}` {reason}"),
+        };
+        let tensor = view
+            .load(device)
+            .map_err(|e| bad(format!("cannot be loaded: {e}")))?;
         if !tensor.dtype().is_float() {
-            return Err(Error::MalformedWeights {
-                path: path.to_path_buf(),
-                reason: format!(
-                    "tensor `{name}` has dtype {:?}, expected floats",
-                    tensor.dtype()
-                ),
-            });
+            return Err(bad(format!(
+                "has dtype {:?}, expected floats",
+                tensor.dtype()
+            )));
         }
-        tensors.insert(name, tensor.to_dtype(DType::F32)?);
+        let tensor = tensor.to_dtype(DType::F32)?;
+        // A NaN or infinity would load, warm up and then answer every
+        // request with NaN: refuse it here, where the file can be named.
+        if !tensor
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .all(|v| v.is_finite())
+        {
+            return Err(bad("holds NaN or infinite values".into()));
+        }
+        tensors.insert(name, tensor);
     }
     Ok(Weights { metadata, tensors })
 }
@@ -290,6 +304,31 @@ fn malformed(path: &Path, e: safetensors::SafeTensorError) -> Error {
     }
 }
 
+/// Prefix and suffix of [`write_atomically`]'s temporary files.
+const TEMPORARY: (&str, &str) = (".nin-", ".tmp");
+
+/// Removes the temporary files that writes in `dir` cut short by a crash
+/// (SIGKILL, power loss) left behind; each is as large as the file it was
+/// replacing. Only for a directory one process writes to, at its start:
+/// another writer's file in progress would be removed too. Returns how many
+/// were removed.
+pub fn remove_stale_temporaries(dir: &Path) -> std::io::Result<usize> {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(TEMPORARY.0)
+            && name.ends_with(TEMPORARY.1)
+            && entry.file_type()?.is_file()
+        {
+            std::fs::remove_file(entry.path())?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 /// Replaces `path` with `bytes` so that readers (and a crash) see either
 /// the old content or the new, never a mix: write a temporary file in the
 /// same directory, fsync it, rename it over `path`, fsync the directory.
@@ -299,8 +338,8 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         _ => Path::new("."),
     };
     let mut file = tempfile::Builder::new()
-        .prefix(".nin-")
-        .suffix(".tmp")
+        .prefix(TEMPORARY.0)
+        .suffix(TEMPORARY.1)
         .tempfile_in(dir)?;
     file.write_all(bytes)?;
     // tempfile creates 0600; a weights file is meant to be shared like any other.

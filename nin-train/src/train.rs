@@ -246,6 +246,14 @@ pub fn fit(
             out_dir.display()
         ))
     })?;
+    // Writes a crash cut short leave temporaries as large as a checkpoint.
+    let stale = nin_model::weights::remove_stale_temporaries(out_dir)
+        .map_err(|e| Error::Invalid(format!("cannot clean up {}: {e}", out_dir.display())))?;
+    if stale > 0 {
+        observer.note(&format!(
+            "removed {stale} temporary files left by an interrupted write"
+        ));
+    }
     let files = RunFiles::new(out_dir);
     let (run, mut state) = if resume && files.checkpoint.exists() {
         let checkpoint = checkpoint::load(&files.checkpoint, device)?;
