@@ -93,6 +93,53 @@ pub struct Config {
     /// requests before closing their connections, so it cannot hang.
     #[arg(long, env = "NIN_SHUTDOWN_TIMEOUT_MS", default_value_t = DEFAULT_SHUTDOWN_TIMEOUT_MS)]
     pub shutdown_timeout_ms: u64,
+
+    /// When set, the inference routes (`/classify`, `/v2/models/{name}/infer`)
+    /// require `Authorization: Bearer <key>` (401 otherwise); health,
+    /// readiness, metadata, metrics and the web page stay open. Prefer the
+    /// environment variable: a flag shows in the process list.
+    #[arg(long, env = "NIN_API_KEY", hide_env_values = true)]
+    pub api_key: Option<ApiKey>,
+
+    /// Origins allowed to call the API from a browser (CORS), comma-separated,
+    /// or `*` for any. Empty (the default): no CORS headers, so only pages
+    /// served by nin-serve itself can call it.
+    #[arg(long, env = "NIN_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+}
+
+/// A secret the clients must present; its `Debug` form never shows it, so
+/// logging the configuration cannot leak it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    /// The key as sent in `Authorization: Bearer <key>`.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey(<redacted>)")
+    }
+}
+
+impl std::str::FromStr for ApiKey {
+    type Err = String;
+
+    /// Refuses keys a client could not send in a header, and an empty one,
+    /// which would look like protection but accept `Bearer ` with nothing.
+    fn from_str(key: &str) -> Result<Self, Self::Err> {
+        if key.is_empty() {
+            return Err("the API key is empty".into());
+        }
+        if !key.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("the API key must be printable ASCII without spaces".into());
+        }
+        Ok(Self(key.to_string()))
+    }
 }
 
 impl Default for Config {
@@ -109,6 +156,8 @@ impl Default for Config {
             max_pixels: DEFAULT_MAX_PIXELS,
             request_timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
             shutdown_timeout_ms: DEFAULT_SHUTDOWN_TIMEOUT_MS,
+            api_key: None,
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -129,6 +178,17 @@ impl Config {
         }
         if self.request_timeout_ms == 0 {
             return bad("request_timeout_ms must be at least 1");
+        }
+        if let Some(key) = &self.api_key {
+            key.expose().parse::<ApiKey>().map_err(Error::Config)?;
+        }
+        for origin in &self.cors_origins {
+            if origin != "*" && axum::http::HeaderValue::from_str(origin).is_err() {
+                return Err(Error::Config(format!("invalid CORS origin `{origin}`")));
+            }
+        }
+        if self.cors_origins.len() > 1 && self.cors_origins.iter().any(|o| o == "*") {
+            return bad("the CORS origin `*` cannot be combined with other origins");
         }
         Ok(())
     }
@@ -173,6 +233,30 @@ mod tests {
             queue_size: 0,
             ..Config::default()
         };
+        assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn the_api_key_is_checked_and_never_printed() {
+        let config = Config::try_parse_from(["nin-serve", "--api-key", "s3cret-KEY"]).unwrap();
+        assert_eq!(config.api_key.as_ref().unwrap().expose(), "s3cret-KEY");
+        assert!(!format!("{config:?}").contains("s3cret"));
+        assert!(Config::try_parse_from(["nin-serve", "--api-key", ""]).is_err());
+        assert!(Config::try_parse_from(["nin-serve", "--api-key", "a b"]).is_err());
+    }
+
+    #[test]
+    fn cors_origins_are_validated() {
+        let config = Config::try_parse_from([
+            "nin-serve",
+            "--cors-origins",
+            "https://a.test,https://b.test",
+        ])
+        .unwrap();
+        assert_eq!(config.cors_origins.len(), 2);
+        assert!(config.validate().is_ok());
+        let config =
+            Config::try_parse_from(["nin-serve", "--cors-origins", "*,https://a.test"]).unwrap();
         assert!(config.validate().is_err());
     }
 

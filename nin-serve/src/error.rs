@@ -76,6 +76,11 @@ pub enum Error {
     #[error("no route for {0}")]
     NotFound(String),
 
+    /// `--api-key` is set and the request lacks `Authorization: Bearer <key>`
+    /// with that key.
+    #[error("this route needs `Authorization: Bearer <key>` with the server's API key")]
+    Unauthorized,
+
     /// The route exists but not with this method.
     #[error("method not allowed")]
     MethodNotAllowed,
@@ -128,6 +133,7 @@ impl Error {
             }
             Error::NotFound(_) | Error::UnknownModel(_) => StatusCode::NOT_FOUND,
             Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Error::Unauthorized => StatusCode::UNAUTHORIZED,
             Error::Overloaded(_) | Error::Timeout(_) | Error::Unavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -154,6 +160,7 @@ impl Error {
             Error::UnknownModel(_) => "unknown_model",
             Error::NotFound(_) => "not_found",
             Error::MethodNotAllowed => "method_not_allowed",
+            Error::Unauthorized => "unauthorized",
             Error::Overloaded(_) => "overloaded",
             Error::Timeout(_) => "timeout",
             Error::Unavailable(_) => "unavailable",
@@ -176,12 +183,18 @@ impl Error {
         }
     }
 
-    /// Adds `Retry-After` when the client should simply try again.
+    /// Adds `Retry-After` when the client should simply try again, and
+    /// `WWW-Authenticate` when it should present a key (RFC 6750).
     fn with_retry_after(&self, mut response: Response) -> Response {
         if matches!(self, Error::Overloaded(_) | Error::Unavailable(_)) {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if matches!(self, Error::Unauthorized) {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }
@@ -243,6 +256,7 @@ mod tests {
             Error::InvalidParameter(String::new()),
             Error::NotFound(String::new()),
             Error::MethodNotAllowed,
+            Error::Unauthorized,
             Error::MissingImage,
             Error::TooManyImages { limit: 1 },
             Error::InvalidTensor(String::new()),

@@ -35,6 +35,9 @@ use candle_nn::ModuleT;
 use nin_model::preprocess::batch_tensor;
 use nin_model::weights::{self, WeightsMetadata};
 use nin_model::Nin;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::{Config, Error};
@@ -93,24 +96,52 @@ pub struct ClassMap {
     pub values: Vec<f32>,
 }
 
-/// Counters kept by the model thread, read by handlers and tests.
-#[derive(Debug, Default)]
+/// What the model thread measures: the Prometheus series of `/metrics`
+/// (see [`crate::metrics`]) and the counters tests read directly.
+#[derive(Debug)]
 pub struct BatchStats {
-    batches: AtomicU64,
-    images: AtomicU64,
+    /// Forward passes run.
+    batches: Counter,
+    /// Images per forward pass.
+    batch_size: Histogram,
+    /// Duration of each forward pass.
+    forward_time: Histogram,
+    /// Time each image waited for its pass to start.
+    queue_time: Histogram,
+    /// Images classified.
+    images: Counter,
+    /// Jobs dropped unrun because their client had gone.
+    skipped: Counter,
     max_batch_seen: AtomicU64,
-    skipped: AtomicU64,
+}
+
+impl Default for BatchStats {
+    fn default() -> Self {
+        // Powers of two up to 4096, the largest `--max-batch`.
+        let sizes = exponential_buckets(1.0, 2.0, 13);
+        // 100 us to about 13 s: a small batch on a GPU to a large one on a slow CPU.
+        let seconds = || Histogram::new(exponential_buckets(1e-4, 2.0, 18));
+        Self {
+            batches: Counter::default(),
+            batch_size: Histogram::new(sizes),
+            forward_time: seconds(),
+            queue_time: seconds(),
+            images: Counter::default(),
+            skipped: Counter::default(),
+            max_batch_seen: AtomicU64::new(0),
+        }
+    }
 }
 
 impl BatchStats {
     /// Forward passes run (warm-up excluded).
     pub fn batches(&self) -> u64 {
-        self.batches.load(Ordering::Relaxed)
+        self.batches.get()
     }
 
     /// Images classified (warm-up excluded).
     pub fn images(&self) -> u64 {
-        self.images.load(Ordering::Relaxed)
+        self.images.get()
     }
 
     /// Largest batch run so far: proof that concurrent requests share passes.
@@ -120,12 +151,42 @@ impl BatchStats {
 
     /// Jobs dropped unrun because their client had gone.
     pub fn skipped(&self) -> u64 {
-        self.skipped.load(Ordering::Relaxed)
+        self.skipped.get()
     }
 
-    fn record(&self, batch: usize) {
-        self.batches.fetch_add(1, Ordering::Relaxed);
-        self.images.fetch_add(batch as u64, Ordering::Relaxed);
+    /// Adds the model thread's series to `registry` (names get its prefix).
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register("batches", "Forward passes run", self.batches.clone());
+        registry.register(
+            "batch_size",
+            "Images per forward pass",
+            self.batch_size.clone(),
+        );
+        registry.register_with_unit(
+            "inference_duration",
+            "Duration of one forward pass (a whole batch)",
+            Unit::Seconds,
+            self.forward_time.clone(),
+        );
+        registry.register_with_unit(
+            "queue_duration",
+            "Time an image waited in the queue before its forward pass started",
+            Unit::Seconds,
+            self.queue_time.clone(),
+        );
+        registry.register("inferences", "Images classified", self.images.clone());
+        registry.register(
+            "skipped_jobs",
+            "Queued images dropped unrun because their client had gone",
+            self.skipped.clone(),
+        );
+    }
+
+    fn record(&self, batch: usize, forward_time: Duration) {
+        self.batches.inc();
+        self.batch_size.observe(batch as f64);
+        self.forward_time.observe(forward_time.as_secs_f64());
+        self.images.inc_by(batch as u64);
         self.max_batch_seen
             .fetch_max(batch as u64, Ordering::Relaxed);
     }
@@ -389,7 +450,7 @@ impl Worker {
                 .filter(|job| !job.reply.is_closed())
                 .collect();
             let gone = (collected - batch.len()) as u64;
-            self.stats.skipped.fetch_add(gone, Ordering::Relaxed);
+            self.stats.skipped.inc_by(gone);
             if batch.is_empty() {
                 continue;
             }
@@ -421,7 +482,7 @@ impl Worker {
             };
             match next {
                 Some(job) if job.reply.is_closed() => {
-                    self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+                    self.stats.skipped.inc();
                 }
                 Some(job) => batch.push(job),
                 None => break,
@@ -439,7 +500,7 @@ impl Worker {
                 class_maps,
                 elapsed: inference_time,
             }) => {
-                self.stats.record(size);
+                self.stats.record(size, inference_time);
                 for (((job, logits), probabilities), class_map) in batch
                     .into_iter()
                     .zip(logits)
@@ -447,6 +508,7 @@ impl Worker {
                     .zip(class_maps)
                 {
                     let queue_time = job.enqueued.elapsed().saturating_sub(inference_time);
+                    self.stats.queue_time.observe(queue_time.as_secs_f64());
                     let _ = job.reply.send(Ok(Output {
                         logits,
                         probabilities,

@@ -3,11 +3,14 @@
 //! A library with a thin binary (`src/main.rs`), so tests and other
 //! programs start the very same server:
 //!
+//! - [`access`]: the optional API key and CORS;
 //! - [`config`]: every option, its flag, environment variable and default;
 //! - [`infer`]: the model thread, its bounded queue and dynamic batching;
 //! - [`routes`]: the handlers (`/healthz`, `/readyz`, `/classify`);
 //! - [`explain`]: class activation maps as heatmaps for `?explain=true`;
+//! - [`metrics`]: `GET /metrics` (Prometheus) and the middleware feeding it;
 //! - [`v2`]: the KServe Open Inference Protocol v2 (`/v2/...`);
+//! - [`page`]: the web page at `GET /` (upload, top-k bars, activation map);
 //! - [`error`]: the one error type and its mapping to status + JSON;
 //! - [`server`]: shared state, the router ([`app`]) and [`run`] with
 //!   graceful shutdown.
@@ -23,10 +26,13 @@
 
 #![warn(missing_docs)]
 
+pub mod access;
 pub mod config;
 pub mod error;
 pub mod explain;
 pub mod infer;
+pub mod metrics;
+pub mod page;
 pub mod routes;
 pub mod server;
 pub mod v2;

@@ -24,7 +24,10 @@ use tower_http::request_id::{
 };
 use tower_http::trace::TraceLayer;
 
+use crate::access;
+use crate::config::ApiKey;
 use crate::infer::{InferOptions, Inference};
+use crate::metrics::{self, Metrics};
 use crate::routes::{self, ModelInfo};
 use crate::v2;
 use crate::{Config, Error};
@@ -39,12 +42,15 @@ pub struct AppState {
 #[derive(Debug)]
 struct Inner {
     inference: Inference,
+    metrics: Metrics,
     model: ModelInfo,
     max_body_bytes: usize,
     max_pixels: u64,
     max_images: usize,
     request_timeout: Duration,
     shutdown_timeout: Duration,
+    api_key: Option<ApiKey>,
+    cors_origins: Vec<String>,
     /// Cleared when shutdown begins, so `/readyz` sends traffic elsewhere.
     accepting: AtomicBool,
 }
@@ -70,15 +76,19 @@ impl AppState {
             name: config.model_name.clone(),
             version,
         };
+        let metrics = Metrics::new(inference.stats());
         Ok(Self {
             inner: Arc::new(Inner {
                 inference,
+                metrics,
                 model,
                 max_body_bytes: config.max_body_bytes,
                 max_pixels: config.max_pixels,
                 max_images: config.max_batch.min(config.queue_size),
                 request_timeout: config.request_timeout(),
                 shutdown_timeout: config.shutdown_timeout(),
+                api_key: config.api_key.clone(),
+                cors_origins: config.cors_origins.clone(),
                 accepting: AtomicBool::new(true),
             }),
         })
@@ -87,6 +97,11 @@ impl AppState {
     /// The model thread's handle (batch counters, metadata, queue depth).
     pub fn inference(&self) -> &Inference {
         &self.inner.inference
+    }
+
+    /// The registry behind `GET /metrics`.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
     }
 
     /// Name and version reported in every classification.
@@ -111,6 +126,11 @@ impl AppState {
         self.inner.max_images
     }
 
+    /// `--api-key`: when set, the inference routes require it.
+    pub fn api_key(&self) -> Option<&ApiKey> {
+        self.inner.api_key.as_ref()
+    }
+
     /// True while the model thread runs and shutdown has not begun.
     pub fn is_ready(&self) -> bool {
         self.inner.accepting.load(Ordering::Relaxed) && self.inner.inference.is_alive()
@@ -124,16 +144,22 @@ impl AppState {
 
 /// The complete router with its middleware: request ids (`x-request-id`,
 /// kept from the client or generated), a tracing span per request, the
-/// request timeout, the body limit, and JSON errors for unknown routes.
+/// request metrics, CORS when configured, the API key on the inference
+/// routes, the request timeout, the body limit, and JSON errors for unknown
+/// routes.
 /// Exposed so tests can call it without a socket.
 pub fn app(state: AppState) -> Router {
     let timeout = state.inner.request_timeout;
     let limit = DefaultBodyLimit::max(state.max_body_bytes());
-    let classify = post(routes::classify).layer(limit);
-    let infer = post(v2::infer).layer(limit);
-    Router::new()
+    let key = middleware::from_fn_with_state(state.clone(), access::require_key);
+    let classify = post(routes::classify).layer(limit).layer(key.clone());
+    let infer = post(v2::infer).layer(limit).layer(key);
+    let cors = access::cors(&state.inner.cors_origins);
+    let router = Router::new()
+        .route("/", get(crate::page::index))
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))
+        .route("/metrics", get(metrics::handler))
         .route("/classify", classify)
         .route("/v2", get(v2::server_metadata))
         .route("/v2/health/live", get(v2::live))
@@ -146,6 +172,10 @@ pub fn app(state: AppState) -> Router {
         .layer(middleware::from_fn(move |request: Request, next: Next| {
             with_timeout(timeout, request, next)
         }))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            metrics::track,
+        ))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(
             TraceLayer::new_for_http().make_span_with(|request: &Request| {
@@ -158,7 +188,12 @@ pub fn app(state: AppState) -> Router {
             }),
         )
         .layer(SetRequestIdLayer::x_request_id(Counter::default()))
-        .with_state(state)
+        .with_state(state);
+    match cors {
+        // Outermost, so preflight requests are answered before routing.
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
 }
 
 /// Serves `listener` until `shutdown` completes, then stops accepting,

@@ -158,6 +158,47 @@ async fn concurrent_requests_share_forward_passes() {
     assert_eq!(stats.images(), 16);
     assert!(stats.max_batch_seen() > 1, "no batching: {stats:?}");
     assert!(stats.batches() < 16, "{stats:?}");
+
+    // The same facts, as an operator sees them in /metrics.
+    let missing = client.get(server.url("/no/such/route")).send().await;
+    assert_eq!(missing.unwrap().status(), 404);
+    let response = client.get(server.url("/metrics")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let content_type = response.headers()["content-type"].to_str().unwrap();
+    assert!(content_type.starts_with("application/openmetrics-text"));
+    let text = response.text().await.unwrap();
+    let sample = |name: &str| -> f64 {
+        let line = text
+            .lines()
+            .find(|line| line.split_once(' ').is_some_and(|(n, _)| n == name))
+            .unwrap_or_else(|| panic!("no sample {name} in:\n{text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let batches = stats.batches() as f64;
+    assert_eq!(sample("nin_batches_total"), batches);
+    assert_eq!(sample("nin_batch_size_count"), batches);
+    assert_eq!(sample("nin_batch_size_sum"), 16.0);
+    // Fewer batches of size <= 1 than batches: some were larger.
+    assert!(
+        sample(r#"nin_batch_size_bucket{le="1.0"}"#) < batches,
+        "{text}"
+    );
+    assert_eq!(sample("nin_inferences_total"), 16.0);
+    assert_eq!(sample("nin_queue_duration_seconds_count"), 16.0);
+    assert_eq!(
+        sample(r#"nin_http_requests_total{route="/classify",method="POST",status="200"}"#),
+        16.0
+    );
+    // Unknown paths share one label value: a client cannot grow the series.
+    assert_eq!(
+        sample(r#"nin_http_requests_total{route="unmatched",method="GET",status="404"}"#),
+        1.0
+    );
+    assert_eq!(
+        sample(r#"nin_http_request_duration_seconds_count{route="/classify"}"#),
+        16.0
+    );
+    assert!(text.ends_with("# EOF\n"));
     server.shutdown().await.unwrap();
 }
 

@@ -1,0 +1,161 @@
+//! `GET /metrics`: what an operator graphs and alerts on, in the
+//! Prometheus (OpenMetrics) text format.
+//!
+//! Series, all prefixed `nin_`:
+//! - `http_requests_total{route,method,status}` and
+//!   `http_request_duration_seconds{route}`: every answer, recorded by the
+//!   [`track`] middleware. `route` is the route *pattern*
+//!   (`/v2/models/{name}/infer`), or `unmatched` for paths no route has, so
+//!   a client sending random paths cannot grow the label set without bound;
+//! - `batches_total`, `batch_size`, `inference_duration_seconds`,
+//!   `queue_duration_seconds`, `inferences_total`, `skipped_jobs_total`:
+//!   measured on the model thread ([`crate::infer::BatchStats`]);
+//! - `requests_in_progress`: admitted requests not yet answered, read at
+//!   scrape time.
+//!
+//! The registry belongs to the server's state rather than to a process-wide
+//! global, so several servers in one process (the tests) keep separate counts.
+
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, HeaderValue};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::infer::BatchStats;
+use crate::server::AppState;
+use crate::Error;
+
+/// The `Content-Type` of the OpenMetrics text format, which Prometheus
+/// negotiates and parses.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Label of requests whose path matched no route.
+const UNMATCHED: &str = "unmatched";
+
+/// Labels of `http_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: String,
+    method: String,
+    status: u16,
+}
+
+/// Labels of `http_request_duration_seconds`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: String,
+}
+
+/// The server's metric registry and the HTTP series it records itself.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    durations: Family<RouteLabels, Histogram>,
+    in_progress: Gauge,
+}
+
+impl Metrics {
+    /// A registry holding the HTTP series and the model thread's `stats`.
+    pub fn new(stats: &BatchStats) -> Self {
+        let mut registry = Registry::with_prefix("nin");
+        let requests = Family::<RequestLabels, Counter>::default();
+        // 100 us to about 26 s: a cached health probe to a request timeout.
+        let durations = Family::<RouteLabels, Histogram>::new_with_constructor(
+            (|| Histogram::new(exponential_buckets(1e-4, 2.0, 19))) as fn() -> Histogram,
+        );
+        let in_progress = Gauge::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests answered, by route pattern, method and status",
+            requests.clone(),
+        );
+        registry.register_with_unit(
+            "http_request_duration",
+            "Time from the request's arrival to its response, by route pattern",
+            Unit::Seconds,
+            durations.clone(),
+        );
+        registry.register(
+            "requests_in_progress",
+            "Classification requests admitted and not yet answered",
+            in_progress.clone(),
+        );
+        stats.register(&mut registry);
+        Self {
+            registry,
+            requests,
+            durations,
+            in_progress,
+        }
+    }
+
+    /// Counts one answered request.
+    fn observe(&self, route: &str, method: &str, status: u16, seconds: f64) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                route: route.to_string(),
+                method: method.to_string(),
+                status,
+            })
+            .inc();
+        self.durations
+            .get_or_create(&RouteLabels {
+                route: route.to_string(),
+            })
+            .observe(seconds);
+    }
+
+    /// The whole registry in the OpenMetrics text format.
+    fn encode(&self, in_progress: usize) -> Result<String, Error> {
+        self.in_progress
+            .set(i64::try_from(in_progress).unwrap_or(i64::MAX));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .map_err(|_| Error::Internal("cannot encode the metrics".into()))?;
+        Ok(text)
+    }
+}
+
+/// Middleware recording every request's route, status and duration.
+pub async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or(UNMATCHED, MatchedPath::as_str)
+        .to_string();
+    // Methods are a small set in practice, but a client may invent any:
+    // only the standard ones become label values.
+    let method = match request.method().as_str() {
+        m @ ("GET" | "POST" | "PUT" | "DELETE" | "HEAD" | "OPTIONS" | "PATCH") => m,
+        _ => "other",
+    }
+    .to_string();
+    let response = next.run(request).await;
+    state.metrics().observe(
+        &route,
+        &method,
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
+    response
+}
+
+/// `GET /metrics`: the registry in the OpenMetrics text format.
+pub async fn handler(State(state): State<AppState>) -> Result<Response, Error> {
+    let text = state.metrics().encode(state.inference().in_progress())?;
+    Ok((
+        [(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE))],
+        text,
+    )
+        .into_response())
+}
