@@ -35,7 +35,11 @@ pub async fn require_key(State(state): State<AppState>, request: Request, next: 
     if bool::from(presented.as_bytes().ct_eq(key.expose().as_bytes())) {
         return next.run(request).await;
     }
-    if request.uri().path().starts_with("/v2/") {
+    let v2 = request.uri().path().starts_with("/v2/");
+    // Drain the refused upload so its client sees the 401, not a reset.
+    let (parts, body) = request.into_parts();
+    crate::routes::refuse_unread(body, &parts.headers);
+    if v2 {
         V2Error(Error::Unauthorized).into_response()
     } else {
         Error::Unauthorized.into_response()

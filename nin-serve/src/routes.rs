@@ -6,12 +6,14 @@
 //! ([`crate::infer`]), and shape the JSON answer. Every failure is an
 //! [`Error`], so every error response has the same form.
 
+use std::future::poll_fn;
 use std::io::Cursor;
-use std::time::Instant;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::multipart::{MultipartError, MultipartRejection};
-use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{FromRequest, Multipart, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -141,20 +143,26 @@ pub async fn classify(
     query: Result<Query<ClassifyParams>, QueryRejection>,
     request: Request,
 ) -> Result<Response, Error> {
-    let multipart = is_multipart(request.headers());
+    let (parts, body) = request.into_parts();
+    let multipart = is_multipart(&parts.headers);
     if !multipart {
-        check_content_type(request.headers())?;
+        if let Err(error) = check_content_type(&parts.headers) {
+            refuse_unread(body, &parts.headers);
+            return Err(error);
+        }
     }
     let limit = state.max_body_bytes();
+    let body = read_body(body, &parts.headers, limit).await?;
     let images = if multipart {
+        // The whole form is in memory (at most `limit` bytes) before multer
+        // parses it, so that a form over the limit is refused by
+        // `read_body`, which lets its client see the 413.
+        let request = Request::from_parts(parts, Body::from(body));
         let form = Multipart::from_request(request, &state)
             .await
             .map_err(multipart_rejection)?;
         read_images(form, state.max_images_per_request(), limit).await?
     } else {
-        let body = Bytes::from_request(request, &state)
-            .await
-            .map_err(|rejection| body_error(rejection, limit))?;
         vec![body]
     };
     let Query(params) = query.map_err(|e| Error::InvalidParameter(e.body_text()))?;
@@ -355,12 +363,77 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), Error> {
     )))
 }
 
-fn body_error(rejection: BytesRejection, limit: usize) -> Error {
-    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        Error::PayloadTooLarge { limit }
-    } else {
-        Error::BadRequest(rejection.body_text())
+/// Longest time a refused upload is read on, and discarded; see [`linger`].
+const LINGER_TIME: Duration = Duration::from_secs(5);
+/// Most bytes a refused upload is read on for; see [`linger`].
+const LINGER_BYTES: usize = 64 << 20;
+
+/// Reads a request body of at most `limit` bytes: a 413 beyond it (at
+/// once when `Content-Length` says so), and the refused body goes to
+/// [`linger`] rather than being dropped.
+pub(crate) async fn read_body(
+    mut body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+) -> Result<Bytes, Error> {
+    if body.size_hint().lower() > limit as u64 {
+        refuse_unread(body, headers);
+        return Err(Error::PayloadTooLarge { limit });
     }
+    // Within the limit, checked above: the whole body when its length is known.
+    let mut bytes = Vec::with_capacity(body.size_hint().lower() as usize);
+    while let Some(frame) = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+        let frame = frame.map_err(|e| Error::BadRequest(e.to_string()))?;
+        if let Ok(data) = frame.into_data() {
+            if bytes.len() + data.len() > limit {
+                linger(body);
+                return Err(Error::PayloadTooLarge { limit });
+            }
+            bytes.extend_from_slice(&data);
+        }
+    }
+    Ok(Bytes::from(bytes))
+}
+
+/// Disposes of a body refused before any of it was read: a client that
+/// sent `Expect: 100-continue` is waiting for a go-ahead it will not get
+/// (hyper sends no 100 for a body nobody reads), so dropping it is enough;
+/// any other client may be uploading already, so it [`linger`]s.
+pub(crate) fn refuse_unread(body: Body, headers: &HeaderMap) {
+    let waiting = headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if !waiting {
+        linger(body);
+    }
+}
+
+/// Reads and discards the rest of a refused request body in the background,
+/// for at most [`LINGER_BYTES`] and [`LINGER_TIME`], so that its client sees
+/// the answer.
+///
+/// hyper closes a connection whose request body is left unread, and closing
+/// a socket with unread data makes the kernel answer with a reset: a client
+/// still uploading then gets "connection reset" or "broken pipe" instead of
+/// the 413 (or 415, 404) it was sent. While the body is still being read,
+/// hyper keeps the connection and finishes the exchange cleanly (nginx's
+/// "lingering close" is the same cure).
+fn linger(mut body: Body) {
+    if body.is_end_stream() {
+        return;
+    }
+    tokio::spawn(async move {
+        let drain = async {
+            let mut read = 0;
+            while let Some(Ok(frame)) = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+                read += frame.data_ref().map_or(0, Bytes::len);
+                if read > LINGER_BYTES {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER_TIME, drain).await;
+    });
 }
 
 /// Decodes an uploaded image, refusing any whose declared size exceeds
@@ -401,8 +474,27 @@ fn image_error(error: image::ImageError, max_pixels: u64) -> Error {
         image::ImageError::IoError(e) => {
             Error::InvalidImage(format!("the image is truncated: {e}"))
         }
+        other if declares_too_large(&other) => Error::ImageTooLarge(format!(
+            "the image declares a size too large to decode (the limit is {max_pixels} \
+             pixels): {other}"
+        )),
         other => Error::InvalidImage(format!("the image cannot be decoded: {other}")),
     }
+}
+
+/// True for a decoder's own refusal of an absurd declared size, which
+/// comes before [`decode`] can read the dimensions and apply `max_pixels`
+/// (BMP refuses a side above 65535, WebP a canvas above 2^32 pixels, JPEG
+/// has a similar check). These arrive as decoding errors whose only mark
+/// is their text, so the match is on the text, narrowly: "Too large table
+/// position" is a damaged header, and the BMP decoder's "Image dimensions
+/// (0x28 ...) are too large" (an `Unsupported` error) an empty image.
+fn declares_too_large(error: &image::ImageError) -> bool {
+    let image::ImageError::Decoding(error) = error else {
+        return false;
+    };
+    let text = error.to_string().to_ascii_lowercase();
+    text.contains("image too large") || text.contains("too large dimensions")
 }
 
 /// nin-model's one preprocessing path; a picture it cannot use (no
@@ -486,5 +578,34 @@ mod tests {
             decode(&png[..png.len() / 2], 400),
             Err(Error::InvalidImage(_))
         ));
+    }
+
+    #[test]
+    fn sizes_a_decoder_refuses_itself_are_too_large() {
+        // A BMP declaring 100000x100000: the BMP decoder stops at its
+        // 65535 soft limit before the dimensions can be read.
+        let mut bmp = Vec::new();
+        DynamicImage::new_luma8(4, 4)
+            .write_to(&mut Cursor::new(&mut bmp), image::ImageFormat::Bmp)
+            .unwrap();
+        bmp[18..22].copy_from_slice(&100_000i32.to_le_bytes());
+        bmp[22..26].copy_from_slice(&100_000i32.to_le_bytes());
+        assert!(matches!(
+            decode(&bmp, 1_000_000),
+            Err(Error::ImageTooLarge(_))
+        ));
+        // A 0x4 one, whose error also says "too large", is invalid.
+        bmp[18..22].copy_from_slice(&0i32.to_le_bytes());
+        bmp[22..26].copy_from_slice(&4i32.to_le_bytes());
+        assert!(matches!(
+            decode(&bmp, 1_000_000),
+            Err(Error::InvalidImage(_))
+        ));
+        // A damaged header that merely says "too large" is still invalid.
+        let damaged = image::ImageError::Decoding(image::error::DecodingError::new(
+            image::error::ImageFormatHint::Exact(image::ImageFormat::Jpeg),
+            "Too large table position for QT :7, expected between 0 and 3",
+        ));
+        assert!(!declares_too_large(&damaged));
     }
 }

@@ -23,9 +23,8 @@
 
 use std::time::Instant;
 
-use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{Path, State};
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -33,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::V2Error;
+use crate::routes;
 use crate::server::AppState;
 use crate::Error;
 
@@ -213,18 +213,14 @@ pub async fn model_ready(
 pub async fn infer(
     State(state): State<AppState>,
     name: Result<Path<String>, PathRejection>,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> Result<Json<InferResponse>, V2Error> {
-    check_model(&state, name)?;
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            Error::PayloadTooLarge {
-                limit: state.max_body_bytes(),
-            }
-        } else {
-            Error::BadRequest(rejection.body_text())
-        }
-    })?;
+    let (parts, body) = request.into_parts();
+    if let Err(error) = check_model(&state, name) {
+        routes::refuse_unread(body, &parts.headers);
+        return Err(error.into());
+    }
+    let body = routes::read_body(body, &parts.headers, state.max_body_bytes()).await?;
     let started = Instant::now();
     let request = parse_request(&body)?;
     let (images, outputs) = check_request(&state, request.inputs, request.outputs)?;
@@ -289,17 +285,28 @@ fn check_model(state: &AppState, name: Result<Path<String>, PathRejection>) -> R
 /// (a missing field, a shape of strings) a 422. `NaN` and `Infinity`
 /// literals (what Python's `json.dumps` writes for them) are not JSON, but
 /// they mean a value the model cannot take: 422, like the string forms.
+///
+/// serde reports the first problem it meets, so a body that is not JSON at
+/// all (`[[[[`, cut off) can fail on a type before its syntax; a data
+/// error is therefore a 422 only once a syntax-only pass has found the
+/// body to be JSON (serde_json skips values iteratively, so deep nesting
+/// cannot exhaust the stack there).
 fn parse_request(body: &[u8]) -> Result<InferRequest, Error> {
     serde_json::from_slice(body).map_err(|e| {
         use serde_json::error::Category;
-        match e.classify() {
-            Category::Data => Error::InvalidTensor(format!("invalid inference request: {e}")),
-            _ if has_non_finite_literal(body) || e.to_string().contains("out of range") => {
-                Error::InvalidTensor(format!(
-                    "the input holds NaN or infinite values, which the model cannot take ({e})"
-                ))
-            }
-            _ => Error::BadRequest(format!("the body is not valid JSON: {e}")),
+        let e = match e.classify() {
+            Category::Data => match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+                Ok(_) => return Error::InvalidTensor(format!("invalid inference request: {e}")),
+                Err(syntax) => syntax,
+            },
+            _ => e,
+        };
+        if has_non_finite_literal(body) || e.to_string().contains("out of range") {
+            Error::InvalidTensor(format!(
+                "the input holds NaN or infinite values, which the model cannot take ({e})"
+            ))
+        } else {
+            Error::BadRequest(format!("the body is not valid JSON: {e}"))
         }
     })
 }
@@ -518,5 +525,8 @@ mod tests {
         );
         assert_eq!(status(br#"{"inputs":"x"}"#), 422);
         assert_eq!(status(br#"{"id":"a"}"#), 422);
+        // A type error met before the syntax error: still not JSON.
+        assert_eq!(status(b"[[[["), 400);
+        assert_eq!(status(br#"{"inputs":5,"#), 400);
     }
 }
