@@ -11,6 +11,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
+use utoipa::ToSchema;
 
 /// Everything that can go wrong while starting the server or answering a request.
 #[derive(Debug, thiserror::Error)]
@@ -104,15 +105,17 @@ pub enum Error {
 }
 
 /// Body of every error response.
-#[derive(Debug, Serialize)]
-struct ErrorBody<'a> {
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ErrorBody<'a> {
     error: ErrorDetail<'a>,
 }
 
 /// The `error` object: a stable code for programs, a message for people.
-#[derive(Debug, Serialize)]
-struct ErrorDetail<'a> {
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ErrorDetail<'a> {
+    /// Stable name of the error kind, e.g. `invalid_image`.
     code: &'a str,
+    /// What went wrong and how to fix the request.
     message: String,
 }
 
@@ -226,8 +229,8 @@ impl From<Error> for V2Error {
 }
 
 /// Body of a v2 error response.
-#[derive(Debug, Serialize)]
-struct V2ErrorBody {
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct V2ErrorBody {
     error: String,
 }
 

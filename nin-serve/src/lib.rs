@@ -8,6 +8,7 @@
 //! - [`infer`]: the model thread, its bounded queue and dynamic batching;
 //! - [`routes`]: the handlers (`/healthz`, `/readyz`, `/classify`);
 //! - [`explain`]: class activation maps as heatmaps for `?explain=true`;
+//! - [`openapi`]: `GET /openapi.json`, generated from the handlers;
 //! - [`metrics`]: `GET /metrics` (Prometheus) and the middleware feeding it;
 //! - [`v2`]: the KServe Open Inference Protocol v2 (`/v2/...`);
 //! - [`page`]: the web page at `GET /` (upload, top-k bars, activation map);
@@ -32,6 +33,7 @@ pub mod error;
 pub mod explain;
 pub mod infer;
 pub mod metrics;
+pub mod openapi;
 pub mod page;
 pub mod routes;
 pub mod server;

@@ -151,6 +151,9 @@ pub async fn track(State(state): State<AppState>, request: Request, next: Next) 
 }
 
 /// `GET /metrics`: the registry in the OpenMetrics text format.
+#[utoipa::path(get, path = "/metrics", tag = "operations", responses(
+    (status = 200, description = "Every series, prefixed `nin_`",
+        content_type = "application/openmetrics-text", body = String)))]
 pub async fn handler(State(state): State<AppState>) -> Result<Response, Error> {
     let text = state.metrics().encode(state.inference().in_progress())?;
     Ok((

@@ -24,6 +24,8 @@ pub const CACHE_CONTROL: &str = "public, max-age=300, must-revalidate";
 /// external resources, so a `Content-Security-Policy` forbids them all
 /// (scripts and styles inline; images only from `data:`/`blob:`; requests
 /// only to this origin): a stray or injected URL cannot load anything.
+#[utoipa::path(get, path = "/", tag = "operations", responses(
+    (status = 200, description = "The web page", content_type = "text/html", body = String)))]
 pub async fn index() -> impl IntoResponse {
     (
         [

@@ -21,7 +21,9 @@ use axum::Json;
 use image::{DynamicImage, ImageReader, Limits};
 use nin_model::preprocess::{preprocess, Prepared, PreprocessReport};
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
+use crate::error::ErrorBody;
 use crate::explain::heatmap_png_base64;
 use crate::infer::Output;
 use crate::server::AppState;
@@ -31,13 +33,15 @@ use crate::Error;
 pub const DEFAULT_TOP_K: usize = 3;
 
 /// Answer of the health and readiness probes.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Status {
     /// `ok` for liveness, `ready` for readiness.
     pub status: String,
 }
 
 /// `GET /healthz`: 200 while the process can answer HTTP at all (liveness).
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "The process answers", body = Status)))]
 pub async fn healthz() -> Json<Status> {
     Json(Status {
         status: "ok".into(),
@@ -47,6 +51,9 @@ pub async fn healthz() -> Json<Status> {
 /// `GET /readyz`: 200 once the weights are loaded and warmed up and until
 /// shutdown begins, so a load balancer sends traffic only where it can be
 /// served; 503 otherwise.
+#[utoipa::path(get, path = "/readyz", tag = "operations", responses(
+    (status = 200, description = "Loaded, warmed up, not shutting down", body = Status),
+    (status = 503, description = "Not ready", body = ErrorBody)))]
 pub async fn readyz(State(state): State<AppState>) -> Result<Json<Status>, Error> {
     if !state.is_ready() {
         return Err(Error::Unavailable("not ready".into()));
@@ -57,7 +64,8 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Status>, Error
 }
 
 /// Query of `POST /classify`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ClassifyParams {
     /// How many classes to list, most probable first (1..=classes).
     pub top_k: Option<usize>,
@@ -66,7 +74,7 @@ pub struct ClassifyParams {
 }
 
 /// One entry of `top_k`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ClassProbability {
     /// Index of the class (the label in the data set).
     pub class_id: usize,
@@ -77,7 +85,7 @@ pub struct ClassProbability {
 }
 
 /// Which model answered, so a client can tell results of different weights apart.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ModelInfo {
     /// `--model-name`.
     pub name: String,
@@ -86,7 +94,7 @@ pub struct ModelInfo {
 }
 
 /// Answer of `POST /classify`.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct Classification {
     /// The most probable class.
     pub class_id: usize,
@@ -100,6 +108,7 @@ pub struct Classification {
     pub model: ModelInfo,
     /// What preprocessing did to the image (inversion, crop, resize), so a
     /// surprising answer can be traced to what the model saw.
+    #[schema(value_type = Object)]
     pub preprocessing: PreprocessReport,
     /// Server-side time from the body being read to the answer, in ms.
     pub elapsed_ms: f64,
@@ -110,7 +119,7 @@ pub struct Classification {
 
 /// Why the model chose its class: the `head` layer's map for that class
 /// (its spatial mean is the class's logit), drawn over the original image.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct Explanation {
     /// The class explained: the predicted one.
     pub class_id: usize,
@@ -125,7 +134,7 @@ pub struct Explanation {
 }
 
 /// Answer of `POST /classify` with a `multipart/form-data` body.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct Classifications {
     /// One result per `image` field, in the order of the fields.
     pub results: Vec<Classification>,
@@ -138,6 +147,20 @@ pub struct Classifications {
 /// with `{"results":[...]}` in field order; no `image` field is a 400
 /// `missing_image`, more than `--max-batch` (or `--queue-size`) images a
 /// 413 `too_many_images`. Query: `top_k` (default 3), `explain` (false).
+#[utoipa::path(post, path = "/classify", tag = "classification",
+    params(ClassifyParams),
+    request_body(description = "One image (sniffed from its bytes), or a form of `image` fields",
+        content(("image/*"), ("application/octet-stream"), ("multipart/form-data"))),
+    responses(
+        (status = 200, description = "One image: its classification; a form: `{\"results\":[...]}`",
+            content((Classification = "application/json"), (Classifications = "application/json"))),
+        (status = 400, description = "Undecodable image, no `image` field", body = ErrorBody),
+        (status = 401, description = "`--api-key` is set and the request lacks it", body = ErrorBody),
+        (status = 413, description = "Body, image or image count too large", body = ErrorBody),
+        (status = 415, description = "Unsupported content type", body = ErrorBody),
+        (status = 422, description = "Bad query parameter", body = ErrorBody),
+        (status = 503, description = "Overloaded (with `Retry-After`), timed out or shutting down", body = ErrorBody)),
+    security((), ("bearer" = [])))]
 pub async fn classify(
     State(state): State<AppState>,
     query: Result<Query<ClassifyParams>, QueryRejection>,

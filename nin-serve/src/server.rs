@@ -160,6 +160,7 @@ pub fn app(state: AppState) -> Router {
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))
         .route("/metrics", get(metrics::handler))
+        .route("/openapi.json", get(crate::openapi::openapi_json))
         .route("/classify", classify)
         .route("/v2", get(v2::server_metadata))
         .route("/v2/health/live", get(v2::live))

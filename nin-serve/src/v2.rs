@@ -30,8 +30,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use utoipa::ToSchema;
 
-use crate::error::V2Error;
+use crate::error::{V2Error, V2ErrorBody};
 use crate::routes;
 use crate::server::AppState;
 use crate::Error;
@@ -44,7 +45,7 @@ pub const LOGITS: &str = "logits";
 pub const PROBABILITIES: &str = "probabilities";
 
 /// `GET /v2` answer.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ServerMetadata {
     /// `nin-serve`.
     pub name: String,
@@ -55,7 +56,7 @@ pub struct ServerMetadata {
 }
 
 /// Name, datatype and shape of a tensor in the model metadata (-1: any size).
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct TensorMetadata {
     /// Tensor name.
     pub name: String,
@@ -66,7 +67,7 @@ pub struct TensorMetadata {
 }
 
 /// `GET /v2/models/{name}` answer.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ModelMetadata {
     /// `--model-name`.
     pub name: String,
@@ -81,7 +82,7 @@ pub struct ModelMetadata {
 }
 
 /// `POST /v2/models/{name}/infer` request.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct InferRequest {
     /// Echoed in the response.
     pub id: Option<String>,
@@ -94,7 +95,7 @@ pub struct InferRequest {
 }
 
 /// One input tensor of an inference request.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct InputTensor {
     /// Must be `input`.
     pub name: String,
@@ -109,7 +110,7 @@ pub struct InputTensor {
 }
 
 /// One requested output.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct RequestedOutput {
     /// `logits` or `probabilities`.
     pub name: String,
@@ -118,7 +119,7 @@ pub struct RequestedOutput {
 }
 
 /// `POST /v2/models/{name}/infer` answer.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct InferResponse {
     /// `--model-name`.
     pub model_name: String,
@@ -132,7 +133,7 @@ pub struct InferResponse {
 }
 
 /// One output tensor: `[N, classes]` FP32, row-major.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct OutputTensor {
     /// `logits` or `probabilities`.
     pub name: String,
@@ -145,6 +146,8 @@ pub struct OutputTensor {
 }
 
 /// `GET /v2`: server metadata.
+#[utoipa::path(get, path = "/v2", tag = "v2",
+    responses((status = 200, description = "Server metadata", body = ServerMetadata)))]
 pub async fn server_metadata() -> Json<ServerMetadata> {
     Json(ServerMetadata {
         name: env!("CARGO_PKG_NAME").to_string(),
@@ -154,12 +157,17 @@ pub async fn server_metadata() -> Json<ServerMetadata> {
 }
 
 /// `GET /v2/health/live`: 200 `{"live":true}` while the process answers.
+#[utoipa::path(get, path = "/v2/health/live", tag = "v2",
+    responses((status = 200, description = "`{\"live\":true}`", body = Object)))]
 pub async fn live() -> Json<Value> {
     Json(serde_json::json!({ "live": true }))
 }
 
 /// `GET /v2/health/ready`: 200 `{"ready":true}` when ready, else 503
 /// `{"ready":false}`.
+#[utoipa::path(get, path = "/v2/health/ready", tag = "v2", responses(
+    (status = 200, description = "`{\"ready\":true}`", body = Object),
+    (status = 503, description = "`{\"ready\":false}`", body = Object)))]
 pub async fn ready(State(state): State<AppState>) -> Response {
     let ready = state.is_ready();
     (
@@ -170,6 +178,11 @@ pub async fn ready(State(state): State<AppState>) -> Response {
 }
 
 /// `GET /v2/models/{name}`: the model's metadata; 404 for another name.
+#[utoipa::path(get, path = "/v2/models/{name}", tag = "v2",
+    params(("name" = String, Path, description = "The model's name (`--model-name`)")),
+    responses(
+        (status = 200, description = "Inputs and outputs of the model", body = ModelMetadata),
+        (status = 404, description = "Unknown model", body = V2ErrorBody)))]
 pub async fn model_metadata(
     State(state): State<AppState>,
     name: Result<Path<String>, PathRejection>,
@@ -199,6 +212,12 @@ pub async fn model_metadata(
 
 /// `GET /v2/models/{name}/ready`: 200 `{"name":..,"ready":true}` when
 /// ready, 503 when not, 404 for another name.
+#[utoipa::path(get, path = "/v2/models/{name}/ready", tag = "v2",
+    params(("name" = String, Path, description = "The model's name (`--model-name`)")),
+    responses(
+        (status = 200, description = "`{\"name\":..,\"ready\":true}`", body = Object),
+        (status = 404, description = "Unknown model", body = V2ErrorBody),
+        (status = 503, description = "Not ready", body = Object)))]
 pub async fn model_ready(
     State(state): State<AppState>,
     name: Result<Path<String>, PathRejection>,
@@ -210,6 +229,18 @@ pub async fn model_ready(
 }
 
 /// `POST /v2/models/{name}/infer`: see the module documentation.
+#[utoipa::path(post, path = "/v2/models/{name}/infer", tag = "v2",
+    params(("name" = String, Path, description = "The model's name (`--model-name`)")),
+    request_body = InferRequest,
+    responses(
+        (status = 200, description = "The requested outputs", body = InferResponse),
+        (status = 400, description = "Malformed JSON", body = V2ErrorBody),
+        (status = 401, description = "`--api-key` is set and the request lacks it", body = V2ErrorBody),
+        (status = 404, description = "Unknown model", body = V2ErrorBody),
+        (status = 413, description = "Body too large or more than `--max-batch` images", body = V2ErrorBody),
+        (status = 422, description = "Wrong input name, shape, datatype, length or values; unknown output", body = V2ErrorBody),
+        (status = 503, description = "Overloaded (with `Retry-After`)", body = V2ErrorBody)),
+    security((), ("bearer" = [])))]
 pub async fn infer(
     State(state): State<AppState>,
     name: Result<Path<String>, PathRejection>,

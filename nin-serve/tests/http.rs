@@ -489,3 +489,65 @@ async fn explain_returns_a_heatmap_png_the_size_of_the_input() {
     error_of(bad, 422, "invalid_parameter").await;
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_describes_every_route_and_only_real_ones() {
+    let server = TestServer::start(|_| {}).await;
+    let client = reqwest::Client::new();
+    let response = client
+        .get(server.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let document: Value = response.json().await.unwrap();
+    assert!(document["openapi"].as_str().unwrap().starts_with("3."));
+    let paths = document["paths"].as_object().unwrap();
+
+    // Every route of the router is described...
+    let routes = [
+        ("/", "get"),
+        ("/healthz", "get"),
+        ("/readyz", "get"),
+        ("/metrics", "get"),
+        ("/openapi.json", "get"),
+        ("/classify", "post"),
+        ("/v2", "get"),
+        ("/v2/health/live", "get"),
+        ("/v2/health/ready", "get"),
+        ("/v2/models/{name}", "get"),
+        ("/v2/models/{name}/ready", "get"),
+        ("/v2/models/{name}/infer", "post"),
+    ];
+    for (path, method) in routes {
+        assert!(
+            paths.get(path).and_then(|p| p.get(method)).is_some(),
+            "{method} {path} is not in the OpenAPI document"
+        );
+    }
+    // ...and everything described exists: no route answers with the
+    // fallback's `not_found` or `method_not_allowed`.
+    let mut operations = 0;
+    for (path, item) in paths {
+        for method in item.as_object().unwrap().keys() {
+            operations += 1;
+            let url = server.url(&path.replace("{name}", "nin"));
+            let method = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            let response = client.request(method.clone(), url).send().await.unwrap();
+            let status = response.status().as_u16();
+            let body = response.text().await.unwrap();
+            assert!(
+                status != 405 && !body.contains("\"not_found\""),
+                "{method} {path}: {status} {body}"
+            );
+        }
+    }
+    assert_eq!(operations, routes.len());
+    // The bearer scheme the inference routes name is declared.
+    assert_eq!(
+        document["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
+    assert!(document["components"]["schemas"]["Classification"].is_object());
+    server.shutdown().await.unwrap();
+}
