@@ -30,10 +30,25 @@ pub struct TestServer {
 }
 
 impl TestServer {
+    /// A server on freshly made (untrained) weights.
     pub async fn start(tweak: impl FnOnce(&mut Config)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let weights = dir.path().join("nin.safetensors");
         write_weights(&weights);
+        Self::serve(weights, dir, tweak).await
+    }
+
+    /// A server on an existing weights file.
+    pub async fn start_with_weights(weights: &Path, tweak: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        Self::serve(weights.to_path_buf(), dir, tweak).await
+    }
+
+    async fn serve(
+        weights: PathBuf,
+        dir: tempfile::TempDir,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Self {
         let mut config = Config {
             weights: weights.clone(),
             device: "cpu".into(),
