@@ -82,6 +82,8 @@ ARG CUDNN=false
 ENV CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP}
 
 COPY --from=planner /src/recipe.json recipe.json
+# Cargo's [env] (jemalloc's options) must reach the dependency layer too.
+COPY .cargo/ .cargo/
 RUN features=cuda; if [ "${CUDNN}" = true ]; then features=cudnn; fi \
  && cargo chef cook --release --locked --features "${features}" \
       -p nin-serve -p nin-train --recipe-path recipe.json

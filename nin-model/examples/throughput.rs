@@ -3,44 +3,52 @@
 //! The Rust half of `bench/compare.sh`, which runs `bench/nin_torch.py`
 //! with the same arguments beside it. Workloads: `forward` (inference,
 //! no graph) and `train` (forward, cross-entropy, backward, plain SGD update).
+//! The network is a preset, a `NinConfig` JSON file, or a weights file
+//! (`forward` only): the very network a server loads, as `bench/load.sh`
+//! uses it to measure the model's raw batched throughput beside the server's.
 //!
 //! cargo run --release -p nin-model --example throughput -- compact train 128 10
+//! cargo run --release -p nin-model --example throughput -- weights/nin-fashion-mnist.safetensors forward 32 10
 
+use std::path::Path;
 use std::time::{Duration, Instant};
-
-#[global_allocator]
-static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
-/// jemalloc's start-up options: back the large activation buffers with
-/// transparent huge pages (about 30% faster training steps here: fewer
-/// TLB misses and page faults).
-#[export_name = "_rjem_malloc_conf"]
-static MALLOC_CONF: MallocConf = MallocConf(c"thp:always".as_ptr());
-
-#[repr(transparent)]
-struct MallocConf(*const std::ffi::c_char);
-// SAFETY: a pointer to an immutable, 'static C string literal.
-unsafe impl Sync for MallocConf {}
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{ModuleT, Optimizer};
-use nin_model::{summary, Nin, NinConfig};
+use nin_model::{summary, weights, Nin, NinConfig};
+
+/// jemalloc, started with the workspace's options (thp:always, transparent
+/// huge pages; set once for every binary in `.cargo/config.toml`).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [arch, mode, batch, seconds] = args.as_slice() else {
-        bail!("usage: throughput <d2l|compact|config.json> <forward|train> <batch> <seconds>")
-    };
-    let config: NinConfig = if arch.ends_with(".json") {
-        serde_json::from_str(&std::fs::read_to_string(arch)?)?
-    } else {
-        NinConfig::preset(arch)?
+        bail!(
+            "usage: throughput <d2l|compact|config.json|weights.safetensors> <forward|train> <batch> <seconds>"
+        )
     };
     let batch: usize = batch.parse().context("batch")?;
     let budget = Duration::from_secs_f64(seconds.parse().context("seconds")?);
     let device = Device::Cpu;
-    let (model, varmap) = Nin::init(&config, 0, &device)?;
+    let (config, trained) = if arch.ends_with(".safetensors") {
+        if mode != "forward" {
+            bail!(
+                "a weights file can only be measured with `forward`; give its config JSON to train"
+            );
+        }
+        let (model, metadata) = weights::load(Path::new(arch), &device)?;
+        (metadata.config, Some(model))
+    } else if arch.ends_with(".json") {
+        (serde_json::from_str(&std::fs::read_to_string(arch)?)?, None)
+    } else {
+        (NinConfig::preset(arch)?, None)
+    };
+    let (fresh, varmap) = Nin::init(&config, 0, &device)?;
+    // `train` updates `varmap`, so it must run the fresh network built on it.
+    let model = trained.unwrap_or(fresh);
     let s = config.input_size;
     let x = Tensor::rand(0f32, 1f32, (batch, config.in_channels, s, s), &device)?;
     let labels = Tensor::from_vec(

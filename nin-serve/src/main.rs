@@ -8,6 +8,14 @@ use clap::Parser;
 use nin_serve::{AppState, Config};
 use tracing_subscriber::EnvFilter;
 
+/// jemalloc, started with the workspace's options (thp:always, transparent
+/// huge pages; set once for every binary in `.cargo/config.toml`): the
+/// batched forward passes allocate large activation buffers, as in training,
+/// and the server's throughput stays comparable with the `throughput`
+/// example's (`bench/load.sh` compares them).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse();

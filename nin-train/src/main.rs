@@ -21,19 +21,10 @@ use nin_train::optim::OptimizerConfig;
 use nin_train::schedule::Schedule;
 use nin_train::train::{fit, Observer, Outcome, RunConfig, TrainData};
 
+/// jemalloc, started with the workspace's options (thp:always, transparent
+/// huge pages; set once for every binary in `.cargo/config.toml`).
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
-/// jemalloc's start-up options: back the large activation buffers with
-/// transparent huge pages (about 30% faster training steps here: fewer
-/// TLB misses and page faults).
-#[export_name = "_rjem_malloc_conf"]
-static MALLOC_CONF: MallocConf = MallocConf(c"thp:always".as_ptr());
-
-#[repr(transparent)]
-struct MallocConf(*const std::ffi::c_char);
-// SAFETY: a pointer to an immutable, 'static C string literal.
-unsafe impl Sync for MallocConf {}
 
 /// Train and evaluate Network-in-Network on Fashion-MNIST.
 #[derive(Parser)]
