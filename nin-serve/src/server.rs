@@ -12,13 +12,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Request};
-use axum::http::{HeaderValue, Uri};
+use axum::http::{HeaderValue, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use nin_model::weights::FORMAT_VERSION;
 use tokio::net::TcpListener;
+use tower_http::classify::ServerErrorsFailureClass;
 use tower_http::request_id::{
     MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
@@ -186,7 +187,8 @@ pub fn app(state: AppState) -> Router {
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("-");
                 tracing::info_span!("request", method = %request.method(), uri = %request.uri(), id)
-            }),
+            })
+            .on_failure(log_failure),
         )
         .layer(SetRequestIdLayer::x_request_id(Counter::default()))
         .with_state(state);
@@ -267,6 +269,19 @@ async fn with_timeout(limit: Duration, request: Request, next: Next) -> Response
         // Dropping the handler drops its reply channel: the model thread
         // skips the job if it has not run yet.
         Err(_) => Error::Timeout(limit.as_millis() as u64).into_response(),
+    }
+}
+
+/// Logs a server fault at ERROR, but a 503 (overload, timeout, shutdown)
+/// only at DEBUG: shedding load is the server working as designed, counted
+/// in `/metrics`, and one ERROR line per refused request would flood the
+/// log exactly when the machine is busiest.
+fn log_failure(class: ServerErrorsFailureClass, latency: Duration, _span: &tracing::Span) {
+    match class {
+        ServerErrorsFailureClass::StatusCode(StatusCode::SERVICE_UNAVAILABLE) => {
+            tracing::debug!(?latency, "answered 503")
+        }
+        class => tracing::error!(%class, ?latency, "request failed"),
     }
 }
 

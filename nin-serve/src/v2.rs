@@ -28,6 +28,7 @@ use axum::extract::{Path, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use nin_model::preprocess::Preprocessing;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
@@ -253,8 +254,17 @@ pub async fn infer(
     }
     let body = routes::read_body(body, &parts.headers, state.max_body_bytes()).await?;
     let started = Instant::now();
-    let request = parse_request(&body)?;
-    let (images, outputs) = check_request(&state, request.inputs, request.outputs)?;
+    let metadata = state.inference().metadata();
+    let CheckedRequest {
+        id,
+        images,
+        outputs,
+    } = check_body(
+        &body,
+        &metadata.preprocessing,
+        metadata.config.in_channels,
+        state.max_images_per_request(),
+    )?;
 
     let admissions = state.inference().try_admit_many(images.len())?;
     let count = images.len();
@@ -291,7 +301,7 @@ pub async fn infer(
     Ok(Json(InferResponse {
         model_name: state.model_info().name.clone(),
         model_version: state.model_info().version.clone(),
-        id: request.id,
+        id,
         outputs,
     }))
 }
@@ -362,10 +372,55 @@ fn has_non_finite_literal(body: &[u8]) -> bool {
     false
 }
 
+/// An inference request checked against the model: what `infer` hands
+/// to the model thread.
+#[derive(Debug)]
+pub struct CheckedRequest {
+    /// The request's `id`, echoed in the response.
+    pub id: Option<String>,
+    /// One normalised model input per image, `channels * size * size`
+    /// values each (the recipe's `size`).
+    pub images: Vec<Vec<f32>>,
+    /// The outputs to answer with, each once, in the order requested.
+    pub outputs: Vec<&'static str>,
+}
+
+/// Everything `POST /v2/models/{name}/infer` does to a body before the
+/// model: parses it ([`parse_request`]'s 400/422 split), checks the tensor
+/// against a model with `channels` input channels and `recipe` (its size
+/// and normalisation), refuses more than `max_images` images, and
+/// normalises the values.
+///
+/// Public, rather than inlined in the handler, so that the fuzz target
+/// (`fuzz/fuzz_targets/v2_request.rs`) and tests run exactly the server's
+/// path without a model or an HTTP server.
+pub fn check_body(
+    body: &[u8],
+    recipe: &Preprocessing,
+    channels: usize,
+    max_images: usize,
+) -> Result<CheckedRequest, Error> {
+    let request = parse_request(body)?;
+    let (images, outputs) = check_request(
+        recipe,
+        channels,
+        max_images,
+        request.inputs,
+        request.outputs,
+    )?;
+    Ok(CheckedRequest {
+        id: request.id,
+        images,
+        outputs,
+    })
+}
+
 /// Checks the tensor against the model and returns one normalised model
 /// input per image, and the output names to answer with.
 fn check_request(
-    state: &AppState,
+    recipe: &Preprocessing,
+    channels: usize,
+    max_images: usize,
     inputs: Vec<InputTensor>,
     outputs: Option<Vec<RequestedOutput>>,
 ) -> Result<(Vec<Vec<f32>>, Vec<&'static str>), Error> {
@@ -393,9 +448,7 @@ fn check_request(
         }
     };
 
-    let metadata = state.inference().metadata();
-    let size = metadata.preprocessing.size;
-    let channels = metadata.config.in_channels;
+    let size = recipe.size;
     let mut inputs = inputs.into_iter();
     let (Some(input), None) = (inputs.next(), inputs.next()) else {
         return bad(format!(
@@ -433,9 +486,8 @@ fn check_request(
             ))
         }
     };
-    let limit = state.max_images_per_request();
-    if n > limit {
-        return Err(Error::TooManyImages { limit });
+    if n > max_images {
+        return Err(Error::TooManyImages { limit: max_images });
     }
     let per_image = channels * size * size;
     let mut values = Vec::with_capacity(n * per_image);
@@ -448,7 +500,6 @@ fn check_request(
             values.len()
         ));
     }
-    let recipe = &metadata.preprocessing;
     let mut pixels = Vec::with_capacity(values.len());
     for (i, &v) in values.iter().enumerate() {
         if !v.is_finite() {
