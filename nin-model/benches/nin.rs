@@ -47,9 +47,9 @@ fn train_step(c: &mut Criterion) {
         group.throughput(Throughput::Elements(batch as u64));
         group.bench_function(BenchmarkId::new(preset, batch), |b| {
             b.iter(|| {
-                let logits = model.forward_t(&x, true).unwrap();
-                let loss = candle_nn::loss::cross_entropy(&logits, &y).unwrap();
-                sgd.backward_step(&loss).unwrap();
+                let pass = model.forward_train(&x).unwrap();
+                let loss = candle_nn::loss::cross_entropy(pass.logits(), &y).unwrap();
+                sgd.step(&pass.backward(&loss).unwrap()).unwrap();
             })
         });
     }

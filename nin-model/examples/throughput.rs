@@ -65,9 +65,9 @@ fn main() -> anyhow::Result<()> {
                 model.forward_t(&x, false)?.to_dtype(DType::F32)?;
             }
             "train" => {
-                let logits = model.forward_t(&x, true)?;
-                let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
-                sgd.backward_step(&loss)?;
+                let pass = model.forward_train(&x)?;
+                let loss = candle_nn::loss::cross_entropy(pass.logits(), &labels)?;
+                sgd.step(&pass.backward(&loss)?)?;
             }
             other => bail!("unknown mode {other}"),
         }

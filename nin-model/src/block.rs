@@ -25,26 +25,26 @@ use crate::channels_last::{self as cl, BatchStats, Nhwc};
 use crate::config::Window;
 
 /// Batch norm's epsilon and running-average momentum (PyTorch's defaults).
-const BN_EPS: f64 = 1e-5;
+pub(crate) const BN_EPS: f64 = 1e-5;
 const BN_MOMENTUM: f64 = 0.1;
 
 /// One mlpconv block.
 #[derive(Debug, Clone)]
 pub struct NinBlock {
-    units: Vec<ConvUnit>,
+    pub(crate) units: Vec<ConvUnit>,
 }
 
 /// conv -> (batch norm) -> ReLU.
 #[derive(Debug, Clone)]
-struct ConvUnit {
-    weight: Tensor,
-    window: Window,
+pub(crate) struct ConvUnit {
+    pub(crate) weight: Tensor,
+    pub(crate) window: Window,
     /// The conv bias, or batch norm (whose shift makes a bias redundant).
-    after: After,
+    pub(crate) after: After,
 }
 
 #[derive(Debug, Clone)]
-enum After {
+pub(crate) enum After {
     Bias(Tensor),
     Norm(Norm),
 }
@@ -52,9 +52,9 @@ enum After {
 /// Batch norm over channels: learned scale and shift, running statistics
 /// for evaluation.
 #[derive(Debug, Clone)]
-struct Norm {
-    gamma: Tensor,
-    beta: Tensor,
+pub(crate) struct Norm {
+    pub(crate) gamma: Tensor,
+    pub(crate) beta: Tensor,
     running_mean: Var,
     running_var: Var,
     /// Where the fast path's kernel leaves the batch statistics.
@@ -79,7 +79,7 @@ impl Norm {
 
     /// Moves the running averages toward a batch's mean and biased variance
     /// over `count` values (the variance is stored unbiased, as PyTorch).
-    fn update_running(&self, mean: &Tensor, var: &Tensor, count: usize) -> Result<()> {
+    pub(crate) fn update_running(&self, mean: &Tensor, var: &Tensor, count: usize) -> Result<()> {
         let unbias = if count > 1 {
             count as f64 / (count as f64 - 1.0)
         } else {
@@ -96,7 +96,7 @@ impl Norm {
     }
 
     /// Evaluation-mode batch norm as y = x * scale + shift per channel.
-    fn eval_affine(&self) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn eval_affine(&self) -> Result<(Tensor, Tensor)> {
         let scale = (&self.gamma / (self.running_var.as_tensor() + BN_EPS)?.sqrt()?)?;
         let shift = (&self.beta - (self.running_mean.as_tensor() * &scale)?)?;
         Ok((scale, shift))

@@ -130,13 +130,13 @@ pub fn im2col(x: &Nhwc, window: Window) -> Result<Tensor> {
 }
 
 /// A window sliding over a batch of channels-last maps.
-#[derive(Clone, Copy)]
-struct Geometry {
-    window: Window,
-    n: usize,
-    h: usize,
-    w: usize,
-    c: usize,
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Geometry {
+    pub window: Window,
+    pub n: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
 }
 
 impl Geometry {
@@ -150,7 +150,7 @@ impl Geometry {
         }
     }
 
-    fn out_dims(&self) -> Result<(usize, usize)> {
+    pub fn out_dims(&self) -> Result<(usize, usize)> {
         crate::pool::output_dims(self.window, self.h, self.w)
     }
 
@@ -191,27 +191,9 @@ impl CustomOp1 for Im2Col {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let src = contiguous_f32(storage, layout, self.name())?;
         let (oh, ow) = self.out_dims()?;
-        let (k, c) = (self.window.kernel, self.c);
-        let row_len = k * k * c;
+        let row_len = self.window.kernel * self.window.kernel * self.c;
         let mut out = vec![0f32; self.n * oh * ow * row_len];
-        // One task per output image row (n, oy).
-        out.par_chunks_mut(ow * row_len)
-            .enumerate()
-            .for_each(|(task, rows)| {
-                let (n, oy) = (task / oh, task % oh);
-                let image = &src[n * self.h * self.w * c..(n + 1) * self.h * self.w * c];
-                for (ox, row) in rows.chunks_mut(row_len).enumerate() {
-                    for ky in 0..k {
-                        for kx in 0..k {
-                            let dst = &mut row[(ky * k + kx) * c..(ky * k + kx + 1) * c];
-                            if let Some((y, x)) = self.source(oy, ox, ky, kx) {
-                                let at = (y * self.w + x) * c;
-                                dst.copy_from_slice(&image[at..at + c]);
-                            }
-                        }
-                    }
-                }
-            });
+        im2col_into(&self.0, src, &mut out)?;
         Ok((
             CpuStorage::F32(out),
             Shape::from((self.n * oh * ow, row_len)),
@@ -219,36 +201,81 @@ impl CustomOp1 for Im2Col {
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        // col2im: every row's entries flow back to the pixels they came from.
-        let (oh, ow) = self.out_dims()?;
-        let (k, c) = (self.window.kernel, self.c);
-        let row_len = k * k * c;
-        let image_len = self.h * self.w * c;
-        let mut grad_in = vec![0f32; self.n * image_len];
-        with_f32(grad, |grad| {
-            grad_in
-                .par_chunks_mut(image_len)
-                .enumerate()
-                .for_each(|(n, image)| {
-                    let rows = &grad[n * oh * ow * row_len..(n + 1) * oh * ow * row_len];
-                    for (r, row) in rows.chunks(row_len).enumerate() {
-                        let (oy, ox) = (r / ow, r % ow);
-                        for ky in 0..k {
-                            for kx in 0..k {
-                                if let Some((y, x)) = self.source(oy, ox, ky, kx) {
-                                    let src = &row[(ky * k + kx) * c..(ky * k + kx + 1) * c];
-                                    let at = (y * self.w + x) * c;
-                                    for (d, s) in image[at..at + c].iter_mut().zip(src) {
-                                        *d += s;
-                                    }
-                                }
+        let mut grad_in = vec![0f32; self.n * self.h * self.w * self.c];
+        with_f32(grad, |grad| col2im_into(&self.0, grad, &mut grad_in))??;
+        Ok(Some(cpu_tensor(
+            grad_in,
+            (self.n * self.h * self.w, self.c),
+        )?))
+    }
+}
+
+/// im2col on slices: `src` is (N*H*W, C), `out` (N*H'*W', k*k*C) with rows
+/// ordered (ky, kx, c). Every entry of `out` is written (zeros where the
+/// window hangs over the padding), so it may hold anything beforehand.
+pub(crate) fn im2col_into(g: &Geometry, src: &[f32], out: &mut [f32]) -> Result<()> {
+    let (oh, ow) = g.out_dims()?;
+    let (k, c) = (g.window.kernel, g.c);
+    let row_len = k * k * c;
+    if src.len() != g.n * g.h * g.w * c || out.len() != g.n * oh * ow * row_len {
+        bail!("im2col: buffer sizes do not match {g:?}")
+    }
+    // One task per output image row (n, oy).
+    out.par_chunks_mut(ow * row_len)
+        .enumerate()
+        .for_each(|(task, rows)| {
+            let (n, oy) = (task / oh, task % oh);
+            let image = &src[n * g.h * g.w * c..(n + 1) * g.h * g.w * c];
+            for (ox, row) in rows.chunks_mut(row_len).enumerate() {
+                for ky in 0..k {
+                    for kx in 0..k {
+                        let dst = &mut row[(ky * k + kx) * c..(ky * k + kx + 1) * c];
+                        match g.source(oy, ox, ky, kx) {
+                            Some((y, x)) => {
+                                let at = (y * g.w + x) * c;
+                                dst.copy_from_slice(&image[at..at + c]);
+                            }
+                            None => dst.fill(0.0),
+                        }
+                    }
+                }
+            }
+        });
+    Ok(())
+}
+
+/// col2im on slices, the gradient of [`im2col_into`]: every entry of the
+/// (N*H'*W', k*k*C) `cols` flows back to the pixel it came from. `out`
+/// ((N*H*W, C)) is overwritten, so it may hold anything beforehand.
+pub(crate) fn col2im_into(g: &Geometry, cols: &[f32], out: &mut [f32]) -> Result<()> {
+    let (oh, ow) = g.out_dims()?;
+    let (k, c) = (g.window.kernel, g.c);
+    let row_len = k * k * c;
+    let image_len = g.h * g.w * c;
+    if out.len() != g.n * image_len || cols.len() != g.n * oh * ow * row_len {
+        bail!("col2im: buffer sizes do not match {g:?}")
+    }
+    out.par_chunks_mut(image_len)
+        .enumerate()
+        .for_each(|(n, image)| {
+            image.fill(0.0);
+            let rows = &cols[n * oh * ow * row_len..(n + 1) * oh * ow * row_len];
+            for (r, row) in rows.chunks(row_len).enumerate() {
+                let (oy, ox) = (r / ow, r % ow);
+                for ky in 0..k {
+                    for kx in 0..k {
+                        if let Some((y, x)) = g.source(oy, ox, ky, kx) {
+                            let src = &row[(ky * k + kx) * c..(ky * k + kx + 1) * c];
+                            let at = (y * g.w + x) * c;
+                            for (d, s) in image[at..at + c].iter_mut().zip(src) {
+                                *d += s;
                             }
                         }
                     }
-                })
-        })?;
-        Ok(Some(cpu_tensor(grad_in, (self.n * self.h * self.w, c))?))
-    }
+                }
+            }
+        });
+    Ok(())
 }
 
 /// relu(x + bias) over a (M, C) matrix in one pass.
@@ -272,20 +299,16 @@ impl CustomOp2 for BiasRelu {
     ) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s1, l1, self.name())?;
         let bias = contiguous_f32(s2, l2, self.name())?;
-        let c = bias.len();
-        if l1.shape().dims2()?.1 != c {
-            bail!("{}: {} biases for {:?}", self.name(), c, l1.shape())
+        if l1.shape().dims2()?.1 != bias.len() {
+            bail!(
+                "{}: {} biases for {:?}",
+                self.name(),
+                bias.len(),
+                l1.shape()
+            )
         }
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(c * ROWS_PER_TASK)
-            .zip(x.par_chunks(c * ROWS_PER_TASK))
-            .for_each(|(out, x)| {
-                for (out, x) in out.chunks_mut(c).zip(x.chunks(c)) {
-                    for ((o, &v), &b) in out.iter_mut().zip(x).zip(bias) {
-                        *o = (v + b).max(0.0);
-                    }
-                }
-            });
+        let mut out = x.to_vec();
+        bias_relu_in_place(&mut out, bias);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -297,30 +320,8 @@ impl CustomOp2 for BiasRelu {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let c = bias.elem_count();
-        let (grad_x, grad_bias) = with_f32(res, |res| {
-            with_f32(grad, |grad| {
-                let mut grad_x = vec![0f32; grad.len()];
-                let partials: Vec<Vec<f32>> = grad_x
-                    .par_chunks_mut(c * ROWS_PER_TASK)
-                    .zip(grad.par_chunks(c * ROWS_PER_TASK))
-                    .zip(res.par_chunks(c * ROWS_PER_TASK))
-                    .map(|((gx, g), r)| {
-                        let mut sums = vec![0f32; c];
-                        for ((gx, g), r) in gx.chunks_mut(c).zip(g.chunks(c)).zip(r.chunks(c)) {
-                            // Zipped iterators (no indexing) so the loop vectorises.
-                            for (((gx, &g), &r), sum) in gx.iter_mut().zip(g).zip(r).zip(&mut sums)
-                            {
-                                let v = if r > 0.0 { g } else { 0.0 };
-                                *gx = v;
-                                *sum += v;
-                            }
-                        }
-                        sums
-                    })
-                    .collect();
-                (grad_x, column_total(&partials, c))
-            })
-        })??;
+        let mut grad_x: Vec<f32> = grad.flatten_all()?.to_vec1()?;
+        let grad_bias = with_f32(res, |res| relu_backward_in_place(res, &mut grad_x, c))?;
         Ok((
             Some(cpu_tensor(grad_x, res.shape())?),
             Some(cpu_tensor(grad_bias, c)?),
@@ -328,10 +329,46 @@ impl CustomOp2 for BiasRelu {
     }
 }
 
+/// x <- relu(x + bias) over a (M, C) matrix, C = `bias.len()`.
+pub(crate) fn bias_relu_in_place(x: &mut [f32], bias: &[f32]) {
+    let c = bias.len();
+    x.par_chunks_mut(c * ROWS_PER_TASK).for_each(|rows| {
+        for row in rows.chunks_mut(c) {
+            for (v, &b) in row.iter_mut().zip(bias) {
+                *v = (*v + b).max(0.0);
+            }
+        }
+    });
+}
+
+/// The gradient through relu(x + bias): `grad` (M, C) is zeroed where the
+/// ReLU's output `res` was not positive; returns the bias gradient (column
+/// sums of the result).
+pub(crate) fn relu_backward_in_place(res: &[f32], grad: &mut [f32], c: usize) -> Vec<f32> {
+    let partials: Vec<Vec<f32>> = grad
+        .par_chunks_mut(c * ROWS_PER_TASK)
+        .zip(res.par_chunks(c * ROWS_PER_TASK))
+        .map(|(g, r)| {
+            let mut sums = vec![0f32; c];
+            for (g, r) in g.chunks_mut(c).zip(r.chunks(c)) {
+                // Zipped iterators (no indexing) so the loop vectorises.
+                for ((g, &r), sum) in g.iter_mut().zip(r).zip(&mut sums) {
+                    if r <= 0.0 {
+                        *g = 0.0;
+                    }
+                    *sum += *g;
+                }
+            }
+            sums
+        })
+        .collect();
+    column_total(&partials, c)
+}
+
 /// Adds per-task column sums (each over at most [`ROWS_PER_TASK`] rows, so
 /// f32 is exact enough) in f64, in a fixed order: the result does not
 /// depend on how rayon scheduled the tasks.
-fn column_total(partials: &[Vec<f32>], c: usize) -> Vec<f32> {
+pub(crate) fn column_total(partials: &[Vec<f32>], c: usize) -> Vec<f32> {
     column_total_f64(partials, c)
         .into_iter()
         .map(|v| v as f32)
@@ -384,6 +421,13 @@ pub struct BatchStats {
     pub count: usize,
 }
 
+impl BatchStats {
+    /// Per-channel 1 / sqrt(var + eps).
+    fn inv_std(&self, eps: f64) -> Vec<f64> {
+        self.var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect()
+    }
+}
+
 /// Training-mode batch norm followed by ReLU over a (M, C) matrix:
 /// relu(gamma * (x - mean) / sqrt(var + eps) + beta) with the batch's own
 /// per-channel mean and variance, which are also written to `stats`.
@@ -409,17 +453,6 @@ struct BatchNormRelu {
     stats: Arc<Mutex<BatchStats>>,
 }
 
-impl BatchNormRelu {
-    /// Per-channel scale and inverse deviation from the stored statistics.
-    fn inv_std(&self, stats: &BatchStats) -> Vec<f64> {
-        stats
-            .var
-            .iter()
-            .map(|v| 1.0 / (v + self.eps).sqrt())
-            .collect()
-    }
-}
-
 impl CustomOp3 for BatchNormRelu {
     fn name(&self) -> &'static str {
         "nin-batch-norm-relu"
@@ -441,31 +474,9 @@ impl CustomOp3 for BatchNormRelu {
         if gamma.len() != c || beta.len() != c || m == 0 {
             bail!("{}: bad shapes for {:?}", self.name(), l1.shape())
         }
-        let (mean, var) = moments(x, c);
-        let stats = BatchStats {
-            mean,
-            var,
-            count: m,
-        };
-        let inv_std = self.inv_std(&stats);
-        // y = relu(x * a + b) with a = gamma / std, b = beta - mean * a.
-        let a: Vec<f32> = (0..c)
-            .map(|j| (f64::from(gamma[j]) * inv_std[j]) as f32)
-            .collect();
-        let b: Vec<f32> = (0..c)
-            .map(|j| (f64::from(beta[j]) - stats.mean[j] * f64::from(a[j])) as f32)
-            .collect();
-        *self.stats.lock().expect("batch stats poisoned") = stats;
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(c * ROWS_PER_TASK)
-            .zip(x.par_chunks(c * ROWS_PER_TASK))
-            .for_each(|(out, x)| {
-                for (out, x) in out.chunks_mut(c).zip(x.chunks(c)) {
-                    for (((out, &x), &a), &b) in out.iter_mut().zip(x).zip(&a).zip(&b) {
-                        *out = (x * a + b).max(0.0);
-                    }
-                }
-            });
+        let stats = batch_norm_relu_into(x, gamma, beta, self.eps, &mut out);
+        *self.stats.lock().expect("batch stats poisoned") = stats;
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -479,76 +490,11 @@ impl CustomOp3 for BatchNormRelu {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let stats = self.stats.lock().expect("batch stats poisoned").clone();
         let (m, c) = x.dims2()?;
-        let inv_std = self.inv_std(&stats);
         let gamma: Vec<f32> = gamma.to_vec1()?;
-        let (dx, dgamma, dbeta) = with_f32(x, |x| {
+        let mut dx: Vec<f32> = grad.flatten_all()?.to_vec1()?;
+        let (dgamma, dbeta) = with_f32(x, |x| {
             with_f32(res, |res| {
-                with_f32(grad, |grad| {
-                    let chunk = c * ROWS_PER_TASK;
-                    // Pass 1: per channel, sums of g and g * x, with g the
-                    // incoming gradient where the ReLU let it through.
-                    let partials: Vec<(Vec<f32>, Vec<f32>)> = x
-                        .par_chunks(chunk)
-                        .zip(res.par_chunks(chunk))
-                        .zip(grad.par_chunks(chunk))
-                        .map(|((x, r), g)| {
-                            let (mut sg, mut sgx) = (vec![0f32; c], vec![0f32; c]);
-                            for ((x, r), g) in x.chunks(c).zip(r.chunks(c)).zip(g.chunks(c)) {
-                                let sums = sg.iter_mut().zip(sgx.iter_mut());
-                                for ((&x, (&r, &g)), (sg, sgx)) in
-                                    x.iter().zip(r.iter().zip(g)).zip(sums)
-                                {
-                                    let g = if r > 0.0 { g } else { 0.0 };
-                                    *sg += g;
-                                    *sgx += g * x;
-                                }
-                            }
-                            (sg, sgx)
-                        })
-                        .collect();
-                    let (sg, sgx): (Vec<_>, Vec<_>) = partials.into_iter().unzip();
-                    let (sg, sgx) = (column_total_f64(&sg, c), column_total_f64(&sgx, c));
-                    // dbeta = sum g; dgamma = sum g * xhat = istd * (sum g x - mean sum g).
-                    let dbeta = sg.clone();
-                    let dgamma: Vec<f64> = (0..c)
-                        .map(|j| inv_std[j] * (sgx[j] - stats.mean[j] * sg[j]))
-                        .collect();
-                    // dx = gamma istd (g - dbeta/M - xhat dgamma/M) = a g + b + k x.
-                    let mf = m as f64;
-                    let (mut a, mut b, mut k) = (vec![0f32; c], vec![0f32; c], vec![0f32; c]);
-                    for j in 0..c {
-                        let aj = f64::from(gamma[j]) * inv_std[j];
-                        let kj = -aj * dgamma[j] * inv_std[j] / mf;
-                        a[j] = aj as f32;
-                        k[j] = kj as f32;
-                        b[j] = (-aj * dbeta[j] / mf - kj * stats.mean[j]) as f32;
-                    }
-                    // Pass 2.
-                    let mut dx = vec![0f32; x.len()];
-                    dx.par_chunks_mut(chunk)
-                        .zip(x.par_chunks(chunk))
-                        .zip(res.par_chunks(chunk).zip(grad.par_chunks(chunk)))
-                        .for_each(|((dx, x), (r, g))| {
-                            for (((dx, x), r), g) in dx
-                                .chunks_mut(c)
-                                .zip(x.chunks(c))
-                                .zip(r.chunks(c))
-                                .zip(g.chunks(c))
-                            {
-                                let coefficients = a.iter().zip(&b).zip(&k);
-                                for ((dx, (&x, (&r, &g))), ((&a, &b), &k)) in dx
-                                    .iter_mut()
-                                    .zip(x.iter().zip(r.iter().zip(g)))
-                                    .zip(coefficients)
-                                {
-                                    let g = if r > 0.0 { g } else { 0.0 };
-                                    *dx = a * g + b + k * x;
-                                }
-                            }
-                        });
-                    let to_f32 = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect::<Vec<_>>();
-                    (dx, to_f32(dgamma), to_f32(dbeta))
-                })
+                batch_norm_relu_backward_in_place(x, res, &mut dx, &gamma, &stats, self.eps)
             })
         })???;
         Ok((
@@ -557,6 +503,115 @@ impl CustomOp3 for BatchNormRelu {
             Some(cpu_tensor(dbeta, c)?),
         ))
     }
+}
+
+/// Training-mode batch norm + ReLU on slices: `out` (M, C) gets
+/// relu(gamma * (x - mean) / sqrt(var + eps) + beta) with the batch's
+/// statistics, which are returned. `out` may hold anything beforehand.
+pub(crate) fn batch_norm_relu_into(
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f64,
+    out: &mut [f32],
+) -> BatchStats {
+    let c = gamma.len();
+    let (mean, var) = moments(x, c);
+    let stats = BatchStats {
+        mean,
+        var,
+        count: x.len() / c,
+    };
+    let inv_std = stats.inv_std(eps);
+    // y = relu(x * a + b) with a = gamma / std, b = beta - mean * a.
+    let a: Vec<f32> = (0..c)
+        .map(|j| (f64::from(gamma[j]) * inv_std[j]) as f32)
+        .collect();
+    let b: Vec<f32> = (0..c)
+        .map(|j| (f64::from(beta[j]) - stats.mean[j] * f64::from(a[j])) as f32)
+        .collect();
+    out.par_chunks_mut(c * ROWS_PER_TASK)
+        .zip(x.par_chunks(c * ROWS_PER_TASK))
+        .for_each(|(out, x)| {
+            for (out, x) in out.chunks_mut(c).zip(x.chunks(c)) {
+                for (((out, &x), &a), &b) in out.iter_mut().zip(x).zip(&a).zip(&b) {
+                    *out = (x * a + b).max(0.0);
+                }
+            }
+        });
+    stats
+}
+
+/// The gradient of [`batch_norm_relu_into`]: `grad` (the gradient of its
+/// output `res`) becomes the gradient of its input `x`; returns the
+/// gradients of gamma and beta. `stats` are the forward pass's.
+pub(crate) fn batch_norm_relu_backward_in_place(
+    x: &[f32],
+    res: &[f32],
+    grad: &mut [f32],
+    gamma: &[f32],
+    stats: &BatchStats,
+    eps: f64,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let c = gamma.len();
+    let m = x.len() / c;
+    if res.len() != x.len() || grad.len() != x.len() || stats.mean.len() != c || m == 0 {
+        bail!("batch norm backward: buffer sizes do not match")
+    }
+    let inv_std = stats.inv_std(eps);
+    let chunk = c * ROWS_PER_TASK;
+    // Pass 1: per channel, sums of g and g * x, with g the incoming gradient
+    // where the ReLU let it through.
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = x
+        .par_chunks(chunk)
+        .zip(res.par_chunks(chunk))
+        .zip(grad.par_chunks(chunk))
+        .map(|((x, r), g)| {
+            let (mut sg, mut sgx) = (vec![0f32; c], vec![0f32; c]);
+            for ((x, r), g) in x.chunks(c).zip(r.chunks(c)).zip(g.chunks(c)) {
+                let sums = sg.iter_mut().zip(sgx.iter_mut());
+                for ((&x, (&r, &g)), (sg, sgx)) in x.iter().zip(r.iter().zip(g)).zip(sums) {
+                    let g = if r > 0.0 { g } else { 0.0 };
+                    *sg += g;
+                    *sgx += g * x;
+                }
+            }
+            (sg, sgx)
+        })
+        .collect();
+    let (sg, sgx): (Vec<_>, Vec<_>) = partials.into_iter().unzip();
+    let (sg, sgx) = (column_total_f64(&sg, c), column_total_f64(&sgx, c));
+    // dbeta = sum g; dgamma = sum g * xhat = istd * (sum g x - mean sum g).
+    let dbeta = sg;
+    let dgamma: Vec<f64> = (0..c)
+        .map(|j| inv_std[j] * (sgx[j] - stats.mean[j] * dbeta[j]))
+        .collect();
+    // dx = gamma istd (g - dbeta/M - xhat dgamma/M) = a g + b + k x.
+    let mf = m as f64;
+    let (mut a, mut b, mut k) = (vec![0f32; c], vec![0f32; c], vec![0f32; c]);
+    for j in 0..c {
+        let aj = f64::from(gamma[j]) * inv_std[j];
+        let kj = -aj * dgamma[j] * inv_std[j] / mf;
+        a[j] = aj as f32;
+        k[j] = kj as f32;
+        b[j] = (-aj * dbeta[j] / mf - kj * stats.mean[j]) as f32;
+    }
+    // Pass 2.
+    grad.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk).zip(res.par_chunks(chunk)))
+        .for_each(|(g, (x, r))| {
+            for ((g, x), r) in g.chunks_mut(c).zip(x.chunks(c)).zip(r.chunks(c)) {
+                let coefficients = a.iter().zip(&b).zip(&k);
+                for ((g, (&x, &r)), ((&a, &b), &k)) in
+                    g.iter_mut().zip(x.iter().zip(r)).zip(coefficients)
+                {
+                    let v = if r > 0.0 { *g } else { 0.0 };
+                    *g = a * v + b + k * x;
+                }
+            }
+        });
+    let to_f32 = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect::<Vec<_>>();
+    Ok((to_f32(dgamma), to_f32(dbeta)))
 }
 
 /// Max-pool over channels-last maps; the gradient goes to the first
@@ -600,47 +655,104 @@ impl CustomOp1 for MaxPool {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let src = contiguous_f32(storage, layout, self.name())?;
         let (oh, ow) = self.out_dims()?;
-        let (image_len, c) = (self.h * self.w * self.c, self.c);
-        let mut out = vec![0f32; self.n * oh * ow * c];
-        out.par_chunks_mut(ow * c)
-            .enumerate()
-            .for_each(|(task, row)| {
-                let (n, oy) = (task / oh, task % oh);
-                let image = &src[n * image_len..(n + 1) * image_len];
-                let mut at = vec![0usize; c];
-                for (ox, out) in row.chunks_mut(c).enumerate() {
-                    self.argmax(image, oy, ox, out, &mut at);
-                }
-            });
-        Ok((CpuStorage::F32(out), Shape::from((self.n * oh * ow, c))))
+        let mut out = vec![0f32; self.n * oh * ow * self.c];
+        max_pool_into(&self.0, src, &mut out, None)?;
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((self.n * oh * ow, self.c)),
+        ))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let (oh, ow) = self.out_dims()?;
-        let (image_len, c) = (self.h * self.w * self.c, self.c);
-        let mut grad_in = vec![0f32; self.n * image_len];
+        let len = self.n * oh * ow * self.c;
+        let (mut out, mut winners) = (vec![0f32; len], vec![0u32; len]);
+        let mut grad_in = vec![0f32; arg.elem_count()];
         with_f32(arg, |src| {
-            with_f32(grad, |grad| {
-                grad_in
-                    .par_chunks_mut(image_len)
-                    .enumerate()
-                    .for_each(|(n, grad_image)| {
-                        let image = &src[n * image_len..(n + 1) * image_len];
-                        let (mut best, mut at) = (vec![0f32; c], vec![0usize; c]);
-                        for oy in 0..oh {
-                            for ox in 0..ow {
-                                self.argmax(image, oy, ox, &mut best, &mut at);
-                                let g = &grad[((n * oh + oy) * ow + ox) * c..][..c];
-                                for j in 0..c {
-                                    grad_image[at[j] * c + j] += g[j];
-                                }
-                            }
-                        }
-                    })
-            })
+            max_pool_into(&self.0, src, &mut out, Some(&mut winners))
+        })??;
+        with_f32(grad, |grad| {
+            max_pool_backward_into(&self.0, &winners, grad, &mut grad_in)
         })??;
         Ok(Some(cpu_tensor(grad_in, arg.shape())?))
     }
+}
+
+/// Max-pool on slices: `src` (N*H*W, C) -> `out` (N*H'*W', C). With
+/// `winners`, also records for each output entry the input pixel (index
+/// within its image) that won, for [`max_pool_backward_into`].
+pub(crate) fn max_pool_into(
+    g: &Geometry,
+    src: &[f32],
+    out: &mut [f32],
+    winners: Option<&mut [u32]>,
+) -> Result<()> {
+    let (oh, ow) = g.out_dims()?;
+    let (image_len, c) = (g.h * g.w * g.c, g.c);
+    if src.len() != g.n * image_len || out.len() != g.n * oh * ow * c {
+        bail!("max-pool: buffer sizes do not match {g:?}")
+    }
+    if u32::try_from(g.h * g.w).is_err() {
+        bail!("max-pool: {}x{} maps are too large", g.h, g.w)
+    }
+    let pool_row = |task: usize, row: &mut [f32], won: Option<&mut [u32]>| {
+        let (n, oy) = (task / oh, task % oh);
+        let image = &src[n * image_len..(n + 1) * image_len];
+        let mut at = vec![0usize; c];
+        let mut won = won.map(|w| w.chunks_mut(c));
+        for (ox, out) in row.chunks_mut(c).enumerate() {
+            g.argmax(image, oy, ox, out, &mut at);
+            if let Some(won) = won.as_mut().and_then(|w| w.next()) {
+                for (w, &a) in won.iter_mut().zip(&at) {
+                    *w = a as u32;
+                }
+            }
+        }
+    };
+    // One task per output image row (n, oy).
+    match winners {
+        Some(winners) => out
+            .par_chunks_mut(ow * c)
+            .zip(winners.par_chunks_mut(ow * c))
+            .enumerate()
+            .for_each(|(task, (row, won))| pool_row(task, row, Some(won))),
+        None => out
+            .par_chunks_mut(ow * c)
+            .enumerate()
+            .for_each(|(task, row)| pool_row(task, row, None)),
+    }
+    Ok(())
+}
+
+/// The gradient of [`max_pool_into`]: each output entry's gradient goes to
+/// the input entry that won it. `out` ((N*H*W, C)) is overwritten.
+pub(crate) fn max_pool_backward_into(
+    g: &Geometry,
+    winners: &[u32],
+    grad: &[f32],
+    out: &mut [f32],
+) -> Result<()> {
+    let (oh, ow) = g.out_dims()?;
+    let (image_len, c) = (g.h * g.w * g.c, g.c);
+    let pooled_len = oh * ow * c;
+    if out.len() != g.n * image_len || grad.len() != g.n * pooled_len || winners.len() != grad.len()
+    {
+        bail!("max-pool backward: buffer sizes do not match {g:?}")
+    }
+    out.par_chunks_mut(image_len)
+        .zip(
+            grad.par_chunks(pooled_len)
+                .zip(winners.par_chunks(pooled_len)),
+        )
+        .for_each(|(image, (grad, winners))| {
+            image.fill(0.0);
+            for (g, won) in grad.chunks(c).zip(winners.chunks(c)) {
+                for (j, (&g, &p)) in g.iter().zip(won).enumerate() {
+                    image[p as usize * c + j] += g;
+                }
+            }
+        });
+    Ok(())
 }
 
 /// Global average pool: (N*H*W, C) -> (N, C).

@@ -48,15 +48,17 @@ impl Dropout {
     }
 }
 
-impl ModuleT for Dropout {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        if !train || self.p == 0.0 {
-            return Ok(x.clone());
+impl Dropout {
+    /// The next training mask for `len` values (0 or 1 / (1 - p) each), or
+    /// `None` when dropout does nothing. Advances the mask stream.
+    pub fn mask(&self, len: usize) -> Option<Vec<f32>> {
+        if self.p == 0.0 {
+            return None;
         }
         let keep = 1.0 / (1.0 - self.p);
-        let mask: Vec<f32> = {
-            let mut rng = self.rng.lock().expect("dropout rng poisoned");
-            (0..x.elem_count())
+        let mut rng = self.rng.lock().expect("dropout rng poisoned");
+        Some(
+            (0..len)
                 .map(|_| {
                     if rng.random::<f32>() < self.p {
                         0.0
@@ -64,7 +66,15 @@ impl ModuleT for Dropout {
                         keep
                     }
                 })
-                .collect()
+                .collect(),
+        )
+    }
+}
+
+impl ModuleT for Dropout {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let Some(mask) = train.then(|| self.mask(x.elem_count())).flatten() else {
+            return Ok(x.clone());
         };
         let mask = Tensor::from_vec(mask, x.shape(), &candle_core::Device::Cpu)?
             .to_dtype(x.dtype())?

@@ -20,8 +20,10 @@ mod model;
 pub mod pool;
 pub mod preprocess;
 pub mod summary;
+pub mod tape;
 pub mod weights;
 
 pub use config::{BlockConfig, NinConfig, Window};
 pub use error::{Error, Result};
 pub use model::Nin;
+pub use tape::Pass;

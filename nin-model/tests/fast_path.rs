@@ -2,6 +2,7 @@
 //! logits, same gradients, same batch-norm running statistics, within
 //! float rounding (relative 1e-4; the two sum in different orders).
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::ModuleT;
 use nin_model::{Nin, NinConfig, Window};
@@ -33,15 +34,23 @@ fn assert_close(what: &str, a: &Tensor, b: &Tensor) {
 fn compare(config: &NinConfig, n: usize) {
     let (mut plain, plain_vars) = Nin::init(config, 11, &Device::Cpu).unwrap();
     let (fast, fast_vars) = Nin::init(config, 11, &Device::Cpu).unwrap();
+    let (taped, taped_vars) = Nin::init(config, 11, &Device::Cpu).unwrap();
     plain.set_fast_path(false);
     let x = batch(n, config.input_size, 5);
     let labels =
         Tensor::from_vec((0..n as u32).map(|i| i % 10).collect(), n, &Device::Cpu).unwrap();
 
+    let plain_eval = plain.forward_t(&x, false).unwrap();
     assert_close(
         "eval logits",
         &fast.forward_t(&x, false).unwrap(),
-        &plain.forward_t(&x, false).unwrap(),
+        &plain_eval,
+    );
+    // Twice: the second pass runs on buffers the first one left behind.
+    assert_close(
+        "eval logits",
+        &fast.forward_t(&x, false).unwrap(),
+        &plain_eval,
     );
 
     let step = |model: &Nin| {
@@ -52,13 +61,35 @@ fn compare(config: &NinConfig, n: usize) {
     let (fast_logits, fast_grads) = step(&fast);
     let (plain_logits, plain_grads) = step(&plain);
     assert_close("train logits", &fast_logits, &plain_logits);
+    // The hand-written backward of `forward_train` (after a first step, so
+    // that its buffers are reused; the copy's parameters do not change).
+    // Running statistics only after the first: the second updates them again.
+    for first in [true, false] {
+        let pass = taped.forward_train(&x).unwrap();
+        assert_close("tape logits", pass.logits(), &plain_logits);
+        let loss = candle_nn::loss::cross_entropy(pass.logits(), &labels).unwrap();
+        let grads = pass.backward(&loss).unwrap();
+        compare_vars(&taped_vars, &grads, &plain_vars, &plain_grads, first);
+    }
+    compare_vars(&fast_vars, &fast_grads, &plain_vars, &plain_grads, true);
+}
 
+/// Same gradient for every variable, or same value for buffers (batch
+/// norm's running statistics, which have none).
+fn compare_vars(
+    fast_vars: &candle_nn::VarMap,
+    fast_grads: &GradStore,
+    plain_vars: &candle_nn::VarMap,
+    plain_grads: &GradStore,
+    buffers: bool,
+) {
     let fast_vars = fast_vars.data().lock().unwrap();
     let plain_vars = plain_vars.data().lock().unwrap();
     for (name, plain_var) in plain_vars.iter() {
         let fast_var = &fast_vars[name];
         match (fast_grads.get(fast_var), plain_grads.get(plain_var)) {
             (Some(f), Some(p)) => assert_close(&format!("grad {name}"), f, p),
+            (None, None) if !buffers => {}
             (None, None) => assert_close(
                 &format!("buffer {name}"),
                 fast_var.as_tensor(),

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{ModuleT, VarMap};
+use candle_nn::VarMap;
 use nin_model::preprocess::Preprocessing;
 use nin_model::weights::{self, Provenance, WeightsMetadata};
 use nin_model::{Nin, NinConfig};
@@ -437,13 +437,14 @@ fn train_step(
     y: &Tensor,
     lr: f64,
 ) -> Result<Option<(f64, u64)>> {
-    let logits = state.model.forward_t(x, true)?;
+    let pass = state.model.forward_train(x)?;
+    let logits = pass.logits().clone();
     let loss = smoothed_cross_entropy(&logits, y, run.label_smoothing)?;
     let loss_value = f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
     if !loss_value.is_finite() {
         return Ok(None);
     }
-    let grads = loss.backward()?;
+    let grads = pass.backward(&loss)?;
     let norm = state.optimizer.grad_norm(&grads)?;
     if !norm.is_finite() {
         return Ok(None);

@@ -1,0 +1,693 @@
+//! The CPU training step and inference written out by hand, without
+//! candle's autograd.
+//!
+//! The channels-last kernels of [`crate::channels_last`] made each layer
+//! fast, but a training step driven by candle's autograd still spent most of
+//! its time between them: every gradient is first a fresh `zeros_like` and
+//! then an `add`, every op allocates and zero-fills its output (the kernel
+//! then clears the fresh pages again), weight gradients go through candle's
+//! transposes, and the first convolution computes an input gradient nobody
+//! needs. Here [`Nin::forward_train`](crate::Nin::forward_train) runs the
+//! layers on plain slices and keeps what backward needs on a [`Tape`];
+//! [`Pass::backward`] lets candle differentiate only the loss with respect to
+//! the logits, then walks the tape back and writes every parameter's
+//! gradient into the same `GradStore`, so optimizers see no difference.
+//!
+//! - Matrix multiplies call the `gemm` crate directly (what candle uses),
+//!   with transposes expressed as strides, never copied.
+//! - Buffers come from a [`Buffers`] pool that lives with the model and gets
+//!   them back when a tape or a forward pass is done: after the first step
+//!   nothing is allocated or zero-filled that is about to be overwritten.
+//! - Every reduction (bias, batch norm, weight gradients split over rows)
+//!   adds up in a fixed order, so a step is deterministic for a given thread
+//!   count.
+//!
+//! `tests/fast_path.rs` checks that logits and gradients equal candle's own
+//! autograd on the plain path. Only for f32 on CPU; other devices run the
+//! plain candle path with candle's autograd.
+
+use std::ops::{Deref, DerefMut, Range};
+use std::sync::{Arc, Mutex};
+
+use candle_core::backprop::GradStore;
+use candle_core::{bail, Device, Result, Tensor, Var};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use crate::block::{After, ConvUnit, BN_EPS};
+use crate::channels_last::{self as cl, BatchStats, Geometry};
+use crate::config::Window;
+use crate::dropout::Dropout;
+
+/// Free buffers kept for the next step: the pool a model's passes draw from.
+#[derive(Debug, Default)]
+pub(crate) struct Buffers {
+    f32s: Mutex<Vec<Vec<f32>>>,
+    u32s: Mutex<Vec<Vec<u32>>>,
+}
+
+/// Element types the pool keeps.
+pub(crate) trait Pooled: Copy + Default + Send + Sync + 'static {
+    fn free(buffers: &Buffers) -> &Mutex<Vec<Vec<Self>>>;
+}
+
+impl Pooled for f32 {
+    fn free(buffers: &Buffers) -> &Mutex<Vec<Vec<f32>>> {
+        &buffers.f32s
+    }
+}
+
+impl Pooled for u32 {
+    fn free(buffers: &Buffers) -> &Mutex<Vec<Vec<u32>>> {
+        &buffers.u32s
+    }
+}
+
+impl Buffers {
+    /// `len` values whose contents are unspecified (whatever an earlier
+    /// pass left): every user overwrites them. The smallest free buffer that
+    /// is large enough, else the largest one grown (only growth is filled).
+    fn take<T: Pooled>(self: &Arc<Self>, len: usize) -> Buf<T> {
+        let mut data = {
+            let mut free = T::free(self).lock().expect("buffer pool poisoned");
+            let fits = (0..free.len())
+                .filter(|&i| free[i].len() >= len)
+                .min_by_key(|&i| free[i].len());
+            let largest = (0..free.len()).max_by_key(|&i| free[i].len());
+            fits.or(largest)
+                .map(|i| free.swap_remove(i))
+                .unwrap_or_default()
+        };
+        if data.len() < len {
+            data.resize(len, T::default());
+        }
+        Buf {
+            data,
+            len,
+            pool: self.clone(),
+        }
+    }
+}
+
+/// A buffer on loan from [`Buffers`]; it goes back when dropped.
+pub(crate) struct Buf<T: Pooled> {
+    data: Vec<T>,
+    len: usize,
+    pool: Arc<Buffers>,
+}
+
+impl<T: Pooled> Deref for Buf<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        &self.data[..self.len]
+    }
+}
+
+impl<T: Pooled> DerefMut for Buf<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        &mut self.data[..self.len]
+    }
+}
+
+impl<T: Pooled> Drop for Buf<T> {
+    fn drop(&mut self) {
+        let data = std::mem::take(&mut self.data);
+        if let Ok(mut free) = T::free(&self.pool).lock() {
+            free.push(data);
+        }
+    }
+}
+
+/// A read-only matrix over a slice: element (i, j) is at
+/// `i * row_stride + j * col_stride`, so a transpose is a swap, not a copy.
+#[derive(Clone, Copy)]
+struct Mat<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// A row-major (rows, cols) matrix.
+    fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        assert_eq!(data.len(), rows * cols, "matrix size");
+        Self {
+            data,
+            rows,
+            cols,
+            row_stride: cols,
+            col_stride: 1,
+        }
+    }
+
+    fn t(self) -> Self {
+        Self {
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
+        }
+    }
+
+    /// Rows `range` of a row-major matrix.
+    fn rows(self, range: Range<usize>) -> Self {
+        assert_eq!(self.col_stride, 1, "row slices of row-major matrices only");
+        let start = range.start * self.row_stride;
+        let end = range.end * self.row_stride;
+        Self {
+            data: &self.data[start..end],
+            rows: range.len(),
+            ..self
+        }
+    }
+
+    /// Whether every element lies inside `data` (what gemm will read).
+    fn in_bounds(&self) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride
+                < self.data.len()
+    }
+}
+
+fn parallelism() -> Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => Parallelism::None,
+        n => Parallelism::Rayon(n),
+    }
+}
+
+/// `dst` (row-major) = `a` x `b`, or `dst += a x b` when `accumulate`.
+fn matmul(dst: &mut [f32], a: Mat, b: Mat, accumulate: bool, parallelism: Parallelism) {
+    assert_eq!(a.cols, b.rows, "inner dimensions");
+    assert_eq!(dst.len(), a.rows * b.cols, "output size");
+    assert!(a.in_bounds() && b.in_bounds(), "matrix strides");
+    if dst.is_empty() {
+        return;
+    }
+    if a.cols == 0 {
+        if !accumulate {
+            dst.fill(0.0);
+        }
+        return;
+    }
+    // SAFETY: gemm reads a and b at the strided positions checked by
+    // `in_bounds`, writes dst (rows a.rows, row stride b.cols, as long as
+    // checked above), and dst cannot alias a or b (a &mut and & borrows).
+    unsafe {
+        gemm::gemm(
+            a.rows,
+            b.cols,
+            a.cols,
+            dst.as_mut_ptr(),
+            1,
+            b.cols as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+/// Rows per partial product of [`matmul_tn`].
+const ROWS_PER_PARTIAL: usize = 4096;
+
+/// `a^T x b` for row-major `a` (M, K) and `b` (M, N) with M large and K, N
+/// small (weight gradients): gemm parallelises over the output, which is
+/// small here, so the rows are split into fixed chunks whose products are
+/// computed in parallel and added in order.
+fn matmul_tn(a: Mat, b: Mat) -> Vec<f32> {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let mut out = vec![0f32; k * n];
+    let chunks = m.div_ceil(ROWS_PER_PARTIAL);
+    if chunks < 2 * rayon::current_num_threads() {
+        matmul(&mut out, a.t(), b, false, parallelism());
+        return out;
+    }
+    let partials: Vec<Vec<f32>> = (0..chunks)
+        .into_par_iter()
+        .map(|i| {
+            let rows = i * ROWS_PER_PARTIAL..((i + 1) * ROWS_PER_PARTIAL).min(m);
+            let mut part = vec![0f32; k * n];
+            let (a, b) = (a.rows(rows.clone()), b.rows(rows));
+            matmul(&mut part, a.t(), b, false, Parallelism::None);
+            part
+        })
+        .collect();
+    for part in &partials {
+        for (o, p) in out.iter_mut().zip(part) {
+            *o += p;
+        }
+    }
+    out
+}
+
+/// A (C_out, C_in, k, k) weight as the (k*k*C_in, C_out) matrix that
+/// multiplies im2col rows (ordered ky, kx, c), scaled per output channel.
+fn weight_matrix(weight: &Tensor, scale: Option<&[f32]>) -> Result<Vec<f32>> {
+    let (c_out, c_in, k, _) = weight.dims4()?;
+    let w: Vec<f32> = weight.flatten_all()?.to_vec1()?;
+    let mut out = vec![0f32; w.len()];
+    for o in 0..c_out {
+        let s = scale.map_or(1.0, |s| s[o]);
+        for i in 0..c_in {
+            for tap in 0..k * k {
+                out[(tap * c_in + i) * c_out + o] = w[(o * c_in + i) * k * k + tap] * s;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The inverse of [`weight_matrix`] (without scale), for gradients.
+fn weight_from_matrix(m: &[f32], dims: (usize, usize, usize, usize)) -> Result<Tensor> {
+    let (c_out, c_in, k, _) = dims;
+    let mut w = vec![0f32; m.len()];
+    for o in 0..c_out {
+        for i in 0..c_in {
+            for tap in 0..k * k {
+                w[(o * c_in + i) * k * k + tap] = m[(tap * c_in + i) * c_out + o];
+            }
+        }
+    }
+    Tensor::from_vec(w, dims, &Device::Cpu)
+}
+
+/// Feature maps in flight: (N*H*W, C) values, channels last.
+struct Maps {
+    data: Arc<Buf<f32>>,
+    n: usize,
+    h: usize,
+    w: usize,
+    c: usize,
+}
+
+impl Maps {
+    fn geometry(&self, window: Window) -> Geometry {
+        Geometry {
+            window,
+            n: self.n,
+            h: self.h,
+            w: self.w,
+            c: self.c,
+        }
+    }
+}
+
+/// What backward needs from one layer.
+enum Record {
+    Conv(Box<ConvRecord>),
+    MaxPool {
+        geometry: Geometry,
+        winners: Buf<u32>,
+    },
+    Dropout {
+        mask: Vec<f32>,
+    },
+}
+
+struct ConvRecord {
+    unit: ConvUnit,
+    geometry: Geometry,
+    /// What multiplied the weight: the input maps (1x1) or their im2col rows.
+    input: Input,
+    /// The weight matrix used ([`weight_matrix`]).
+    weights: Vec<f32>,
+    /// Batch norm's input and statistics, and gamma.
+    norm: Option<(Buf<f32>, BatchStats, Vec<f32>)>,
+    out: Arc<Buf<f32>>,
+}
+
+enum Input {
+    Maps(Arc<Buf<f32>>),
+    Cols(Buf<f32>),
+}
+
+impl Deref for Input {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            Input::Maps(maps) => maps,
+            Input::Cols(cols) => cols,
+        }
+    }
+}
+
+/// The layers of one forward pass, in order, with what their backward needs.
+pub struct Tape {
+    records: Vec<Record>,
+    pool: Arc<Buffers>,
+    /// (N, H*W, C) of the maps the global average pool averaged.
+    pooled: (usize, usize, usize),
+}
+
+/// The steps of a network, as [`forward`] walks them.
+pub(crate) enum Step<'a> {
+    Conv(&'a ConvUnit),
+    MaxPool(Window),
+    Dropout(&'a Dropout),
+}
+
+/// Runs `steps` and a global average pool on `x` ((N, C, H, W), f32, CPU)
+/// and returns the (N, classes) logits; with `train`, batch norm uses and
+/// updates batch statistics, dropout draws masks, and the returned tape
+/// holds what [`Tape::backward`] needs.
+pub(crate) fn forward<'a>(
+    steps: impl IntoIterator<Item = Step<'a>>,
+    x: &Tensor,
+    train: bool,
+    pool: &Arc<Buffers>,
+) -> Result<(Tensor, Option<Tape>)> {
+    let (n, c, h, w) = x.dims4()?;
+    let input: Vec<f32> = x.permute((0, 2, 3, 1))?.flatten_all()?.to_vec1()?;
+    let mut data = pool.take(input.len());
+    data.copy_from_slice(&input);
+    let mut maps = Maps {
+        data: Arc::new(data),
+        n,
+        h,
+        w,
+        c,
+    };
+    let mut records = Vec::new();
+    for step in steps {
+        maps = match step {
+            Step::Conv(unit) => {
+                let (out, record) = conv_forward(unit, &maps, train, pool)?;
+                if train {
+                    records.push(Record::Conv(Box::new(record)));
+                }
+                out
+            }
+            Step::MaxPool(window) => {
+                let geometry = maps.geometry(window);
+                let (oh, ow) = geometry.out_dims()?;
+                let len = n * oh * ow * maps.c;
+                let mut out = pool.take(len);
+                let mut winners = train.then(|| pool.take(len));
+                cl::max_pool_into(&geometry, &maps.data, &mut out, winners.as_deref_mut())?;
+                if let Some(winners) = winners {
+                    records.push(Record::MaxPool { geometry, winners });
+                }
+                Maps {
+                    data: Arc::new(out),
+                    h: oh,
+                    w: ow,
+                    ..maps
+                }
+            }
+            Step::Dropout(dropout) => match train.then(|| dropout.mask(maps.data.len())) {
+                Some(Some(mask)) => {
+                    let mut out = pool.take(mask.len());
+                    for ((o, &x), &m) in out.iter_mut().zip(maps.data.iter()).zip(&mask) {
+                        *o = x * m;
+                    }
+                    records.push(Record::Dropout { mask });
+                    Maps {
+                        data: Arc::new(out),
+                        ..maps
+                    }
+                }
+                _ => maps,
+            },
+        };
+    }
+    // Global average pool.
+    let (hw, classes) = (maps.h * maps.w, maps.c);
+    let mut logits = vec![0f32; n * classes];
+    for (image, row) in maps
+        .data
+        .chunks(hw * classes)
+        .zip(logits.chunks_mut(classes))
+    {
+        for pixel in image.chunks(classes) {
+            for (l, v) in row.iter_mut().zip(pixel) {
+                *l += v;
+            }
+        }
+        for l in row.iter_mut() {
+            *l /= hw as f32;
+        }
+    }
+    let logits = Tensor::from_vec(logits, (n, classes), &Device::Cpu)?;
+    let tape = train.then(|| Tape {
+        records,
+        pool: pool.clone(),
+        pooled: (n, hw, classes),
+    });
+    Ok((logits, tape))
+}
+
+/// conv -> bias or batch norm -> ReLU on channels-last maps.
+fn conv_forward(
+    unit: &ConvUnit,
+    x: &Maps,
+    train: bool,
+    pool: &Arc<Buffers>,
+) -> Result<(Maps, ConvRecord)> {
+    let (c_out, c_in, k, _) = unit.weight.dims4()?;
+    if c_in != x.c {
+        bail!("conv expects {c_in} input channels, got {}", x.c)
+    }
+    let geometry = x.geometry(unit.window);
+    let (Some(oh), Some(ow)) = (unit.window.output_size(x.h), unit.window.output_size(x.w)) else {
+        bail!(
+            "conv {:?} does not fit a {}x{} input",
+            unit.window,
+            x.h,
+            x.w
+        )
+    };
+    let (m, row_len) = (x.n * oh * ow, k * k * c_in);
+    let input = if k == 1 && unit.window.stride == 1 && unit.window.padding == 0 {
+        Input::Maps(x.data.clone())
+    } else {
+        let mut cols = pool.take(m * row_len);
+        cl::im2col_into(&geometry, &x.data, &mut cols)?;
+        Input::Cols(cols)
+    };
+    // Evaluation-mode batch norm folds into the weights and a bias.
+    let folded = match &unit.after {
+        After::Norm(norm) if !train => {
+            let (scale, shift) = norm.eval_affine()?;
+            Some((scale.to_vec1::<f32>()?, shift.to_vec1::<f32>()?))
+        }
+        _ => None,
+    };
+    let weights = weight_matrix(&unit.weight, folded.as_ref().map(|(s, _)| s.as_slice()))?;
+    let mut y = pool.take(m * c_out);
+    let product = (
+        Mat::new(&input, m, row_len),
+        Mat::new(&weights, row_len, c_out),
+    );
+    matmul(&mut y, product.0, product.1, false, parallelism());
+    let (out, norm) = match (&unit.after, folded) {
+        (_, Some((_, shift))) => {
+            cl::bias_relu_in_place(&mut y, &shift);
+            (y, None)
+        }
+        (After::Bias(bias), None) => {
+            cl::bias_relu_in_place(&mut y, &bias.to_vec1::<f32>()?);
+            (y, None)
+        }
+        (After::Norm(norm), None) => {
+            let gamma = norm.gamma.to_vec1::<f32>()?;
+            let beta = norm.beta.to_vec1::<f32>()?;
+            let mut out = pool.take(y.len());
+            let stats = cl::batch_norm_relu_into(&y, &gamma, &beta, BN_EPS, &mut out);
+            let as_tensor = |v: &[f64]| Tensor::new(v, &Device::Cpu);
+            norm.update_running(
+                &as_tensor(&stats.mean)?,
+                &as_tensor(&stats.var)?,
+                stats.count,
+            )?;
+            (out, Some((y, stats, gamma)))
+        }
+    };
+    let out = Arc::new(out);
+    let maps = Maps {
+        data: out.clone(),
+        n: x.n,
+        h: oh,
+        w: ow,
+        c: c_out,
+    };
+    let record = ConvRecord {
+        unit: unit.clone(),
+        geometry,
+        input,
+        weights,
+        norm,
+        out,
+    };
+    Ok((maps, record))
+}
+
+impl Tape {
+    /// Walks the pass back from `grad_logits` ((N, classes)) and inserts the
+    /// gradient of every parameter into `grads` (adding to any already there).
+    pub fn backward(self, grad_logits: &Tensor, grads: &mut GradStore) -> Result<()> {
+        let (n, hw, classes) = self.pooled;
+        if grad_logits.dims2()? != (n, classes) {
+            bail!(
+                "logits gradient {:?} does not match ({n}, {classes})",
+                grad_logits.shape()
+            )
+        }
+        let pool = self.pool;
+        // Through the global average pool: every pixel gets 1/(H*W).
+        let grad_logits: Vec<f32> = grad_logits.flatten_all()?.to_vec1()?;
+        let mut grad = pool.take(n * hw * classes);
+        for (image, g) in grad
+            .chunks_mut(hw * classes)
+            .zip(grad_logits.chunks(classes))
+        {
+            for pixel in image.chunks_mut(classes) {
+                for (p, &g) in pixel.iter_mut().zip(g) {
+                    *p = g / hw as f32;
+                }
+            }
+        }
+        let mut records = self.records;
+        while let Some(record) = records.pop() {
+            let first = records.is_empty();
+            grad = match record {
+                Record::Conv(conv) => match conv.backward(grad, !first, grads, &pool)? {
+                    Some(grad) => grad,
+                    None => break,
+                },
+                Record::MaxPool { geometry, winners } => {
+                    let mut out = pool.take(geometry.n * geometry.h * geometry.w * geometry.c);
+                    cl::max_pool_backward_into(&geometry, &winners, &grad, &mut out)?;
+                    out
+                }
+                Record::Dropout { mask } => {
+                    for (g, m) in grad.iter_mut().zip(&mask) {
+                        *g *= m;
+                    }
+                    grad
+                }
+            };
+        }
+        Ok(())
+    }
+}
+
+impl ConvRecord {
+    /// Parameter gradients from `grad` (of this unit's output); the input's
+    /// gradient when `input_grad`.
+    fn backward(
+        self,
+        mut grad: Buf<f32>,
+        input_grad: bool,
+        grads: &mut GradStore,
+        pool: &Arc<Buffers>,
+    ) -> Result<Option<Buf<f32>>> {
+        let dims = self.unit.weight.dims4()?;
+        let (c_out, row_len) = (dims.0, dims.1 * dims.2 * dims.2);
+        let m = grad.len() / c_out;
+        match (&self.unit.after, &self.norm) {
+            (After::Bias(bias), _) => {
+                let grad_bias = cl::relu_backward_in_place(&self.out, &mut grad, c_out);
+                accumulate(
+                    grads,
+                    bias,
+                    Tensor::from_vec(grad_bias, c_out, &Device::Cpu)?,
+                )?;
+            }
+            (After::Norm(norm), Some((pre, stats, gamma))) => {
+                let (grad_gamma, grad_beta) = cl::batch_norm_relu_backward_in_place(
+                    pre, &self.out, &mut grad, gamma, stats, BN_EPS,
+                )?;
+                let as_tensor = |v: Vec<f32>| Tensor::from_vec(v, c_out, &Device::Cpu);
+                accumulate(grads, &norm.gamma, as_tensor(grad_gamma)?)?;
+                accumulate(grads, &norm.beta, as_tensor(grad_beta)?)?;
+            }
+            (After::Norm(_), None) => bail!("batch norm recorded without statistics"),
+        }
+        let grad_mat = Mat::new(&grad, m, c_out);
+        let grad_weights = matmul_tn(Mat::new(&self.input, m, row_len), grad_mat);
+        accumulate(
+            grads,
+            &self.unit.weight,
+            weight_from_matrix(&grad_weights, dims)?,
+        )?;
+        if !input_grad {
+            return Ok(None);
+        }
+        let mut grad_input = pool.take(m * row_len);
+        let weights = Mat::new(&self.weights, row_len, c_out);
+        matmul(&mut grad_input, grad_mat, weights.t(), false, parallelism());
+        if let Input::Maps(_) = self.input {
+            return Ok(Some(grad_input));
+        }
+        let g = &self.geometry;
+        let mut grad_maps = pool.take(g.n * g.h * g.w * g.c);
+        cl::col2im_into(g, &grad_input, &mut grad_maps)?;
+        Ok(Some(grad_maps))
+    }
+}
+
+/// Adds `grad` to the gradient `grads` holds for `t`.
+fn accumulate(grads: &mut GradStore, t: &Tensor, grad: Tensor) -> Result<()> {
+    let grad = match grads.remove(t) {
+        Some(earlier) => (earlier + grad)?,
+        None => grad,
+    };
+    grads.insert(t, grad);
+    Ok(())
+}
+
+/// A training forward pass: its logits, and how to get gradients from a
+/// loss computed on them.
+pub struct Pass {
+    logits: Tensor,
+    tape: Option<Tape>,
+}
+
+impl Pass {
+    pub(crate) fn recorded(logits: Tensor, tape: Tape) -> Result<Self> {
+        // A variable, so that candle's backward stops at the logits and
+        // reports their gradient.
+        let logits = Var::from_tensor(&logits)?.as_tensor().clone();
+        Ok(Self {
+            logits,
+            tape: Some(tape),
+        })
+    }
+
+    pub(crate) fn autograd(logits: Tensor) -> Self {
+        Self { logits, tape: None }
+    }
+
+    /// The (N, classes) logits.
+    pub fn logits(&self) -> &Tensor {
+        &self.logits
+    }
+
+    /// Gradients of `loss` (a scalar computed from [`Pass::logits`]) for
+    /// every parameter, as candle's `loss.backward()` would give them.
+    pub fn backward(self, loss: &Tensor) -> Result<GradStore> {
+        let mut grads = loss.backward()?;
+        if let Some(tape) = self.tape {
+            let Some(grad_logits) = grads.remove(&self.logits) else {
+                bail!("the loss does not depend on the logits")
+            };
+            tape.backward(&grad_logits, &mut grads)?;
+        }
+        Ok(grads)
+    }
+}
