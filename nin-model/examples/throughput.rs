@@ -1,8 +1,9 @@
 //! Images per second of one workload, printed as one JSON line.
 //!
 //! The Rust half of `bench/compare.sh`, which runs `bench/nin_torch.py`
-//! with the same arguments beside it. Workloads: `forward` (inference,
-//! no graph) and `train` (forward, cross-entropy, backward, plain SGD update).
+//! with the same arguments beside it. Workloads: `forward` (inference on
+//! fixed tensors, as a server runs loaded weights) and `train` (forward,
+//! cross-entropy, backward, plain SGD update on variables).
 //! The network is a preset, a `NinConfig` JSON file, or a weights file
 //! (`forward` only): the very network a server loads, as `bench/load.sh`
 //! uses it to measure the model's raw batched throughput beside the server's.
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{ModuleT, Optimizer};
+use candle_nn::{ModuleT, Optimizer, VarBuilder};
 use nin_model::{summary, weights, Nin, NinConfig};
 
 /// jemalloc, started with the workspace's options (thp:always, transparent
@@ -47,8 +48,25 @@ fn main() -> anyhow::Result<()> {
         (NinConfig::preset(arch)?, None)
     };
     let (fresh, varmap) = Nin::init(&config, 0, &device)?;
-    // `train` updates `varmap`, so it must run the fresh network built on it.
-    let model = trained.unwrap_or(fresh);
+    // `train` updates `varmap`, so it must run the fresh network built on it;
+    // `forward` runs on fixed tensors, as a server does with loaded weights.
+    let model = match (trained, mode.as_str()) {
+        (Some(trained), _) => trained,
+        (None, "forward") => {
+            let tensors = varmap
+                .data()
+                .lock()
+                .map_err(|_| anyhow::anyhow!("varmap poisoned"))?
+                .iter()
+                .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
+                .collect();
+            Nin::new(
+                &config,
+                VarBuilder::from_tensors(tensors, DType::F32, &device),
+            )?
+        }
+        (None, _) => fresh,
+    };
     let s = config.input_size;
     let x = Tensor::rand(0f32, 1f32, (batch, config.in_channels, s, s), &device)?;
     let labels = Tensor::from_vec(

@@ -16,7 +16,7 @@
 //! `conv_bn`, `mlp1_bn`, ... for the batch norms (`weight`, `bias`,
 //! `running_mean`, `running_var`, as in PyTorch).
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::{Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
@@ -41,6 +41,10 @@ pub(crate) struct ConvUnit {
     pub(crate) window: Window,
     /// The conv bias, or batch norm (whose shift makes a bias redundant).
     pub(crate) after: After,
+    /// The weight as the matrix [`crate::tape`] multiplies by, computed
+    /// once when the weight is not a variable (so it can never change, as
+    /// in a loaded model); clones share it.
+    pub(crate) matrix: Arc<OnceLock<Arc<Vec<f32>>>>,
 }
 
 #[derive(Debug, Clone)]
@@ -55,8 +59,8 @@ pub(crate) enum After {
 pub(crate) struct Norm {
     pub(crate) gamma: Tensor,
     pub(crate) beta: Tensor,
-    running_mean: Var,
-    running_var: Var,
+    pub(crate) running_mean: Var,
+    pub(crate) running_var: Var,
     /// Where the fast path's kernel leaves the batch statistics.
     stats: Arc<Mutex<BatchStats>>,
 }
@@ -152,6 +156,7 @@ impl ConvUnit {
             weight,
             window,
             after,
+            matrix: Arc::default(),
         })
     }
 

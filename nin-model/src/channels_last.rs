@@ -341,6 +341,19 @@ pub(crate) fn bias_relu_in_place(x: &mut [f32], bias: &[f32]) {
     });
 }
 
+/// x <- relu(x * scale + shift) over a (M, C) matrix, C = `scale.len()`
+/// (evaluation-mode batch norm).
+pub(crate) fn scale_shift_relu_in_place(x: &mut [f32], scale: &[f32], shift: &[f32]) {
+    let c = scale.len();
+    x.par_chunks_mut(c * ROWS_PER_TASK).for_each(|rows| {
+        for row in rows.chunks_mut(c) {
+            for ((v, &a), &b) in row.iter_mut().zip(scale).zip(shift) {
+                *v = (*v * a + b).max(0.0);
+            }
+        }
+    });
+}
+
 /// The gradient through relu(x + bias): `grad` (M, C) is zeroed where the
 /// ReLU's output `res` was not positive; returns the bias gradient (column
 /// sums of the result).

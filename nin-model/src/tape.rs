@@ -34,7 +34,7 @@ use candle_core::{bail, Device, Result, Tensor, Var};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use crate::block::{After, ConvUnit, BN_EPS};
+use crate::block::{After, ConvUnit, Norm, BN_EPS};
 use crate::channels_last::{self as cl, BatchStats, Geometry};
 use crate::config::Window;
 use crate::dropout::Dropout;
@@ -255,17 +255,51 @@ fn matmul_tn(a: Mat, b: Mat) -> Vec<f32> {
     out
 }
 
+/// A unit's [`weight_matrix`]: computed once for a weight that is not a
+/// variable (it cannot change), every time for one that is (an optimizer
+/// may have changed it).
+fn weight_matrix_of(unit: &ConvUnit) -> Result<Arc<Vec<f32>>> {
+    if unit.weight.is_variable() {
+        return Ok(Arc::new(weight_matrix(&unit.weight)?));
+    }
+    if let Some(matrix) = unit.matrix.get() {
+        return Ok(matrix.clone());
+    }
+    let matrix = Arc::new(weight_matrix(&unit.weight)?);
+    Ok(unit.matrix.get_or_init(|| matrix).clone())
+}
+
+/// Evaluation-mode batch norm as y = x * scale + shift per channel, from
+/// the running statistics (in f32, as [`crate::block`]'s plain path).
+fn eval_scale_shift(norm: &Norm) -> Result<(Vec<f32>, Vec<f32>)> {
+    let gamma = norm.gamma.to_vec1::<f32>()?;
+    let beta = norm.beta.to_vec1::<f32>()?;
+    let mean = norm.running_mean.as_tensor().to_vec1::<f32>()?;
+    let var = norm.running_var.as_tensor().to_vec1::<f32>()?;
+    let scale: Vec<f32> = gamma
+        .iter()
+        .zip(&var)
+        .map(|(g, v)| g / (v + BN_EPS as f32).sqrt())
+        .collect();
+    let shift = beta
+        .iter()
+        .zip(&mean)
+        .zip(&scale)
+        .map(|((b, m), s)| b - m * s)
+        .collect();
+    Ok((scale, shift))
+}
+
 /// A (C_out, C_in, k, k) weight as the (k*k*C_in, C_out) matrix that
-/// multiplies im2col rows (ordered ky, kx, c), scaled per output channel.
-fn weight_matrix(weight: &Tensor, scale: Option<&[f32]>) -> Result<Vec<f32>> {
+/// multiplies im2col rows (ordered ky, kx, c).
+fn weight_matrix(weight: &Tensor) -> Result<Vec<f32>> {
     let (c_out, c_in, k, _) = weight.dims4()?;
     let w: Vec<f32> = weight.flatten_all()?.to_vec1()?;
     let mut out = vec![0f32; w.len()];
     for o in 0..c_out {
-        let s = scale.map_or(1.0, |s| s[o]);
         for i in 0..c_in {
             for tap in 0..k * k {
-                out[(tap * c_in + i) * c_out + o] = w[(o * c_in + i) * k * k + tap] * s;
+                out[(tap * c_in + i) * c_out + o] = w[(o * c_in + i) * k * k + tap];
             }
         }
     }
@@ -325,7 +359,7 @@ struct ConvRecord {
     /// What multiplied the weight: the input maps (1x1) or their im2col rows.
     input: Input,
     /// The weight matrix used ([`weight_matrix`]).
-    weights: Vec<f32>,
+    weights: Arc<Vec<f32>>,
     /// Batch norm's input and statistics, and gamma.
     norm: Option<(Buf<f32>, BatchStats, Vec<f32>)>,
     out: Arc<Buf<f32>>,
@@ -479,31 +513,24 @@ fn conv_forward(
         cl::im2col_into(&geometry, &x.data, &mut cols)?;
         Input::Cols(cols)
     };
-    // Evaluation-mode batch norm folds into the weights and a bias.
-    let folded = match &unit.after {
-        After::Norm(norm) if !train => {
-            let (scale, shift) = norm.eval_affine()?;
-            Some((scale.to_vec1::<f32>()?, shift.to_vec1::<f32>()?))
-        }
-        _ => None,
-    };
-    let weights = weight_matrix(&unit.weight, folded.as_ref().map(|(s, _)| s.as_slice()))?;
+    let weights = weight_matrix_of(unit)?;
     let mut y = pool.take(m * c_out);
     let product = (
         Mat::new(&input, m, row_len),
         Mat::new(&weights, row_len, c_out),
     );
     matmul(&mut y, product.0, product.1, false, parallelism());
-    let (out, norm) = match (&unit.after, folded) {
-        (_, Some((_, shift))) => {
-            cl::bias_relu_in_place(&mut y, &shift);
-            (y, None)
-        }
-        (After::Bias(bias), None) => {
+    let (out, norm) = match &unit.after {
+        After::Bias(bias) => {
             cl::bias_relu_in_place(&mut y, &bias.to_vec1::<f32>()?);
             (y, None)
         }
-        (After::Norm(norm), None) => {
+        After::Norm(norm) if !train => {
+            let (scale, shift) = eval_scale_shift(norm)?;
+            cl::scale_shift_relu_in_place(&mut y, &scale, &shift);
+            (y, None)
+        }
+        After::Norm(norm) => {
             let gamma = norm.gamma.to_vec1::<f32>()?;
             let beta = norm.beta.to_vec1::<f32>()?;
             let mut out = pool.take(y.len());
