@@ -364,11 +364,9 @@ pub(crate) fn relu_backward_in_place(res: &[f32], grad: &mut [f32], c: usize) ->
         .map(|(g, r)| {
             let mut sums = vec![0f32; c];
             for (g, r) in g.chunks_mut(c).zip(r.chunks(c)) {
-                // Zipped iterators (no indexing) so the loop vectorises.
+                // Zipped iterators (no indexing), no branch: the loop vectorises.
                 for ((g, &r), sum) in g.iter_mut().zip(r).zip(&mut sums) {
-                    if r <= 0.0 {
-                        *g = 0.0;
-                    }
+                    *g = if r > 0.0 { *g } else { 0.0 };
                     *sum += *g;
                 }
             }
@@ -639,21 +637,24 @@ pub fn max_pool(x: &Nhwc, window: Window) -> Result<Nhwc> {
 impl Geometry {
     /// For output pixel (oy, ox) of one image, the input pixel index that
     /// wins each channel, written to `best_at` (values to `best`).
-    fn argmax(&self, image: &[f32], oy: usize, ox: usize, best: &mut [f32], best_at: &mut [usize]) {
+    fn argmax(&self, image: &[f32], oy: usize, ox: usize, best: &mut [f32], best_at: &mut [u32]) {
         let (rows, cols) = (self.window.span(oy, self.h), self.window.span(ox, self.w));
         let (y0, y1, x0, x1) = (rows.start, rows.end, cols.start, cols.end);
         best.fill(f32::NEG_INFINITY);
-        best_at.fill(y0 * self.w + x0);
+        // Pixel indices fit in u32: `max_pool_into` checks H * W.
+        best_at.fill((y0 * self.w + x0) as u32);
         for y in y0..y1 {
             for x in x0..x1 {
                 let p = y * self.w + x;
                 let v = &image[p * self.c..(p + 1) * self.c];
-                for j in 0..self.c {
+                // Selects as bit masks: no branch, so the channel loop
+                // vectorises even without blend instructions (SSE2).
+                for ((b, at), &v) in best.iter_mut().zip(best_at.iter_mut()).zip(v) {
                     // NaN wins and then stays: NaN > b and b > NaN are both false.
-                    if v[j] > best[j] || (v[j].is_nan() && !best[j].is_nan()) {
-                        best[j] = v[j];
-                        best_at[j] = p;
-                    }
+                    let take = (v > *b) | (v.is_nan() & !b.is_nan());
+                    let mask = (take as u32).wrapping_neg();
+                    *b = f32::from_bits((v.to_bits() & mask) | (b.to_bits() & !mask));
+                    *at = (p as u32 & mask) | (*at & !mask);
                 }
             }
         }
@@ -711,15 +712,16 @@ pub(crate) fn max_pool_into(
     let pool_row = |task: usize, row: &mut [f32], won: Option<&mut [u32]>| {
         let (n, oy) = (task / oh, task % oh);
         let image = &src[n * image_len..(n + 1) * image_len];
-        let mut at = vec![0usize; c];
-        let mut won = won.map(|w| w.chunks_mut(c));
-        for (ox, out) in row.chunks_mut(c).enumerate() {
-            g.argmax(image, oy, ox, out, &mut at);
-            if let Some(won) = won.as_mut().and_then(|w| w.next()) {
-                for (w, &a) in won.iter_mut().zip(&at) {
-                    *w = a as u32;
-                }
+        let mut scratch = Vec::new();
+        let won = match won {
+            Some(won) => won,
+            None => {
+                scratch.resize(row.len(), 0);
+                &mut scratch
             }
+        };
+        for (ox, (out, at)) in row.chunks_mut(c).zip(won.chunks_mut(c)).enumerate() {
+            g.argmax(image, oy, ox, out, at);
         }
     };
     // One task per output image row (n, oy).
