@@ -774,3 +774,73 @@ pub(crate) fn max_pool_backward_into(
 pub fn global_avg_pool(x: &Nhwc) -> Result<Tensor> {
     x.data.reshape((x.n, x.h * x.w, x.c))?.mean(1)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One 3x3 image with two channels under a 2x2 window of stride 1.
+    fn geometry() -> Geometry {
+        Geometry {
+            window: Window::new(2, 1, 0),
+            n: 1,
+            h: 3,
+            w: 3,
+            c: 2,
+        }
+    }
+
+    #[test]
+    fn max_pool_takes_the_first_maximum_and_propagates_nan() {
+        // Channel 0 has ties (5 at pixels 1, 2 and 5); channel 1 a NaN in the middle.
+        let channel0 = [1.0, 5.0, 5.0, 0.0, 2.0, 5.0, 1.0, 1.0, 1.0];
+        let mut channel1 = [0f32; 9];
+        channel1[4] = f32::NAN;
+        let src: Vec<f32> = channel0
+            .iter()
+            .zip(&channel1)
+            .flat_map(|(&a, &b)| [a, b])
+            .collect();
+        let (mut out, mut winners) = (vec![0f32; 8], vec![0u32; 8]);
+        max_pool_into(&geometry(), &src, &mut out, Some(&mut winners)).unwrap();
+        let channel =
+            |v: &[f32], j: usize| v.iter().skip(j).step_by(2).copied().collect::<Vec<_>>();
+        assert_eq!(channel(&out, 0), [5.0, 5.0, 2.0, 5.0]);
+        assert!(channel(&out, 1).iter().all(|v| v.is_nan()));
+        let won: Vec<u32> = winners.iter().step_by(2).copied().collect();
+        assert_eq!(won, [1, 1, 4, 5]);
+        assert!(winners.iter().skip(1).step_by(2).all(|&p| p == 4));
+
+        let mut grad_in = vec![f32::NAN; 18]; // overwritten, whatever it held
+        max_pool_backward_into(&geometry(), &winners, &[1.0; 8], &mut grad_in).unwrap();
+        assert_eq!(
+            channel(&grad_in, 0),
+            [0.0, 2.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+        );
+        assert_eq!(
+            channel(&grad_in, 1),
+            [0.0, 0.0, 0.0, 0.0, 4.0, 0.0, 0.0, 0.0, 0.0]
+        );
+    }
+
+    #[test]
+    fn im2col_overwrites_padding_and_col2im_adds_back() {
+        let g = Geometry {
+            window: Window::new(3, 2, 1),
+            ..geometry()
+        };
+        let src: Vec<f32> = (1..=18).map(|v| v as f32).collect();
+        let mut cols = vec![f32::NAN; 4 * 18]; // 2x2 outputs, 3*3*2 per row
+        im2col_into(&g, &src, &mut cols).unwrap();
+        assert!(cols.iter().all(|v| v.is_finite()));
+        // Output (0, 0) sees pixel (0, 0) at tap (1, 1); its top-left tap is padding.
+        assert_eq!(&cols[..2], &[0.0, 0.0]);
+        assert_eq!(&cols[8..10], &[1.0, 2.0]);
+        // col2im of all ones counts how many windows cover each entry.
+        let mut counts = vec![f32::NAN; 18];
+        col2im_into(&g, &vec![1.0; cols.len()], &mut counts).unwrap();
+        let pixel = |y: usize, x: usize| counts[(y * 3 + x) * 2];
+        assert_eq!((pixel(0, 0), pixel(1, 1), pixel(2, 2)), (1.0, 4.0, 1.0));
+        assert_eq!((pixel(0, 1), pixel(1, 0)), (2.0, 2.0));
+    }
+}
