@@ -229,26 +229,27 @@ const ROWS_PER_PARTIAL: usize = 4096;
 /// small (weight gradients): gemm parallelises over the output, which is
 /// small here, so the rows are split into fixed chunks whose products are
 /// computed in parallel and added in order.
-fn matmul_tn(a: Mat, b: Mat) -> Vec<f32> {
+fn matmul_tn(a: Mat, b: Mat, pool: &Arc<Buffers>) -> Buf<f32> {
     let (m, k, n) = (a.rows, a.cols, b.cols);
-    let mut out = vec![0f32; k * n];
+    let mut out = pool.take(k * n);
     let chunks = m.div_ceil(ROWS_PER_PARTIAL);
     if chunks < 2 * rayon::current_num_threads() {
         matmul(&mut out, a.t(), b, false, parallelism());
         return out;
     }
-    let partials: Vec<Vec<f32>> = (0..chunks)
+    let partials: Vec<Buf<f32>> = (0..chunks)
         .into_par_iter()
         .map(|i| {
             let rows = i * ROWS_PER_PARTIAL..((i + 1) * ROWS_PER_PARTIAL).min(m);
-            let mut part = vec![0f32; k * n];
+            let mut part = pool.take(k * n);
             let (a, b) = (a.rows(rows.clone()), b.rows(rows));
             matmul(&mut part, a.t(), b, false, Parallelism::None);
             part
         })
         .collect();
-    for part in &partials {
-        for (o, p) in out.iter_mut().zip(part) {
+    out.copy_from_slice(&partials[0]);
+    for part in &partials[1..] {
+        for (o, p) in out.iter_mut().zip(part.iter()) {
             *o += p;
         }
     }
@@ -646,7 +647,7 @@ impl ConvRecord {
             (After::Norm(_), None) => bail!("batch norm recorded without statistics"),
         }
         let grad_mat = Mat::new(&grad, m, c_out);
-        let grad_weights = matmul_tn(Mat::new(&self.input, m, row_len), grad_mat);
+        let grad_weights = matmul_tn(Mat::new(&self.input, m, row_len), grad_mat, pool);
         accumulate(
             grads,
             &self.unit.weight,
