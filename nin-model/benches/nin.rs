@@ -24,7 +24,9 @@ fn forward(c: &mut Criterion) {
     group.sample_size(20);
     for preset in ["compact", "d2l"] {
         let config = NinConfig::preset(preset).unwrap();
-        let (model, _) = Nin::init(&config, 0, &Device::Cpu).unwrap();
+        // Fixed parameters, as a server runs loaded weights.
+        let (_, varmap) = Nin::init(&config, 0, &Device::Cpu).unwrap();
+        let model = Nin::snapshot(&config, &varmap).unwrap();
         for batch in [1, 64] {
             let (x, _) = inputs(&config, batch);
             group.throughput(Throughput::Elements(batch as u64));

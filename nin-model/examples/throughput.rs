@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{ModuleT, Optimizer, VarBuilder};
+use candle_nn::{ModuleT, Optimizer};
 use nin_model::{summary, weights, Nin, NinConfig};
 
 /// jemalloc, started with the workspace's options (thp:always, transparent
@@ -52,19 +52,7 @@ fn main() -> anyhow::Result<()> {
     // `forward` runs on fixed tensors, as a server does with loaded weights.
     let model = match (trained, mode.as_str()) {
         (Some(trained), _) => trained,
-        (None, "forward") => {
-            let tensors = varmap
-                .data()
-                .lock()
-                .map_err(|_| anyhow::anyhow!("varmap poisoned"))?
-                .iter()
-                .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
-                .collect();
-            Nin::new(
-                &config,
-                VarBuilder::from_tensors(tensors, DType::F32, &device),
-            )?
-        }
+        (None, "forward") => Nin::snapshot(&config, &varmap)?,
         (None, _) => fresh,
     };
     let s = config.input_size;

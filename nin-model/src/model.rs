@@ -52,6 +52,28 @@ impl Nin {
         Ok((Self::build(config, vb, seed)?, varmap))
     }
 
+    /// A copy for inference whose parameters are fixed copies of
+    /// `varmap`'s variables: later training does not change it, and the CPU
+    /// fast path lays out fixed weights once instead of on every call (as
+    /// for a network loaded with [`crate::weights::load`]).
+    pub fn snapshot(config: &NinConfig, varmap: &VarMap) -> crate::Result<Self> {
+        let tensors = {
+            let vars = varmap.data().lock().expect("varmap poisoned");
+            let mut tensors = std::collections::HashMap::with_capacity(vars.len());
+            for (name, var) in vars.iter() {
+                tensors.insert(name.clone(), var.as_tensor().detach().copy()?);
+            }
+            tensors
+        };
+        let (dtype, device) = tensors
+            .values()
+            .next()
+            .map_or((DType::F32, Device::Cpu), |t| {
+                (t.dtype(), t.device().clone())
+            });
+        Self::new(config, VarBuilder::from_tensors(tensors, dtype, &device))
+    }
+
     fn build(config: &NinConfig, vb: VarBuilder, seed: u64) -> crate::Result<Self> {
         let mut layers = Vec::new();
         for spec in config.layers()? {

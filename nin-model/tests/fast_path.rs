@@ -54,7 +54,7 @@ fn compare(config: &NinConfig, n: usize) {
     );
     // Fixed (non-variable) tensors, as loaded from a file: the fast path
     // keeps their weight matrices from the first call.
-    let frozen = frozen_copy(config, &fast_vars);
+    let frozen = Nin::snapshot(config, &fast_vars).unwrap();
     for _ in 0..2 {
         let logits = frozen.forward_t(&x, false).unwrap();
         assert_close("frozen logits", &logits, &plain_eval);
@@ -79,19 +79,6 @@ fn compare(config: &NinConfig, n: usize) {
         compare_vars(&taped_vars, &grads, &plain_vars, &plain_grads, first);
     }
     compare_vars(&fast_vars, &fast_grads, &plain_vars, &plain_grads, true);
-}
-
-/// The network on plain tensors copied out of `vars`.
-fn frozen_copy(config: &NinConfig, vars: &candle_nn::VarMap) -> Nin {
-    let tensors = vars
-        .data()
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
-        .collect();
-    let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
-    Nin::new(config, vb).unwrap()
 }
 
 /// Same gradient for every variable, or same value for buffers (batch
