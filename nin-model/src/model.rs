@@ -125,27 +125,26 @@ impl Nin {
         if !self.takes_fast_path(x) {
             return Ok(Pass::autograd(self.forward_t(x, true)?));
         }
-        let (logits, tape) = tape::forward(self.steps()?, x, true, &self.buffers)?;
+        let (logits, tape) = tape::forward(self.steps()?, x, true, &self.buffers, None)?;
         match tape {
             Some(tape) => Pass::recorded(logits, tape),
             None => candle_core::bail!("a training pass recorded no tape"),
         }
     }
 
-    /// The layers before the global average pool, for [`crate::tape`].
-    fn steps(&self) -> Result<Vec<tape::Step<'_>>> {
-        let mut steps = Vec::with_capacity(self.layers.len());
-        for (i, (_, layer)) in self.layers.iter().enumerate() {
-            steps.push(match layer {
-                NinLayer::Block(block) => {
-                    steps.extend(block.units.iter().map(tape::Step::Conv));
-                    continue;
-                }
-                NinLayer::MaxPool(window) => tape::Step::MaxPool(*window),
-                NinLayer::Dropout(dropout) => tape::Step::Dropout(dropout),
-                NinLayer::GlobalAvgPool if i + 1 == self.layers.len() => return Ok(steps),
+    /// The layers before the global average pool as [`crate::tape`]
+    /// steps, and the pool's name.
+    fn steps(&self) -> Result<(Vec<tape::Step<'_>>, &str)> {
+        let mut steps = Vec::with_capacity(2 * self.layers.len());
+        for (i, (name, layer)) in self.layers.iter().enumerate() {
+            match layer {
+                NinLayer::Block(block) => steps.extend(block.units.iter().map(tape::Step::Conv)),
+                NinLayer::MaxPool(window) => steps.push(tape::Step::MaxPool(*window)),
+                NinLayer::Dropout(dropout) => steps.push(tape::Step::Dropout(dropout)),
+                NinLayer::GlobalAvgPool if i + 1 == self.layers.len() => return Ok((steps, name)),
                 NinLayer::GlobalAvgPool => break,
-            });
+            }
+            steps.push(tape::Step::End(name));
         }
         candle_core::bail!("NiN must end with its global average pool")
     }
@@ -171,6 +170,10 @@ impl Nin {
         mut trace: Option<&mut Vec<(String, Tensor)>>,
     ) -> Result<Tensor> {
         self.check_input(x)?;
+        if !train && self.takes_fast_path(x) {
+            let steps = self.steps()?;
+            return Ok(tape::forward(steps, x, false, &self.buffers, trace)?.0);
+        }
         if !self.takes_fast_path(x) {
             let mut x = x.clone();
             for (name, layer) in &self.layers {
@@ -271,10 +274,6 @@ impl NinLayer {
 impl ModuleT for Nin {
     /// (N, C, S, S) -> (N, classes) logits; dropout only when `train`.
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        if !train && self.takes_fast_path(x) {
-            self.check_input(x)?;
-            return Ok(tape::forward(self.steps()?, x, false, &self.buffers)?.0);
-        }
         self.run(x, train, None)
     }
 }

@@ -394,17 +394,24 @@ pub(crate) enum Step<'a> {
     Conv(&'a ConvUnit),
     MaxPool(Window),
     Dropout(&'a Dropout),
+    /// The end of the named layer: where a trace takes its output.
+    End(&'a str),
 }
+
+/// Layer outputs by name, (N, C, H, W) maps and finally the logits.
+pub(crate) type Trace = Vec<(String, Tensor)>;
 
 /// Runs `steps` and a global average pool on `x` ((N, C, H, W), f32, CPU)
 /// and returns the (N, classes) logits; with `train`, batch norm uses and
 /// updates batch statistics, dropout draws masks, and the returned tape
-/// holds what [`Tape::backward`] needs.
+/// holds what [`Tape::backward`] needs. With `trace`, every layer's
+/// output is pushed there, the logits under `gap`'s name last.
 pub(crate) fn forward<'a>(
-    steps: impl IntoIterator<Item = Step<'a>>,
+    (steps, gap): (Vec<Step<'a>>, &str),
     x: &Tensor,
     train: bool,
     pool: &Arc<Buffers>,
+    mut trace: Option<&mut Trace>,
 ) -> Result<(Tensor, Option<Tape>)> {
     let (n, c, h, w) = x.dims4()?;
     let input: Vec<f32> = x.permute((0, 2, 3, 1))?.flatten_all()?.to_vec1()?;
@@ -458,6 +465,14 @@ pub(crate) fn forward<'a>(
                 }
                 _ => maps,
             },
+            Step::End(name) => {
+                if let Some(trace) = trace.as_deref_mut() {
+                    let nhwc =
+                        Tensor::from_slice(&maps.data, (n, maps.h, maps.w, maps.c), &Device::Cpu)?;
+                    trace.push((name.to_string(), nhwc.permute((0, 3, 1, 2))?.contiguous()?));
+                }
+                maps
+            }
         };
     }
     // Global average pool.
@@ -478,6 +493,9 @@ pub(crate) fn forward<'a>(
         }
     }
     let logits = Tensor::from_vec(logits, (n, classes), &Device::Cpu)?;
+    if let Some(trace) = trace {
+        trace.push((gap.to_string(), logits.clone()));
+    }
     let tape = train.then(|| Tape {
         records,
         pool: pool.clone(),

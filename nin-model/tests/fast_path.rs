@@ -52,6 +52,21 @@ fn compare(config: &NinConfig, n: usize) {
         &fast.forward_t(&x, false).unwrap(),
         &plain_eval,
     );
+    // Every layer's output on the way; the last is exactly forward_t's
+    // (a server's explanation must not change its answer).
+    let fast_trace = fast.forward_trace(&x, false).unwrap();
+    let plain_trace = plain.forward_trace(&x, false).unwrap();
+    assert_eq!(fast_trace.len(), plain_trace.len());
+    for ((name, f), (plain_name, p)) in fast_trace.iter().zip(&plain_trace) {
+        assert_eq!(name, plain_name);
+        assert_close(name, f, p);
+    }
+    let exact = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let traced_logits = &fast_trace.last().unwrap().1;
+    assert_eq!(
+        exact(traced_logits),
+        exact(&fast.forward_t(&x, false).unwrap())
+    );
     // Fixed (non-variable) tensors, as loaded from a file: the fast path
     // keeps their weight matrices from the first call.
     let frozen = Nin::snapshot(config, &fast_vars).unwrap();
