@@ -14,10 +14,13 @@
 //!   are single fused, multithreaded passes with hand-written gradients;
 //! - max-pool ([`max_pool`]) runs over contiguous channel vectors.
 //!
-//! The matrix multiplies are candle's (the `gemm` crate, multithreaded), so
-//! candle's autograd still drives the backward pass; each custom op here
-//! supplies its own gradient. Results equal the plain candle path up to
-//! float rounding (tests in `tests/fast_path.rs`).
+//! Each kernel is a function on slices (`*_into`, `*_in_place`), used two
+//! ways: by [`crate::tape`], the hand-written training step and inference
+//! pass that `Nin::forward_train` and `Nin::forward_t(x, false)` run; and by
+//! the custom ops here (with candle's matrix multiplies), so that
+//! `Nin::forward_t(x, true)` followed by candle's `backward()` works on the
+//! fast path too. Results equal the plain candle path up to float rounding
+//! (tests in `tests/fast_path.rs`).
 //!
 //! Only for f32 on CPU; other devices use the plain candle path.
 

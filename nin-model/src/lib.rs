@@ -2,6 +2,8 @@
 //!
 //! - [`config`]: what the network looks like ([`NinConfig`], presets, layer shapes);
 //! - [`Nin`]: the trainable model, built from a config and a `VarBuilder`;
+//! - [`tape`]: the CPU training step and inference pass, written out by
+//!   hand over [`channels_last`]'s kernels ([`Nin::forward_train`]);
 //! - [`pool`]: overlapping max-pool with a gradient on every device;
 //! - [`weights`]: self-describing safetensors files (config, classes,
 //!   preprocessing and provenance travel with the tensors);
