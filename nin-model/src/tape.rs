@@ -549,6 +549,7 @@ fn conv_forward(
             cl::scale_shift_relu_in_place(&mut y, &scale, &shift);
             (y, None)
         }
+        After::Norm(_) if y.is_empty() => bail!("batch norm in training needs a non-empty batch"),
         After::Norm(norm) => {
             let gamma = norm.gamma.to_vec1::<f32>()?;
             let beta = norm.beta.to_vec1::<f32>()?;

@@ -183,3 +183,48 @@ fn dropout_on_the_fast_path_is_seeded_too() {
     );
     assert_eq!(ya.dtype(), DType::F32);
 }
+
+#[test]
+fn an_empty_batch_is_empty_logits_or_an_error_never_a_panic() {
+    for batch_norm in [false, true] {
+        let config = NinConfig {
+            batch_norm,
+            ..NinConfig::compact()
+        };
+        let (model, _) = Nin::init(&config, 1, &Device::Cpu).unwrap();
+        let empty = Tensor::zeros((0, 1, 28, 28), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(model.forward_t(&empty, false).unwrap().dims(), &[0, 10]);
+        let pass = model.forward_train(&empty);
+        if batch_norm {
+            let err = pass.err().expect("batch statistics of nothing");
+            assert!(err.to_string().contains("non-empty batch"), "{err}");
+        } else {
+            assert_eq!(pass.unwrap().logits().dims(), &[0, 10]);
+        }
+    }
+}
+
+/// With dropout on, the hand-written backward pass and candle's autograd
+/// over the fast path's custom ops draw the same masks and agree.
+#[test]
+fn dropout_gradients_match_autograd() {
+    let config = NinConfig::compact();
+    let (autograd, autograd_vars) = Nin::init(&config, 7, &Device::Cpu).unwrap();
+    let (taped, taped_vars) = Nin::init(&config, 7, &Device::Cpu).unwrap();
+    let x = batch(3, 28, 2);
+    let labels = Tensor::from_vec(vec![1u32, 4, 9], 3, &Device::Cpu).unwrap();
+    let logits = autograd.forward_t(&x, true).unwrap();
+    let loss = candle_nn::loss::cross_entropy(&logits, &labels).unwrap();
+    let autograd_grads = loss.backward().unwrap();
+    let pass = taped.forward_train(&x).unwrap();
+    assert_close("logits", pass.logits(), &logits);
+    let loss = candle_nn::loss::cross_entropy(pass.logits(), &labels).unwrap();
+    let taped_grads = pass.backward(&loss).unwrap();
+    compare_vars(
+        &taped_vars,
+        &taped_grads,
+        &autograd_vars,
+        &autograd_grads,
+        true,
+    );
+}
