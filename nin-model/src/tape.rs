@@ -644,7 +644,7 @@ impl ConvRecord {
         pool: &Arc<Buffers>,
     ) -> Result<Option<Buf<f32>>> {
         let dims = self.unit.weight.dims4()?;
-        let (c_out, row_len) = (dims.0, dims.1 * dims.2 * dims.2);
+        let (c_out, row_len) = (dims.0, dims.1 * dims.2 * dims.3);
         let m = grad.len() / c_out;
         match (&self.unit.after, &self.norm) {
             (After::Bias(bias), _) => {
