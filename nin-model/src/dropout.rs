@@ -46,9 +46,7 @@ impl Dropout {
             .expect("dropout rng poisoned")
             .set_word_pos(position)
     }
-}
 
-impl Dropout {
     /// The next training mask for `len` values (0 or 1 / (1 - p) each), or
     /// `None` when dropout does nothing. Advances the mask stream.
     pub fn mask(&self, len: usize) -> Option<Vec<f32>> {

@@ -34,7 +34,7 @@ use candle_core::{bail, Device, Result, Tensor, Var};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use crate::block::{After, ConvUnit, Norm, BN_EPS};
+use crate::block::{After, ConvUnit, BN_EPS};
 use crate::channels_last::{self as cl, BatchStats, Geometry};
 use crate::config::Window;
 use crate::dropout::Dropout;
@@ -268,27 +268,6 @@ fn weight_matrix_of(unit: &ConvUnit) -> Result<Arc<Vec<f32>>> {
     }
     let matrix = Arc::new(weight_matrix(&unit.weight)?);
     Ok(unit.matrix.get_or_init(|| matrix).clone())
-}
-
-/// Evaluation-mode batch norm as y = x * scale + shift per channel, from
-/// the running statistics (in f32, as [`crate::block`]'s plain path).
-fn eval_scale_shift(norm: &Norm) -> Result<(Vec<f32>, Vec<f32>)> {
-    let gamma = norm.gamma.to_vec1::<f32>()?;
-    let beta = norm.beta.to_vec1::<f32>()?;
-    let mean = norm.running_mean.as_tensor().to_vec1::<f32>()?;
-    let var = norm.running_var.as_tensor().to_vec1::<f32>()?;
-    let scale: Vec<f32> = gamma
-        .iter()
-        .zip(&var)
-        .map(|(g, v)| g / (v + BN_EPS as f32).sqrt())
-        .collect();
-    let shift = beta
-        .iter()
-        .zip(&mean)
-        .zip(&scale)
-        .map(|((b, m), s)| b - m * s)
-        .collect();
-    Ok((scale, shift))
 }
 
 /// A (C_out, C_in, k, k) weight as the (k*k*C_in, C_out) matrix that
@@ -545,7 +524,9 @@ fn conv_forward(
             (y, None)
         }
         After::Norm(norm) if !train => {
-            let (scale, shift) = eval_scale_shift(norm)?;
+            // The plain path's own scale and shift: one formula for both.
+            let (scale, shift) = norm.eval_affine()?;
+            let (scale, shift) = (scale.to_vec1::<f32>()?, shift.to_vec1::<f32>()?);
             cl::scale_shift_relu_in_place(&mut y, &scale, &shift);
             (y, None)
         }
