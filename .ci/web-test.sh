@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # End-to-end test of nin-serve's web page (GET /) in headless Chromium.
 #
-# Installs what is missing (Debian's chromium, the test's node packages),
-# builds nin-serve in release, serves a weights file on a free loopback
-# port, waits until it is ready, and runs tests/web/page.test.mjs against it.
-# The server is stopped however the script ends.
+# Installs what is missing (Debian's chromium; python3's venv module; the
+# test's Python packages, pinned in tests/web/requirements.txt, into a venv
+# cached under target/ci-tools/ and keyed by that file's hash), builds
+# nin-serve in release, serves a weights file on a free loopback port, waits
+# until it is ready, and runs tests/web/test_page.py (pytest + Playwright)
+# against it. The server is stopped however the script ends. No node or npm:
+# Python Playwright carries its own driver and drives Debian's chromium, so
+# nothing is downloaded but Debian and PyPI packages.
 #
 #   bash .ci/web-test.sh                      # weights/nin-fashion-mnist.safetensors
 #   NIN_WEIGHTS=runs/x/nin-fashion-mnist.safetensors bash .ci/web-test.sh
@@ -22,21 +26,30 @@ if [ ! -f "$weights" ]; then
   exit 1
 fi
 
-echo "== web test: chromium and node"
-if [ ! -x /usr/bin/chromium ] || ! command -v node >/dev/null; then
+echo "== web test: chromium and python"
+if [ ! -x /usr/bin/chromium ] || ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   [ -x /usr/bin/chromium ] || apt-get install -y -qq chromium
-  command -v node >/dev/null || apt-get install -y -qq nodejs npm
-fi
-node_major="$(node -p 'process.versions.node.split(".")[0]')"
-if [ "$node_major" -lt 20 ]; then
-  echo "web-test: node $(node --version) is too old; playwright-core needs node 20 or newer" >&2
-  exit 1
+  python3 -c 'import ensurepip, venv' 2>/dev/null || apt-get install -y -qq python3 python3-venv
 fi
 /usr/bin/chromium --version 2>/dev/null # its launcher script warns on stderr
-node --version
-(cd tests/web && npm ci --no-audit --no-fund)
+python3 --version
+
+requirements=tests/web/requirements.txt
+venv=target/ci-tools/web-venv
+# A venv belongs to one interpreter: its version is part of the key.
+key="$(sha256sum "$requirements" | cut -d' ' -f1) $(python3 -c 'import sys; print(sys.version.split()[0])')"
+if [ ! -f "$venv/.installed" ] || [ "$(cat "$venv/.installed")" != "$key" ]; then
+  echo "web-test: installing $requirements into $venv"
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements"
+  echo "$key" > "$venv/.installed"
+fi
+"$venv/bin/python" -m pip list --disable-pip-version-check --format=freeze \
+  | grep -iE '^(playwright|pytest|pillow)==' | tr '\n' ' '
+echo
 
 echo "== web test: build nin-serve (release)"
 cargo build --release -p nin-serve
@@ -44,7 +57,11 @@ cargo build --release -p nin-serve
 # A free port: bind port 0, read what the kernel chose, release it. Another
 # process could take it before nin-serve binds, but then nin-serve exits
 # with "cannot listen" and the wait below says so.
-port="$(node -e 'const s=require("net").createServer().listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})')"
+port="$(python3 -c 'import socket
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])
+s.close()')"
 base="http://127.0.0.1:$port"
 log="$(mktemp -t nin-serve-web.XXXXXX.log)"
 
@@ -63,10 +80,17 @@ stop_server() {
   wait "$server" 2>/dev/null || true
 }
 trap stop_server EXIT
+# Interrupted or terminated: exit, which runs the EXIT trap above.
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 deadline=$((SECONDS + ready_timeout))
-ready() { # no curl needed: node is here anyway
-  node -e 'fetch(process.argv[1]).then((r) => process.exit(r.ok ? 0 : 1), () => process.exit(1))' "$base/readyz"
+ready() { # no curl needed: python3 is here anyway
+  python3 -c 'import sys, urllib.request
+try:
+    urllib.request.urlopen(sys.argv[1], timeout=2).close()
+except Exception:
+    sys.exit(1)' "$base/readyz"
 }
 until ready; do
   if ! kill -0 "$server" 2>/dev/null; then
@@ -83,9 +107,11 @@ until ready; do
 done
 echo "nin-serve is ready"
 
-echo "== web test: page.test.mjs in headless Chromium"
+echo "== web test: tests/web/test_page.py in headless Chromium"
 status=0
-NIN_BASE_URL="$base" node --test tests/web/page.test.mjs || status=$?
+# -s shows where the screenshots went; no cache or bytecode left in tests/web.
+NIN_BASE_URL="$base" PYTHONDONTWRITEBYTECODE=1 \
+  "$venv/bin/python" -m pytest -v -s -p no:cacheprovider tests/web/test_page.py || status=$?
 if [ "$status" -ne 0 ]; then
   echo "web-test: failed; nin-serve's log:" >&2
   tail -n 50 "$log" >&2
