@@ -30,6 +30,10 @@ pub const DEFAULT_MAX_PIXELS: u64 = 40_000_000;
 pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 30_000;
 /// Default `--shutdown-timeout-ms`.
 pub const DEFAULT_SHUTDOWN_TIMEOUT_MS: u64 = 10_000;
+/// Default `--shutdown-delay-ms`: none, so a server started by hand stops at
+/// once on Ctrl-C; behind a load balancer set it above the balancer's time
+/// to notice a failing readiness check (deploy/swarm/stack.yml does).
+pub const DEFAULT_SHUTDOWN_DELAY_MS: u64 = 0;
 
 /// Serve a nin weights file over HTTP: `POST /classify` with an image.
 #[derive(Clone, Debug, PartialEq, Eq, Parser)]
@@ -94,6 +98,15 @@ pub struct Config {
     #[arg(long, env = "NIN_SHUTDOWN_TIMEOUT_MS", default_value_t = DEFAULT_SHUTDOWN_TIMEOUT_MS)]
     pub shutdown_timeout_ms: u64,
 
+    /// Time (milliseconds) between SIGTERM or Ctrl-C and the closing of the
+    /// port, during which the server keeps accepting connections and serving
+    /// every request while `/readyz` already answers 503 and every answer
+    /// says `Connection: close`: a load balancer's health checks take the
+    /// server out of rotation before it stops listening, so no request is
+    /// sent to a closed port. `--shutdown-timeout-ms` counts from its end.
+    #[arg(long, env = "NIN_SHUTDOWN_DELAY_MS", default_value_t = DEFAULT_SHUTDOWN_DELAY_MS)]
+    pub shutdown_delay_ms: u64,
+
     /// When set, the inference routes (`/classify`, `/v2/models/{name}/infer`)
     /// require `Authorization: Bearer <key>` (401 otherwise); health,
     /// readiness, metadata, metrics and the web page stay open. Prefer the
@@ -156,6 +169,7 @@ impl Default for Config {
             max_pixels: DEFAULT_MAX_PIXELS,
             request_timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
             shutdown_timeout_ms: DEFAULT_SHUTDOWN_TIMEOUT_MS,
+            shutdown_delay_ms: DEFAULT_SHUTDOWN_DELAY_MS,
             api_key: None,
             cors_origins: Vec::new(),
         }
@@ -206,6 +220,11 @@ impl Config {
     /// `--shutdown-timeout-ms` as a duration.
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_millis(self.shutdown_timeout_ms)
+    }
+
+    /// `--shutdown-delay-ms` as a duration.
+    pub fn shutdown_delay(&self) -> Duration {
+        Duration::from_millis(self.shutdown_delay_ms)
     }
 }
 

@@ -5,14 +5,21 @@
 //! a full-size warm-up pass; only then does the caller bind the port and
 //! call [`run`]. A process that listens is therefore ready, and `/readyz`
 //! turns 503 again as soon as shutdown begins.
+//!
+//! Shutdown, in the order a load balancer needs it: on the signal `/readyz`
+//! turns 503 and every answer says `Connection: close`, while the port stays
+//! open and requests are served for `--shutdown-delay-ms` (the balancer's
+//! health checks take the server out of rotation meanwhile); then the port
+//! closes, idle connections close, and in-flight requests get at most
+//! `--shutdown-timeout-ms` to finish.
 
 use std::future::{Future, IntoFuture};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, Request};
-use axum::http::{HeaderValue, StatusCode, Uri};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderValue, StatusCode, Uri, Version};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -50,6 +57,7 @@ struct Inner {
     max_images: usize,
     request_timeout: Duration,
     shutdown_timeout: Duration,
+    shutdown_delay: Duration,
     api_key: Option<ApiKey>,
     cors_origins: Vec<String>,
     /// Cleared when shutdown begins, so `/readyz` sends traffic elsewhere.
@@ -88,6 +96,7 @@ impl AppState {
                 max_images: config.max_batch.min(config.queue_size),
                 request_timeout: config.request_timeout(),
                 shutdown_timeout: config.shutdown_timeout(),
+                shutdown_delay: config.shutdown_delay(),
                 api_key: config.api_key.clone(),
                 cors_origins: config.cors_origins.clone(),
                 accepting: AtomicBool::new(true),
@@ -134,10 +143,16 @@ impl AppState {
 
     /// True while the model thread runs and shutdown has not begun.
     pub fn is_ready(&self) -> bool {
-        self.inner.accepting.load(Ordering::Relaxed) && self.inner.inference.is_alive()
+        !self.is_shutting_down() && self.inner.inference.is_alive()
     }
 
-    /// Marks the server as going away: `/readyz` answers 503 from now on.
+    /// True once shutdown has begun (during the delay too).
+    pub fn is_shutting_down(&self) -> bool {
+        !self.inner.accepting.load(Ordering::Relaxed)
+    }
+
+    /// Marks the server as going away: `/readyz` answers 503 and every
+    /// answer carries `Connection: close` from now on.
     pub fn begin_shutdown(&self) {
         self.inner.accepting.store(false, Ordering::Relaxed);
     }
@@ -146,8 +161,8 @@ impl AppState {
 /// The complete router with its middleware: request ids (`x-request-id`,
 /// kept from the client or generated), a tracing span per request, the
 /// request metrics, CORS when configured, the API key on the inference
-/// routes, the request timeout, the body limit, and JSON errors for unknown
-/// routes.
+/// routes, the request timeout, the body limit, JSON errors for unknown
+/// routes, and `Connection: close` once shutdown has begun.
 /// Exposed so tests can call it without a socket.
 pub fn app(state: AppState) -> Router {
     let timeout = state.inner.request_timeout;
@@ -191,6 +206,10 @@ pub fn app(state: AppState) -> Router {
             .on_failure(log_failure),
         )
         .layer(SetRequestIdLayer::x_request_id(Counter::default()))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            close_when_shutting_down,
+        ))
         .with_state(state);
     match cors {
         // Outermost, so preflight requests are answered before routing.
@@ -199,7 +218,8 @@ pub fn app(state: AppState) -> Router {
     }
 }
 
-/// Serves `listener` until `shutdown` completes, then stops accepting,
+/// Serves `listener` until `shutdown` completes; then turns `/readyz` to
+/// 503 and keeps serving for `--shutdown-delay-ms`; then stops accepting,
 /// lets in-flight requests finish for at most `--shutdown-timeout-ms`, and
 /// returns. The model thread stops once the last handle is dropped.
 pub async fn run(
@@ -208,12 +228,20 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let grace = state.inner.shutdown_timeout;
+    let delay = state.inner.shutdown_delay;
     let (began_tx, began_rx) = tokio::sync::oneshot::channel::<()>();
     let notify_state = state.clone();
     let signal = async move {
         shutdown.await;
-        tracing::info!("shutting down: finishing in-flight requests");
         notify_state.begin_shutdown();
+        if !delay.is_zero() {
+            tracing::info!(
+                ?delay,
+                "shutting down: /readyz answers 503; still serving until the delay ends"
+            );
+            tokio::time::sleep(delay).await;
+        }
+        tracing::info!("shutting down: port closed, finishing in-flight requests");
         let _ = began_tx.send(());
     };
     let serve = axum::serve(listener, app(state))
@@ -261,6 +289,29 @@ pub async fn shutdown_signal() {
         () = ctrl_c => {}
         () = terminate => {}
     }
+}
+
+/// Once shutdown has begun, asks every client to close its connection after
+/// this answer. A keep-alive client (or a load balancer's connection pool)
+/// then opens a new connection for its next request, which the balancer
+/// sends to a server still in rotation. Unlike the close of an idle
+/// connection at the end of the delay, this cannot race with a request the
+/// client is sending at that moment: the client learns of the close in the
+/// answer itself. HTTP/1 only: HTTP/2 has no such header (hyper would drop
+/// it with a warning) and ends its connections with GOAWAY instead.
+async fn close_when_shutting_down(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let http1 = request.version() < Version::HTTP_2;
+    let mut response = next.run(request).await;
+    if http1 && state.is_shutting_down() {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }
 
 async fn with_timeout(limit: Duration, request: Request, next: Next) -> Response {

@@ -246,6 +246,65 @@ async fn shutdown_finishes_in_flight_requests() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_the_shutdown_delay_readyz_is_503_and_requests_are_still_served() {
+    let delay = Duration::from_millis(3_000);
+    let mut server = TestServer::start(|c| c.shutdown_delay_ms = delay.as_millis() as u64).await;
+    let image = png(&gray_image(test_images(1).remove(0), 28, 28).unwrap());
+    // A keep-alive connection opened before the signal, as a load balancer's pool holds.
+    let pooled = reqwest::Client::new();
+    let before = pooled.get(server.url("/readyz")).send().await.unwrap();
+    assert_eq!(before.status(), 200);
+    assert!(before.headers().get("connection").is_none());
+
+    let signalled = Instant::now();
+    server.signal_shutdown();
+    while server.state.is_ready() {
+        assert!(
+            signalled.elapsed() < Duration::from_secs(1),
+            "shutdown never began"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    error_of(
+        pooled.get(server.url("/readyz")).send().await.unwrap(),
+        503,
+        "unavailable",
+    )
+    .await;
+    // Still served, on the old connection and on new ones (a fresh client
+    // per request), each answer asking the client to close the connection.
+    for client in [pooled, reqwest::Client::new(), reqwest::Client::new()] {
+        let response = client
+            .post(server.url("/classify"))
+            .header("content-type", "image/png")
+            .body(image.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["connection"], "close");
+        let body: Value = response.json().await.unwrap();
+        assert!(body["label"].is_string(), "{body}");
+        let live = client.get(server.url("/healthz")).send().await.unwrap();
+        assert_eq!(live.status(), 200);
+    }
+    assert!(
+        signalled.elapsed() < delay,
+        "the checks outlasted the delay ({:?}): the test proves nothing",
+        signalled.elapsed()
+    );
+
+    let base = server.base.clone();
+    server.shutdown().await.unwrap();
+    assert!(
+        signalled.elapsed() >= delay,
+        "run() returned after {:?}, before the delay",
+        signalled.elapsed()
+    );
+    assert!(reqwest::get(format!("{base}/healthz")).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_cannot_hang_on_a_stuck_request() {
     let server = TestServer::start(|c| {
         c.max_delay_us = 5_000_000;

@@ -106,8 +106,17 @@ impl TestServer {
         }
     }
 
+    /// Sends the shutdown signal (as SIGTERM would) without waiting.
+    pub fn signal_shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Signals shutdown (unless already signalled) and waits for `run` to
+    /// return, at most 10 s.
     pub async fn shutdown(mut self) -> std::io::Result<()> {
-        let _ = self.stop.take().unwrap().send(());
+        self.signal_shutdown();
         tokio::time::timeout(Duration::from_secs(10), self.handle)
             .await
             .expect("run() did not return after shutdown")
