@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
 """Writes link-time stub libraries for the CUDA libraries cudarc links.
 
-Usage: gen_stubs.py CUDARC_SRC_DIR OUT_DIR [REAL_LIBCUDART_SO]
+Usage: gen_stubs.py [--only LIB,...] CUDARC_SRC_DIR OUT_DIR [REAL_LIBCUDART_SO]
+
+--only cuda makes just the driver's libcuda.so.1: the Dockerfile's CUDA
+builder links against it (in place of the stub NVIDIA's own devel images
+carry), and against the real CUDA libraries for everything else.
 
 For each library, every function that cudarc declares in the `extern "C"`
 blocks of `src/<lib>/sys/mod.rs` gets a C definition that does nothing and
@@ -21,7 +25,8 @@ toolkit ships it beside nvcc), the cudart stub defines every function that
 library exports too.
 
 These stubs let a `--features cuda` binary link and start on a machine with
-no NVIDIA driver; they are for CI only and never go into an image.
+no NVIDIA driver. They never go into an image: CI mounts the libcuda.so.1
+stub into the CUDA image to check what it does where no driver answers.
 """
 import os
 import re
@@ -96,13 +101,20 @@ def c_source(lib, functions):
 
 
 def main():
-    cudarc, out_dir = sys.argv[1], sys.argv[2]
-    real_cudart = sys.argv[3] if len(sys.argv) > 3 else None
+    args = sys.argv[1:]
+    only = None
+    if args[:1] == ["--only"]:
+        only = set(args[1].split(","))
+        args = args[2:]
+    cudarc, out_dir = args[0], args[1]
+    real_cudart = args[2] if len(args) > 2 else None
     lib_dir = os.path.join(out_dir, "lib")
     src_dir = os.path.join(out_dir, "src")
     os.makedirs(lib_dir, exist_ok=True)
     os.makedirs(src_dir, exist_ok=True)
     for module, lib, soname in LIBS:
+        if only is not None and lib not in only:
+            continue
         mod_rs = os.path.join(cudarc, "src", module, "sys", "mod.rs")
         functions = declared(mod_rs)
         if not functions:

@@ -7,7 +7,7 @@
 //! The page only calls `POST /classify?top_k=10&explain=true`; everything
 //! it shows comes from that JSON answer, so there is no server-side
 //! templating to keep in step with the API. It is tested end to end in
-//! headless Chromium by `tests/web/page.test.mjs` (`.ci/web-test.sh`).
+//! headless Chromium by `tests/web/test_page.py` (`.ci/web-test.sh`).
 
 use axum::http::header;
 use axum::response::IntoResponse;
