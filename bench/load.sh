@@ -25,7 +25,7 @@
 # ran (from /metrics), VmHWM and the huge pages in use.
 #
 # Exit status 1 if the steady phase got any answer but 200, the burst any
-# but 200 and 503, or either any socket error (connect, read, write, or a
+# but 200 and 503 (every 503 with Retry-After), or either any socket error (connect, read, write, or a
 # request slower than wrk's --timeout); the throughput and memory goals
 # are reported as met or missed. Everything is bounded in time: wrk stops
 # after its duration (and is killed 60 s later if it does not), the server
@@ -85,35 +85,9 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# Real images: the committed slice of the Fashion-MNIST test set (the
-# first 1000 records of t10k), read as nin-serve/tests/common/mod.rs reads
-# it, as 28x28 greyscale PNG files, taken class by class in turn.
-python3 - tests/data "$work" "$images" <<'PY'
-import gzip, struct, sys, zlib
-data, out, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
-def idx(name, magic):
-    raw = gzip.open(f"{data}/{name}").read()
-    assert struct.unpack(">I", raw[:4])[0] == magic, f"{name}: not an IDX file"
-    return raw
-images = idx("t10k-images-idx3-ubyte.gz", 2051)
-labels = idx("t10k-labels-idx1-ubyte.gz", 2049)
-n, rows, cols = struct.unpack(">III", images[4:16])
-def png(width, height, pixels):
-    def chunk(kind, body):
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    scanlines = b"".join(b"\0" + pixels[y * width:(y + 1) * width] for y in range(height))
-    return (b"\x89PNG\r\n\x1a\n"
-            + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(scanlines, 9)) + chunk(b"IEND", b""))
-by_class = {}
-for i in range(n):
-    by_class.setdefault(labels[8 + i], []).append(i)
-picked = [by_class[c][k] for k in range(n) for c in sorted(by_class) if k < len(by_class[c])][:count]
-for j, i in enumerate(picked):
-    size = rows * cols
-    with open(f"{out}/image-{j:02d}-label{labels[8 + i]}.png", "wb") as f:
-        f.write(png(cols, rows, images[16 + i * size:16 + (i + 1) * size]))
-PY
+# Real images: the committed slice of the Fashion-MNIST test set, as 28x28
+# greyscale PNG files, taken class by class in turn.
+python3 bench/fashion_pngs.py tests/data "$work" "$images"
 pngs=("$work"/image-*.png)
 
 # The server: loopback, a port of the kernel's choosing, CPU (as the
@@ -236,6 +210,8 @@ for p, conns in (("steady", load_clients), ("burst", burst_clients)):
     bad = {k: v for k, v in r["statuses"].items() if k not in allowed}
     if bad:
         failures.append(f"{p}: unexpected statuses {bad}")
+    if r.get("503_without_retry_after"):
+        failures.append(f"{p}: {r['503_without_retry_after']} answers 503 without Retry-After")
     if socket_errors:
         failures.append(f"{p}: socket errors {e}")
     if r["requests"] == 0:
