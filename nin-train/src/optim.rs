@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
-use candle_core::{Result, Tensor, Var};
+use candle_core::{DType, Result, Tensor, Var};
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
@@ -57,6 +57,18 @@ fn is_buffer(name: &str) -> bool {
     name.ends_with(".running_mean") || name.ends_with(".running_var")
 }
 
+/// The global gradient norm from [`Optimizer::squared_grad_sums`] once read
+/// to the host: the per-parameter f32 sums added in f64, in order. Adding
+/// them on the host keeps the precision of the total without an F64
+/// tensor: the norm is, bit for bit, what reading each parameter's sum on
+/// its own and adding in f64 gave, so clipped runs train as they did.
+pub fn global_norm(squared_sums: &[f32]) -> f64 {
+    squared_sums
+        .iter()
+        .fold(0f64, |total, &s| total + f64::from(s))
+        .sqrt()
+}
+
 impl Optimizer {
     /// An optimizer over every trainable variable of `varmap`, in name order
     /// (so the order, and with it the arithmetic, never depends on hashing).
@@ -85,20 +97,27 @@ impl Optimizer {
         self.steps
     }
 
-    /// Sqrt of the sum of squared gradients over all parameters: the number
-    /// that clipping bounds and the NaN guard checks.
-    pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
-        let mut total = 0f64;
-        for p in &self.params {
-            if let Some(g) = grads.get(&p.var) {
-                total += g
-                    .sqr()?
-                    .sum_all()?
-                    .to_dtype(candle_core::DType::F64)?
-                    .to_scalar::<f64>()?;
-            }
+    /// Each parameter's sum of squared gradient entries, in name order, as
+    /// one F32 vector on the device (`None` when no parameter has a
+    /// gradient). The square root of their total is the global gradient
+    /// norm that clipping bounds and the NaN guard checks; see
+    /// [`global_norm`].
+    ///
+    /// The sums stay on the device so that the caller can read them in the
+    /// same transfer as the loss: on a GPU every read waits for all queued
+    /// work, and one read per parameter made that dozens of waits per step.
+    /// Nothing here is F64: candle's Metal backend cannot cast to it.
+    pub fn squared_grad_sums(&self, grads: &GradStore) -> Result<Option<Tensor>> {
+        let sums = self
+            .params
+            .iter()
+            .filter_map(|p| grads.get(&p.var))
+            .map(|g| g.detach().sqr()?.sum_all()?.to_dtype(DType::F32))
+            .collect::<Result<Vec<_>>>()?;
+        if sums.is_empty() {
+            return Ok(None);
         }
-        Ok(total.sqrt())
+        Tensor::stack(&sums, 0).map(Some)
     }
 
     /// One update with learning rate `lr`, gradients scaled by `grad_scale`
@@ -267,6 +286,30 @@ mod tests {
         for (a, b) in got.iter().zip(w2) {
             assert!((a - b).abs() < 1e-6, "{got:?} vs {w2:?}");
         }
+    }
+
+    #[test]
+    fn squared_sums_give_the_global_norm() {
+        let (varmap, var) = setup(&[1.0, -2.0]);
+        let config = OptimizerConfig::Sgd {
+            momentum: 0.0,
+            nesterov: false,
+            weight_decay: 0.0,
+        };
+        let opt = Optimizer::new(config, &varmap);
+        let sums = opt
+            .squared_grad_sums(&grads(&var, &[3.0, 4.0]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(sums.dtype(), DType::F32);
+        assert_eq!(sums.to_vec1::<f32>().unwrap(), [25.0]);
+        assert_eq!(global_norm(&[9.0, 16.0]), 5.0);
+        assert_eq!(global_norm(&[]), 0.0);
+        assert!(global_norm(&[1.0, f32::NAN]).is_nan());
+        assert!(opt
+            .squared_grad_sums(&GradStore::default())
+            .unwrap()
+            .is_none());
     }
 
     #[test]
