@@ -1,7 +1,8 @@
 //! Training and evaluation of NiN on Fashion-MNIST.
 //!
 //! - [`data`]: the four original IDX files, checked and decoded;
-//! - [`loader`]: batches through the shared preprocessing;
+//! - [`loader`]: batches through the shared preprocessing, prepared on a
+//!   background thread while the previous step trains;
 //! - [`optim`]: SGD with momentum and AdamW with checkpointable state.
 
 pub mod augment;

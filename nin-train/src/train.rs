@@ -9,9 +9,15 @@
 //! last checkpoint is restored, the learning rate halved, and training goes
 //! on; after [`MAX_ROLLBACKS`] such rollbacks it stops with an error and the
 //! last good checkpoint intact.
+//!
+//! The loop keeps a GPU busy: the next batch is prepared on a background
+//! thread while a step runs, and a step reads the device once (the loss,
+//! the correct count and the gradient norm's parts together), since every
+//! read waits for all the work queued before it.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::Scope;
 use std::time::Instant;
 
 use candle_core::backprop::GradStore;
@@ -29,6 +35,7 @@ use crate::augment::Augment;
 use crate::checkpoint::{self, Progress};
 use crate::data::Dataset;
 use crate::eval::{evaluate, smoothed_cross_entropy, Evaluation};
+use crate::loader::{HostBatch, Prefetch};
 use crate::metrics::{self, EpochMetrics, Score};
 use crate::optim::{self, Optimizer, OptimizerConfig};
 use crate::schedule::Schedule;
@@ -36,6 +43,11 @@ use crate::{loader, Error, Result};
 
 /// Rollbacks after a non-finite loss before the run gives up.
 pub const MAX_ROLLBACKS: usize = 3;
+
+/// Batches the prefetch thread may finish before the training step asks
+/// for them (it can be working on one more): enough to hide the host work
+/// behind a step, few enough not to take cores from it for long.
+const PREFETCH_AHEAD: usize = 1;
 
 /// Everything that defines a run; stored in its checkpoints.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -297,54 +309,73 @@ pub fn fit(
         observer.epoch_start(epoch + 1, batches_per_epoch, state.progress.batch);
         let epoch_started = Instant::now();
         let mut epoch_images = 0usize;
-        let mut rolled_back = false;
-        while state.progress.batch < batches_per_epoch {
-            let b = state.progress.batch;
-            let indices = &order[b * run.batch_size..((b + 1) * run.batch_size).min(order.len())];
-            let mut rng = Augment::rng(run.seed, epoch, b);
-            let augment = run.augment.is_on().then_some((&run.augment, &mut rng));
-            let (x, y) = loader::batch(data.train, indices, &preprocessing, augment, device)?;
-            let lr = run.schedule.lr(state.progress.steps, total_steps) * state.progress.lr_scale;
-            match train_step(&run, &mut state, &x, &y, lr, &mut reads)? {
-                Some((loss, correct)) => {
-                    let p = &mut state.progress;
-                    p.epoch_loss_sum += loss * indices.len() as f64;
-                    p.epoch_correct += correct;
-                    p.epoch_seen += indices.len() as u64;
-                    p.batch += 1;
-                    epoch_images += indices.len();
-                    let seen = p.epoch_seen as f64;
-                    observer.batch(
-                        p.epoch_loss_sum / seen,
-                        p.epoch_correct as f64 / seen,
-                        epoch_images as f64 / epoch_started.elapsed().as_secs_f64(),
-                    );
+        let end = std::thread::scope(|scope| -> Result<EpochEnd> {
+            let mut batches = epoch_batches(
+                scope,
+                &run,
+                data.train,
+                &order,
+                epoch,
+                state.progress.batch,
+                &preprocessing,
+            )?;
+            while state.progress.batch < batches_per_epoch {
+                let batch = batches.next().ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "batch {} of epoch {} was never prepared",
+                        state.progress.batch,
+                        epoch + 1
+                    ))
+                })??;
+                let images = batch.len();
+                let (x, y) = batch.to_device(device)?;
+                let lr =
+                    run.schedule.lr(state.progress.steps, total_steps) * state.progress.lr_scale;
+                match train_step(&run, &mut state, &x, &y, lr, &mut reads)? {
+                    Some((loss, correct)) => {
+                        let p = &mut state.progress;
+                        p.epoch_loss_sum += loss * images as f64;
+                        p.epoch_correct += correct;
+                        p.epoch_seen += images as u64;
+                        p.batch += 1;
+                        epoch_images += images;
+                        let seen = p.epoch_seen as f64;
+                        observer.batch(
+                            p.epoch_loss_sum / seen,
+                            p.epoch_correct as f64 / seen,
+                            epoch_images as f64 / epoch_started.elapsed().as_secs_f64(),
+                        );
+                    }
+                    None => {
+                        state = roll_back(&run, &files.checkpoint, device, observer)?;
+                        return Ok(EpochEnd::RolledBack);
+                    }
                 }
-                None => {
-                    state = roll_back(&run, &files.checkpoint, device, observer)?;
-                    rolled_back = true;
-                    break;
+                if stop.load(Ordering::SeqCst) {
+                    state.progress.wall_s = wall_before + started.elapsed().as_secs_f64();
+                    state.save(&run, &files.checkpoint)?;
+                    observer.note(&format!(
+                        "interrupted; checkpoint at {}",
+                        files.checkpoint.display()
+                    ));
+                    return Ok(EpochEnd::Interrupted);
                 }
             }
-            if stop.load(Ordering::SeqCst) {
-                state.progress.wall_s = wall_before + started.elapsed().as_secs_f64();
-                state.save(&run, &files.checkpoint)?;
-                observer.note(&format!(
-                    "interrupted; checkpoint at {}",
-                    files.checkpoint.display()
-                ));
-                return Ok(Outcome::Interrupted {
-                    checkpoint: files.checkpoint,
-                });
-            }
-        }
+            Ok(EpochEnd::Done)
+        })?;
         tracing::debug!(
             reads = reads.count(),
             steps = state.progress.steps,
             "device-to-host reads by training steps so far"
         );
-        if rolled_back {
-            continue;
+        match end {
+            EpochEnd::Done => {}
+            EpochEnd::RolledBack => continue,
+            EpochEnd::Interrupted => {
+                return Ok(Outcome::Interrupted {
+                    checkpoint: files.checkpoint,
+                })
+            }
         }
         let p = &state.progress;
         let seen = p.epoch_seen.max(1) as f64;
@@ -432,6 +463,40 @@ pub fn fit(
     Ok(Outcome::Finished {
         weights: files.weights,
         test,
+    })
+}
+
+/// How the batch loop of an epoch ended.
+enum EpochEnd {
+    /// Every batch done.
+    Done,
+    /// A non-finite loss or gradient: the state is the last checkpoint's.
+    RolledBack,
+    /// Stopped on request after a checkpoint.
+    Interrupted,
+}
+
+/// The batches of `epoch` from batch `from` on, prepared on a background
+/// thread while the caller trains on the one before: the host work of a
+/// batch (augmentation, preprocessing) then overlaps the step instead of
+/// adding to it. Each batch is what a synchronous [`loader::batch`] call
+/// with the same images and [`Augment::rng`]`(seed, epoch, batch)` gives.
+fn epoch_batches<'scope, 'env>(
+    scope: &'scope Scope<'scope, 'env>,
+    run: &'env RunConfig,
+    train: &'env Dataset,
+    order: &'env [usize],
+    epoch: usize,
+    from: usize,
+    preprocessing: &'env Preprocessing,
+) -> Result<Prefetch<'scope, Result<HostBatch>>> {
+    let size = run.batch_size;
+    let batches = order.len().div_ceil(size);
+    Prefetch::spawn(scope, from..batches, PREFETCH_AHEAD, move |b| {
+        let indices = &order[b * size..((b + 1) * size).min(order.len())];
+        let mut rng = Augment::rng(run.seed, epoch, b);
+        let augment = run.augment.is_on().then_some((&run.augment, &mut rng));
+        loader::prepare(train, indices, preprocessing, augment)
     })
 }
 
@@ -738,5 +803,61 @@ mod tests {
                 "{file} reads the device outside DeviceReads: {found:?}"
             );
         }
+    }
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        let t = t.flatten_all().unwrap().to_dtype(DType::F32).unwrap();
+        t.to_vec1::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(f32::to_bits)
+            .collect()
+    }
+
+    /// The prefetching iterator that `fit` trains on gives, batch for
+    /// batch, bit for bit, what the synchronous loader gives with the same
+    /// images and random stream: with augmentation on, over two epochs, a
+    /// short last batch, and an epoch resumed part-way.
+    #[test]
+    fn prefetched_batches_are_the_synchronous_ones() {
+        let data = slice();
+        let mut run = tiny_run(OPTIMIZERS[0]);
+        run.batch_size = 64;
+        let preprocessing = run.preprocessing();
+        let (train_idx, _) = split(&run, data.len());
+        let batches = train_idx.len().div_ceil(run.batch_size);
+        assert_ne!(train_idx.len() % run.batch_size, 0, "no short batch");
+        let mut augmented = 0;
+        for (epoch, from) in [(0, 0), (1, 0), (2, 5)] {
+            let order = epoch_order(run.seed, epoch, &train_idx);
+            let prefetched: Vec<HostBatch> = std::thread::scope(|scope| {
+                epoch_batches(scope, &run, &data, &order, epoch, from, &preprocessing)
+                    .unwrap()
+                    .map(Result::unwrap)
+                    .collect()
+            });
+            assert_eq!(prefetched.len(), batches - from);
+            for (b, batch) in (from..batches).zip(prefetched) {
+                let indices =
+                    &order[b * run.batch_size..((b + 1) * run.batch_size).min(order.len())];
+                let mut rng = Augment::rng(run.seed, epoch, b);
+                let augment = Some((&run.augment, &mut rng));
+                let (x, y) =
+                    loader::batch(&data, indices, &preprocessing, augment, &Device::Cpu).unwrap();
+                let (px, py) = batch.to_device(&Device::Cpu).unwrap();
+                assert_eq!(px.dims(), x.dims());
+                assert_eq!(bits(&px), bits(&x), "epoch {epoch} batch {b}");
+                assert_eq!(
+                    py.to_vec1::<u32>().unwrap(),
+                    y.to_vec1::<u32>().unwrap(),
+                    "epoch {epoch} batch {b}"
+                );
+                let (plain, _) =
+                    loader::batch(&data, indices, &preprocessing, None, &Device::Cpu).unwrap();
+                augmented += usize::from(bits(&plain) != bits(&x));
+            }
+        }
+        // The comparison covered augmented batches, not only plain ones.
+        assert!(augmented > 0);
     }
 }
