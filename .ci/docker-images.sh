@@ -15,7 +15,7 @@
 #    by .ci/cuda-stubs/gen_stubs.py from cudarc's declarations, which the
 #    checks mount into the CUDA image in place of the driver.
 # 4. pytest on tests/containers, with the web test's venv (Pillow, pytest),
-#    against the host's release nin-serve for the reference answers.
+#    against the host's own nin-serve for the reference answers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -56,8 +56,13 @@ stub_dir=$root/target/ci-tools/cuda-stub
 python3 .ci/cuda-stubs/gen_stubs.py --only cuda "$cudarc_src" "$stub_dir" > /dev/null
 chmod 0755 "$stub_dir/lib/libcuda.so.1"
 
-echo "-- the host's release nin-serve (reference answers)"
-cargo build --release --locked --quiet -p nin-serve
+# The reference answers: the host's own nin-serve, as `cargo test` built it
+# (CI) or as NIN_HOST_SERVE names it.
+host_serve=${NIN_HOST_SERVE:-$root/target/debug/nin-serve}
+if [ ! -x "$host_serve" ]; then
+  echo "-- the host's nin-serve (reference answers)"
+  cargo build --locked --quiet -p nin-serve
+fi
 
 echo "-- checks (tests/containers)"
 venv=target/ci-tools/web-venv
@@ -66,7 +71,7 @@ if [ ! -x "$venv/bin/pytest" ]; then
   exit 1
 fi
 NIN_IMAGE_CPU=nin:cpu NIN_IMAGE_CUDA=nin:cuda NIN_CUDA_STUB="$stub_dir/lib/libcuda.so.1" \
-  NIN_HOST_SERVE="$root/target/release/nin-serve" \
+  NIN_HOST_SERVE="$host_serve" \
   "$venv/bin/pytest" -q -p no:cacheprovider tests/containers
 docker image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' nin
 echo "images built and checked in $(($(date +%s) - started)) s"

@@ -12,6 +12,7 @@
 #
 #   bash .ci/web-test.sh                      # weights/nin-fashion-mnist.safetensors
 #   NIN_WEIGHTS=runs/x/nin-fashion-mnist.safetensors bash .ci/web-test.sh
+#   NIN_SERVE_BIN=target/debug/nin-serve bash .ci/web-test.sh   # no release build
 #
 # Runs as root in CI (no sandbox for Chromium there, hence --no-sandbox in
 # the test); NIN_READY_TIMEOUT (seconds, default 120) bounds the wait for
@@ -51,8 +52,14 @@ fi
   | grep -iE '^(playwright|pytest|pillow)==' | tr '\n' ' '
 echo
 
-echo "== web test: build nin-serve (release)"
-cargo build --release -p nin-serve
+# NIN_SERVE_BIN: a nin-serve binary already built (CI passes the one
+# `cargo test` built, so that no release build is needed); else release.
+serve_bin="${NIN_SERVE_BIN:-}"
+if [ -z "$serve_bin" ]; then
+  echo "== web test: build nin-serve (release)"
+  cargo build --release -p nin-serve
+  serve_bin=target/release/nin-serve
+fi
 
 # A free port: bind port 0, read what the kernel chose, release it. Another
 # process could take it before nin-serve binds, but then nin-serve exits
@@ -66,7 +73,7 @@ base="http://127.0.0.1:$port"
 log="$(mktemp -t nin-serve-web.XXXXXX.log)"
 
 echo "== web test: serve $weights on $base (log: $log)"
-target/release/nin-serve --addr "127.0.0.1:$port" --weights "$weights" >"$log" 2>&1 &
+"$serve_bin" --addr "127.0.0.1:$port" --weights "$weights" >"$log" 2>&1 &
 server=$!
 stop_server() {
   if kill -0 "$server" 2>/dev/null; then
