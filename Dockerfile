@@ -112,11 +112,11 @@ ARG CUDA_TOOLKIT_VERSION=13.4.3
 # Kernels built for one capability are not guaranteed to load on another:
 # build one image per GPU generation you deploy to.
 ARG CUDA_COMPUTE_CAP=90
-# Build tools only: this stage is thrown away, so the package versions follow
-# the Debian release rather than being pinned one by one.
+# g++: nvcc's host compiler; python3: the CUDA wheels. Build tools only: this
+# stage is thrown away, so the package versions follow the Debian release.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv \
+ && apt-get install -y --no-install-recommends g++ python3 python3-venv \
  && rm -rf /var/lib/apt/lists/*
 # /usr/local/cuda as a CUDA install looks: the wheels' bin/, include/, lib/,
 # plus the unversioned library names the linker asks for.
