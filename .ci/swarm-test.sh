@@ -244,11 +244,12 @@ echo "serving: $old_version"
 (
   while true; do
     echo "T $(date +%s.%N)"
-    curl -s --max-time 1 "$stats_url" || true
+    curl -s --max-time 2 "$stats_url" || true
     sleep 0.5
   done
 ) > "$work/stats.log" 2>/dev/null &
 sampler_pid=$!
+wait_for 10 grep -q '^# pxname' "$work/stats.log" || true # a sample before the first window
 
 run_wrk() { # run_wrk PHASE SECONDS: in the background, RESULT line into PHASE.json
   timeout --kill-after=5 $(($2 + 60)) \
@@ -316,6 +317,7 @@ sleep "$settle_seconds"
 kill -INT "$wrk_pid" 2>/dev/null || true
 finish_wrk disruption
 mark disruption-end
+sleep 3 # a sample or two after the end (each takes up to 2.5 s)
 kill "$sampler_pid" 2>/dev/null || true
 wait "$sampler_pid" 2>/dev/null || true
 sampler_pid=
@@ -355,11 +357,16 @@ def counter(sample, key, field):
         return 0
 
 def window(start, end):
-    """HAProxy's counters between the samples nearest to start and end."""
-    inside = [s for s in samples if s[1] and start - 0.6 <= s[0] <= end + 0.6]
-    if len(inside) < 2:
+    """HAProxy's counters from the last sample before start to the first
+    after end (a sample that failed leaves a gap; the window then widens,
+    rather than missing what happened just after start)."""
+    valid = [s for s in samples if s[1]]
+    before = [s for s in valid if s[0] <= start]
+    after = [s for s in valid if s[0] >= end]
+    if not before or not after:
         return None
-    (t1, a), (t2, b) = inside[0], inside[-1]
+    (t1, a), (t2, b) = before[-1], after[0]
+    inside = [s for s in valid if t1 <= s[0] <= t2]
     d = lambda key, field: counter(b, key, field) - counter(a, key, field)
     fe, be = ("nin", "FRONTEND"), ("nin", "BACKEND")
     return {
