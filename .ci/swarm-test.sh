@@ -40,7 +40,8 @@
 #
 # Idempotent: a stack left by an aborted run is removed first. On exit,
 # whatever the exit, the stack is removed and the swarm left if this script
-# created it. The images it builds (nin-haproxy:local, nin:cpu-next) are
+# created it (now or in a run killed before it could clean up: the node
+# carries the label nin.swarm-test=created). The images it builds (nin-haproxy:local, nin:cpu-next) are
 # kept as a cache. Needs docker, python3, curl; loopback only: the stack
 # publishes its ports in host mode on this machine.
 #
@@ -115,7 +116,9 @@ cleanup() {
   trap - EXIT INT TERM
   [ -n "$wrk_pid" ] && kill "$wrk_pid" 2>/dev/null || true
   [ -n "$sampler_pid" ] && kill "$sampler_pid" 2>/dev/null || true
-  if [ "$deployed" = 1 ] && { [ "$status" -ne 0 ] || [ "$failed" -ne 0 ]; }; then
+  # The services' last lines when something failed (not when interrupted).
+  if [ "$deployed" = 1 ] && [ "$status" != 130 ] && [ "$status" != 143 ] \
+    && { [ "$status" -ne 0 ] || [ "$failed" -ne 0 ]; }; then
     for service in "$svc" "${stack}_lb"; do
       echo "--- last lines of $service's log" >&2
       timeout 20 docker service logs --raw --tail 15 "$service" 2>&1 | tail -n 30 >&2 || true
@@ -138,12 +141,22 @@ trap 'exit 143' TERM
 
 say "swarm"
 case "$(docker info --format '{{.Swarm.LocalNodeState}} {{.Swarm.ControlAvailable}}')" in
-  "active true") echo "this engine is already a swarm manager: using its swarm" ;;
+  "active true")
+    # A swarm this script made in a run that could not clean up (killed)
+    # carries its label: this run leaves it.
+    if [ "$(docker node inspect self --format '{{index .Spec.Labels "nin.swarm-test"}}')" = created ]; then
+      swarm_created=1
+      echo "using the swarm a previous run made (it will be left on exit)"
+    else
+      echo "this engine is already a swarm manager: using its swarm"
+    fi
+    ;;
   "inactive "*)
     gwbridge_created=1
     docker network inspect docker_gwbridge > /dev/null 2>&1 && gwbridge_created=0
     swarm_created=1
     timeout 60 docker swarm init --advertise-addr 127.0.0.1 > /dev/null
+    docker node update --label-add nin.swarm-test=created "$(docker info --format '{{.Swarm.NodeID}}')" > /dev/null
     echo "swarm initialised (it will be left on exit)"
     ;;
   *) echo "swarm-test: this engine is in a swarm but not a manager; cannot deploy" >&2; exit 2 ;;
