@@ -41,9 +41,10 @@
 # Idempotent: a stack left by an aborted run is removed first. On exit,
 # whatever the exit, the stack is removed and the swarm left if this script
 # created it (now or in a run killed before it could clean up: the node
-# carries the label nin.swarm-test=created). The images it builds (nin-haproxy:local, nin:cpu-next) are
-# kept as a cache. Needs docker, python3, curl; loopback only: the stack
-# publishes its ports in host mode on this machine.
+# carries the label nin.swarm-test=created). The images it builds
+# (nin-haproxy:local, nin:cpu-next) are kept as a cache. Needs docker,
+# python3, curl; load on loopback only (the stack publishes its ports in
+# host mode on this machine).
 #
 # Environment: NIN_IMAGE (nin:cpu), NIN_NEXT_IMAGE (nin:cpu-next),
 # NIN_LB_IMAGE (default: nin-haproxy:local, built here from
