@@ -150,11 +150,12 @@ RUN cargo build --release --locked --features cuda -p nin-serve -p nin-train \
  && strip --strip-debug /out/bin/* \
  && mkdir -p /out/cuda \
  && cp -a /usr/local/cuda/lib/libcudart.so.* /usr/local/cuda/lib/libcublas.so.* /usr/local/cuda/lib/libcublasLt.so.* \
-      /usr/local/cuda/lib/libcurand.so.* /usr/local/cuda/lib/libnvrtc.so.* /usr/local/cuda/lib/libnvrtc-builtins.so.* /out/cuda/
+      /usr/local/cuda/lib/libcurand.so.* /out/cuda/
 
 # ---------------------------------------------------------------------------
-# cuda: the cuda build and the CUDA libraries it loads (cuBLAS, cuRAND,
-# NVRTC, cudart); the driver comes from the host.
+# cuda: the cuda build and the CUDA libraries it links (cuBLAS, cuBLASLt,
+# cuRAND, cudart; not NVRTC, which the linker drops as unused); the driver
+# comes from the host.
 FROM runtime AS cuda
 ARG CUDA_COMPUTE_CAP=90
 LABEL org.opencontainers.image.description="Network-in-Network Fashion-MNIST classifier: nin-serve and nin-train, CUDA build" \
