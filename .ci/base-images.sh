@@ -20,10 +20,12 @@
 #
 # An image that exists with the same recipe stamp is kept; NIN_FRESH_IMAGES=1
 # removes them first (CI does, to build from nothing). Prints the Rust
-# version it tagged, for `docker build --build-arg RUST_VERSION=...`, on its
-# last line.
+# version it tagged, for `docker build --build-arg RUST_VERSION=...`, on
+# stdout; everything else on stderr.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Progress goes to stderr; stdout carries only the Rust version (last line).
+exec 3>&1 1>&2
 
 mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 security_mirror=${DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
@@ -119,4 +121,4 @@ EOF
 fi
 docker image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' "$debian_tag"
 docker image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' "$rust_tag"
-echo "$rust_version"
+echo "$rust_version" >&3

@@ -27,7 +27,7 @@ if [ "${NIN_FRESH_IMAGES:-0}" = 1 ]; then
   # The builder stages of earlier builds, now untagged (several GB for CUDA).
   docker image prune -f > /dev/null
 fi
-rust_version=$(bash .ci/base-images.sh | tail -n 1)
+rust_version=$(bash .ci/base-images.sh)
 
 build() { # build TARGET TAG
   local t0

@@ -106,7 +106,7 @@ def pngs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def host_answers(pngs, tmp_path_factory):
     """The host binary's answers for the same images, same weights."""
-    serve = os.environ.get("NIN_HOST_SERVE", "target/release/nin-serve")
+    serve = os.environ.get("NIN_HOST_SERVE", "target/debug/nin-serve")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
