@@ -29,13 +29,16 @@ if [ "${NIN_FRESH_IMAGES:-0}" = 1 ]; then
 fi
 rust_version=$(bash .ci/base-images.sh)
 
+# Prefixes each line with the time of day, so the log shows each step's cost.
+stamp() { while IFS= read -r line; do printf '%(%T)T %s\n' -1 "$line"; done; }
+
 build() { # build TARGET TAG
   local t0
   t0=$(date +%s)
   echo "-- docker build --target $1 -t $2 (log: target/ci-tools/docker-$1.log)"
   mkdir -p target/ci-tools
   if ! DOCKER_BUILDKIT=0 docker build --target "$1" --build-arg "RUST_VERSION=$rust_version" \
-      -t "$2" . > "target/ci-tools/docker-$1.log" 2>&1; then
+      -t "$2" . 2>&1 | stamp > "target/ci-tools/docker-$1.log"; then
     tail -n 60 "target/ci-tools/docker-$1.log" >&2
     echo "docker build --target $1 failed" >&2
     exit 1
