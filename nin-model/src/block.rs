@@ -7,21 +7,22 @@
 //! Shapes: (N, C_in, H, W) -> (N, channels, H', W') with H' and W' given by
 //! the spatial conv's [`Window`]; the 1x1 convs keep the spatial size.
 //!
-//! Every block runs on two paths with the same tensors: the plain candle
-//! path (any device, (N, C, H, W) tensors) and the CPU fast path of
-//! [`crate::channels_last`] ((N*H*W, C) matrices, fused kernels).
+//! The layers hold the parameters; the passes that run them are elsewhere:
+//! [`crate::tape`] (native CPU kernels) and [`crate::generic`] (candle ops,
+//! any device) for nin's own training and inference, and the plain candle
+//! path here (`forward_plain`), whose autograd is the reference both are
+//! tested against.
 //!
 //! Tensor names under the block's prefix: `conv`, `mlp1`, `mlp2`, ... for
 //! the convolutions (`weight`, and `bias` without batch norm), and
 //! `conv_bn`, `mlp1_bn`, ... for the batch norms (`weight`, `bias`,
 //! `running_mean`, `running_var`, as in PyTorch).
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 
-use crate::channels_last::{self as cl, BatchStats, Nhwc};
 use crate::config::Window;
 
 /// Batch norm's epsilon and running-average momentum (PyTorch's defaults).
@@ -61,8 +62,6 @@ pub(crate) struct Norm {
     pub(crate) beta: Tensor,
     pub(crate) running_mean: Var,
     pub(crate) running_var: Var,
-    /// Where the fast path's kernel leaves the batch statistics.
-    stats: Arc<Mutex<BatchStats>>,
 }
 
 impl Norm {
@@ -77,7 +76,6 @@ impl Norm {
             beta: vb.get_with_hints(channels, "bias", Init::Const(0.0))?,
             running_mean: running("running_mean", 0.0)?,
             running_var: running("running_var", 1.0)?,
-            stats: Arc::default(),
         })
     }
 
@@ -100,9 +98,12 @@ impl Norm {
     }
 
     /// Evaluation-mode batch norm as y = x * scale + shift per channel.
+    /// Detached: evaluation builds no autograd graph, although the running
+    /// statistics are variables.
     pub(crate) fn eval_affine(&self) -> Result<(Tensor, Tensor)> {
-        let scale = (&self.gamma / (self.running_var.as_tensor() + BN_EPS)?.sqrt()?)?;
-        let shift = (&self.beta - (self.running_mean.as_tensor() * &scale)?)?;
+        let running_var = self.running_var.as_tensor().detach();
+        let scale = (self.gamma.detach() / (running_var + BN_EPS)?.sqrt()?)?;
+        let shift = (self.beta.detach() - (self.running_mean.as_tensor().detach() * &scale)?)?;
         Ok((scale, shift))
     }
 
@@ -171,41 +172,6 @@ impl ConvUnit {
         };
         y.relu()
     }
-
-    fn forward_fast(&self, x: &Nhwc, train: bool) -> Result<Nhwc> {
-        match &self.after {
-            After::Bias(bias) => {
-                let y = cl::conv(x, &self.weight, self.window)?;
-                Ok(Nhwc {
-                    data: cl::bias_relu(&y.data, bias)?,
-                    ..y
-                })
-            }
-            After::Norm(norm) if train => {
-                let y = cl::conv(x, &self.weight, self.window)?;
-                let data =
-                    cl::batch_norm_relu(&y.data, &norm.gamma, &norm.beta, BN_EPS, &norm.stats)?;
-                let stats = norm.stats.lock().expect("batch stats poisoned").clone();
-                let as_tensor = |v: &[f64]| Tensor::new(v, y.data.device());
-                norm.update_running(
-                    &as_tensor(&stats.mean)?,
-                    &as_tensor(&stats.var)?,
-                    stats.count,
-                )?;
-                Ok(Nhwc { data, ..y })
-            }
-            After::Norm(norm) => {
-                // Fold the per-channel scale into the kernel: one pass fewer.
-                let (scale, shift) = norm.eval_affine()?;
-                let weight = self.weight.broadcast_mul(&scale.reshape(((), 1, 1, 1))?)?;
-                let y = cl::conv(x, &weight, self.window)?;
-                Ok(Nhwc {
-                    data: cl::bias_relu(&y.data, &shift)?,
-                    ..y
-                })
-            }
-        }
-    }
 }
 
 /// Builds an mlpconv block whose tensors live under `vb`'s prefix.
@@ -241,12 +207,5 @@ impl NinBlock {
         self.units
             .iter()
             .try_fold(x.clone(), |x, unit| unit.forward_plain(&x, train))
-    }
-
-    /// CPU fast path on channels-last maps.
-    pub fn forward_fast(&self, x: &Nhwc, train: bool) -> Result<Nhwc> {
-        self.units
-            .iter()
-            .try_fold(x.clone(), |x, unit| unit.forward_fast(&x, train))
     }
 }

@@ -24,113 +24,13 @@
 //!
 //! Only for f32 on CPU; other devices use the plain candle path.
 
-use std::sync::{Arc, Mutex};
-
-use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, Result, Shape, Storage,
-    Tensor,
-};
+use candle_core::{bail, Result};
 use rayon::prelude::*;
 
 use crate::config::Window;
-use crate::pool::contiguous_f32;
-
-/// A batch of feature maps stored channels-last as a (N*H*W, C) matrix.
-#[derive(Clone, Debug)]
-pub struct Nhwc {
-    /// (N*H*W, C), row (n, y, x) holds the channel vector of one pixel.
-    pub data: Tensor,
-    pub n: usize,
-    pub h: usize,
-    pub w: usize,
-    pub c: usize,
-}
-
-impl Nhwc {
-    /// From the usual (N, C, H, W) layout (a reshape when C = 1).
-    pub fn from_nchw(x: &Tensor) -> Result<Self> {
-        let (n, c, h, w) = x.dims4()?;
-        let data = if c == 1 {
-            x.reshape((n * h * w, 1))?
-        } else {
-            x.permute((0, 2, 3, 1))?
-                .contiguous()?
-                .reshape((n * h * w, c))?
-        };
-        Ok(Self { data, n, h, w, c })
-    }
-
-    /// Back to (N, C, H, W), for inspection and for the plain path.
-    pub fn to_nchw(&self) -> Result<Tensor> {
-        self.data
-            .reshape((self.n, self.h, self.w, self.c))?
-            .permute((0, 3, 1, 2))?
-            .contiguous()
-    }
-
-    fn with_data(&self, data: Tensor, h: usize, w: usize) -> Result<Self> {
-        let c = data.dim(1)?;
-        Ok(Self {
-            data,
-            n: self.n,
-            h,
-            w,
-            c,
-        })
-    }
-}
 
 /// Rows per parallel task: enough work per task to amortise scheduling.
 const ROWS_PER_TASK: usize = 64;
-
-/// Reads a contiguous CPU f32 tensor.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
-        bail!("channels-last kernels need f32 CPU tensors")
-    };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        bail!("channels-last kernels need contiguous tensors")
-    };
-    Ok(f(&data[start..end]))
-}
-
-fn cpu_tensor(values: Vec<f32>, shape: impl Into<Shape>) -> Result<Tensor> {
-    Tensor::from_vec(values, shape, &Device::Cpu)
-}
-
-/// A convolution on channels-last maps with a (C_out, C_in, k, k) weight
-/// (the usual layout, so weights files are the same on every path).
-/// Returns the pre-activation (N*H'*W', C_out).
-pub fn conv(x: &Nhwc, weight: &Tensor, window: Window) -> Result<Nhwc> {
-    let (c_out, c_in, k, _) = weight.dims4()?;
-    if c_in != x.c {
-        bail!("conv expects {c_in} input channels, got {}", x.c)
-    }
-    let (Some(oh), Some(ow)) = (window.output_size(x.h), window.output_size(x.w)) else {
-        bail!("conv {window:?} does not fit a {}x{} input", x.h, x.w)
-    };
-    let out = if k == 1 && window.stride == 1 && window.padding == 0 {
-        x.data.matmul(&weight.reshape((c_out, c_in))?.t()?)?
-    } else {
-        let cols = im2col(x, window)?;
-        // Patch rows are ordered (ky, kx, c): permute the weight to match.
-        let weight = weight
-            .permute((2, 3, 1, 0))?
-            .reshape((k * k * c_in, c_out))?;
-        cols.matmul(&weight)?
-    };
-    x.with_data(out, oh, ow)
-}
-
-/// Each output pixel's k x k x C neighbourhood as one row, ordered
-/// (ky, kx, c); zeros where the window hangs over the padding.
-pub fn im2col(x: &Nhwc, window: Window) -> Result<Tensor> {
-    x.data
-        .contiguous()?
-        .apply_op1(Im2Col(Geometry::of(x, window)))
-}
 
 /// A window sliding over a batch of channels-last maps.
 #[derive(Clone, Copy, Debug)]
@@ -143,16 +43,6 @@ pub(crate) struct Geometry {
 }
 
 impl Geometry {
-    fn of(x: &Nhwc, window: Window) -> Self {
-        Self {
-            window,
-            n: x.n,
-            h: x.h,
-            w: x.w,
-            c: x.c,
-        }
-    }
-
     pub fn out_dims(&self) -> Result<(usize, usize)> {
         crate::pool::output_dims(self.window, self.h, self.w)
     }
@@ -163,53 +53,6 @@ impl Geometry {
         let y = (oy * self.window.stride + ky).checked_sub(self.window.padding)?;
         let x = (ox * self.window.stride + kx).checked_sub(self.window.padding)?;
         (y < self.h && x < self.w).then_some((y, x))
-    }
-}
-
-/// Patches op (forward im2col, backward col2im).
-struct Im2Col(Geometry);
-
-/// Channels-last max-pool op.
-struct MaxPool(Geometry);
-
-impl std::ops::Deref for Im2Col {
-    type Target = Geometry;
-    fn deref(&self) -> &Geometry {
-        &self.0
-    }
-}
-
-impl std::ops::Deref for MaxPool {
-    type Target = Geometry;
-    fn deref(&self) -> &Geometry {
-        &self.0
-    }
-}
-
-impl CustomOp1 for Im2Col {
-    fn name(&self) -> &'static str {
-        "nin-im2col"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let src = contiguous_f32(storage, layout, self.name())?;
-        let (oh, ow) = self.out_dims()?;
-        let row_len = self.window.kernel * self.window.kernel * self.c;
-        let mut out = vec![0f32; self.n * oh * ow * row_len];
-        im2col_into(&self.0, src, &mut out)?;
-        Ok((
-            CpuStorage::F32(out),
-            Shape::from((self.n * oh * ow, row_len)),
-        ))
-    }
-
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let mut grad_in = vec![0f32; self.n * self.h * self.w * self.c];
-        with_f32(grad, |grad| col2im_into(&self.0, grad, &mut grad_in))??;
-        Ok(Some(cpu_tensor(
-            grad_in,
-            (self.n * self.h * self.w, self.c),
-        )?))
     }
 }
 
@@ -279,57 +122,6 @@ pub(crate) fn col2im_into(g: &Geometry, cols: &[f32], out: &mut [f32]) -> Result
             }
         });
     Ok(())
-}
-
-/// relu(x + bias) over a (M, C) matrix in one pass.
-pub fn bias_relu(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op2(&bias.contiguous()?, BiasRelu)
-}
-
-struct BiasRelu;
-
-impl CustomOp2 for BiasRelu {
-    fn name(&self) -> &'static str {
-        "nin-bias-relu"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s1, l1, self.name())?;
-        let bias = contiguous_f32(s2, l2, self.name())?;
-        if l1.shape().dims2()?.1 != bias.len() {
-            bail!(
-                "{}: {} biases for {:?}",
-                self.name(),
-                bias.len(),
-                l1.shape()
-            )
-        }
-        let mut out = x.to_vec();
-        bias_relu_in_place(&mut out, bias);
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        bias: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let c = bias.elem_count();
-        let mut grad_x: Vec<f32> = grad.flatten_all()?.to_vec1()?;
-        let grad_bias = with_f32(res, |res| relu_backward_in_place(res, &mut grad_x, c))?;
-        Ok((
-            Some(cpu_tensor(grad_x, res.shape())?),
-            Some(cpu_tensor(grad_bias, c)?),
-        ))
-    }
 }
 
 /// x <- relu(x + bias) over a (M, C) matrix, C = `bias.len()`.
@@ -442,83 +234,6 @@ impl BatchStats {
     }
 }
 
-/// Training-mode batch norm followed by ReLU over a (M, C) matrix:
-/// relu(gamma * (x - mean) / sqrt(var + eps) + beta) with the batch's own
-/// per-channel mean and variance, which are also written to `stats`.
-pub fn batch_norm_relu(
-    x: &Tensor,
-    gamma: &Tensor,
-    beta: &Tensor,
-    eps: f64,
-    stats: &Arc<Mutex<BatchStats>>,
-) -> Result<Tensor> {
-    x.contiguous()?.apply_op3(
-        &gamma.contiguous()?,
-        &beta.contiguous()?,
-        BatchNormRelu {
-            eps,
-            stats: stats.clone(),
-        },
-    )
-}
-
-struct BatchNormRelu {
-    eps: f64,
-    stats: Arc<Mutex<BatchStats>>,
-}
-
-impl CustomOp3 for BatchNormRelu {
-    fn name(&self) -> &'static str {
-        "nin-batch-norm-relu"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s1, l1, self.name())?;
-        let gamma = contiguous_f32(s2, l2, self.name())?;
-        let beta = contiguous_f32(s3, l3, self.name())?;
-        let (m, c) = l1.shape().dims2()?;
-        if gamma.len() != c || beta.len() != c || m == 0 {
-            bail!("{}: bad shapes for {:?}", self.name(), l1.shape())
-        }
-        let mut out = vec![0f32; x.len()];
-        let stats = batch_norm_relu_into(x, gamma, beta, self.eps, &mut out);
-        *self.stats.lock().expect("batch stats poisoned") = stats;
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        gamma: &Tensor,
-        _beta: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let stats = self.stats.lock().expect("batch stats poisoned").clone();
-        let (m, c) = x.dims2()?;
-        let gamma: Vec<f32> = gamma.to_vec1()?;
-        let mut dx: Vec<f32> = grad.flatten_all()?.to_vec1()?;
-        let (dgamma, dbeta) = with_f32(x, |x| {
-            with_f32(res, |res| {
-                batch_norm_relu_backward_in_place(x, res, &mut dx, &gamma, &stats, self.eps)
-            })
-        })???;
-        Ok((
-            Some(cpu_tensor(dx, (m, c))?),
-            Some(cpu_tensor(dgamma, c)?),
-            Some(cpu_tensor(dbeta, c)?),
-        ))
-    }
-}
-
 /// Training-mode batch norm + ReLU on slices: `out` (M, C) gets
 /// relu(gamma * (x - mean) / sqrt(var + eps) + beta) with the batch's
 /// statistics, which are returned. `out` may hold anything beforehand.
@@ -628,15 +343,6 @@ pub(crate) fn batch_norm_relu_backward_in_place(
     Ok((to_f32(dgamma), to_f32(dbeta)))
 }
 
-/// Max-pool over channels-last maps; the gradient goes to the first
-/// maximum of each window (as PyTorch), and NaNs propagate.
-pub fn max_pool(x: &Nhwc, window: Window) -> Result<Nhwc> {
-    let op = MaxPool(Geometry::of(x, window));
-    let (oh, ow) = op.out_dims()?;
-    let data = x.data.contiguous()?.apply_op1(op)?;
-    x.with_data(data, oh, ow)
-}
-
 impl Geometry {
     /// For output pixel (oy, ox) of one image, the input pixel index that
     /// wins each channel, written to `best_at` (values to `best`).
@@ -661,37 +367,6 @@ impl Geometry {
                 }
             }
         }
-    }
-}
-
-impl CustomOp1 for MaxPool {
-    fn name(&self) -> &'static str {
-        "nin-max-pool-nhwc"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let src = contiguous_f32(storage, layout, self.name())?;
-        let (oh, ow) = self.out_dims()?;
-        let mut out = vec![0f32; self.n * oh * ow * self.c];
-        max_pool_into(&self.0, src, &mut out, None)?;
-        Ok((
-            CpuStorage::F32(out),
-            Shape::from((self.n * oh * ow, self.c)),
-        ))
-    }
-
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (oh, ow) = self.out_dims()?;
-        let len = self.n * oh * ow * self.c;
-        let (mut out, mut winners) = (vec![0f32; len], vec![0u32; len]);
-        let mut grad_in = vec![0f32; arg.elem_count()];
-        with_f32(arg, |src| {
-            max_pool_into(&self.0, src, &mut out, Some(&mut winners))
-        })??;
-        with_f32(grad, |grad| {
-            max_pool_backward_into(&self.0, &winners, grad, &mut grad_in)
-        })??;
-        Ok(Some(cpu_tensor(grad_in, arg.shape())?))
     }
 }
 
@@ -771,11 +446,6 @@ pub(crate) fn max_pool_backward_into(
             }
         });
     Ok(())
-}
-
-/// Global average pool: (N*H*W, C) -> (N, C).
-pub fn global_avg_pool(x: &Nhwc) -> Result<Tensor> {
-    x.data.reshape((x.n, x.h * x.w, x.c))?.mean(1)
 }
 
 #[cfg(test)]

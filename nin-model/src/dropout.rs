@@ -69,15 +69,29 @@ impl Dropout {
     }
 }
 
+impl Dropout {
+    /// The next mask for `x`'s shape on `x`'s device. Masks are drawn in
+    /// channels-last order for (N, C, H, W) maps, the order of the native
+    /// kernels' memory, so that every path of a seeded network drops the
+    /// same values.
+    pub(crate) fn mask_like(&self, x: &Tensor) -> Option<Result<Tensor>> {
+        let mask = self.mask(x.elem_count())?;
+        let on_device = |shape: &[usize]| Tensor::from_vec(mask, shape, x.device());
+        Some(match *x.dims() {
+            [n, c, h, w] => {
+                on_device(&[n, h, w, c]).and_then(|m| m.permute((0, 3, 1, 2))?.contiguous())
+            }
+            _ => on_device(x.dims()),
+        })
+    }
+}
+
 impl ModuleT for Dropout {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let Some(mask) = train.then(|| self.mask(x.elem_count())).flatten() else {
-            return Ok(x.clone());
-        };
-        let mask = Tensor::from_vec(mask, x.shape(), &candle_core::Device::Cpu)?
-            .to_dtype(x.dtype())?
-            .to_device(x.device())?;
-        x.mul(&mask)
+        match train.then(|| self.mask_like(x)).flatten() {
+            Some(mask) => x.mul(&mask?.to_dtype(x.dtype())?),
+            None => Ok(x.clone()),
+        }
     }
 }
 

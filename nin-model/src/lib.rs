@@ -17,7 +17,9 @@ pub mod config;
 pub mod device;
 pub mod dropout;
 mod error;
+mod generic;
 pub mod init;
+pub mod kernels;
 mod model;
 pub mod pool;
 pub mod preprocess;
@@ -27,5 +29,6 @@ pub mod weights;
 
 pub use config::{BlockConfig, NinConfig, Window};
 pub use error::{Error, Result};
+pub use kernels::Kernels;
 pub use model::Nin;
 pub use tape::Pass;

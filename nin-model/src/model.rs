@@ -11,19 +11,19 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, ModuleT, VarBuilder, VarMap};
 
 use crate::block::{nin_block, NinBlock};
-use crate::channels_last::{self as cl, Nhwc};
 use crate::config::{Layer, NinConfig, Window};
 use crate::dropout::Dropout;
-use crate::pool;
+use crate::kernels::Kernels;
 use crate::tape::{self, Buffers, Pass};
+use crate::{generic, pool};
 
 /// A Network-in-Network classifier.
 #[derive(Debug)]
 pub struct Nin {
     config: NinConfig,
     layers: Vec<(String, NinLayer)>,
-    /// Use the channels-last CPU kernels for f32 inputs on CPU (default).
-    fast_path: bool,
+    /// The kernel set that runs training and inference passes.
+    kernels: Kernels,
     /// Buffers the CPU passes of [`crate::tape`] reuse from call to call.
     buffers: Arc<Buffers>,
 }
@@ -75,6 +75,7 @@ impl Nin {
     }
 
     fn build(config: &NinConfig, vb: VarBuilder, seed: u64) -> crate::Result<Self> {
+        let kernels = Kernels::default_for(vb.device(), vb.dtype());
         let mut layers = Vec::new();
         for spec in config.layers()? {
             let layer = match spec.layer {
@@ -99,33 +100,73 @@ impl Nin {
         Ok(Self {
             config: config.clone(),
             layers,
-            fast_path: true,
+            kernels,
             buffers: Arc::default(),
         })
     }
 
-    /// Chooses between the CPU fast path ([`crate::channels_last`], the
-    /// default) and the plain candle path for f32 inputs on CPU. Other
-    /// devices and dtypes always take the plain path. Both compute the same
-    /// function with the same tensors; the switch exists to compare them.
-    pub fn set_fast_path(&mut self, enabled: bool) {
-        self.fast_path = enabled;
+    /// Chooses the kernel set for training and inference passes. The
+    /// default is [`Kernels::default_for`] the parameters' device and
+    /// dtype: native for F32 on CPU, generic elsewhere. Both compute the
+    /// same function with the same tensors; choosing generic on CPU runs
+    /// the code a GPU runs. Native kernels on another device or dtype are
+    /// refused.
+    pub fn set_kernels(&mut self, kernels: Kernels) -> crate::Result<()> {
+        let (device, dtype) = self.parameters_device();
+        if !kernels.supports(&device, dtype) {
+            return Err(crate::Error::Device {
+                requested: format!("{device:?}"),
+                reason: format!("the {kernels} kernels run only on CPU in F32, not {dtype:?}"),
+            });
+        }
+        self.kernels = kernels;
+        Ok(())
     }
 
-    fn takes_fast_path(&self, x: &Tensor) -> bool {
-        self.fast_path && x.device().is_cpu() && x.dtype() == DType::F32
+    /// The kernel set this network runs.
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
+    }
+
+    /// Where the parameters live and their dtype.
+    fn parameters_device(&self) -> (Device, DType) {
+        self.layers
+            .iter()
+            .find_map(|(_, layer)| match layer {
+                NinLayer::Block(block) => block.units.first(),
+                _ => None,
+            })
+            .map_or((Device::Cpu, DType::F32), |unit| {
+                (unit.weight.device().clone(), unit.weight.dtype())
+            })
+    }
+
+    /// The kernel set that runs `x`: the chosen one, unless the native set
+    /// cannot (an input on another device or in another dtype).
+    fn kernels_for(&self, x: &Tensor) -> Kernels {
+        match self.kernels {
+            Kernels::Native if Kernels::Native.supports(x.device(), x.dtype()) => Kernels::Native,
+            _ => Kernels::Generic,
+        }
     }
 
     /// A training-mode forward pass (batch norm on batch statistics,
-    /// dropout on) whose [`Pass::backward`] gives the parameters' gradients.
-    /// On the CPU fast path the backward pass is [`crate::tape`]'s, several
-    /// times faster than candle's autograd; elsewhere it is candle's.
+    /// dropout on) whose [`Pass::backward`] gives the parameters' gradients:
+    /// an explicit backward pass with the chosen [`Kernels`], not candle's
+    /// autograd (several times faster on CPU, and no graph on a GPU).
     pub fn forward_train(&self, x: &Tensor) -> Result<Pass> {
         self.check_input(x)?;
-        if !self.takes_fast_path(x) {
-            return Ok(Pass::autograd(self.forward_t(x, true)?));
-        }
-        let (logits, tape) = tape::forward(self.steps()?, x, true, &self.buffers, None)?;
+        let steps = self.steps()?;
+        let (logits, tape) = match self.kernels_for(x) {
+            Kernels::Native => {
+                let (logits, tape) = tape::forward(steps, x, true, &self.buffers, None)?;
+                (logits, tape.map(|t| Box::new(t) as Box<dyn tape::Backward>))
+            }
+            Kernels::Generic => {
+                let (logits, tape) = generic::forward(steps, x, true, None)?;
+                (logits, tape.map(|t| Box::new(t) as Box<dyn tape::Backward>))
+            }
+        };
         match tape {
             Some(tape) => Pass::recorded(logits, tape),
             None => candle_core::bail!("a training pass recorded no tape"),
@@ -170,11 +211,9 @@ impl Nin {
         mut trace: Option<&mut Vec<(String, Tensor)>>,
     ) -> Result<Tensor> {
         self.check_input(x)?;
-        if !train && self.takes_fast_path(x) {
-            let steps = self.steps()?;
-            return Ok(tape::forward(steps, x, false, &self.buffers, trace)?.0);
-        }
-        if !self.takes_fast_path(x) {
+        if train {
+            // candle's autograd on the plain path, for callers who run it
+            // themselves; nin's own training uses `forward_train`.
             let mut x = x.clone();
             for (name, layer) in &self.layers {
                 x = layer.forward_plain(&x, train)?;
@@ -184,35 +223,11 @@ impl Nin {
             }
             return Ok(x);
         }
-        let mut x = Nhwc::from_nchw(x)?;
-        for (name, layer) in &self.layers {
-            let logits = match layer {
-                NinLayer::Block(block) => {
-                    x = block.forward_fast(&x, train)?;
-                    None
-                }
-                NinLayer::MaxPool(window) => {
-                    x = cl::max_pool(&x, *window)?;
-                    None
-                }
-                NinLayer::Dropout(dropout) => {
-                    x.data = dropout.forward_t(&x.data, train)?;
-                    None
-                }
-                NinLayer::GlobalAvgPool => Some(cl::global_avg_pool(&x)?),
-            };
-            if let Some(trace) = trace.as_deref_mut() {
-                let out = match &logits {
-                    Some(logits) => logits.clone(),
-                    None => x.to_nchw()?,
-                };
-                trace.push((name.clone(), out));
-            }
-            if let Some(logits) = logits {
-                return Ok(logits);
-            }
+        let steps = self.steps()?;
+        match self.kernels_for(x) {
+            Kernels::Native => Ok(tape::forward(steps, x, false, &self.buffers, trace)?.0),
+            Kernels::Generic => Ok(generic::forward(steps, x, false, trace)?.0),
         }
-        candle_core::bail!("NiN has no global average pool layer")
     }
 
     /// Position of the dropout mask stream, for checkpoints (0 without dropout).

@@ -48,6 +48,21 @@ pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
 /// Where several inputs tie for the maximum, candle's `maximum` splits the
 /// gradient between them instead of giving it all to the first.
 pub fn max_pool2d_portable(x: &Tensor, window: Window) -> Result<Tensor> {
+    let mut out: Option<Tensor> = None;
+    for view in window_views(x, window)? {
+        out = Some(match out {
+            None => view,
+            Some(acc) => acc.maximum(&view)?,
+        });
+    }
+    out.ok_or_else(|| candle_core::Error::Msg("max-pool with an empty kernel".into()))
+}
+
+/// The k*k views of `x` ((N, C, H, W)) that a pooling window's taps see,
+/// in row-major tap order: view (dy, dx) holds, at output (i, j), the
+/// input at (s*i + dy - p, s*j + dx - p), minus infinity in the padding.
+/// The output max is their elementwise maximum.
+pub(crate) fn window_views(x: &Tensor, window: Window) -> Result<Vec<Tensor>> {
     let (n, c, h, w) = x.dims4()?;
     let (oh, ow) = output_dims(window, h, w)?;
     let Window {
@@ -60,7 +75,7 @@ pub fn max_pool2d_portable(x: &Tensor, window: Window) -> Result<Tensor> {
     let x = pad_or_crop(x, 2, window.padding, k - 1 + s * oh)?;
     let x = pad_or_crop(&x, 3, window.padding, k - 1 + s * ow)?;
     let wp = x.dim(3)?;
-    let mut out: Option<Tensor> = None;
+    let mut views = Vec::with_capacity(k * k);
     for dy in 0..k {
         let rows = x
             .narrow(2, dy, s * oh)?
@@ -68,18 +83,15 @@ pub fn max_pool2d_portable(x: &Tensor, window: Window) -> Result<Tensor> {
             .narrow(3, 0, 1)?
             .squeeze(3)?;
         for dx in 0..k {
-            let view = rows
-                .narrow(3, dx, s * ow)?
-                .reshape((n, c, oh, ow, s))?
-                .narrow(4, 0, 1)?
-                .squeeze(4)?;
-            out = Some(match out {
-                None => view,
-                Some(acc) => acc.maximum(&view)?,
-            });
+            views.push(
+                rows.narrow(3, dx, s * ow)?
+                    .reshape((n, c, oh, ow, s))?
+                    .narrow(4, 0, 1)?
+                    .squeeze(4)?,
+            );
         }
     }
-    out.ok_or_else(|| candle_core::Error::Msg("max-pool with an empty kernel".into()))
+    Ok(views)
 }
 
 /// Output height and width of a pool or conv over an `h` x `w` input.

@@ -564,10 +564,16 @@ fn conv_forward(
     Ok((maps, record))
 }
 
-impl Tape {
+/// The backward half of a recorded forward pass, whichever kernel set
+/// recorded it.
+pub(crate) trait Backward: Send {
     /// Walks the pass back from `grad_logits` ((N, classes)) and inserts the
     /// gradient of every parameter into `grads` (adding to any already there).
-    pub fn backward(self, grad_logits: &Tensor, grads: &mut GradStore) -> Result<()> {
+    fn backward(self: Box<Self>, grad_logits: &Tensor, grads: &mut GradStore) -> Result<()>;
+}
+
+impl Backward for Tape {
+    fn backward(self: Box<Self>, grad_logits: &Tensor, grads: &mut GradStore) -> Result<()> {
         let (n, hw, classes) = self.pooled;
         if grad_logits.dims2()? != (n, classes) {
             bail!(
@@ -575,7 +581,7 @@ impl Tape {
                 grad_logits.shape()
             )
         }
-        let pool = self.pool;
+        let Tape { records, pool, .. } = *self;
         // Through the global average pool: every pixel gets 1/(H*W).
         let grad_logits: Vec<f32> = grad_logits.flatten_all()?.to_vec1()?;
         let mut grad = pool.take(n * hw * classes);
@@ -589,7 +595,7 @@ impl Tape {
                 }
             }
         }
-        let mut records = self.records;
+        let mut records = records;
         while let Some(record) = records.pop() {
             let first = records.is_empty();
             grad = match record {
@@ -670,7 +676,7 @@ impl ConvRecord {
 }
 
 /// Adds `grad` to the gradient `grads` holds for `t`.
-fn accumulate(grads: &mut GradStore, t: &Tensor, grad: Tensor) -> Result<()> {
+pub(crate) fn accumulate(grads: &mut GradStore, t: &Tensor, grad: Tensor) -> Result<()> {
     let grad = match grads.remove(t) {
         Some(earlier) => (earlier + grad)?,
         None => grad,
@@ -683,22 +689,15 @@ fn accumulate(grads: &mut GradStore, t: &Tensor, grad: Tensor) -> Result<()> {
 /// loss computed on them.
 pub struct Pass {
     logits: Tensor,
-    tape: Option<Tape>,
+    tape: Box<dyn Backward>,
 }
 
 impl Pass {
-    pub(crate) fn recorded(logits: Tensor, tape: Tape) -> Result<Self> {
+    pub(crate) fn recorded(logits: Tensor, tape: Box<dyn Backward>) -> Result<Self> {
         // A variable, so that candle's backward stops at the logits and
         // reports their gradient.
         let logits = Var::from_tensor(&logits)?.as_tensor().clone();
-        Ok(Self {
-            logits,
-            tape: Some(tape),
-        })
-    }
-
-    pub(crate) fn autograd(logits: Tensor) -> Self {
-        Self { logits, tape: None }
+        Ok(Self { logits, tape })
     }
 
     /// The (N, classes) logits.
@@ -710,12 +709,10 @@ impl Pass {
     /// every parameter, as candle's `loss.backward()` would give them.
     pub fn backward(self, loss: &Tensor) -> Result<GradStore> {
         let mut grads = loss.backward()?;
-        if let Some(tape) = self.tape {
-            let Some(grad_logits) = grads.remove(&self.logits) else {
-                bail!("the loss does not depend on the logits")
-            };
-            tape.backward(&grad_logits, &mut grads)?;
-        }
+        let Some(grad_logits) = grads.remove(&self.logits) else {
+            bail!("the loss does not depend on the logits")
+        };
+        self.tape.backward(&grad_logits, &mut grads)?;
         Ok(grads)
     }
 }

@@ -1,0 +1,96 @@
+//! Which kernel set runs the network: the one switch between the CPU's
+//! native kernels and the device-generic ones every GPU runs.
+//!
+//! Both sets run the same explicit forward and backward pass (no autograd
+//! graph) over the same layers; only the lowest-level kernels differ. The
+//! generic set can be chosen on CPU, so that the code a GPU runs is tested
+//! where there is no GPU: `NIN_KERNELS=generic`, or `--kernels generic` on
+//! `nin-train`, `nin-serve` and the `throughput` example.
+
+use std::fmt;
+use std::str::FromStr;
+
+use candle_core::{DType, Device};
+
+/// A kernel set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernels {
+    /// [`crate::tape`] over [`crate::channels_last`]: hand-written
+    /// channels-last CPU kernels and `gemm`. F32 on CPU only; the default
+    /// there.
+    Native,
+    /// [`crate::generic`]: candle tensor ops, on any device. What CUDA and
+    /// Metal always run.
+    Generic,
+}
+
+impl Kernels {
+    /// What `--kernels` accepts.
+    pub const NAMES: &'static str = "native, generic";
+
+    /// The set a network on `device` computing in `dtype` runs unless told
+    /// otherwise: native where it can (F32 on CPU), generic elsewhere.
+    pub fn default_for(device: &Device, dtype: DType) -> Self {
+        if Self::Native.supports(device, dtype) {
+            Self::Native
+        } else {
+            Self::Generic
+        }
+    }
+
+    /// Whether this set can run a network on `device` in `dtype`.
+    pub fn supports(self, device: &Device, dtype: DType) -> bool {
+        match self {
+            Self::Native => device.is_cpu() && dtype == DType::F32,
+            Self::Generic => true,
+        }
+    }
+}
+
+impl fmt::Display for Kernels {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Native => "native",
+            Self::Generic => "generic",
+        })
+    }
+}
+
+impl FromStr for Kernels {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "native" => Ok(Self::Native),
+            "generic" => Ok(Self::Generic),
+            other => Err(format!(
+                "unknown kernel set `{other}`: expected one of {}",
+                Self::NAMES
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_unknown_ones_are_refused() {
+        for k in [Kernels::Native, Kernels::Generic] {
+            assert_eq!(k.to_string().parse::<Kernels>(), Ok(k));
+        }
+        assert_eq!(" Generic ".parse::<Kernels>(), Ok(Kernels::Generic));
+        let err = "fast".parse::<Kernels>().unwrap_err();
+        assert!(err.contains("native, generic"), "{err}");
+    }
+
+    #[test]
+    fn native_runs_only_f32_on_cpu() {
+        let cpu = Device::Cpu;
+        assert_eq!(Kernels::default_for(&cpu, DType::F32), Kernels::Native);
+        assert_eq!(Kernels::default_for(&cpu, DType::BF16), Kernels::Generic);
+        assert!(!Kernels::Native.supports(&cpu, DType::F16));
+        assert!(Kernels::Generic.supports(&cpu, DType::F32));
+    }
+}

@@ -1,0 +1,232 @@
+//! Both kernel sets compute what candle's autograd computes on the plain
+//! path: same logits, same gradients, same batch-norm running statistics,
+//! and agree with each other in evaluation. Dropout is on, with the same
+//! masks everywhere (drawn in channels-last order on every path), and some
+//! inputs are blank so that pooling windows tie (all zero after ReLU).
+//!
+//! Tolerances are per element: |a - b| <= 1e-5 + 1e-3 |b| (the paths sum
+//! in different orders, and native batch norm takes its statistics in F64,
+//! the generic set in F32).
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::ModuleT;
+use nin_model::{Kernels, Nin, NinConfig, Window};
+
+/// `n` random images; with `blanks`, every other one is blank in its top
+/// half (pooling ties after the first ReLU, as on Fashion-MNIST's black
+/// background).
+fn batch(n: usize, size: usize, seed: u64, blanks: bool) -> Tensor {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let v: Vec<f32> = (0..n * size * size)
+        .map(|i| {
+            let (image, row) = (i / (size * size), i / size % size);
+            let value = rng.random::<f32>() * 2.0 - 0.5;
+            if blanks && image % 2 == 1 && row < size / 2 {
+                0.0
+            } else {
+                value
+            }
+        })
+        .collect();
+    Tensor::from_vec(v, (n, 1, size, size), &Device::Cpu).unwrap()
+}
+
+fn assert_close(what: &str, a: &Tensor, b: &Tensor) {
+    assert_eq!(a.dims(), b.dims(), "{what}");
+    let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+    let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!(
+            (x - y).abs() <= 1e-5 + 1e-3 * y.abs(),
+            "{what}[{i}]: {x} vs reference {y}"
+        );
+    }
+}
+
+fn compare(config: &NinConfig, n: usize) {
+    let x = batch(n, config.input_size, 5, false);
+    compare_on(config, &x, Reference::Autograd);
+    // Blank regions give exact ties only without batch norm (exact zeros
+    // after ReLU). With it, a channel that is nearly constant over the
+    // batch divides rounding noise by sqrt(var + eps), which decides ReLUs
+    // and pooling ties differently in F32 (generic) and F64 (native)
+    // statistics: a real discontinuity, not a disagreement.
+    if !config.batch_norm {
+        let x = batch(n, config.input_size, 6, true);
+        compare_on(config, &x, Reference::Native);
+    }
+}
+
+/// What the kernel sets' training passes are held to.
+#[derive(Debug)]
+enum Reference {
+    /// candle's autograd on the plain path.
+    Autograd,
+    /// The native kernels: candle's ReLU passes a gradient where its input
+    /// is exactly 0 (it tests >= 0), PyTorch and both kernel sets do not
+    /// (> 0), so on blank inputs, whose pre-activations are exactly 0,
+    /// only the kernel sets can be compared.
+    Native,
+}
+
+/// Seeded copies of one network, one per kernel set and one for the
+/// reference, run on the same batch `x`.
+fn compare_on(config: &NinConfig, x: &Tensor, reference: Reference) {
+    let n = x.dim(0).unwrap();
+    let labels =
+        Tensor::from_vec((0..n as u32).map(|i| i % 10).collect(), n, &Device::Cpu).unwrap();
+    let (reference_model, reference_vars) = Nin::init(config, 11, &Device::Cpu).unwrap();
+    let (reference_logits, reference_grads) = match reference {
+        Reference::Autograd => {
+            let logits = reference_model.forward_t(x, true).unwrap();
+            let loss = candle_nn::loss::cross_entropy(&logits, &labels).unwrap();
+            (logits, loss.backward().unwrap())
+        }
+        Reference::Native => {
+            let pass = reference_model.forward_train(x).unwrap();
+            let loss = candle_nn::loss::cross_entropy(pass.logits(), &labels).unwrap();
+            (pass.logits().clone(), pass.backward(&loss).unwrap())
+        }
+    };
+
+    let mut evaluations = Vec::new();
+    for kernels in [Kernels::Native, Kernels::Generic] {
+        let what = |s: &str| format!("{kernels} against {reference:?}: {s}");
+        let (mut model, vars) = Nin::init(config, 11, &Device::Cpu).unwrap();
+        model.set_kernels(kernels).unwrap();
+        // Twice: the second pass runs on buffers the first one left behind
+        // (the parameters do not change; the running statistics move
+        // again, so they are compared after the first only).
+        for first in [true, false] {
+            model.set_dropout_position(0);
+            let pass = model.forward_train(x).unwrap();
+            assert_close(&what("train logits"), pass.logits(), &reference_logits);
+            let loss = candle_nn::loss::cross_entropy(pass.logits(), &labels).unwrap();
+            let grads = pass.backward(&loss).unwrap();
+            compare_vars(
+                &what("vars"),
+                &vars,
+                &grads,
+                &reference_vars,
+                &reference_grads,
+                first,
+            );
+        }
+        let eval = model.forward_t(x, false).unwrap();
+        assert!(!eval.track_op(), "{}", what("evaluation built a graph"));
+        // Every layer's output on the way; the last is exactly forward_t's
+        // (a server's explanation must not change its answer).
+        let trace = model.forward_trace(x, false).unwrap();
+        let exact = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(exact(&trace.last().unwrap().1), exact(&eval));
+        // Fixed (non-variable) tensors, as loaded from a file: the native
+        // set keeps their weight matrices from the first call.
+        let mut frozen = Nin::snapshot(config, &vars).unwrap();
+        frozen.set_kernels(kernels).unwrap();
+        for _ in 0..2 {
+            assert_close(
+                &what("frozen logits"),
+                &frozen.forward_t(x, false).unwrap(),
+                &eval,
+            );
+        }
+        evaluations.push((trace, eval));
+    }
+    let (native, generic) = (&evaluations[0], &evaluations[1]);
+    assert_close("generic eval logits", &generic.1, &native.1);
+    assert_eq!(native.0.len(), generic.0.len());
+    for ((name, n), (generic_name, g)) in native.0.iter().zip(&generic.0) {
+        assert_eq!(name, generic_name);
+        assert_close(&format!("generic {name}"), g, n);
+    }
+}
+
+/// Same gradient for every variable, or same value for buffers (batch
+/// norm's running statistics, which have none).
+fn compare_vars(
+    what: &str,
+    fast_vars: &candle_nn::VarMap,
+    fast_grads: &GradStore,
+    plain_vars: &candle_nn::VarMap,
+    plain_grads: &GradStore,
+    buffers: bool,
+) {
+    let fast_vars = fast_vars.data().lock().unwrap();
+    let plain_vars = plain_vars.data().lock().unwrap();
+    for (name, plain_var) in plain_vars.iter() {
+        let fast_var = &fast_vars[name];
+        match (fast_grads.get(fast_var), plain_grads.get(plain_var)) {
+            (Some(f), Some(p)) => assert_close(&format!("{what}: grad {name}"), f, p),
+            (None, None) if !buffers => {}
+            (None, None) => assert_close(
+                &format!("{what}: buffer {name}"),
+                fast_var.as_tensor(),
+                plain_var.as_tensor(),
+            ),
+            _ => panic!("{what}: {name}: gradient on one path only"),
+        }
+    }
+}
+
+#[test]
+fn compact_paths_agree() {
+    compare(&NinConfig::compact(), 4);
+}
+
+#[test]
+fn batch_norm_paths_agree() {
+    let config = NinConfig {
+        batch_norm: true,
+        ..NinConfig::compact()
+    };
+    compare(&config, 4);
+}
+
+#[test]
+fn padded_pools_and_single_mlp_conv_agree() {
+    let mut config = NinConfig::compact();
+    config.mlp_convs = 1;
+    config.batch_norm = true;
+    for (block, channels) in config.blocks.iter_mut().zip([16, 24, 32]) {
+        block.channels = channels;
+        block.conv = Window::new(3, 1, 1);
+        block.pool = Some(Window::new(3, 2, 1));
+    }
+    compare(&config, 3);
+}
+
+#[test]
+fn d2l_geometry_agrees() {
+    // The book's strides and kernels (11/4, 5/2 padded, 3/2 pools) at a
+    // width and size that keep the test fast.
+    let mut config = NinConfig::d2l();
+    config.input_size = 67;
+    for (block, channels) in config.blocks.iter_mut().zip([8, 12, 16]) {
+        block.channels = channels;
+    }
+    compare(&config, 2);
+}
+
+#[test]
+fn an_empty_batch_is_empty_logits_or_an_error_never_a_panic() {
+    let cases = [false, true].map(|b| [(b, Kernels::Native), (b, Kernels::Generic)]);
+    for (batch_norm, kernels) in cases.into_iter().flatten() {
+        let config = NinConfig {
+            batch_norm,
+            ..NinConfig::compact()
+        };
+        let (mut model, _) = Nin::init(&config, 1, &Device::Cpu).unwrap();
+        model.set_kernels(kernels).unwrap();
+        let empty = Tensor::zeros((0, 1, 28, 28), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(model.forward_t(&empty, false).unwrap().dims(), &[0, 10]);
+        let pass = model.forward_train(&empty);
+        if batch_norm {
+            let err = pass.err().expect("batch statistics of nothing");
+            assert!(err.to_string().contains("non-empty batch"), "{err}");
+        } else {
+            assert_eq!(pass.unwrap().logits().dims(), &[0, 10]);
+        }
+    }
+}
