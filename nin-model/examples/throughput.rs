@@ -8,16 +8,21 @@
 //! (`forward` only): the very network a server loads, as `bench/load.sh`
 //! uses it to measure the model's raw batched throughput beside the server's.
 //!
+//! Options `--kernels native|generic` (or `NIN_KERNELS`) and `--device D`
+//! (or `NIN_DEVICE`, default cpu) choose where and with which kernel set.
+//!
 //! cargo run --release -p nin-model --example throughput -- compact train 128 10
 //! cargo run --release -p nin-model --example throughput -- weights/nin-fashion-mnist.safetensors forward 32 10
+//! cargo run --release -p nin-model --example throughput -- --kernels generic compact forward 64 5
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::{ModuleT, Optimizer};
-use nin_model::{summary, weights, Nin, NinConfig};
+use nin_model::device::select_device;
+use nin_model::{summary, weights, Compute, Kernels, Nin, NinConfig};
 
 /// jemalloc, started with the workspace's options (thp:always, transparent
 /// huge pages; set once for every binary in `.cargo/config.toml`).
@@ -25,15 +30,29 @@ use nin_model::{summary, weights, Nin, NinConfig};
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut kernels = std::env::var("NIN_KERNELS").ok();
+    let mut device = std::env::var("NIN_DEVICE").unwrap_or_else(|_| "cpu".into());
+    let mut args = Vec::new();
+    let mut rest = std::env::args().skip(1);
+    while let Some(arg) = rest.next() {
+        match arg.as_str() {
+            "--kernels" => kernels = Some(rest.next().context("--kernels needs a value")?),
+            "--device" => device = rest.next().context("--device needs a value")?,
+            _ => args.push(arg),
+        }
+    }
     let [arch, mode, batch, seconds] = args.as_slice() else {
         bail!(
-            "usage: throughput <d2l|compact|config.json|weights.safetensors> <forward|train> <batch> <seconds>"
+            "usage: throughput [--kernels native|generic] [--device D] <d2l|compact|config.json|weights.safetensors> <forward|train> <batch> <seconds>"
         )
     };
     let batch: usize = batch.parse().context("batch")?;
     let budget = Duration::from_secs_f64(seconds.parse().context("seconds")?);
-    let device = Device::Cpu;
+    let kernels = kernels
+        .map(|k| k.parse::<Kernels>().map_err(anyhow::Error::msg))
+        .transpose()?;
+    let compute = Compute::new(select_device(&device)?, kernels)?;
+    let device = compute.device.clone();
     let (config, trained) = if arch.ends_with(".safetensors") {
         if mode != "forward" {
             bail!(
@@ -50,11 +69,12 @@ fn main() -> anyhow::Result<()> {
     let (fresh, varmap) = Nin::init(&config, 0, &device)?;
     // `train` updates `varmap`, so it must run the fresh network built on it;
     // `forward` runs on fixed tensors, as a server does with loaded weights.
-    let model = match (trained, mode.as_str()) {
+    let mut model = match (trained, mode.as_str()) {
         (Some(trained), _) => trained,
         (None, "forward") => Nin::snapshot(&config, &varmap)?,
         (None, _) => fresh,
     };
+    model.set_kernels(compute.kernels)?;
     let s = config.input_size;
     let x = Tensor::rand(0f32, 1f32, (batch, config.in_channels, s, s), &device)?;
     let labels = Tensor::from_vec(
@@ -86,6 +106,7 @@ fn main() -> anyhow::Result<()> {
         step()?;
         steps += 1;
     }
+    device.synchronize()?; // a GPU queues work: count it done
     let elapsed = start.elapsed().as_secs_f64();
     let flops = summary::summarize(&config, batch, summary::OptimizerKind::Sgd)?;
     let per_step = if mode == "train" {
@@ -94,7 +115,8 @@ fn main() -> anyhow::Result<()> {
         flops.forward_flops
     } as f64;
     println!(
-        "{{\"impl\":\"nin\",\"arch\":\"{arch}\",\"mode\":\"{mode}\",\"batch\":{batch},\"images_per_s\":{:.1},\"gflops\":{:.2}}}",
+        "{{\"impl\":\"nin\",\"kernels\":\"{}\",\"arch\":\"{arch}\",\"mode\":\"{mode}\",\"batch\":{batch},\"images_per_s\":{:.1},\"gflops\":{:.2}}}",
+        compute.kernels,
         (steps * batch) as f64 / elapsed,
         per_step * steps as f64 / elapsed / 1e9
     );

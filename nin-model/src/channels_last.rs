@@ -1,4 +1,4 @@
-//! The CPU fast path: channels-last activations and fused kernels.
+//! The native CPU kernels: channels-last activations and fused passes.
 //!
 //! candle's CPU convolution spends most of a NiN training step outside
 //! matrix multiplication (direct-loop input gradients, strided copies,
@@ -7,22 +7,17 @@
 //!
 //! - a 1x1 convolution is one matrix multiply, X (M, C_in) x W^T (C_in, C_out),
 //!   with no copy at all (most of NiN's convolutions are 1x1);
-//! - a k x k convolution is [`im2col`] (each output pixel's k*k*C_in
+//! - a k x k convolution is [`im2col_into`] (each output pixel's k*k*C_in
 //!   neighbourhood as a row) followed by one matrix multiply; its gradient
-//!   scatters the rows back (col2im);
-//! - bias + ReLU ([`bias_relu`]) and batch norm + ReLU ([`batch_norm_relu`])
-//!   are single fused, multithreaded passes with hand-written gradients;
-//! - max-pool ([`max_pool`]) runs over contiguous channel vectors.
+//!   scatters the rows back ([`col2im_into`]);
+//! - bias + ReLU and batch norm + ReLU are single fused, multithreaded
+//!   passes with hand-written gradients;
+//! - max-pool runs over contiguous channel vectors.
 //!
-//! Each kernel is a function on slices (`*_into`, `*_in_place`), used two
-//! ways: by [`crate::tape`], the hand-written training step and inference
-//! pass that `Nin::forward_train` and `Nin::forward_t(x, false)` run; and by
-//! the custom ops here (with candle's matrix multiplies), so that
-//! `Nin::forward_t(x, true)` followed by candle's `backward()` works on the
-//! fast path too. Results equal the plain candle path up to float rounding
-//! (tests in `tests/fast_path.rs`).
-//!
-//! Only for f32 on CPU; other devices use the plain candle path.
+//! Each kernel is a function on slices (`*_into`, `*_in_place`) that
+//! [`crate::tape`], the native kernel set's training step and inference
+//! pass, calls. `tests/kernels.rs` checks the whole pass against candle's
+//! autograd and against the generic kernel set.
 
 use candle_core::{bail, Result};
 use rayon::prelude::*;

@@ -4,8 +4,15 @@
 //! `cuda` build started on a machine without a usable GPU (the libraries
 //! load, every CUDA call fails) serves on CPU with a warning. Asking for a
 //! GPU explicitly never falls back: it either works or says why not.
+//!
+//! A GPU that opens is not yet a GPU that works: candle's CUDA kernels are
+//! compiled for one compute capability (`CUDA_COMPUTE_CAP` at build time),
+//! and a GPU of an older generation only fails when the first kernel
+//! loads. So a GPU is accepted only after its compute capability is
+//! compared with the one compiled in and [`probe`] has run a convolution
+//! and a reduction on it and got the CPU's answer.
 
-use candle_core::Device;
+use candle_core::{DType, Device, DeviceLocation, Tensor};
 
 use crate::{Error, Result};
 
@@ -61,14 +68,102 @@ fn cuda(ordinal: usize) -> std::result::Result<Device, String> {
     if !cfg!(feature = "cuda") {
         return Err("this build has no CUDA support; rebuild with `--features cuda`".into());
     }
-    guarded(|| Device::new_cuda(ordinal)).map_err(|e| format!("no usable CUDA GPU {ordinal}: {e}"))
+    let device = guarded(|| Device::new_cuda(ordinal))
+        .map_err(|e| format!("no usable CUDA GPU {ordinal}: {e}"))?;
+    let info = DeviceInfo::of(&device);
+    if let (Some(built), Some(gpu)) = (COMPILED_COMPUTE_CAP, &info.compute_cap) {
+        check_compute_cap(built, gpu)?;
+    }
+    probe(&device).map_err(|e| format!("CUDA GPU {ordinal} cannot run nin's kernels: {e}"))?;
+    Ok(device)
 }
 
 fn metal() -> std::result::Result<Device, String> {
     if !cfg!(feature = "metal") {
         return Err("this build has no Metal support; rebuild with `--features metal`".into());
     }
-    guarded(|| Device::new_metal(0)).map_err(|e| format!("no usable Metal device: {e}"))
+    let device =
+        guarded(|| Device::new_metal(0)).map_err(|e| format!("no usable Metal device: {e}"))?;
+    probe(&device).map_err(|e| format!("the Metal device cannot run nin's kernels: {e}"))?;
+    Ok(device)
+}
+
+/// The compute capability candle's CUDA kernels were compiled for, as
+/// `CUDA_COMPUTE_CAP` gave it at build time ("90"), if it was set.
+pub const COMPILED_COMPUTE_CAP: Option<&str> = option_env!("CUDA_COMPUTE_CAP");
+
+/// Refuses a GPU older than the kernels: PTX for compute capability
+/// `built` runs on `gpu` only if `gpu` is at least as new.
+fn check_compute_cap(built: &str, gpu: &str) -> std::result::Result<(), String> {
+    match (built.parse::<u32>(), gpu.parse::<u32>()) {
+        (Ok(b), Ok(g)) if g < b => Err(format!(
+            "kernels built for compute capability {built}, this GPU is {gpu}: \
+             rebuild with CUDA_COMPUTE_CAP={gpu}"
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Runs a small convolution and a reduction on `device` and compares the
+/// answer with the CPU's: the first kernel launch is where kernels built
+/// for another GPU fail, so this makes it happen at start-up, not in the
+/// first request or training step.
+pub fn probe(device: &Device) -> std::result::Result<(), String> {
+    let run = |device: &Device| -> candle_core::Result<f32> {
+        let x = Tensor::arange(0f32, 64., device)?.reshape((1, 1, 8, 8))?;
+        let k = Tensor::arange(0f32, 9., device)?.reshape((1, 1, 3, 3))?;
+        x.conv2d(&k, 1, 1, 1, 1)?
+            .relu()?
+            .sum_all()?
+            .to_dtype(DType::F32)?
+            .to_scalar::<f32>()
+    };
+    let expected = run(&Device::Cpu).map_err(|e| e.to_string())?;
+    let got = std::panic::catch_unwind(|| run(device))
+        .map_err(|_| "the driver panicked".to_string())?
+        .map_err(|e| e.to_string())?;
+    if (got - expected).abs() > 1e-3 * expected.abs() {
+        return Err(format!(
+            "a test convolution gave {got}, the CPU gives {expected}"
+        ));
+    }
+    Ok(())
+}
+
+/// What runs the network, for logs, `/metrics` and run metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// `cpu`, `cuda:N` or `metal:N`.
+    pub name: String,
+    /// A CUDA GPU's compute capability ("86"), else `None`.
+    pub compute_cap: Option<String>,
+}
+
+impl DeviceInfo {
+    /// Describes `device`.
+    pub fn of(device: &Device) -> Self {
+        let name = match device.location() {
+            DeviceLocation::Cpu => "cpu".to_string(),
+            DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+            DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+        };
+        Self {
+            name,
+            compute_cap: cuda_compute_cap(device),
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_compute_cap(device: &Device) -> Option<String> {
+    let cuda = device.as_cuda_device().ok()?;
+    let (major, minor) = cuda.cuda_stream().context().compute_capability().ok()?;
+    Some(format!("{major}{minor}"))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_compute_cap(_: &Device) -> Option<String> {
+    None
 }
 
 /// Runs a device constructor, turning a panic inside a driver binding into
@@ -95,6 +190,25 @@ mod tests {
         if !cfg!(any(feature = "cuda", feature = "metal")) {
             assert!(auto.is_cpu());
         }
+    }
+
+    #[test]
+    fn the_probe_passes_on_cpu_and_cpu_is_described() {
+        probe(&Device::Cpu).unwrap();
+        let info = DeviceInfo::of(&Device::Cpu);
+        assert_eq!((info.name.as_str(), info.compute_cap), ("cpu", None));
+    }
+
+    #[test]
+    fn an_older_gpu_than_the_kernels_is_refused_with_the_fix() {
+        let err = check_compute_cap("90", "86").unwrap_err();
+        assert_eq!(
+            err,
+            "kernels built for compute capability 90, this GPU is 86: \
+             rebuild with CUDA_COMPUTE_CAP=86"
+        );
+        check_compute_cap("86", "90").unwrap();
+        check_compute_cap("86", "86").unwrap();
     }
 
     #[test]

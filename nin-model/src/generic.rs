@@ -25,7 +25,7 @@
 use candle_core::backprop::GradStore;
 use candle_core::{bail, Result, Tensor};
 
-use crate::block::{After, ConvUnit, Norm, BN_EPS};
+use crate::block::{channel_sums, After, ConvUnit, Norm, BN_EPS};
 use crate::config::Window;
 use crate::pool;
 use crate::tape::{accumulate, Backward, Step, Trace};
@@ -159,9 +159,10 @@ fn batch_norm_relu(norm: &Norm, y: &Tensor) -> Result<(Tensor, NormRecord)> {
     if n == 0 {
         bail!("batch norm in training needs a non-empty batch")
     }
-    let mean = y.mean_keepdim((0, 2, 3))?;
+    let count = (n * h * w) as f64;
+    let mean = (channel_sums(y)? / count)?;
     let centred = y.broadcast_sub(&mean)?;
-    let var = centred.sqr()?.mean_keepdim((0, 2, 3))?;
+    let var = (channel_sums(&centred.sqr()?)? / count)?;
     let invstd = (&var + BN_EPS)?.sqrt()?.recip()?;
     let xhat = centred.broadcast_mul(&invstd)?;
     let gamma = norm.gamma.detach().reshape((1, c, 1, 1))?;
@@ -263,15 +264,15 @@ impl ConvRecord {
         let grad = grad.mul(&self.out.gt(0f32)?.to_dtype(grad.dtype())?)?;
         let grad = match (&self.unit.after, self.norm) {
             (After::Bias(bias), _) => {
-                accumulate(grads, bias, grad.sum((0, 2, 3))?)?;
+                accumulate(grads, bias, channel_sums(&grad)?.flatten_all()?)?;
                 grad
             }
             (After::Norm(norm), Some(NormRecord { xhat, invstd })) => {
                 // d/dx of gamma * xhat + beta through the batch statistics.
                 let (n, c, h, w) = grad.dims4()?;
                 let count = (n * h * w) as f64;
-                let grad_beta = grad.sum_keepdim((0, 2, 3))?;
-                let grad_gamma = (&grad * &xhat)?.sum_keepdim((0, 2, 3))?;
+                let grad_beta = channel_sums(&grad)?;
+                let grad_gamma = channel_sums(&(&grad * &xhat)?)?;
                 let gamma = norm.gamma.detach().reshape((1, c, 1, 1))?;
                 let grad = (grad * count)?
                     .broadcast_sub(&grad_beta)?

@@ -47,6 +47,41 @@ impl Kernels {
     }
 }
 
+/// Where a network runs: a device, and the kernel set for it. What
+/// training and evaluation take instead of a bare device, so that the
+/// choice of kernels reaches every network they build.
+#[derive(Debug, Clone)]
+pub struct Compute {
+    /// The device tensors live on.
+    pub device: Device,
+    /// The kernel set networks on it run.
+    pub kernels: Kernels,
+}
+
+impl Compute {
+    /// `kernels` on `device`, or the device's default set
+    /// ([`Kernels::default_for`] F32). Native kernels off the CPU are
+    /// refused: a GPU always runs the generic set.
+    pub fn new(device: Device, kernels: Option<Kernels>) -> crate::Result<Self> {
+        let kernels = kernels.unwrap_or_else(|| Kernels::default_for(&device, DType::F32));
+        if !kernels.supports(&device, DType::F32) {
+            return Err(crate::Error::Device {
+                requested: format!("{device:?}"),
+                reason: format!("the {kernels} kernels run only on CPU; use generic"),
+            });
+        }
+        Ok(Self { device, kernels })
+    }
+
+    /// The CPU with its native kernels.
+    pub fn cpu() -> Self {
+        Self {
+            device: Device::Cpu,
+            kernels: Kernels::Native,
+        }
+    }
+}
+
 impl fmt::Display for Kernels {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -83,6 +118,16 @@ mod tests {
         assert_eq!(" Generic ".parse::<Kernels>(), Ok(Kernels::Generic));
         let err = "fast".parse::<Kernels>().unwrap_err();
         assert!(err.contains("native, generic"), "{err}");
+    }
+
+    #[test]
+    fn compute_defaults_to_native_on_cpu_and_takes_generic() {
+        assert_eq!(
+            Compute::new(Device::Cpu, None).unwrap().kernels,
+            Kernels::Native
+        );
+        let generic = Compute::new(Device::Cpu, Some(Kernels::Generic)).unwrap();
+        assert_eq!(generic.kernels, Kernels::Generic);
     }
 
     #[test]

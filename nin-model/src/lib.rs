@@ -2,8 +2,10 @@
 //!
 //! - [`config`]: what the network looks like ([`NinConfig`], presets, layer shapes);
 //! - [`Nin`]: the trainable model, built from a config and a `VarBuilder`;
-//! - [`tape`]: the CPU training step and inference pass, written out by
-//!   hand over [`channels_last`]'s kernels ([`Nin::forward_train`]);
+//! - [`Kernels`]: the kernel set a network runs, native (CPU) or generic
+//!   (candle ops, every device), with one explicit forward and backward
+//!   pass ([`Nin::forward_train`]) and no autograd graph;
+//! - [`tape`]: the native set's pass over [`channels_last`]'s kernels;
 //! - [`pool`]: overlapping max-pool with a gradient on every device;
 //! - [`weights`]: self-describing safetensors files (config, classes,
 //!   preprocessing and provenance travel with the tensors);
@@ -29,6 +31,6 @@ pub mod weights;
 
 pub use config::{BlockConfig, NinConfig, Window};
 pub use error::{Error, Result};
-pub use kernels::Kernels;
+pub use kernels::{Compute, Kernels};
 pub use model::Nin;
 pub use tape::Pass;

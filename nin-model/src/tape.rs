@@ -1,5 +1,5 @@
-//! The CPU training step and inference written out by hand, without
-//! candle's autograd.
+//! The native CPU training step and inference pass, written out by hand,
+//! without candle's autograd.
 //!
 //! The channels-last kernels of [`crate::channels_last`] made each layer
 //! fast, but a training step driven by candle's autograd still spent most of
@@ -22,9 +22,10 @@
 //!   adds up in a fixed order, so a step is deterministic for a given thread
 //!   count.
 //!
-//! `tests/fast_path.rs` checks that logits and gradients equal candle's own
-//! autograd on the plain path. Only for f32 on CPU; other devices run the
-//! plain candle path with candle's autograd.
+//! This is the native kernel set ([`crate::Kernels::Native`]), for F32 on
+//! CPU; [`crate::generic`] is the same pass in candle ops for every device.
+//! `tests/kernels.rs` checks both against candle's autograd on the plain
+//! path.
 
 use std::ops::{Deref, DerefMut, Range};
 use std::sync::{Arc, Mutex};

@@ -71,6 +71,11 @@ pub struct Provenance {
     pub command: Option<String>,
     /// Program and version that wrote the file.
     pub created_by: String,
+    /// Where the run computed ("cuda:0 (compute capability 90), generic
+    /// kernels"): kernel sets and devices round differently, so a run is
+    /// reproduced bit for bit only on the same ones. Absent in older files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trained_on: Option<String>,
 }
 
 impl WeightsMetadata {

@@ -177,6 +177,7 @@ fn metadata(config: &NinConfig) -> WeightsMetadata {
             seed: Some(5),
             command: Some("test".into()),
             created_by: "nin-model tests".into(),
+            trained_on: Some("cpu, native kernels".into()),
         },
     )
 }

@@ -53,6 +53,12 @@ pub struct Config {
     #[arg(long, env = "NIN_DEVICE", default_value = "auto")]
     pub device: String,
 
+    /// Kernel set: native (hand-written CPU kernels, the CPU default) or
+    /// generic (candle ops: what a GPU always runs, selectable on CPU to
+    /// serve with the code a GPU runs).
+    #[arg(long, env = "NIN_KERNELS")]
+    pub kernels: Option<nin_model::Kernels>,
+
     /// Name of the model in responses.
     #[arg(long, env = "NIN_MODEL_NAME", default_value = "nin")]
     pub model_name: String,
@@ -161,6 +167,7 @@ impl Default for Config {
             weights: PathBuf::from(DEFAULT_WEIGHTS),
             addr: DEFAULT_ADDR.to_string(),
             device: "auto".to_string(),
+            kernels: None,
             model_name: "nin".to_string(),
             max_batch: DEFAULT_MAX_BATCH,
             max_delay_us: DEFAULT_MAX_DELAY_US,

@@ -32,9 +32,10 @@ use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 use candle_nn::ModuleT;
+use nin_model::device::DeviceInfo;
 use nin_model::preprocess::batch_tensor;
 use nin_model::weights::{self, WeightsMetadata};
-use nin_model::Nin;
+use nin_model::{Kernels, Nin};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
@@ -51,6 +52,8 @@ pub struct InferOptions {
     pub max_delay: Duration,
     /// Most requests in progress at once.
     pub queue_size: usize,
+    /// The kernel set, or the device's default.
+    pub kernels: Option<nin_model::Kernels>,
 }
 
 impl From<&Config> for InferOptions {
@@ -59,6 +62,7 @@ impl From<&Config> for InferOptions {
             max_batch: config.max_batch,
             max_delay: config.max_delay(),
             queue_size: config.queue_size,
+            kernels: config.kernels,
         }
     }
 }
@@ -237,6 +241,18 @@ pub struct Inference {
     stats: Arc<BatchStats>,
     alive: Arc<AtomicBool>,
     metadata: Arc<WeightsMetadata>,
+    runtime: Arc<Runtime>,
+}
+
+/// What the model thread computes on: shown in the start-up log, in
+/// `GET /v2/models/{name}` and in `/metrics` (`nin_device_info`), so an
+/// operator can tell a GPU replica from one that fell back to the CPU.
+#[derive(Clone, Debug)]
+pub struct Runtime {
+    /// The device the model thread runs on, as checked at start-up.
+    pub device: DeviceInfo,
+    /// The kernel set its passes use.
+    pub kernels: Kernels,
 }
 
 impl Inference {
@@ -260,6 +276,7 @@ impl Inference {
         let alive = Arc::new(AtomicBool::new(true));
         let path = weights_path.to_path_buf();
         let device_name = device.to_string();
+        let queue_size = options.queue_size;
         let worker = Worker {
             receiver,
             options: options.clone(),
@@ -269,10 +286,10 @@ impl Inference {
         std::thread::Builder::new()
             .name("nin-model".into())
             .spawn(move || {
-                let loaded = load_and_warm_up(&path, &device_name, options.max_batch);
+                let loaded = load_and_warm_up(&path, &device_name, &options);
                 match loaded {
-                    Ok((model, metadata, device)) => {
-                        if ready_tx.send(Ok(metadata.clone())).is_ok() {
+                    Ok((model, metadata, device, runtime)) => {
+                        if ready_tx.send(Ok((metadata.clone(), runtime))).is_ok() {
                             worker.run(&model, &metadata, &device);
                         }
                     }
@@ -283,17 +300,23 @@ impl Inference {
                 }
             })
             .map_err(|e| Error::Internal(format!("cannot start the model thread: {e}")))?;
-        let metadata = ready_rx
+        let (metadata, runtime) = ready_rx
             .await
             .map_err(|_| Error::Internal("the model thread died while loading".into()))??;
         Ok(Self {
             sender,
-            permits: Arc::new(Semaphore::new(options.queue_size)),
-            queue_size: options.queue_size,
+            permits: Arc::new(Semaphore::new(queue_size)),
+            queue_size,
             stats,
             alive,
             metadata: Arc::new(metadata),
+            runtime: Arc::new(runtime),
         })
+    }
+
+    /// The device and kernel set the model runs on.
+    pub fn runtime(&self) -> &Runtime {
+        &self.runtime
     }
 
     /// Takes a place in the queue without waiting, or fails with
@@ -400,10 +423,14 @@ impl Inference {
 fn load_and_warm_up(
     path: &std::path::Path,
     device: &str,
-    max_batch: usize,
-) -> Result<(Nin, WeightsMetadata, Device), Error> {
+    options: &InferOptions,
+) -> Result<(Nin, WeightsMetadata, Device, Runtime), Error> {
+    let max_batch = options.max_batch;
     let device = nin_model::device::select_device(device)?;
-    let (model, metadata) = weights::load(path, &device)?;
+    let compute = nin_model::Compute::new(device, options.kernels)?;
+    let device = compute.device.clone();
+    let (mut model, metadata) = weights::load(path, &device)?;
+    model.set_kernels(compute.kernels)?;
     let size = metadata.preprocessing.size;
     let started = Instant::now();
     let zeros = Tensor::zeros(
@@ -422,13 +449,20 @@ fn load_and_warm_up(
             metadata.classes.len()
         )));
     }
+    let runtime = Runtime {
+        device: DeviceInfo::of(&device),
+        kernels: compute.kernels,
+    };
     tracing::info!(
         weights = %path.display(),
+        device = %runtime.device.name,
+        compute_cap = runtime.device.compute_cap.as_deref().unwrap_or("-"),
+        kernels = %runtime.kernels,
         max_batch,
         elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
         "model loaded and warmed up"
     );
-    Ok((model, metadata, device))
+    Ok((model, metadata, device, runtime))
 }
 
 /// The model thread's state.

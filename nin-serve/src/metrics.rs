@@ -11,7 +11,8 @@
 //!   `queue_duration_seconds`, `inferences_total`, `skipped_jobs_total`:
 //!   measured on the model thread ([`crate::infer::BatchStats`]);
 //! - `requests_in_progress`: admitted requests not yet answered, read at
-//!   scrape time.
+//!   scrape time;
+//! - `device_info{device,compute_cap,kernels}`: what the model runs on.
 //!
 //! The registry belongs to the server's state rather than to a process-wide
 //! global, so several servers in one process (the tests) keep separate counts.
@@ -29,7 +30,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::infer::BatchStats;
+use prometheus_client::metrics::info::Info;
+
+use crate::infer::{BatchStats, Runtime};
 use crate::server::AppState;
 use crate::Error;
 
@@ -64,8 +67,9 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// A registry holding the HTTP series and the model thread's `stats`.
-    pub fn new(stats: &BatchStats) -> Self {
+    /// A registry holding the HTTP series, the model thread's `stats` and
+    /// what it runs on (`nin_device_info`).
+    pub fn new(stats: &BatchStats, runtime: &Runtime) -> Self {
         let mut registry = Registry::with_prefix("nin");
         let requests = Family::<RequestLabels, Counter>::default();
         // 100 us to about 26 s: a cached health probe to a request timeout.
@@ -90,6 +94,18 @@ impl Metrics {
             in_progress.clone(),
         );
         stats.register(&mut registry);
+        registry.register(
+            "device",
+            "The device and kernel set the model runs on",
+            Info::new(vec![
+                ("device", runtime.device.name.clone()),
+                (
+                    "compute_cap",
+                    runtime.device.compute_cap.clone().unwrap_or_default(),
+                ),
+                ("kernels", runtime.kernels.to_string()),
+            ]),
+        );
         Self {
             registry,
             requests,

@@ -85,7 +85,7 @@ impl AppState {
             name: config.model_name.clone(),
             version,
         };
-        let metrics = Metrics::new(inference.stats());
+        let metrics = Metrics::new(inference.stats(), inference.runtime());
         Ok(Self {
             inner: Arc::new(Inner {
                 inference,

@@ -80,6 +80,10 @@ pub struct ModelMetadata {
     pub inputs: Vec<TensorMetadata>,
     /// `logits` and `probabilities`.
     pub outputs: Vec<TensorMetadata>,
+    /// What the model runs on: `device` (`cpu`, `cuda:0`, ...),
+    /// `compute_cap` (a CUDA GPU's, else null) and `kernels`.
+    #[schema(value_type = Object)]
+    pub parameters: Value,
 }
 
 /// `POST /v2/models/{name}/infer` request.
@@ -190,6 +194,7 @@ pub async fn model_metadata(
 ) -> Result<Json<ModelMetadata>, V2Error> {
     check_model(&state, name)?;
     let metadata = state.inference().metadata();
+    let runtime = state.inference().runtime();
     let size = metadata.preprocessing.size as i64;
     let channels = metadata.config.in_channels as i64;
     let classes = metadata.classes.len() as i64;
@@ -208,6 +213,11 @@ pub async fn model_metadata(
             shape: vec![-1, channels, size, size],
         }],
         outputs: vec![output(LOGITS), output(PROBABILITIES)],
+        parameters: serde_json::json!({
+            "device": runtime.device.name,
+            "compute_cap": runtime.device.compute_cap,
+            "kernels": runtime.kernels.to_string(),
+        }),
     }))
 }
 

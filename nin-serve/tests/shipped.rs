@@ -193,3 +193,37 @@ async fn the_shipped_weights_serve_what_eval_measures() {
     assert_eq!(body["preprocessing"]["original_height"], 800, "{body}");
     server.shutdown().await.unwrap();
 }
+
+/// `--kernels generic`, the code a GPU serves with, gives the classes the
+/// native kernels give on the committed slice (at least 999 of 1,000:
+/// the two sum in different orders, so a borderline image may flip).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generic_kernels_serve_the_classes_native_kernels_give() {
+    let weights = shipped_weights();
+    let data = test_slice();
+    let n = data.len();
+    let (native, metadata) = nin_model::weights::load(&weights, &Device::Cpu).unwrap();
+    let mut native_predictions = Vec::with_capacity(n);
+    let indices: Vec<usize> = (0..n).collect();
+    for chunk in indices.chunks(100) {
+        let (x, _) =
+            nin_train::loader::batch(&data, chunk, &metadata.preprocessing, None, &Device::Cpu)
+                .unwrap();
+        let logits = candle_nn::ModuleT::forward_t(&native, &x, false).unwrap();
+        let classes: Vec<u32> = logits.argmax(1).unwrap().to_vec1().unwrap();
+        native_predictions.extend(classes.into_iter().map(|c| c as usize));
+    }
+
+    let server = TestServer::start_with_weights(&weights, |c| {
+        c.max_batch = 32;
+        c.kernels = Some(nin_model::Kernels::Generic);
+    })
+    .await;
+    let pngs: Vec<Vec<u8>> = (0..n).map(|i| encode_png(&image_of(&data, i))).collect();
+    let served = classify_all(&server, &pngs, "image/png", 32).await;
+    let same = (0..n)
+        .filter(|&i| served[i] == native_predictions[i])
+        .count();
+    assert!(same >= 999, "generic serves {same} of {n} as native does");
+    server.shutdown().await.unwrap();
+}

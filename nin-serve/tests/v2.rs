@@ -101,6 +101,10 @@ async fn v2_metadata_health_and_unknown_models() {
             {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}
         ])
     );
+    assert_eq!(
+        body["parameters"],
+        json!({"device": "cpu", "compute_cap": null, "kernels": "native"})
+    );
 
     let response = get("/v2/models/nin/ready").await.unwrap();
     assert_eq!(response.status(), 200);
@@ -113,6 +117,30 @@ async fn v2_metadata_health_and_unknown_models() {
     let image = input("UINT8", &[1, 1, 28, 28], json!(vec![0; 784]));
     let message = v2_error(infer_raw(&server, "resnet", image.to_string()).await, 404).await;
     assert!(message.contains("resnet"), "{message}");
+    server.shutdown().await.unwrap();
+}
+
+/// The device and kernel set serving, where an operator looks: the model's
+/// metadata and `/metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_serving_device_and_kernels_are_reported() {
+    let server = TestServer::start(|c| c.kernels = Some(nin_model::Kernels::Generic)).await;
+    let body: Value = reqwest::get(server.url("/v2/models/nin"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["parameters"]["kernels"], "generic");
+    assert_eq!(body["parameters"]["device"], "cpu");
+    let metrics = reqwest::get(server.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let line = r#"nin_device_info{device="cpu",compute_cap="",kernels="generic"} 1"#;
+    assert!(metrics.lines().any(|l| l == line), "{metrics}");
     server.shutdown().await.unwrap();
 }
 

@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use nin_model::device::{select_device, DEVICE_NAMES};
 use nin_model::weights;
-use nin_model::NinConfig;
+use nin_model::{Compute, Kernels, NinConfig};
 use nin_train::augment::Augment;
 use nin_train::data::{find_data_dir, load_split, Split};
 use nin_train::eval::evaluate;
@@ -77,6 +77,20 @@ struct DataArgs {
     /// Compute device: auto, cpu, cuda, cuda:N, metal.
     #[arg(long, env = "NIN_DEVICE", default_value = "auto")]
     device: String,
+    /// Kernel set: native (hand-written CPU kernels, the CPU default) or
+    /// generic (candle ops: what a GPU always runs, selectable on CPU to
+    /// test that code).
+    #[arg(long, env = "NIN_KERNELS")]
+    kernels: Option<Kernels>,
+}
+
+impl DataArgs {
+    /// The device and kernel set these options name.
+    fn compute(&self) -> anyhow::Result<Compute> {
+        let device = select_device(&self.device)
+            .with_context(|| format!("--device (expected one of {DEVICE_NAMES})"))?;
+        Compute::new(device, self.kernels).context("--kernels")
+    }
 }
 
 #[derive(Args)]
@@ -236,8 +250,7 @@ fn model_config(args: &FitArgs) -> anyhow::Result<NinConfig> {
 }
 
 fn run_fit(args: FitArgs) -> anyhow::Result<()> {
-    let device = select_device(&args.data.device)
-        .with_context(|| format!("--device (expected one of {DEVICE_NAMES})"))?;
+    let compute = args.data.compute()?;
     let optimizer = match args.optimizer {
         OptimizerKind::Sgd => OptimizerConfig::Sgd {
             momentum: args.momentum,
@@ -306,7 +319,7 @@ fn run_fit(args: FitArgs) -> anyhow::Result<()> {
         &run,
         &data,
         &args.out,
-        &device,
+        &compute,
         args.resume,
         &stop,
         &mut bars,
@@ -419,9 +432,10 @@ impl Observer for Bars {
 }
 
 fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
-    let device = select_device(&args.data.device)
-        .with_context(|| format!("--device (expected one of {DEVICE_NAMES})"))?;
-    let (model, metadata) = weights::load(&args.weights, &device)?;
+    let compute = args.data.compute()?;
+    let device = compute.device.clone();
+    let (mut model, metadata) = weights::load(&args.weights, &device)?;
+    model.set_kernels(compute.kernels)?;
     let dir = find_data_dir(args.data.data_dir.as_deref(), &[Split::Test])?;
     let test = load_split(&dir, Split::Test)?;
     let result = evaluate(

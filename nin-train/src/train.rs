@@ -21,11 +21,11 @@ use std::thread::Scope;
 use std::time::Instant;
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::VarMap;
 use nin_model::preprocess::Preprocessing;
 use nin_model::weights::{self, Provenance, WeightsMetadata};
-use nin_model::{Nin, NinConfig};
+use nin_model::{Compute, Nin, NinConfig};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -166,8 +166,9 @@ struct State {
 }
 
 impl State {
-    fn fresh(run: &RunConfig, device: &Device) -> Result<Self> {
-        let (model, varmap) = Nin::init(&run.model, run.seed, device)?;
+    fn fresh(run: &RunConfig, compute: &Compute) -> Result<Self> {
+        let (mut model, varmap) = Nin::init(&run.model, run.seed, &compute.device)?;
+        model.set_kernels(compute.kernels)?;
         let optimizer = Optimizer::new(run.optimizer, &varmap);
         Ok(Self {
             model,
@@ -185,9 +186,10 @@ impl State {
     fn restore(
         run: &RunConfig,
         checkpoint: checkpoint::Checkpoint,
-        device: &Device,
+        compute: &Compute,
     ) -> Result<Self> {
-        let mut state = Self::fresh(run, device)?;
+        let device = &compute.device;
+        let mut state = Self::fresh(run, compute)?;
         {
             let vars = state.varmap.data().lock().expect("VarMap lock poisoned");
             for (name, var) in vars.iter() {
@@ -243,12 +245,13 @@ fn keyed_rng(seed: u64, stream: u64) -> ChaCha8Rng {
 /// weights file into `out_dir`. With `resume`, continues from the
 /// checkpoint there (and the run configuration stored in it) if one exists.
 /// When `stop` becomes true, the current step finishes, a checkpoint is
-/// written and [`Outcome::Interrupted`] is returned.
+/// written and [`Outcome::Interrupted`] is returned. `compute` says where
+/// and with which kernel set.
 pub fn fit(
     run: &RunConfig,
     data: &TrainData,
     out_dir: &Path,
-    device: &Device,
+    compute: &Compute,
     resume: bool,
     stop: &AtomicBool,
     observer: &mut dyn Observer,
@@ -267,6 +270,7 @@ pub fn fit(
             "removed {stale} temporary files left by an interrupted write"
         ));
     }
+    let device = &compute.device;
     let files = RunFiles::new(out_dir);
     let (run, mut state) = if resume && files.checkpoint.exists() {
         let checkpoint = checkpoint::load(&files.checkpoint, device)?;
@@ -277,13 +281,13 @@ pub fn fit(
             checkpoint.progress.epoch + 1,
             checkpoint.progress.batch
         ));
-        let state = State::restore(&run, checkpoint, device)?;
+        let state = State::restore(&run, checkpoint, compute)?;
         (run, state)
     } else {
         if files.metrics.exists() {
             std::fs::remove_file(&files.metrics).map_err(|e| Error::Invalid(e.to_string()))?;
         }
-        let mut state = State::fresh(run, device)?;
+        let mut state = State::fresh(run, compute)?;
         // A good state on disk from the start: the NaN guard can always roll back.
         state.save(run, &files.checkpoint)?;
         (run.clone(), state)
@@ -296,6 +300,7 @@ pub fn fit(
         train_idx.len(),
         val_idx.len()
     ));
+    observer.note(&format!("computing on {}", describe(compute)));
     let batches_per_epoch = train_idx.len().div_ceil(run.batch_size);
     let total_steps = (batches_per_epoch * run.epochs) as u64;
     let started = Instant::now();
@@ -347,7 +352,7 @@ pub fn fit(
                         );
                     }
                     None => {
-                        state = roll_back(&run, &files.checkpoint, device, observer)?;
+                        state = roll_back(&run, &files.checkpoint, compute, observer)?;
                         return Ok(EpochEnd::RolledBack);
                     }
                 }
@@ -457,6 +462,7 @@ pub fn fit(
         seed: Some(run.seed),
         command: Some(run.command.clone()),
         created_by: format!("nin-train {}", env!("CARGO_PKG_VERSION")),
+        trained_on: Some(describe(compute)),
     };
     let metadata = WeightsMetadata::fashion_mnist(run.model.clone(), provenance);
     weights::save(&files.weights, &state.varmap, &metadata)?;
@@ -610,15 +616,27 @@ fn apply(
     Ok(Some((loss, *correct as u64)))
 }
 
+/// Where a run computes, in words, for the log and the weights' provenance.
+fn describe(compute: &Compute) -> String {
+    let device = nin_model::device::DeviceInfo::of(&compute.device);
+    match device.compute_cap {
+        Some(cap) => format!(
+            "{} (compute capability {cap}), {} kernels",
+            device.name, compute.kernels
+        ),
+        None => format!("{}, {} kernels", device.name, compute.kernels),
+    }
+}
+
 /// Restores the last checkpoint with half the learning rate, or gives up.
 fn roll_back(
     run: &RunConfig,
     path: &Path,
-    device: &Device,
+    compute: &Compute,
     observer: &mut dyn Observer,
 ) -> Result<State> {
-    let checkpoint = checkpoint::load(path, device)?;
-    let mut state = State::restore(run, checkpoint, device)?;
+    let checkpoint = checkpoint::load(path, &compute.device)?;
+    let mut state = State::restore(run, checkpoint, compute)?;
     state.progress.rollbacks += 1;
     if state.progress.rollbacks > MAX_ROLLBACKS {
         return Err(Error::Invalid(format!(
@@ -645,6 +663,8 @@ fn roll_back(
 mod tests {
     use super::*;
     use crate::data::{load_split, Split};
+    use candle_core::Device;
+    use nin_model::Kernels;
 
     fn slice() -> Dataset {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data");
@@ -696,11 +716,11 @@ mod tests {
         assert_ne!(t.dtype(), DType::F64, "{what} is an F64 tensor");
     }
 
-    /// The training step on both network paths (the CPU tape, and the
-    /// plain candle path with autograd that CUDA and Metal run), with both
-    /// optimizers and clipping on, reads the device once per step and
-    /// makes no F64 tensor that outlives an operation: not in the forward
-    /// graph (every node the loss depends on), not among the gradients, not
+    /// The training step with both kernel sets (native, and the generic
+    /// one that CUDA and Metal run), with both optimizers and clipping on,
+    /// builds no autograd graph through the network, reads the device once
+    /// per step and makes no F64 tensor that outlives an operation: not in
+    /// the loss's graph, not among the gradients, not
     /// in the packed vector the host reads, not in the optimizer's buffers
     /// or the updated weights.
     ///
@@ -716,12 +736,12 @@ mod tests {
     fn a_step_reads_the_device_once_and_makes_no_f64_tensor() {
         let data = slice();
         let preprocessing = Preprocessing::fashion_mnist(28);
-        for fast_path in [true, false] {
+        for kernels in [Kernels::Native, Kernels::Generic] {
             for optimizer in OPTIMIZERS {
                 let run = tiny_run(optimizer);
-                let mut state = State::fresh(&run, &Device::Cpu).unwrap();
-                state.model.set_fast_path(fast_path);
-                let what = format!("fast path {fast_path}, {optimizer:?}");
+                let compute = Compute::new(Device::Cpu, Some(kernels)).unwrap();
+                let mut state = State::fresh(&run, &compute).unwrap();
+                let what = format!("{kernels} kernels, {optimizer:?}");
                 for b in 0..2 {
                     let indices: Vec<usize> = (b * 48..(b + 1) * 48).collect();
                     let mut rng = Augment::rng(run.seed, 0, b);
@@ -731,8 +751,11 @@ mod tests {
                             .unwrap();
                     let step = forward_backward(&run, &state, &x, &y).unwrap();
                     let nodes = step.loss.sorted_nodes();
-                    // The plain path's graph reaches back to the weights.
-                    assert!(fast_path || nodes.len() > 50, "{what}: {}", nodes.len());
+                    // The loss's own ops, back to the logits (the one
+                    // variable): no graph through the network, whose
+                    // parameters would be variables here too.
+                    let variables = nodes.iter().filter(|n| n.is_variable()).count();
+                    assert_eq!(variables, 1, "{what}: variables in the loss's graph");
                     for node in nodes {
                         assert_no_f64(&format!("{what}: a forward node"), node);
                     }

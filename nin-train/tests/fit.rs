@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::Device;
-use nin_model::NinConfig;
+use nin_model::{Compute, Kernels, NinConfig};
 use nin_train::augment::Augment;
 use nin_train::data::{load_split, Dataset, Split};
 use nin_train::optim::OptimizerConfig;
@@ -57,8 +57,22 @@ fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
     all
 }
 
+fn on_cpu(kernels: Kernels) -> Compute {
+    Compute::new(Device::Cpu, Some(kernels)).unwrap()
+}
+
 #[test]
 fn a_short_fit_beats_chance_and_writes_everything() {
+    short_fit(Kernels::Native);
+}
+
+/// The code a GPU runs, on CPU: it learns as the native kernels do.
+#[test]
+fn a_short_fit_with_generic_kernels_beats_chance_too() {
+    short_fit(Kernels::Generic);
+}
+
+fn short_fit(kernels: Kernels) {
     let data = slice();
     let out = tempfile::tempdir().unwrap();
     let stop = AtomicBool::new(false);
@@ -70,7 +84,7 @@ fn a_short_fit_beats_chance_and_writes_everything() {
         &run(4, 0.1),
         &train,
         out.path(),
-        &Device::Cpu,
+        &on_cpu(kernels),
         false,
         &stop,
         &mut LogOnly,
@@ -94,6 +108,8 @@ fn a_short_fit_beats_chance_and_writes_everything() {
     let meta = nin_model::weights::read_metadata(&weights).unwrap();
     assert_eq!(meta.provenance.test_accuracy, test.map(|t| t.accuracy));
     assert_eq!(meta.provenance.epochs, 4);
+    let trained_on = format!("cpu, {kernels} kernels");
+    assert_eq!(meta.provenance.trained_on, Some(trained_on));
 }
 
 /// Sets the stop flag after `after` batches, as Ctrl-C would.
@@ -114,6 +130,15 @@ impl Observer for StopAfter<'_> {
 
 #[test]
 fn an_interrupted_run_resumes_to_the_same_weights() {
+    interrupted_and_resumed(Kernels::Native);
+}
+
+#[test]
+fn an_interrupted_generic_run_resumes_to_the_same_weights() {
+    interrupted_and_resumed(Kernels::Generic);
+}
+
+fn interrupted_and_resumed(kernels: Kernels) {
     let data = slice();
     let train = TrainData {
         train: &data,
@@ -126,7 +151,7 @@ fn an_interrupted_run_resumes_to_the_same_weights() {
         &config,
         &train,
         straight.path(),
-        &Device::Cpu,
+        &on_cpu(kernels),
         false,
         &never,
         &mut LogOnly,
@@ -147,7 +172,7 @@ fn an_interrupted_run_resumes_to_the_same_weights() {
             &config,
             &train,
             resumed.path(),
-            &Device::Cpu,
+            &on_cpu(kernels),
             true,
             &stop,
             &mut observer,
@@ -159,7 +184,7 @@ fn an_interrupted_run_resumes_to_the_same_weights() {
         &config,
         &train,
         resumed.path(),
-        &Device::Cpu,
+        &on_cpu(kernels),
         true,
         &never,
         &mut LogOnly,
@@ -197,7 +222,7 @@ fn a_diverging_run_stops_with_the_last_good_weights() {
         &config,
         &train,
         out.path(),
-        &Device::Cpu,
+        &Compute::cpu(),
         false,
         &stop,
         &mut LogOnly,
