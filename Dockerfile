@@ -39,6 +39,9 @@ RUN cargo install --locked cargo-chef --version "${CARGO_CHEF_VERSION}" \
 RUN apt-get update \
  && apt-get install -y --no-install-recommends make \
  && rm -rf /var/lib/apt/lists/*
+# The images strip debug info from the binaries, so the release profile's
+# line tables would be compiled and linked only to be thrown away.
+ENV CARGO_PROFILE_RELEASE_DEBUG=false
 WORKDIR /src
 
 # ---------------------------------------------------------------------------

@@ -4,6 +4,9 @@
 #
 #   bash .ci/docker-images.sh            # build nin:cpu and nin:cuda, check both
 #   bash .ci/docker-images.sh cpu        # build nin:cpu only (no checks)
+#   bash .ci/docker-images.sh build      # build both, no checks (CI runs this
+#                                        # beside the host tests)
+#   bash .ci/docker-images.sh check      # check the images built before
 #
 # 1. .ci/base-images.sh makes the base images the Dockerfile names
 #    (debian:bookworm-slim, rust:<V>-slim-bookworm) from Debian's mirror and
@@ -22,12 +25,19 @@ root=$PWD
 only=${1:-}
 started=$(date +%s)
 
-if [ "${NIN_FRESH_IMAGES:-0}" = 1 ]; then
-  docker image rm -f nin:cpu nin:cuda >/dev/null 2>&1 || true
-  # The builder stages of earlier builds, now untagged (several GB for CUDA).
-  docker image prune -f > /dev/null
+case "$only" in
+  "" | cpu | cuda | build | check) ;;
+  *) echo "usage: docker-images.sh [cpu|cuda|build|check]" >&2; exit 2 ;;
+esac
+
+if [ "$only" != check ]; then
+  if [ "${NIN_FRESH_IMAGES:-0}" = 1 ]; then
+    docker image rm -f nin:cpu nin:cuda >/dev/null 2>&1 || true
+    # The builder stages of earlier builds, now untagged (several GB for CUDA).
+    docker image prune -f > /dev/null
+  fi
+  rust_version=$(bash .ci/base-images.sh)
 fi
-rust_version=$(bash .ci/base-images.sh)
 
 # Prefixes each line with the time of day, so the log shows each step's cost.
 stamp() { while IFS= read -r line; do printf '%(%T)T %s\n' -1 "$line"; done; }
@@ -46,10 +56,16 @@ build() { # build TARGET TAG
   echo "$2 built in $(($(date +%s) - t0)) s, $(docker image inspect -f '{{.Size}}' "$2" | awk '{ printf "%.0f MB", $1 / 1e6 }')"
 }
 
-build cpu nin:cpu
-[ "$only" = cpu ] && exit 0
-build cuda nin:cuda
-[ "$only" = cuda ] && exit 0
+if [ "$only" != check ]; then
+  build cpu nin:cpu
+  [ "$only" = cpu ] && exit 0
+  build cuda nin:cuda
+  [ "$only" = cuda ] || [ "$only" = build ] && exit 0
+fi
+for image in nin:cpu nin:cuda; do
+  docker image inspect "$image" > /dev/null 2>&1 \
+    || { echo "no image $image: run .ci/docker-images.sh build first" >&2; exit 1; }
+done
 
 echo "-- libcuda.so.1 stub for the GPU-less checks"
 cargo fetch --locked --quiet

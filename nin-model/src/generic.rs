@@ -14,6 +14,9 @@
 //! - Max-pool records its winners: for every output, the flat index of the
 //!   input that won its window (the first maximum in row-major order, as
 //!   the native kernel and PyTorch pick), so backward is one `scatter_add`.
+//!   Unlike the native kernel it carries a NaN through a window only from
+//!   the window's first tap (a NaN loses every comparison); NaN
+//!   activations come from NaN weights, which make every tap NaN.
 //! - Batch norm computes its batch statistics in F32 on the device (Metal
 //!   has no F64); the running averages are updated there too.
 //! - Dropout masks come from the model's seeded stream, in the native
