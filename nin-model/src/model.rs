@@ -53,8 +53,8 @@ impl Nin {
     }
 
     /// A copy for inference whose parameters are fixed copies of
-    /// `varmap`'s variables: later training does not change it, and the CPU
-    /// fast path lays out fixed weights once instead of on every call (as
+    /// `varmap`'s variables: later training does not change it, and the
+    /// native kernels lay out fixed weights once instead of on every call (as
     /// for a network loaded with [`crate::weights::load`]).
     pub fn snapshot(config: &NinConfig, varmap: &VarMap) -> crate::Result<Self> {
         let tensors = {
