@@ -14,7 +14,7 @@ use crate::{Error, Result};
 ///
 /// Output side = floor((input + 2 * padding - kernel) / stride) + 1, as in
 /// PyTorch and candle (no ceil mode).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Window {
     pub kernel: usize,
     pub stride: usize,

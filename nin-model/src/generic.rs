@@ -19,14 +19,21 @@
 //!   activations come from NaN weights, which make every tap NaN.
 //! - Batch norm computes its batch statistics in F32 on the device (Metal
 //!   has no F64); the running averages are updated there too.
-//! - Dropout masks come from the model's seeded stream, in the native
-//!   kernels' channels-last order, so both kernel sets drop the same values.
+//! - Dropout masks are the trainer's (drawn with the batch and uploaded in
+//!   its copy) or come from the model's seeded stream, in the native
+//!   kernels' channels-last order either way, so both kernel sets drop the
+//!   same values.
 //!
-//! Nothing here reads the device: a training step's only reads are the
-//! trainer's (loss and accuracy, and the gradient norm).
+//! Nothing here reads the device, and after the first step nothing is
+//! sent to it (the max-pools' index tables are kept in [`TapTables`]): a
+//! training step's only transfers are the trainer's (the batch, in one
+//! copy; the loss, accuracy and gradient norm, in one read).
 
 use candle_core::backprop::GradStore;
-use candle_core::{bail, Result, Tensor};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use candle_core::{bail, Device, Result, Tensor};
 
 use crate::block::{channel_sums, After, ConvUnit, Norm, BN_EPS};
 use crate::config::Window;
@@ -72,11 +79,13 @@ pub(crate) struct Tape {
 
 /// Runs `steps` and a global average pool on `x` ((N, C, H, W), on any
 /// device) and returns the (N, classes) logits, as [`crate::tape::forward`]
-/// does with the native kernels.
+/// does with the native kernels. `taps` keeps the max-pools' index tables
+/// from pass to pass.
 pub(crate) fn forward<'a>(
     (steps, gap): (Vec<Step<'a>>, &str),
     x: &Tensor,
     train: bool,
+    taps: &TapTables,
     mut trace: Option<&mut Trace>,
 ) -> Result<(Tensor, Option<Tape>)> {
     let mut maps = x.detach();
@@ -85,13 +94,13 @@ pub(crate) fn forward<'a>(
         maps = match step {
             Step::Conv(unit) => {
                 let (out, record) = conv_forward(unit, &maps, train)?;
-                if train {
+                if let Some(record) = record {
                     records.push(Record::Conv(Box::new(record)));
                 }
                 out
             }
             Step::MaxPool(window) => {
-                let (out, winners) = max_pool(&maps, window, train)?;
+                let (out, winners) = max_pool(&maps, window, train.then_some(taps))?;
                 if let Some(winners) = winners {
                     records.push(Record::MaxPool {
                         winners,
@@ -100,7 +109,7 @@ pub(crate) fn forward<'a>(
                 }
                 out
             }
-            Step::Dropout(dropout) => match train.then(|| dropout.mask_like(&maps)) {
+            Step::Dropout(dropout, given) => match train.then(|| dropout.mask_like(&maps, given)) {
                 Some(Some(mask)) => {
                     let mask = mask?;
                     let out = maps.mul(&mask)?;
@@ -126,7 +135,7 @@ pub(crate) fn forward<'a>(
 }
 
 /// conv -> bias or batch norm -> ReLU.
-fn conv_forward(unit: &ConvUnit, x: &Tensor, train: bool) -> Result<(Tensor, ConvRecord)> {
+fn conv_forward(unit: &ConvUnit, x: &Tensor, train: bool) -> Result<(Tensor, Option<ConvRecord>)> {
     let Window {
         stride, padding, ..
     } = unit.window;
@@ -146,12 +155,13 @@ fn conv_forward(unit: &ConvUnit, x: &Tensor, train: bool) -> Result<(Tensor, Con
             (out, Some(record))
         }
     };
-    let record = ConvRecord {
+    // What backward needs, kept only in training.
+    let record = train.then(|| ConvRecord {
         unit: unit.clone(),
         input: x.clone(),
         out: out.clone(),
         norm,
-    };
+    });
     Ok((out, record))
 }
 
@@ -175,38 +185,68 @@ fn batch_norm_relu(norm: &Norm, y: &Tensor) -> Result<(Tensor, NormRecord)> {
     Ok((out, NormRecord { xhat, invstd }))
 }
 
-/// Max-pool, with the winners' flat input indices when `record`.
-fn max_pool(x: &Tensor, window: Window, record: bool) -> Result<(Tensor, Option<Tensor>)> {
+/// For each pool geometry, which input position each tap of the window
+/// reads at each output: a (k*k, 1, 1, OH, OW) u32 table on the device,
+/// made and uploaded once, not on every training step. Positions are
+/// clamped into the image: a padded position holds -inf and never wins a
+/// window that has a real pixel.
+#[derive(Debug, Default)]
+pub(crate) struct TapTables(Mutex<HashMap<(Window, usize, usize), Tensor>>);
+
+impl TapTables {
+    fn get(
+        &self,
+        window: Window,
+        (h, w): (usize, usize),
+        (oh, ow): (usize, usize),
+        device: &Device,
+    ) -> Result<Tensor> {
+        let mut tables = self.0.lock().expect("tap tables poisoned");
+        if let Some(table) = tables.get(&(window, h, w)) {
+            if table.device().same_device(device) {
+                return Ok(table.clone());
+            }
+        }
+        let Window {
+            kernel: k,
+            stride: s,
+            padding: p,
+        } = window;
+        let at = |o: usize, d: usize, len: usize| (o * s + d).saturating_sub(p).min(len - 1);
+        let mut indices = Vec::with_capacity(k * k * oh * ow);
+        for dy in 0..k {
+            for dx in 0..k {
+                for i in 0..oh {
+                    for j in 0..ow {
+                        indices.push((at(i, dy, h) * w + at(j, dx, w)) as u32);
+                    }
+                }
+            }
+        }
+        let table = Tensor::from_vec(indices, (k * k, 1, 1, oh, ow), device)?;
+        tables.insert((window, h, w), table.clone());
+        Ok(table)
+    }
+}
+
+/// Max-pool; with `taps` (in training), also the winners' flat input
+/// indices.
+fn max_pool(
+    x: &Tensor,
+    window: Window,
+    taps: Option<&TapTables>,
+) -> Result<(Tensor, Option<Tensor>)> {
     let (n, c, h, w) = x.dims4()?;
     let (oh, ow) = pool::output_dims(window, h, w)?;
     let mut views = pool::window_views(x, window)?.into_iter();
     let Some(first) = views.next() else {
         bail!("max-pool with an empty kernel")
     };
-    if !record {
+    let Some(taps) = taps else {
         let out = views.try_fold(first, |best, view| best.maximum(&view))?;
         return Ok((out, None));
-    }
-    // Which input each tap reads at each output (clamped into the image:
-    // a padded position holds -inf and never wins a window that has a real
-    // pixel), as one upload for all taps.
-    let Window {
-        kernel: k,
-        stride: s,
-        padding: p,
-    } = window;
-    let at = |o: usize, d: usize, len: usize| (o * s + d).saturating_sub(p).min(len - 1);
-    let mut indices = Vec::with_capacity(k * k * oh * ow);
-    for dy in 0..k {
-        for dx in 0..k {
-            for i in 0..oh {
-                for j in 0..ow {
-                    indices.push((at(i, dy, h) * w + at(j, dx, w)) as u32);
-                }
-            }
-        }
-    }
-    let indices = Tensor::from_vec(indices, (k * k, 1, 1, oh, ow), x.device())?;
+    };
+    let indices = taps.get(window, (h, w), (oh, ow), x.device())?;
     let tap = |t: usize| indices.get(t)?.broadcast_as((n, c, oh, ow));
     let (mut best, mut winners) = (first, tap(0)?);
     for (t, view) in views.enumerate() {

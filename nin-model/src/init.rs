@@ -33,8 +33,10 @@ pub fn seeded_var_builder(
     VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
 }
 
-/// The random stream for one tensor: the seed picks the key, the name the stream.
-pub(crate) fn rng_for(seed: u64, name: &str) -> ChaCha8Rng {
+/// The random stream for one tensor: the seed picks the key, the name the
+/// stream. Public so that a caller can reproduce what a seeded network
+/// drew (its dropout layer's masks come from `rng_for(seed, "dropout")`).
+pub fn rng_for(seed: u64, name: &str) -> ChaCha8Rng {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream(fnv1a(name.as_bytes()));
     rng

@@ -45,6 +45,21 @@ impl Kernels {
             Self::Generic => true,
         }
     }
+
+    /// [`Kernels::supports`] as an error that says what to choose instead.
+    pub fn check(self, device: &Device, dtype: DType) -> crate::Result<()> {
+        if self.supports(device, dtype) {
+            return Ok(());
+        }
+        Err(crate::Error::Device {
+            requested: format!("{device:?}"),
+            reason: format!(
+                "the {self} kernels run only in F32 on the CPU, not {dtype:?} on {:?}; \
+                 use generic",
+                device.location()
+            ),
+        })
+    }
 }
 
 /// Where a network runs: a device, and the kernel set for it. What
@@ -64,12 +79,7 @@ impl Compute {
     /// refused: a GPU always runs the generic set.
     pub fn new(device: Device, kernels: Option<Kernels>) -> crate::Result<Self> {
         let kernels = kernels.unwrap_or_else(|| Kernels::default_for(&device, DType::F32));
-        if !kernels.supports(&device, DType::F32) {
-            return Err(crate::Error::Device {
-                requested: format!("{device:?}"),
-                reason: format!("the {kernels} kernels run only on CPU; use generic"),
-            });
-        }
+        kernels.check(&device, DType::F32)?;
         Ok(Self { device, kernels })
     }
 

@@ -12,7 +12,7 @@ use candle_nn::{Init, ModuleT, VarBuilder, VarMap};
 
 use crate::block::{nin_block, NinBlock};
 use crate::config::{Layer, NinConfig, Window};
-use crate::dropout::Dropout;
+use crate::dropout::{Dropout, MaskPlan};
 use crate::kernels::Kernels;
 use crate::tape::{self, Buffers, Pass};
 use crate::{generic, pool};
@@ -26,6 +26,8 @@ pub struct Nin {
     kernels: Kernels,
     /// Buffers the CPU passes of [`crate::tape`] reuse from call to call.
     buffers: Arc<Buffers>,
+    /// The generic max-pools' index tables, kept from pass to pass.
+    taps: generic::TapTables,
 }
 
 #[derive(Debug)]
@@ -102,6 +104,7 @@ impl Nin {
             layers,
             kernels,
             buffers: Arc::default(),
+            taps: generic::TapTables::default(),
         })
     }
 
@@ -113,12 +116,7 @@ impl Nin {
     /// refused.
     pub fn set_kernels(&mut self, kernels: Kernels) -> crate::Result<()> {
         let (device, dtype) = self.parameters_device();
-        if !kernels.supports(&device, dtype) {
-            return Err(crate::Error::Device {
-                requested: format!("{device:?}"),
-                reason: format!("the {kernels} kernels run only on CPU in F32, not {dtype:?}"),
-            });
-        }
+        kernels.check(&device, dtype)?;
         self.kernels = kernels;
         Ok(())
     }
@@ -154,16 +152,26 @@ impl Nin {
     /// dropout on) whose [`Pass::backward`] gives the parameters' gradients:
     /// an explicit backward pass with the chosen [`Kernels`], not candle's
     /// autograd (several times faster on CPU, and no graph on a GPU).
+    /// Dropout masks come from the network's own seeded stream.
     pub fn forward_train(&self, x: &Tensor) -> Result<Pass> {
+        self.forward_train_with(x, None)
+    }
+
+    /// [`Nin::forward_train`] with the dropout mask given: (N, C, H, W) on
+    /// `x`'s device, values 0 or 1 / (1 - p), as [`MaskPlan::tensor`]
+    /// makes it. A trainer draws masks with the batch on its loading thread
+    /// and uploads them in the batch's copy, instead of the network drawing
+    /// and uploading one on the training thread each step.
+    pub fn forward_train_with(&self, x: &Tensor, dropout_mask: Option<&Tensor>) -> Result<Pass> {
         self.check_input(x)?;
-        let steps = self.steps()?;
+        let steps = self.steps(dropout_mask)?;
         let (logits, tape) = match self.kernels_for(x) {
             Kernels::Native => {
                 let (logits, tape) = tape::forward(steps, x, true, &self.buffers, None)?;
                 (logits, tape.map(|t| Box::new(t) as Box<dyn tape::Backward>))
             }
             Kernels::Generic => {
-                let (logits, tape) = generic::forward(steps, x, true, None)?;
+                let (logits, tape) = generic::forward(steps, x, true, &self.taps, None)?;
                 (logits, tape.map(|t| Box::new(t) as Box<dyn tape::Backward>))
             }
         };
@@ -175,13 +183,18 @@ impl Nin {
 
     /// The layers before the global average pool as [`crate::tape`]
     /// steps, and the pool's name.
-    fn steps(&self) -> Result<(Vec<tape::Step<'_>>, &str)> {
+    fn steps<'a>(
+        &'a self,
+        dropout_mask: Option<&'a Tensor>,
+    ) -> Result<(Vec<tape::Step<'a>>, &'a str)> {
         let mut steps = Vec::with_capacity(2 * self.layers.len());
         for (i, (name, layer)) in self.layers.iter().enumerate() {
             match layer {
                 NinLayer::Block(block) => steps.extend(block.units.iter().map(tape::Step::Conv)),
                 NinLayer::MaxPool(window) => steps.push(tape::Step::MaxPool(*window)),
-                NinLayer::Dropout(dropout) => steps.push(tape::Step::Dropout(dropout)),
+                NinLayer::Dropout(dropout) => {
+                    steps.push(tape::Step::Dropout(dropout, dropout_mask))
+                }
                 NinLayer::GlobalAvgPool if i + 1 == self.layers.len() => return Ok((steps, name)),
                 NinLayer::GlobalAvgPool => break,
             }
@@ -223,30 +236,17 @@ impl Nin {
             }
             return Ok(x);
         }
-        let steps = self.steps()?;
+        let steps = self.steps(None)?;
         match self.kernels_for(x) {
             Kernels::Native => Ok(tape::forward(steps, x, false, &self.buffers, trace)?.0),
-            Kernels::Generic => Ok(generic::forward(steps, x, false, trace)?.0),
+            Kernels::Generic => Ok(generic::forward(steps, x, false, &self.taps, trace)?.0),
         }
     }
 
-    /// Position of the dropout mask stream, for checkpoints (0 without dropout).
-    pub fn dropout_position(&self) -> u128 {
-        self.dropout().map_or(0, Dropout::position)
-    }
-
-    /// Restores the dropout mask stream saved by [`Nin::dropout_position`].
-    pub fn set_dropout_position(&self, position: u128) {
-        if let Some(dropout) = self.dropout() {
-            dropout.set_position(position)
-        }
-    }
-
-    fn dropout(&self) -> Option<&Dropout> {
-        self.layers.iter().find_map(|(_, layer)| match layer {
-            NinLayer::Dropout(d) => Some(d.as_ref()),
-            _ => None,
-        })
+    /// What a trainer needs to draw this network's dropout masks itself
+    /// (see [`Nin::forward_train_with`]); `None` without dropout.
+    pub fn mask_plan(&self) -> Option<MaskPlan> {
+        MaskPlan::of(&self.config).ok().flatten()
     }
 
     fn check_input(&self, x: &Tensor) -> Result<()> {

@@ -309,6 +309,17 @@ pub fn gray_image(bytes: Vec<u8>, width: u32, height: u32) -> Result<DynamicImag
 /// image must hold `size * size` values: a mismatch means images prepared
 /// with another recipe, which the model would silently misread.
 pub fn batch_tensor<P: AsRef<[f32]>>(images: &[P], size: usize, device: &Device) -> Result<Tensor> {
+    let data = batch_values(images, size)?;
+    Ok(Tensor::from_vec(
+        data,
+        (images.len(), 1, size, size),
+        device,
+    )?)
+}
+
+/// The values [`batch_tensor`] puts in its tensor, checked the same way,
+/// still on the host: for a caller that sends more in the same copy.
+pub fn batch_values<P: AsRef<[f32]>>(images: &[P], size: usize) -> Result<Vec<f32>> {
     if images.is_empty() {
         return Err(Error::Preprocess("cannot build a batch of 0 images".into()));
     }
@@ -327,11 +338,7 @@ pub fn batch_tensor<P: AsRef<[f32]>>(images: &[P], size: usize, device: &Device)
         }
         data.extend_from_slice(pixels);
     }
-    Ok(Tensor::from_vec(
-        data,
-        (images.len(), 1, size, size),
-        device,
-    )?)
+    Ok(data)
 }
 
 /// Grey values (0..=255, row-major) of any image, alpha composited over white.

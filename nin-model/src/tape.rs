@@ -373,7 +373,9 @@ pub struct Tape {
 pub(crate) enum Step<'a> {
     Conv(&'a ConvUnit),
     MaxPool(Window),
-    Dropout(&'a Dropout),
+    /// A dropout layer, and the mask a trainer gave for this pass (else
+    /// the layer draws one).
+    Dropout(&'a Dropout, Option<&'a Tensor>),
     /// The end of the named layer: where a trace takes its output.
     End(&'a str),
 }
@@ -409,7 +411,7 @@ pub(crate) fn forward<'a>(
         maps = match step {
             Step::Conv(unit) => {
                 let (out, record) = conv_forward(unit, &maps, train, pool)?;
-                if train {
+                if let Some(record) = record {
                     records.push(Record::Conv(Box::new(record)));
                 }
                 out
@@ -431,8 +433,11 @@ pub(crate) fn forward<'a>(
                     ..maps
                 }
             }
-            Step::Dropout(dropout) => match train.then(|| dropout.mask(maps.data.len())) {
+            Step::Dropout(dropout, given) => match train
+                .then(|| dropout.mask_channels_last([n, maps.c, maps.h, maps.w], given))
+            {
                 Some(Some(mask)) => {
+                    let mask = mask?;
                     let mut out = pool.take(mask.len());
                     for ((o, &x), &m) in out.iter_mut().zip(maps.data.iter()).zip(&mask) {
                         *o = x * m;
@@ -490,7 +495,7 @@ fn conv_forward(
     x: &Maps,
     train: bool,
     pool: &Arc<Buffers>,
-) -> Result<(Maps, ConvRecord)> {
+) -> Result<(Maps, Option<ConvRecord>)> {
     let (c_out, c_in, k, _) = unit.weight.dims4()?;
     if c_in != x.c {
         bail!("conv expects {c_in} input channels, got {}", x.c)
@@ -554,14 +559,15 @@ fn conv_forward(
         w: ow,
         c: c_out,
     };
-    let record = ConvRecord {
+    // What backward needs, kept only in training.
+    let record = train.then(|| ConvRecord {
         unit: unit.clone(),
         geometry,
         input,
         weights,
         norm,
         out,
-    };
+    });
     Ok((maps, record))
 }
 

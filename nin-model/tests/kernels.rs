@@ -85,6 +85,15 @@ fn compare_on(config: &NinConfig, x: &Tensor, reference: Reference) {
         }
     };
 
+    // The mask the reference drew first from the network's own stream,
+    // given to the kernel sets (as a trainer gives it), so all drop the
+    // same values on every pass.
+    let mask = reference_model.mask_plan().map(|plan| {
+        let values = plan.draw(n, &mut nin_model::init::rng_for(11, "dropout"));
+        plan.tensor(&Tensor::new(values.as_slice(), &Device::Cpu).unwrap(), n)
+            .unwrap()
+    });
+
     let mut evaluations = Vec::new();
     for kernels in [Kernels::Native, Kernels::Generic] {
         let what = |s: &str| format!("{kernels} against {reference:?}: {s}");
@@ -94,8 +103,7 @@ fn compare_on(config: &NinConfig, x: &Tensor, reference: Reference) {
         // (the parameters do not change; the running statistics move
         // again, so they are compared after the first only).
         for first in [true, false] {
-            model.set_dropout_position(0);
-            let pass = model.forward_train(x).unwrap();
+            let pass = model.forward_train_with(x, mask.as_ref()).unwrap();
             assert_close(&what("train logits"), pass.logits(), &reference_logits);
             let loss = candle_nn::loss::cross_entropy(pass.logits(), &labels).unwrap();
             let grads = pass.backward(&loss).unwrap();

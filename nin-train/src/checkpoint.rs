@@ -27,8 +27,6 @@ pub struct Progress {
     pub batch: usize,
     /// Optimizer updates so far (drives the schedule and AdamW).
     pub steps: u64,
-    /// Position of the dropout mask stream, as a decimal string (u128).
-    pub dropout_position: String,
     /// Learning-rate multiplier: halved each time the NaN guard rolls back.
     pub lr_scale: f64,
     /// Rollbacks so far.

@@ -6,17 +6,20 @@
 //! prepared differently from the ones it was trained on.
 //!
 //! A batch is made in two halves: [`prepare`] does the work on the host
-//! (augmentation, preprocessing) and can run on any thread;
-//! [`HostBatch::to_device`] builds the tensors on the thread that trains.
-//! [`Prefetch`] runs the first half on a background thread, so the next
-//! batch is ready when a training step ends.
+//! (augmentation, preprocessing, and in training the dropout mask) and can
+//! run on any thread; [`HostBatch::to_device`] sends it to the device in
+//! one copy, on the thread that trains. [`Prefetch`] runs the first half
+//! on a background thread, so the next batch is ready when a training step
+//! ends.
 
 use std::ops::Range;
 use std::sync::mpsc::{self, Receiver};
 use std::thread::{Scope, ScopedJoinHandle};
 
-use candle_core::{Device, Tensor};
-use nin_model::preprocess::{batch_tensor, gray_image, preprocess, Prepared, Preprocessing};
+use candle_core::{DType, Device, Tensor};
+use nin_model::dropout::MaskPlan;
+use nin_model::preprocess::{batch_values, gray_image, preprocess, Prepared, Preprocessing};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::augment::Augment;
@@ -32,7 +35,8 @@ pub fn batch(
     augment: Option<(&Augment, &mut ChaCha8Rng)>,
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
-    prepare(dataset, indices, preprocessing, augment)?.to_device(device)
+    let batch = prepare(dataset, indices, preprocessing, augment)?.to_device(device)?;
+    Ok((batch.images, batch.labels))
 }
 
 /// A batch made on the host, not yet on a device: what [`batch`] uploads.
@@ -41,6 +45,19 @@ pub struct HostBatch {
     images: Vec<Prepared>,
     labels: Vec<u32>,
     size: usize,
+    /// A training step's dropout mask, drawn with the batch.
+    dropout: Option<(MaskPlan, Vec<f32>)>,
+}
+
+/// A batch on the device, from one host-to-device copy.
+#[derive(Debug)]
+pub struct DeviceBatch {
+    /// (N, 1, S, S) f32.
+    pub images: Tensor,
+    /// (N,) u32.
+    pub labels: Tensor,
+    /// The (N, C, H, W) dropout mask for the training step, if drawn.
+    pub dropout_mask: Option<Tensor>,
 }
 
 /// The host half of [`batch`]: augments and preprocesses the images at
@@ -74,6 +91,7 @@ pub fn prepare(
         images,
         labels,
         size: preprocessing.size,
+        dropout: None,
     })
 }
 
@@ -88,13 +106,40 @@ impl HostBatch {
         self.labels.is_empty()
     }
 
-    /// The images as a (N, 1, S, S) tensor and the labels as (N,) u32 on
-    /// `device`: one host-to-device copy each.
-    pub fn to_device(self, device: &Device) -> Result<(Tensor, Tensor)> {
-        let images = batch_tensor(&self.images, self.size, device)?;
-        let n = self.labels.len();
-        let labels = Tensor::from_vec(self.labels, n, device)?;
-        Ok((images, labels))
+    /// Draws the training step's dropout mask for this batch from `rng`
+    /// (`plan` says its shape and probability), to travel with the batch.
+    pub fn with_dropout(mut self, plan: MaskPlan, rng: &mut impl Rng) -> Self {
+        self.dropout = Some((plan, plan.draw(self.len(), rng)));
+        self
+    }
+
+    /// The batch on `device`, in one host-to-device copy: the images, the
+    /// labels (as f32, exact below 2^24, cast on the device) and the
+    /// dropout mask go over as one vector, then become views of it. On a
+    /// GPU each copy is a transfer the step waits for.
+    pub fn to_device(self, device: &Device) -> Result<DeviceBatch> {
+        let n = self.len();
+        let mut values = batch_values(&self.images, self.size)?;
+        let image_len = values.len();
+        values.extend(self.labels.iter().map(|&label| label as f32));
+        if let Some((_, mask)) = &self.dropout {
+            values.extend_from_slice(mask);
+        }
+        let len = values.len();
+        let all = Tensor::from_vec(values, len, device)?;
+        let images = all
+            .narrow(0, 0, image_len)?
+            .reshape((n, 1, self.size, self.size))?;
+        let labels = all.narrow(0, image_len, n)?.to_dtype(DType::U32)?;
+        let dropout_mask = match &self.dropout {
+            Some((plan, mask)) => Some(plan.tensor(&all.narrow(0, image_len + n, mask.len())?, n)?),
+            None => None,
+        };
+        Ok(DeviceBatch {
+            images,
+            labels,
+            dropout_mask,
+        })
     }
 }
 
@@ -183,6 +228,50 @@ impl<T> Drop for Prefetch<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::{load_split, Split};
+    use nin_model::NinConfig;
+    use rand::SeedableRng;
+
+    /// Where a tensor's values live: equal for views of one allocation.
+    fn storage(t: &Tensor) -> *const candle_core::Storage {
+        &*t.storage_and_layout().0
+    }
+
+    #[test]
+    fn a_training_batch_goes_over_in_one_copy() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data");
+        let data = load_split(&dir, Split::Test).unwrap();
+        let config = NinConfig::compact();
+        let plan = MaskPlan::of(&config).unwrap().unwrap();
+        let preprocessing = Preprocessing::fashion_mnist(config.input_size);
+        let indices = [3, 1, 4, 1, 5];
+        let host = prepare(&data, &indices, &preprocessing, None).unwrap();
+        let mask = plan.draw(5, &mut ChaCha8Rng::seed_from_u64(7));
+        let sent = host
+            .with_dropout(plan, &mut ChaCha8Rng::seed_from_u64(7))
+            .to_device(&Device::Cpu)
+            .unwrap();
+        // The images and the mask are views of one upload; the labels were
+        // cast from it on the device.
+        let mask_tensor = sent.dropout_mask.expect("a mask was drawn");
+        assert_eq!(storage(&sent.images), storage(&mask_tensor));
+        let expected = plan
+            .tensor(&Tensor::new(mask.as_slice(), &Device::Cpu).unwrap(), 5)
+            .unwrap();
+        assert_eq!(
+            mask_tensor.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            expected.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+        let labels: Vec<u32> = indices.iter().map(|&i| u32::from(data.label(i))).collect();
+        assert_eq!(sent.labels.to_vec1::<u32>().unwrap(), labels);
+        // The images are those of the batch without a mask.
+        let (images, _) = batch(&data, &indices, &preprocessing, None, &Device::Cpu).unwrap();
+        assert_eq!(sent.images.dims(), images.dims());
+        assert_eq!(
+            sent.images.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            images.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+    }
 
     #[test]
     fn prefetch_yields_every_item_in_order() {

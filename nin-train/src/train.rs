@@ -10,10 +10,11 @@
 //! on; after [`MAX_ROLLBACKS`] such rollbacks it stops with an error and the
 //! last good checkpoint intact.
 //!
-//! The loop keeps a GPU busy: the next batch is prepared on a background
-//! thread while a step runs, and a step reads the device once (the loss,
-//! the correct count and the gradient norm's parts together), since every
-//! read waits for all the work queued before it.
+//! The loop keeps a GPU busy: the next batch, with its step's dropout
+//! mask, is prepared on a background thread while a step runs and goes to
+//! the device in one copy, and a step reads the device once (the loss, the
+//! correct count and the gradient norm's parts together), since every read
+//! waits for all the work queued before it.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,6 +24,7 @@ use std::time::Instant;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor};
 use candle_nn::VarMap;
+use nin_model::dropout::MaskPlan;
 use nin_model::preprocess::Preprocessing;
 use nin_model::weights::{self, Provenance, WeightsMetadata};
 use nin_model::{Compute, Nin, NinConfig};
@@ -35,7 +37,7 @@ use crate::augment::Augment;
 use crate::checkpoint::{self, Progress};
 use crate::data::Dataset;
 use crate::eval::{evaluate, smoothed_cross_entropy, Evaluation};
-use crate::loader::{HostBatch, Prefetch};
+use crate::loader::{DeviceBatch, HostBatch, Prefetch};
 use crate::metrics::{self, EpochMetrics, Score};
 use crate::optim::{self, Optimizer, OptimizerConfig};
 use crate::schedule::Schedule;
@@ -176,7 +178,6 @@ impl State {
             optimizer,
             progress: Progress {
                 lr_scale: 1.0,
-                dropout_position: "0".into(),
                 ..Progress::default()
             },
         })
@@ -202,18 +203,11 @@ impl State {
         state
             .optimizer
             .load_state(&checkpoint.optimizer, checkpoint.progress.steps)?;
-        let position = checkpoint
-            .progress
-            .dropout_position
-            .parse::<u128>()
-            .map_err(|e| Error::Invalid(format!("checkpoint dropout position: {e}")))?;
-        state.model.set_dropout_position(position);
         state.progress = checkpoint.progress;
         Ok(state)
     }
 
     fn save(&mut self, run: &RunConfig, path: &Path) -> Result<()> {
-        self.progress.dropout_position = self.model.dropout_position().to_string();
         checkpoint::save(path, run, &self.progress, &self.varmap, &self.optimizer)
     }
 }
@@ -239,6 +233,13 @@ fn keyed_rng(seed: u64, stream: u64) -> ChaCha8Rng {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream(stream);
     rng
+}
+
+/// The generator of the dropout mask of `batch` in `epoch`: keyed by the
+/// step, like the augmentation, so a mask can be drawn ahead on the
+/// loading thread and a resumed run draws the masks it would have drawn.
+fn dropout_rng(seed: u64, epoch: usize, batch: usize) -> ChaCha8Rng {
+    keyed_rng(seed, (1 << 60) | ((epoch as u64) << 32) | batch as u64)
 }
 
 /// Trains `run` on `data`, writing checkpoints, metrics and finally the
@@ -323,6 +324,7 @@ pub fn fit(
                 epoch,
                 state.progress.batch,
                 &preprocessing,
+                state.model.mask_plan(),
             )?;
             while state.progress.batch < batches_per_epoch {
                 let batch = batches.next().ok_or_else(|| {
@@ -333,10 +335,10 @@ pub fn fit(
                     ))
                 })??;
                 let images = batch.len();
-                let (x, y) = batch.to_device(device)?;
+                let batch = batch.to_device(device)?;
                 let lr =
                     run.schedule.lr(state.progress.steps, total_steps) * state.progress.lr_scale;
-                match train_step(&run, &mut state, &x, &y, lr, &mut reads)? {
+                match train_step(&run, &mut state, &batch, lr, &mut reads)? {
                     Some((loss, correct)) => {
                         let p = &mut state.progress;
                         p.epoch_loss_sum += loss * images as f64;
@@ -486,7 +488,9 @@ enum EpochEnd {
 /// thread while the caller trains on the one before: the host work of a
 /// batch (augmentation, preprocessing) then overlaps the step instead of
 /// adding to it. Each batch is what a synchronous [`loader::batch`] call
-/// with the same images and [`Augment::rng`]`(seed, epoch, batch)` gives.
+/// with the same images and [`Augment::rng`]`(seed, epoch, batch)` gives,
+/// with the step's dropout mask (`plan`) drawn from [`dropout_rng`].
+#[allow(clippy::too_many_arguments)]
 fn epoch_batches<'scope, 'env>(
     scope: &'scope Scope<'scope, 'env>,
     run: &'env RunConfig,
@@ -495,6 +499,7 @@ fn epoch_batches<'scope, 'env>(
     epoch: usize,
     from: usize,
     preprocessing: &'env Preprocessing,
+    plan: Option<MaskPlan>,
 ) -> Result<Prefetch<'scope, Result<HostBatch>>> {
     let size = run.batch_size;
     let batches = order.len().div_ceil(size);
@@ -502,7 +507,11 @@ fn epoch_batches<'scope, 'env>(
         let indices = &order[b * size..((b + 1) * size).min(order.len())];
         let mut rng = Augment::rng(run.seed, epoch, b);
         let augment = run.augment.is_on().then_some((&run.augment, &mut rng));
-        loader::prepare(train, indices, preprocessing, augment)
+        let batch = loader::prepare(train, indices, preprocessing, augment)?;
+        Ok(match plan {
+            Some(plan) => batch.with_dropout(plan, &mut dropout_rng(run.seed, epoch, b)),
+            None => batch,
+        })
     })
 }
 
@@ -544,8 +553,11 @@ struct DeviceStep {
 }
 
 /// Forward and backward pass of a step, and the packed vector to read.
-fn forward_backward(run: &RunConfig, state: &State, x: &Tensor, y: &Tensor) -> Result<DeviceStep> {
-    let pass = state.model.forward_train(x)?;
+fn forward_backward(run: &RunConfig, state: &State, batch: &DeviceBatch) -> Result<DeviceStep> {
+    let (x, y) = (&batch.images, &batch.labels);
+    let pass = state
+        .model
+        .forward_train_with(x, batch.dropout_mask.as_ref())?;
     let logits = pass.logits().clone();
     let loss = smoothed_cross_entropy(&logits, y, run.label_smoothing)?;
     let correct = logits
@@ -577,12 +589,11 @@ fn forward_backward(run: &RunConfig, state: &State, x: &Tensor, y: &Tensor) -> R
 fn train_step(
     run: &RunConfig,
     state: &mut State,
-    x: &Tensor,
-    y: &Tensor,
+    batch: &DeviceBatch,
     lr: f64,
     reads: &mut DeviceReads,
 ) -> Result<Option<(f64, u64)>> {
-    let step = forward_backward(run, state, x, y)?;
+    let step = forward_backward(run, state, batch)?;
     apply(run, state, &step, lr, reads)
 }
 
@@ -746,10 +757,13 @@ mod tests {
                     let indices: Vec<usize> = (b * 48..(b + 1) * 48).collect();
                     let mut rng = Augment::rng(run.seed, 0, b);
                     let augment = Some((&run.augment, &mut rng));
-                    let (x, y) =
-                        loader::batch(&data, &indices, &preprocessing, augment, &Device::Cpu)
-                            .unwrap();
-                    let step = forward_backward(&run, &state, &x, &y).unwrap();
+                    let plan = state.model.mask_plan().expect("tiny_run has dropout");
+                    let batch = loader::prepare(&data, &indices, &preprocessing, augment)
+                        .unwrap()
+                        .with_dropout(plan, &mut dropout_rng(run.seed, 0, b))
+                        .to_device(&Device::Cpu)
+                        .unwrap();
+                    let step = forward_backward(&run, &state, &batch).unwrap();
                     let nodes = step.loss.sorted_nodes();
                     // The loss's own ops, back to the logits (the one
                     // variable): no graph through the network, whose
@@ -840,7 +854,8 @@ mod tests {
     /// The prefetching iterator that `fit` trains on gives, batch for
     /// batch, bit for bit, what the synchronous loader gives with the same
     /// images and random stream: with augmentation on, over two epochs, a
-    /// short last batch, and an epoch resumed part-way.
+    /// short last batch, and an epoch resumed part-way. Each batch carries
+    /// the dropout mask keyed by its step, in the same upload.
     #[test]
     fn prefetched_batches_are_the_synchronous_ones() {
         let data = slice();
@@ -850,14 +865,25 @@ mod tests {
         let (train_idx, _) = split(&run, data.len());
         let batches = train_idx.len().div_ceil(run.batch_size);
         assert_ne!(train_idx.len() % run.batch_size, 0, "no short batch");
+        let plan = MaskPlan::of(&run.model).unwrap();
         let mut augmented = 0;
+        let mut masks = Vec::new();
         for (epoch, from) in [(0, 0), (1, 0), (2, 5)] {
             let order = epoch_order(run.seed, epoch, &train_idx);
             let prefetched: Vec<HostBatch> = std::thread::scope(|scope| {
-                epoch_batches(scope, &run, &data, &order, epoch, from, &preprocessing)
-                    .unwrap()
-                    .map(Result::unwrap)
-                    .collect()
+                epoch_batches(
+                    scope,
+                    &run,
+                    &data,
+                    &order,
+                    epoch,
+                    from,
+                    &preprocessing,
+                    plan,
+                )
+                .unwrap()
+                .map(Result::unwrap)
+                .collect()
             });
             assert_eq!(prefetched.len(), batches - from);
             for (b, batch) in (from..batches).zip(prefetched) {
@@ -867,20 +893,39 @@ mod tests {
                 let augment = Some((&run.augment, &mut rng));
                 let (x, y) =
                     loader::batch(&data, indices, &preprocessing, augment, &Device::Cpu).unwrap();
-                let (px, py) = batch.to_device(&Device::Cpu).unwrap();
-                assert_eq!(px.dims(), x.dims());
-                assert_eq!(bits(&px), bits(&x), "epoch {epoch} batch {b}");
+                let sent = batch.to_device(&Device::Cpu).unwrap();
+                assert_eq!(sent.images.dims(), x.dims());
+                assert_eq!(bits(&sent.images), bits(&x), "epoch {epoch} batch {b}");
                 assert_eq!(
-                    py.to_vec1::<u32>().unwrap(),
+                    sent.labels.to_vec1::<u32>().unwrap(),
                     y.to_vec1::<u32>().unwrap(),
                     "epoch {epoch} batch {b}"
                 );
+                let plan = plan.unwrap();
+                let n = indices.len();
+                let expected = plan.draw(n, &mut dropout_rng(run.seed, epoch, b));
+                let expected =
+                    plan.tensor(&Tensor::new(expected.as_slice(), &Device::Cpu).unwrap(), n);
+                let mask = sent
+                    .dropout_mask
+                    .expect("a training batch carries its mask");
+                assert_eq!(mask.dims(), expected.as_ref().unwrap().dims());
+                assert_eq!(
+                    bits(&mask),
+                    bits(&expected.unwrap()),
+                    "epoch {epoch} batch {b}"
+                );
+                masks.push(bits(&mask));
                 let (plain, _) =
                     loader::batch(&data, indices, &preprocessing, None, &Device::Cpu).unwrap();
                 augmented += usize::from(bits(&plain) != bits(&x));
             }
         }
-        // The comparison covered augmented batches, not only plain ones.
+        // The comparison covered augmented batches, not only plain ones,
+        // and every step has a mask of its own.
         assert!(augmented > 0);
+        masks.sort();
+        masks.dedup();
+        assert_eq!(masks.len(), 2 * batches + (batches - 5));
     }
 }

@@ -94,8 +94,9 @@ fn the_shipped_weights_predict_the_same_classes_with_both_kernel_sets() {
 }
 
 /// One training step of the shipped network (batch norm, dropout on with
-/// the same masks) on real images: logits, every parameter's gradient and
-/// the running statistics agree element by element.
+/// the same mask, given as the trainer gives it) on real images: logits,
+/// every parameter's gradient and the running statistics agree element by
+/// element.
 #[test]
 fn a_training_step_on_real_images_agrees() {
     let data = slice();
@@ -104,9 +105,15 @@ fn a_training_step_on_real_images_agrees() {
     let indices: Vec<usize> = (0..64).collect();
     let (x, y) =
         loader::batch(&data, &indices, &metadata.preprocessing, None, &Device::Cpu).unwrap();
+    let plan = native.mask_plan().expect("the shipped network has dropout");
+    let mask = plan.draw(64, &mut nin_model::init::rng_for(5, "a step"));
+    let mask = plan
+        .tensor(&Tensor::new(mask.as_slice(), &Device::Cpu).unwrap(), 64)
+        .unwrap();
     let step = |model: &Nin, device: &Device| {
         let (x, y) = (x.to_device(device).unwrap(), y.to_device(device).unwrap());
-        let pass = model.forward_train(&x).unwrap();
+        let mask = mask.to_device(device).unwrap();
+        let pass = model.forward_train_with(&x, Some(&mask)).unwrap();
         let logits = pass.logits().clone();
         let loss = candle_nn::loss::cross_entropy(&logits, &y).unwrap();
         (logits, pass.backward(&loss).unwrap())
