@@ -54,11 +54,7 @@ EOF
 target/release/nin-serve --device cuda --addr 127.0.0.1:18080 > "$out/serve.log" 2>&1 &
 serve=$!
 trap 'kill $serve 2> /dev/null || true' EXIT
-for _ in $(seq 120); do
-  curl -fsS http://127.0.0.1:18080/v2/health/ready > /dev/null 2>&1 && break
-  kill -0 $serve 2> /dev/null || { cat "$out/serve.log"; exit 1; }
-  sleep 1
-done
+bash .ci/wait-ready.sh http://127.0.0.1:18080/readyz "$serve" "$out/serve.log"
 curl -fsS http://127.0.0.1:18080/v2/models/nin | tee "$out/model.json"
 echo
 grep -q '"device":"cuda:0"' "$out/model.json"

@@ -91,28 +91,7 @@ trap stop_server EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-deadline=$((SECONDS + ready_timeout))
-ready() { # no curl needed: python3 is here anyway
-  python3 -c 'import sys, urllib.request
-try:
-    urllib.request.urlopen(sys.argv[1], timeout=2).close()
-except Exception:
-    sys.exit(1)' "$base/readyz"
-}
-until ready; do
-  if ! kill -0 "$server" 2>/dev/null; then
-    echo "web-test: nin-serve exited before it was ready; its log:" >&2
-    cat "$log" >&2
-    exit 1
-  fi
-  if [ "$SECONDS" -ge "$deadline" ]; then
-    echo "web-test: nin-serve not ready after ${ready_timeout}s; its log:" >&2
-    cat "$log" >&2
-    exit 1
-  fi
-  sleep 0.5
-done
-echo "nin-serve is ready"
+bash .ci/wait-ready.sh "$base/readyz" "$server" "$log" "$ready_timeout"
 
 echo "== web test: tests/web/test_page.py in headless Chromium"
 status=0
