@@ -16,7 +16,9 @@
 #    the chef and planner layers of the CPU build.
 # 3. A libcuda.so.1 stub (every call fails: a machine without a GPU), made
 #    by .ci/cuda-stubs/gen_stubs.py from cudarc's declarations, which the
-#    checks mount into the CUDA image in place of the driver.
+#    checks mount into the CUDA image in place of the driver; and a fake GPU
+#    (.ci/cuda-stubs/fake-gpu: it opens, but no kernel loads) with the
+#    cuBLAS and cuRAND that candle needs to open it.
 # 4. pytest on tests/containers, with the web test's venv (Pillow, pytest),
 #    against the host's own nin-serve for the reference answers.
 set -euo pipefail
@@ -67,13 +69,17 @@ for image in nin:cpu nin:cuda; do
     || { echo "no image $image: run .ci/docker-images.sh build first" >&2; exit 1; }
 done
 
-echo "-- libcuda.so.1 stub for the GPU-less checks"
+echo "-- libcuda.so.1 stub and fake GPU for the GPU-less checks"
 cargo fetch --locked --quiet
 cudarc_version=$(awk '/^name = "cudarc"$/ { getline; gsub(/"/, "", $3); print $3; exit }' Cargo.lock)
 cudarc_src=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/"cudarc-$cudarc_version" | head -n1)
 stub_dir=$root/target/ci-tools/cuda-stub
 python3 .ci/cuda-stubs/gen_stubs.py --only cuda "$cudarc_src" "$stub_dir" > /dev/null
 chmod 0755 "$stub_dir/lib/libcuda.so.1"
+fake_gpu=$root/target/ci-tools/cuda-fake-gpu
+python3 .ci/cuda-stubs/gen_stubs.py --only cuda,cublas,curand --fake .ci/cuda-stubs/fake-gpu \
+  "$cudarc_src" "$fake_gpu" > /dev/null
+chmod -R a+rX "$fake_gpu"
 
 # The reference answers: the host's own nin-serve, as `cargo test` built it
 # (CI) or as NIN_HOST_SERVE names it.
@@ -90,6 +96,7 @@ if [ ! -x "$venv/bin/pytest" ]; then
   exit 1
 fi
 NIN_IMAGE_CPU=nin:cpu NIN_IMAGE_CUDA=nin:cuda NIN_CUDA_STUB="$stub_dir/lib/libcuda.so.1" \
+  NIN_FAKE_GPU="$fake_gpu/lib" \
   NIN_HOST_SERVE="$host_serve" \
   "$venv/bin/pytest" -q -p no:cacheprovider tests/containers
 docker image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' nin

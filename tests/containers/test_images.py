@@ -9,13 +9,19 @@
   driver's libcuda.so.1; with a stub libcuda.so.1 mounted in place of the
   driver (every call fails, as on a machine without a GPU), `--device auto`
   falls back to CPU and serves (all the checks above run that way), and
-  `--device cuda` exits 1 with a message naming CUDA, without a panic.
+  `--device cuda` exits 1 with a message naming CUDA, without a panic;
+- the CUDA image on a fake GPU that opens but cannot run the kernels
+  (.ci/cuda-stubs/fake-gpu: a GPU older than the kernels, or one whose
+  driver cannot load them): `--device cuda` exits 1 naming the reason,
+  `--device auto` warns with the reason and serves on CPU.
 
 Clients run inside each container's network namespace (client.py, through
 nsenter), on its loopback.
 
 Environment: NIN_IMAGE_CPU, NIN_IMAGE_CUDA (image tags), NIN_CUDA_STUB (a
-libcuda.so.1 stub), NIN_HOST_SERVE (the host's release nin-serve).
+libcuda.so.1 stub), NIN_FAKE_GPU (a folder with the fake GPU's libcuda.so.1,
+libcublas.so.13 and libcurand.so.10), NIN_HOST_SERVE (the host's release
+nin-serve).
 """
 
 import json
@@ -36,6 +42,7 @@ HERE = Path(__file__).resolve().parent
 CLIENT = HERE / "client.py"
 IMAGES = {"cpu": os.environ.get("NIN_IMAGE_CPU", "nin:cpu"), "cuda": os.environ.get("NIN_IMAGE_CUDA", "nin:cuda")}
 STUB = os.environ.get("NIN_CUDA_STUB", "")
+FAKE_GPU = os.environ.get("NIN_FAKE_GPU", "")
 STUB_DIR = "/opt/nin-ci-stub"
 COUNT = 40  # real test images compared with the host binary
 
@@ -52,13 +59,22 @@ def stub_args(kind):
     return ["-v", f"{STUB}:{STUB_DIR}/libcuda.so.1:ro", "-e", f"LD_LIBRARY_PATH={STUB_DIR}"]
 
 
-class Container:
-    """A detached container of `image`, removed at exit."""
+def fake_gpu_args(compute_cap):
+    """For the CUDA image: a GPU of `compute_cap` that cannot load a kernel."""
+    assert FAKE_GPU and Path(FAKE_GPU, "libcuda.so.1").is_file(), \
+        "NIN_FAKE_GPU must name the fake GPU's libraries"
+    return ["-v", f"{FAKE_GPU}:{STUB_DIR}:ro", "-e", f"LD_LIBRARY_PATH={STUB_DIR}",
+            "-e", f"NIN_FAKE_COMPUTE_CAP={compute_cap}"]
 
-    def __init__(self, kind, *args, health_interval="1s"):
+
+class Container:
+    """A detached container of `image`, removed at exit. `driver` replaces
+    the CUDA image's stub libcuda.so.1 (docker run arguments)."""
+
+    def __init__(self, kind, *args, health_interval="1s", driver=None):
         self.name = f"nin-ci-{kind}-{uuid.uuid4().hex[:8]}"
         docker("run", "-d", "--name", self.name, f"--health-interval={health_interval}",
-               *stub_args(kind), IMAGES[kind], *args)
+               *(stub_args(kind) if driver is None else driver), IMAGES[kind], *args)
         self.pid = docker("inspect", "-f", "{{.State.Pid}}", self.name).stdout.strip()
 
     def client(self, *args):
@@ -221,3 +237,54 @@ def test_cuda_image_explicit_cuda_without_a_gpu_exits_1(binary):
     assert out.returncode == 1, text
     assert "cuda" in text.lower(), text
     assert "panicked" not in text, text
+
+
+def built_compute_cap():
+    """The compute capability the CUDA image's kernels were built for."""
+    label = docker("image", "inspect", "-f", '{{index .Config.Labels "nin.cuda-compute-cap"}}',
+                   IMAGES["cuda"]).stdout.strip()
+    assert label.isdigit(), f"nin.cuda-compute-cap label: {label!r}"
+    return label
+
+
+def fake_gpu_cases():
+    """(compute capability the fake GPU reports, what the refusal names)."""
+    built = built_compute_cap()
+    older = str(int(built) - 4)  # 90 -> 86: an older generation
+    return {
+        "older GPU": (older, f"kernels built for compute capability {built}, this GPU is "
+                             f"{older}: rebuild with CUDA_COMPUTE_CAP={older}"),
+        "kernels do not load": (built, "CUDA_ERROR_NO_BINARY_FOR_GPU"),
+    }
+
+
+@pytest.mark.parametrize("case", ["older GPU", "kernels do not load"])
+@pytest.mark.parametrize("binary", ["nin-serve", "nin-train"])
+def test_cuda_image_explicit_cuda_on_a_gpu_that_cannot_run_the_kernels_exits_1(binary, case):
+    cap, reason = fake_gpu_cases()[case]
+    weights = "/opt/nin/weights/nin-fashion-mnist.safetensors"
+    args = ["--device", "cuda"] if binary == "nin-serve" else ["eval", "--device", "cuda", "--weights", weights]
+    out = docker("run", "--rm", *fake_gpu_args(cap), "--entrypoint", binary, IMAGES["cuda"], *args,
+                 check=False)
+    text = out.stdout + out.stderr
+    assert out.returncode == 1, text
+    assert reason in text, text
+    assert "panicked" not in text, text
+    assert "not implemented by the fake GPU" not in text, text
+
+
+@pytest.mark.parametrize("case", ["older GPU", "kernels do not load"])
+def test_cuda_image_auto_on_a_gpu_that_cannot_run_the_kernels_serves_on_cpu(case, pngs):
+    cap, reason = fake_gpu_cases()[case]
+    container = Container("cuda", driver=fake_gpu_args(cap))
+    try:
+        container.wait_ready()
+        logs = container.logs()
+        warning = next((line for line in logs.splitlines() if "CUDA unusable" in line), "")
+        assert "WARN" in warning and reason in warning, logs
+        assert "using CPU" in logs, logs
+        out = subprocess.run(container.client("classify", pngs[0]), capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)[0]["label"], out.stdout
+    finally:
+        container.remove()
