@@ -146,6 +146,16 @@ async fn the_shipped_weights_serve_what_eval_measures() {
     };
     let all: Vec<usize> = (0..n).collect();
     let accuracy = correct(&served, &all) as f64 / n as f64;
+    // The slice is 1,000 of the 10,000 test images: its accuracy lies
+    // within a few standard errors (0.0075 each) of the full set's.
+    let recorded = metadata
+        .provenance
+        .test_accuracy
+        .expect("the shipped weights record their test accuracy");
+    assert!(
+        (accuracy - recorded).abs() <= 0.03,
+        "served accuracy {accuracy:.4} on the slice; {recorded:.4} recorded on the full test set"
+    );
 
     // JPEG loses detail, so a few borderline images may change class.
     let jpegs: Vec<Vec<u8>> = images.iter().map(|im| encode_jpeg(im, 95)).collect();

@@ -157,6 +157,29 @@ impl RunFiles {
             weights: dir.join("nin-fashion-mnist.safetensors"),
         }
     }
+
+    /// The files of a run that are already there.
+    fn present(&self) -> Vec<&Path> {
+        [&self.checkpoint, &self.metrics, &self.weights]
+            .into_iter()
+            .map(PathBuf::as_path)
+            .filter(|path| path.exists())
+            .collect()
+    }
+}
+
+/// What [`fit`] does with a run already in its output directory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Existing {
+    /// Refuse to start, so that a mistyped `--out` never replaces a run:
+    /// the default.
+    #[default]
+    Refuse,
+    /// Continue the run from its checkpoint, with the settings stored
+    /// there; start afresh only where no run is.
+    Resume,
+    /// Start over, replacing the run's checkpoint and metrics.
+    Overwrite,
 }
 
 /// A run in memory: the model, its variables, the optimizer and position.
@@ -243,20 +266,48 @@ fn dropout_rng(seed: u64, epoch: usize, batch: usize) -> ChaCha8Rng {
 }
 
 /// Trains `run` on `data`, writing checkpoints, metrics and finally the
-/// weights file into `out_dir`. With `resume`, continues from the
-/// checkpoint there (and the run configuration stored in it) if one exists.
-/// When `stop` becomes true, the current step finishes, a checkpoint is
-/// written and [`Outcome::Interrupted`] is returned. `compute` says where
-/// and with which kernel set.
+/// weights file into `out_dir`. `existing` says what to do with a run
+/// already there: refuse (the default), resume it from its checkpoint (and
+/// the run configuration stored in it), or overwrite it. The settings are
+/// checked before anything in `out_dir` is touched. When `stop` becomes
+/// true, the current step finishes, a checkpoint is written and
+/// [`Outcome::Interrupted`] is returned. `compute` says where and with
+/// which kernel set.
 pub fn fit(
     run: &RunConfig,
     data: &TrainData,
     out_dir: &Path,
     compute: &Compute,
-    resume: bool,
+    existing: Existing,
     stop: &AtomicBool,
     observer: &mut dyn Observer,
 ) -> Result<Outcome> {
+    let device = &compute.device;
+    let files = RunFiles::new(out_dir);
+    let checkpoint = match existing {
+        Existing::Resume if files.checkpoint.exists() => {
+            Some(checkpoint::load(&files.checkpoint, device)?)
+        }
+        _ => None,
+    };
+    checkpoint
+        .as_ref()
+        .map_or(run, |c| &c.run)
+        .validate(data.train.len())?;
+    let present = files.present();
+    if checkpoint.is_none() && existing != Existing::Overwrite && !present.is_empty() {
+        let names: Vec<String> = present.iter().map(|p| p.display().to_string()).collect();
+        let advice = match existing {
+            Existing::Resume => "it has no checkpoint to resume from",
+            _ => "continue it with --resume",
+        };
+        return Err(Error::Invalid(format!(
+            "{} already holds a run ({}): {advice}, or start over with --overwrite",
+            out_dir.display(),
+            names.join(", ")
+        )));
+    }
+
     std::fs::create_dir_all(out_dir).map_err(|e| {
         Error::Invalid(format!(
             "cannot create output directory {}: {e}",
@@ -271,10 +322,7 @@ pub fn fit(
             "removed {stale} temporary files left by an interrupted write"
         ));
     }
-    let device = &compute.device;
-    let files = RunFiles::new(out_dir);
-    let (run, mut state) = if resume && files.checkpoint.exists() {
-        let checkpoint = checkpoint::load(&files.checkpoint, device)?;
+    let (run, mut state) = if let Some(checkpoint) = checkpoint {
         let run = checkpoint.run.clone();
         observer.note(&format!(
             "resuming {} at epoch {}, batch {}",
@@ -285,15 +333,20 @@ pub fn fit(
         let state = State::restore(&run, checkpoint, compute)?;
         (run, state)
     } else {
-        if files.metrics.exists() {
-            std::fs::remove_file(&files.metrics).map_err(|e| Error::Invalid(e.to_string()))?;
+        // Only an empty directory or --overwrite gets here: the earlier
+        // run's metrics and weights would be mistaken for this one's.
+        for path in [&files.metrics, &files.weights] {
+            if path.exists() {
+                std::fs::remove_file(path).map_err(|e| {
+                    Error::Invalid(format!("cannot remove {}: {e}", path.display()))
+                })?;
+            }
         }
         let mut state = State::fresh(run, compute)?;
         // A good state on disk from the start: the NaN guard can always roll back.
         state.save(run, &files.checkpoint)?;
         (run.clone(), state)
     };
-    run.validate(data.train.len())?;
     let preprocessing = run.preprocessing();
     let (train_idx, val_idx) = split(&run, data.train.len());
     observer.note(&format!(

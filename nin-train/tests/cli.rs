@@ -59,23 +59,32 @@ fn eval_json_has_the_documented_fields() {
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["count"], 1000);
     let accuracy = json["accuracy"].as_f64().unwrap();
-    assert!((0.0..=1.0).contains(&accuracy));
     assert!(json["loss"].as_f64().unwrap() > 0.0);
     assert_eq!(json["per_class"].as_array().unwrap().len(), 10);
-    let confusion = json["confusion"].as_array().unwrap();
-    let total: u64 = confusion
+    let confusion: Vec<Vec<u64>> = json["confusion"]
+        .as_array()
+        .unwrap()
         .iter()
-        .flat_map(|r| r.as_array().unwrap())
-        .map(|v| v.as_u64().unwrap())
-        .sum();
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap())
+                .collect()
+        })
+        .collect();
+    let total: u64 = confusion.iter().flatten().sum();
     assert_eq!(total, 1000);
+    // The accuracy is the confusion matrix's diagonal over the count.
+    let right: u64 = (0..10).map(|i| confusion[i][i]).sum();
+    assert_eq!(accuracy, right as f64 / 1000.0);
 }
 
 #[test]
 fn check_recorded_fails_when_the_accuracy_moved() {
     let dir = tempfile::tempdir().unwrap();
     let data = slice_dir();
-    let measure = |weights: &Path, check: bool| {
+    let measure = |weights: &Path, check: bool, extra: &[&str]| {
         let mut args = vec![
             "eval",
             "--weights",
@@ -87,24 +96,46 @@ fn check_recorded_fails_when_the_accuracy_moved() {
         if check {
             args.push("--check-recorded");
         }
+        args.extend_from_slice(extra);
         nin_train(&args)
     };
     let weights = weights_file(dir.path(), Some(0.0));
-    let out = measure(&weights, false);
+    let out = measure(&weights, false, &[]);
     let accuracy = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["accuracy"]
         .as_f64()
         .unwrap();
 
-    let wrong = measure(&weights_file(dir.path(), Some(accuracy + 0.01)), true);
+    let wrong = measure(&weights_file(dir.path(), Some(accuracy + 0.01)), true, &[]);
     assert!(!wrong.status.success());
     assert!(String::from_utf8_lossy(&wrong.stderr).contains("differs from"));
 
-    let right = measure(&weights_file(dir.path(), Some(accuracy)), true);
+    let right = measure(&weights_file(dir.path(), Some(accuracy)), true, &[]);
     assert!(
         right.status.success(),
         "{}",
         String::from_utf8_lossy(&right.stderr)
     );
+
+    // Half an image of the slice's 1,000 off: within the default
+    // tolerance of 0.001, not within an exact one.
+    let close = weights_file(dir.path(), Some(accuracy + 0.0005));
+    let default = measure(&close, true, &[]);
+    assert!(
+        default.status.success(),
+        "{}",
+        String::from_utf8_lossy(&default.stderr)
+    );
+    let exact = measure(&close, true, &["--tolerance", "0"]);
+    assert!(!exact.status.success());
+    assert!(String::from_utf8_lossy(&exact.stderr).contains("tolerance 0)"));
+}
+
+#[test]
+fn fit_takes_resume_or_overwrite_not_both() {
+    let out = nin_train(&["fit", "--resume", "--overwrite"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot be used with"), "{stderr}");
 }
 
 #[test]

@@ -10,7 +10,7 @@ use nin_train::augment::Augment;
 use nin_train::data::{load_split, Dataset, Split};
 use nin_train::optim::OptimizerConfig;
 use nin_train::schedule::Schedule;
-use nin_train::train::{fit, LogOnly, Observer, Outcome, RunConfig, TrainData};
+use nin_train::train::{fit, Existing, LogOnly, Observer, Outcome, RunConfig, TrainData};
 
 fn slice() -> Dataset {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data");
@@ -85,7 +85,7 @@ fn short_fit(kernels: Kernels) {
         &train,
         out.path(),
         &on_cpu(kernels),
-        false,
+        Existing::Refuse,
         &stop,
         &mut LogOnly,
     )
@@ -152,7 +152,7 @@ fn interrupted_and_resumed(kernels: Kernels) {
         &train,
         straight.path(),
         &on_cpu(kernels),
-        false,
+        Existing::Refuse,
         &never,
         &mut LogOnly,
     )
@@ -173,7 +173,7 @@ fn interrupted_and_resumed(kernels: Kernels) {
             &train,
             resumed.path(),
             &on_cpu(kernels),
-            true,
+            Existing::Resume,
             &stop,
             &mut observer,
         )
@@ -185,7 +185,7 @@ fn interrupted_and_resumed(kernels: Kernels) {
         &train,
         resumed.path(),
         &on_cpu(kernels),
-        true,
+        Existing::Resume,
         &never,
         &mut LogOnly,
     )
@@ -223,7 +223,7 @@ fn a_diverging_run_stops_with_the_last_good_weights() {
         &train,
         out.path(),
         &Compute::cpu(),
-        false,
+        Existing::Refuse,
         &stop,
         &mut LogOnly,
     )
@@ -242,4 +242,95 @@ fn a_diverging_run_stops_with_the_last_good_weights() {
         assert!(values.iter().all(|v| v.is_finite()), "{name} is not finite");
     }
     assert!(!out.path().join("nin-fashion-mnist.safetensors").exists());
+}
+
+/// Every file in `dir` with its bytes.
+fn contents(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let name = e.file_name().to_string_lossy().into_owned();
+            (name, std::fs::read(e.path()).unwrap())
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// A fit aimed at a directory that holds a run leaves it as it was unless
+/// told to overwrite it, and checks its settings before touching it, even
+/// when told to overwrite.
+#[test]
+fn fit_never_replaces_a_run_it_was_not_told_to() {
+    let data = slice();
+    let train = TrainData {
+        train: &data,
+        test: None,
+    };
+    let out = tempfile::tempdir().unwrap();
+    std::fs::write(out.path().join("checkpoint.safetensors"), b"a checkpoint").unwrap();
+    std::fs::write(
+        out.path().join("metrics.jsonl"),
+        b"an earlier run's metrics",
+    )
+    .unwrap();
+    let before = contents(out.path());
+    let never = AtomicBool::new(false);
+    let attempt = |config: &RunConfig, existing: Existing| {
+        fit(
+            config,
+            &train,
+            out.path(),
+            &Compute::cpu(),
+            existing,
+            &never,
+            &mut LogOnly,
+        )
+    };
+    let mut too_many_held_out = run(1, 0.05);
+    too_many_held_out.val_size = data.len();
+    let refusals = [
+        (run(0, 0.05), Existing::Refuse, "epochs"),
+        (run(0, 0.05), Existing::Overwrite, "epochs"),
+        (run(1, 0.0), Existing::Overwrite, "learning rate"),
+        (too_many_held_out, Existing::Overwrite, "validation split"),
+        (run(1, 0.05), Existing::Refuse, "continue it with --resume"),
+    ];
+    for (config, existing, expected) in refusals {
+        let message = match attempt(&config, existing) {
+            Ok(_) => panic!("{existing:?} with {expected:?} trained"),
+            Err(e) => e.to_string(),
+        };
+        assert!(message.contains(expected), "{message}");
+        assert_eq!(contents(out.path()), before, "{existing:?}: {message}");
+    }
+    let message = attempt(&run(1, 0.05), Existing::Refuse)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        message.contains(&out.path().display().to_string()),
+        "{message}"
+    );
+    assert!(message.contains("--overwrite"), "{message}");
+
+    // Resuming where there is no checkpoint to resume from, but metrics.
+    std::fs::remove_file(out.path().join("checkpoint.safetensors")).unwrap();
+    let before = contents(out.path());
+    let message = attempt(&run(1, 0.05), Existing::Resume)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        message.contains("no checkpoint to resume from"),
+        "{message}"
+    );
+    assert_eq!(contents(out.path()), before);
+
+    // Told to, it starts over: the earlier metrics are gone.
+    let outcome = attempt(&run(1, 0.05), Existing::Overwrite).unwrap();
+    assert!(matches!(outcome, Outcome::Finished { .. }));
+    let metrics = nin_train::metrics::read(&out.path().join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.len(), 1);
 }
