@@ -21,6 +21,7 @@ use axum::Json;
 use image::{DynamicImage, ImageReader, Limits};
 use nin_model::preprocess::{preprocess, Prepared, PreprocessReport};
 use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::error::ErrorBody;
@@ -390,6 +391,8 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), Error> {
 const LINGER_TIME: Duration = Duration::from_secs(5);
 /// Most bytes a refused upload is read on for; see [`linger`].
 const LINGER_BYTES: usize = 64 << 20;
+/// Refused request bodies drained at once, at most; see [`linger`].
+const MAX_LINGERING: usize = 128;
 
 /// Reads a request body of at most `limit` bytes: a 413 beyond it (at
 /// once when `Content-Length` says so), and the refused body goes to
@@ -441,11 +444,21 @@ pub(crate) fn refuse_unread(body: Body, headers: &HeaderMap) {
 /// the 413 (or 415, 404) it was sent. While the body is still being read,
 /// hyper keeps the connection and finishes the exchange cleanly (nginx's
 /// "lingering close" is the same cure).
+///
+/// At most [`MAX_LINGERING`] bodies are drained at once; beyond that a
+/// refused body is dropped (its client may see a reset), so a flood of
+/// refused uploads cannot pin an unbounded number of tasks and sockets.
 fn linger(mut body: Body) {
+    static LINGERING: Semaphore = Semaphore::const_new(MAX_LINGERING);
     if body.is_end_stream() {
         return;
     }
+    let Ok(permit) = LINGERING.try_acquire() else {
+        tracing::debug!("{MAX_LINGERING} refused uploads already draining; dropping one");
+        return;
+    };
     tokio::spawn(async move {
+        let _permit = permit;
         let drain = async {
             let mut read = 0;
             while let Some(Ok(frame)) = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {

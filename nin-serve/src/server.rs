@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{header, HeaderValue, StatusCode, Uri, Version};
+use axum::http::{header, HeaderValue, StatusCode, Version};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -336,11 +336,18 @@ fn log_failure(class: ServerErrorsFailureClass, latency: Duration, _span: &traci
     }
 }
 
-async fn not_found(uri: Uri) -> Error {
-    Error::NotFound(uri.path().to_string())
+/// 404 for any other path. An uploaded body is read and discarded (see
+/// [`routes::refuse_unread`]), so its client gets this answer, not a reset.
+async fn not_found(request: Request) -> Error {
+    let (parts, body) = request.into_parts();
+    routes::refuse_unread(body, &parts.headers);
+    Error::NotFound(parts.uri.path().to_string())
 }
 
-async fn method_not_allowed() -> Error {
+/// 405 for a known path with another method; the body as for [`not_found`].
+async fn method_not_allowed(request: Request) -> Error {
+    let (parts, body) = request.into_parts();
+    routes::refuse_unread(body, &parts.headers);
     Error::MethodNotAllowed
 }
 

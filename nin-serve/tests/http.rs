@@ -610,3 +610,31 @@ async fn openapi_describes_every_route_and_only_real_ones() {
     assert!(document["components"]["schemas"]["Classification"].is_object());
     server.shutdown().await.unwrap();
 }
+
+/// A large upload to a route that does not exist, or with a method the
+/// route does not take, gets its 404 or 405 JSON error: the body is read
+/// and discarded, not left unread (which makes the kernel reset the
+/// connection while the client is still sending).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_routes_and_methods_answer_large_uploads_without_a_reset() {
+    let server = TestServer::start(|_| {}).await;
+    let client = reqwest::Client::new();
+    let body = vec![7u8; 8 << 20];
+    for _ in 0..3 {
+        let missing = client
+            .post(server.url("/no/such/route"))
+            .body(body.clone())
+            .send()
+            .await
+            .expect("404 without a connection reset");
+        error_of(missing, 404, "not_found").await;
+        let wrong_method = client
+            .put(server.url("/classify"))
+            .body(body.clone())
+            .send()
+            .await
+            .expect("405 without a connection reset");
+        error_of(wrong_method, 405, "method_not_allowed").await;
+    }
+    server.shutdown().await.unwrap();
+}
