@@ -19,10 +19,11 @@
 //! has one channel per class before the global average pool, so the map
 //! costs nothing extra to compute. Batches without one take the cheap path.
 //!
-//! Back-pressure: a semaphore with `queue_size` permits bounds the requests
-//! in progress (from decoding to the answer). [`Inference::try_admit`] takes
-//! a permit without waiting, so a full server answers 503 at once instead
-//! of queueing without limit.
+//! Back-pressure: a semaphore with `queue_size` permits bounds the images
+//! in progress (from decoding to the answer), one permit per image.
+//! [`Inference::try_admit_many`] takes a request's permits without
+//! waiting, so a full server answers 503 at once instead of queueing
+//! without limit.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -210,7 +211,7 @@ struct Job {
     span: tracing::Span,
 }
 
-/// A place in the queue for one image; see [`Inference::try_admit`].
+/// A place in the queue for one image; see [`Inference::try_admit_many`].
 #[derive(Debug)]
 pub struct Admission {
     permit: OwnedSemaphorePermit,
@@ -319,17 +320,6 @@ impl Inference {
         &self.runtime
     }
 
-    /// Takes a place in the queue without waiting, or fails with
-    /// [`Error::Overloaded`] when `queue_size` requests are in progress.
-    /// Taken before decoding, so decoding is bounded too.
-    pub fn try_admit(&self) -> Result<Admission, Error> {
-        self.permits
-            .clone()
-            .try_acquire_owned()
-            .map(|permit| Admission { permit })
-            .map_err(|_| Error::Overloaded(self.queue_size))
-    }
-
     /// Takes `n` places in the queue at once, without waiting, for a
     /// request with `n` images (multipart, v2 batches): all or none, so
     /// a request is never half admitted. [`Error::TooManyImages`] when `n`
@@ -361,12 +351,6 @@ impl Inference {
         }
         admissions.push(Admission { permit: permits });
         Ok(admissions)
-    }
-
-    /// Runs one prepared image through the model (batched with whatever
-    /// else is queued) and waits for its row of the output.
-    pub async fn classify(&self, admission: Admission, pixels: Vec<f32>) -> Result<Output, Error> {
-        self.submit(admission, pixels, false)?.wait().await
     }
 
     /// Hands one prepared image to the model thread without waiting for
