@@ -14,7 +14,7 @@
 use std::io::Cursor;
 
 use base64::Engine;
-use image::{ImageFormat, RgbImage};
+use image::{ImageFormat, RgbaImage};
 use nin_model::preprocess::PreprocessReport;
 
 use crate::infer::ClassMap;
@@ -37,8 +37,9 @@ pub fn heatmap_png_base64(
 
 /// The class map normalised to [0, 1] (min to max; all 0 when flat),
 /// resampled onto the original image's pixels through the crop and
-/// placement of `report`, and coloured with [`colormap`].
-pub fn heatmap(map: &ClassMap, report: &PreprocessReport, size: usize) -> Result<RgbImage, Error> {
+/// placement of `report`, coloured with [`colormap`], with the value as
+/// its alpha: transparent where the map is coldest and outside the crop.
+pub fn heatmap(map: &ClassMap, report: &PreprocessReport, size: usize) -> Result<RgbaImage, Error> {
     if map.width == 0 || map.height == 0 || map.values.len() != map.width * map.height {
         return Err(Error::Internal(format!(
             "a {}x{} class map with {} values",
@@ -73,13 +74,14 @@ pub fn heatmap(map: &ClassMap, report: &PreprocessReport, size: usize) -> Result
         size,
         map.height,
     );
-    let mut image = RgbImage::new(width, height);
+    let mut image = RgbaImage::new(width, height);
     for (y, row) in rows.iter().enumerate() {
         let Some(row) = row else { continue };
         for (x, column) in columns.iter().enumerate() {
             let Some(column) = column else { continue };
             let value = bilinear(&normalised, map.width, *column, *row);
-            image.put_pixel(x as u32, y as u32, image::Rgb(colormap(value)));
+            let [r, g, b] = colormap(value);
+            image.put_pixel(x as u32, y as u32, image::Rgba([r, g, b, alpha(value)]));
         }
     }
     Ok(image)
@@ -95,6 +97,15 @@ pub fn colormap(value: f32) -> [u8; 3] {
     };
     let channel = |offset: f32| ((3.0 * t - offset).clamp(0.0, 1.0) * 255.0).round() as u8;
     [channel(0.0), channel(1.0), channel(2.0)]
+}
+
+/// Opacity for a normalised value: 0 (cold, or not a number) to 255.
+fn alpha(value: f32) -> u8 {
+    if value.is_finite() {
+        (value.clamp(0.0, 1.0) * 255.0).round() as u8
+    } else {
+        0
+    }
 }
 
 fn normalise(values: &[f32]) -> Vec<f32> {
@@ -217,17 +228,26 @@ mod tests {
         let report = report(100, 80, region(10, 20, 40, 40), region(0, 0, 28, 28));
         let image = heatmap(&map, &report, 28).unwrap();
         assert_eq!(image.dimensions(), (100, 80));
-        // Outside the crop: no heat.
-        assert_eq!(image.get_pixel(5, 5).0, [0, 0, 0]);
-        assert_eq!(image.get_pixel(60, 30).0, [0, 0, 0]);
-        // The crop's top-left corner is the hot map pixel, its
-        // bottom-right the cold one.
-        assert_eq!(image.get_pixel(10, 20).0, [255, 255, 255]);
-        assert_eq!(image.get_pixel(49, 59).0, [0, 0, 0]);
+        // Outside the crop: no heat, and transparent.
+        assert_eq!(image.get_pixel(5, 5).0, [0, 0, 0, 0]);
+        assert_eq!(image.get_pixel(60, 30).0, [0, 0, 0, 0]);
+        // The crop's top-left corner is the hot map pixel, opaque; its
+        // bottom-right the cold one, transparent; in between, the alpha
+        // follows the heat.
+        assert_eq!(image.get_pixel(10, 20).0, [255, 255, 255, 255]);
+        assert_eq!(image.get_pixel(49, 59).0, [0, 0, 0, 0]);
+        let between = image.get_pixel(30, 40).0;
+        assert!(between[3] > 0 && between[3] < 255, "{between:?}");
+        // (the alpha is the value rounded to 1/255: the colour from it is
+        // within a few levels of the one drawn)
+        let expected = colormap(f32::from(between[3]) / 255.0);
+        for (got, want) in between[..3].iter().zip(expected) {
+            assert!(got.abs_diff(want) <= 3, "{between:?} against {expected:?}");
+        }
     }
 
     #[test]
-    fn a_flat_or_broken_map_is_black_not_an_error() {
+    fn a_flat_or_broken_map_is_transparent_not_an_error() {
         let map = ClassMap {
             class_id: 0,
             width: 1,
@@ -236,7 +256,7 @@ mod tests {
         };
         let whole = region(0, 0, 28, 28);
         let image = heatmap(&map, &report(28, 28, whole, whole), 28).unwrap();
-        assert!(image.pixels().all(|p| p.0 == [0, 0, 0]));
+        assert!(image.pixels().all(|p| p.0 == [0, 0, 0, 0]));
         let bad = ClassMap {
             values: vec![],
             ..map

@@ -128,9 +128,10 @@ pub struct Explanation {
     pub width: u32,
     /// Height of the heatmap: the original image's.
     pub height: u32,
-    /// RGB PNG, base64 (standard alphabet, padded): the map scaled to
-    /// [0, 1] (black-red-yellow-white), mapped back through the crop and
-    /// resize onto the original pixels; 0 (black) outside the crop.
+    /// RGBA PNG, base64 (standard alphabet, padded): the map scaled to
+    /// [0, 1] (black-red-yellow-white, with the value as the alpha), mapped
+    /// back through the crop and resize onto the original pixels;
+    /// transparent outside the crop.
     pub heatmap_png_base64: String,
 }
 

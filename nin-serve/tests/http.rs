@@ -503,12 +503,15 @@ async fn explain_returns_a_heatmap_png_the_size_of_the_input() {
     // The explanation changes nothing else.
     assert_eq!(body["class_id"], plain["class_id"]);
     assert_eq!(body["top_k"], plain["top_k"]);
-    let heatmap = decode_heatmap(&body).to_rgb8();
+    let decoded = decode_heatmap(&body);
+    assert!(decoded.color().has_alpha(), "{:?}", decoded.color());
+    let heatmap = decoded.to_rgba8();
     assert_eq!(heatmap.dimensions(), (50, 70));
     assert_eq!(body["preprocessing"]["crop"]["x"], 10);
-    // Outside the crop there is no heat; inside, the map's maximum is white.
-    assert_eq!(heatmap.get_pixel(2, 2).0, [0, 0, 0]);
-    assert_eq!(heatmap.get_pixel(45, 65).0, [0, 0, 0]);
+    // Outside the crop there is no heat, and the picture shows through;
+    // inside, the map's maximum is white and opaque.
+    assert_eq!(heatmap.get_pixel(2, 2).0, [0, 0, 0, 0]);
+    assert_eq!(heatmap.get_pixel(45, 65).0, [0, 0, 0, 0]);
     let brightest = (20..60)
         .flat_map(|y| (10..30).map(move |x| (x, y)))
         .map(|(x, y)| {
@@ -516,6 +519,7 @@ async fn explain_returns_a_heatmap_png_the_size_of_the_input() {
                 .get_pixel(x, y)
                 .0
                 .iter()
+                .take(3)
                 .map(|&c| u32::from(c))
                 .sum::<u32>()
         })

@@ -13,6 +13,7 @@ checks the whole session for uncaught errors).
     NIN_BASE_URL=http://127.0.0.1:8080 python -m pytest tests/web
 """
 
+import io
 import json
 import os
 import re
@@ -23,6 +24,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 import pytest
+from PIL import Image, ImageStat
 from playwright.sync_api import sync_playwright
 
 from fashion_mnist import photo_like, png, slice_image
@@ -210,6 +212,16 @@ def test_dropping_a_photo_like_picture_works_and_reports_the_inversion(page):
     assert_shows(page, body, PHOTO.width, PHOTO.height)
     assert page.locator("#filename").text_content() == "pullover.png"
     assert page.locator("#file").input_value() == "", "the chooser no longer names the old file"
+
+    # The activation map leaves the picture visible where there is no
+    # activation: the white margins left and right of the garment, outside
+    # the region the model looked at, still show white at the default
+    # opacity (an opaque black map there made them dark grey, about 100).
+    shot = Image.open(io.BytesIO(page.locator("#stage").screenshot())).convert("L")
+    margin = shot.width * 19 // PHOTO.width - 2
+    for left in (1, shot.width - margin - 1):
+        strip = shot.crop((left, 1, left + margin, shot.height - 1))
+        assert ImageStat.Stat(strip).mean[0] > 230, (left, ImageStat.Stat(strip).mean)
 
     # The opacity slider drives the overlay.
     page.locator("#opacity").fill("25")
