@@ -23,6 +23,9 @@ pub const DEFAULT_MAX_DELAY_US: u64 = 2_000;
 pub const DEFAULT_QUEUE_SIZE: usize = 256;
 /// Default `--max-body-bytes`: 8 MiB, well above a phone photo as JPEG.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+/// Default `--max-body-memory`: a v2 request of the largest size (7 x 8
+/// MiB), or 8 raw bodies of it, or hundreds of ordinary uploads.
+pub const DEFAULT_MAX_BODY_MEMORY: usize = 64 * 1024 * 1024;
 /// Default `--max-pixels`: 40 megapixels, above any camera a user is likely
 /// to post from, far below what a decompression bomb declares.
 pub const DEFAULT_MAX_PIXELS: u64 = 40_000_000;
@@ -86,6 +89,14 @@ pub struct Config {
     /// Largest request body in bytes (413 beyond).
     #[arg(long, env = "NIN_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
+
+    /// Memory in bytes that the request bodies being read may hold at
+    /// once, reserved before a body is read (503 `overloaded` beyond): a
+    /// raw image costs its size, a multipart form twice, a v2 JSON request
+    /// seven times (its numbers are parsed); see `nin_serve::budget`.
+    #[arg(long, env = "NIN_MAX_BODY_MEMORY", default_value_t = DEFAULT_MAX_BODY_MEMORY,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_body_memory: usize,
 
     /// Largest decoded image in pixels (width x height, 413 beyond): a small
     /// compressed file can declare a huge image (decompression bomb).
@@ -173,6 +184,7 @@ impl Default for Config {
             max_delay_us: DEFAULT_MAX_DELAY_US,
             queue_size: DEFAULT_QUEUE_SIZE,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_body_memory: DEFAULT_MAX_BODY_MEMORY,
             max_pixels: DEFAULT_MAX_PIXELS,
             request_timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
             shutdown_timeout_ms: DEFAULT_SHUTDOWN_TIMEOUT_MS,
@@ -196,6 +208,9 @@ impl Config {
         }
         if self.max_pixels == 0 {
             return bad("max_pixels must be at least 1");
+        }
+        if self.max_body_memory == 0 {
+            return bad("max_body_memory must be at least 1");
         }
         if self.request_timeout_ms == 0 {
             return bad("request_timeout_ms must be at least 1");

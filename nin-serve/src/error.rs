@@ -87,8 +87,15 @@ pub enum Error {
     MethodNotAllowed,
 
     /// The queue is full; the client should retry after a second.
-    #[error("the server is at capacity ({0} requests in progress); retry later")]
+    #[error("the server is at capacity ({0} images in progress); retry later")]
     Overloaded(usize),
+
+    /// The request bodies in flight hold all the memory `--max-body-memory`
+    /// (this many bytes) allows; the client should retry after a second.
+    #[error(
+        "the server is reading as many request bodies as {0} bytes of memory allow; retry later"
+    )]
+    BodyMemoryFull(usize),
 
     /// The request did not finish within `--request-timeout-ms`.
     #[error("the request did not complete within {0} ms")]
@@ -137,9 +144,10 @@ impl Error {
             Error::NotFound(_) | Error::UnknownModel(_) => StatusCode::NOT_FOUND,
             Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Error::Unauthorized => StatusCode::UNAUTHORIZED,
-            Error::Overloaded(_) | Error::Timeout(_) | Error::Unavailable(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Error::Overloaded(_)
+            | Error::BodyMemoryFull(_)
+            | Error::Timeout(_)
+            | Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Config(_) | Error::Model(_) | Error::Internal(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -164,7 +172,7 @@ impl Error {
             Error::NotFound(_) => "not_found",
             Error::MethodNotAllowed => "method_not_allowed",
             Error::Unauthorized => "unauthorized",
-            Error::Overloaded(_) => "overloaded",
+            Error::Overloaded(_) | Error::BodyMemoryFull(_) => "overloaded",
             Error::Timeout(_) => "timeout",
             Error::Unavailable(_) => "unavailable",
         }
@@ -189,7 +197,10 @@ impl Error {
     /// Adds `Retry-After` when the client should simply try again, and
     /// `WWW-Authenticate` when it should present a key (RFC 6750).
     fn with_retry_after(&self, mut response: Response) -> Response {
-        if matches!(self, Error::Overloaded(_) | Error::Unavailable(_)) {
+        if matches!(
+            self,
+            Error::Overloaded(_) | Error::BodyMemoryFull(_) | Error::Unavailable(_)
+        ) {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

@@ -6,6 +6,7 @@
 //! - [`access`]: the optional API key and CORS;
 //! - [`config`]: every option, its flag, environment variable and default;
 //! - [`infer`]: the model thread, its bounded queue and dynamic batching;
+//! - [`budget`]: the memory the request bodies being read may hold;
 //! - [`routes`]: the handlers (`/healthz`, `/readyz`, `/classify`);
 //! - [`explain`]: class activation maps as heatmaps for `?explain=true`;
 //! - [`openapi`]: `GET /openapi.json`, generated from the handlers;
@@ -28,6 +29,7 @@
 #![warn(missing_docs)]
 
 pub mod access;
+pub mod budget;
 pub mod config;
 pub mod error;
 pub mod explain;

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use utoipa::{IntoParams, ToSchema};
 
+use crate::budget::BodyKind;
 use crate::error::ErrorBody;
 use crate::explain::heatmap_png_base64;
 use crate::infer::Output;
@@ -177,6 +178,19 @@ pub async fn classify(
         }
     }
     let limit = state.max_body_bytes();
+    let kind = if multipart {
+        BodyKind::Multipart
+    } else {
+        BodyKind::Raw
+    };
+    // Held until the answer: the body and the images parsed from it.
+    let _reservation = match state.bodies().reserve(&parts.headers, limit, kind) {
+        Ok(reservation) => reservation,
+        Err(error) => {
+            refuse_unread(body, &parts.headers);
+            return Err(error);
+        }
+    };
     let body = read_body(body, &parts.headers, limit).await?;
     let images = if multipart {
         // The whole form is in memory (at most `limit` bytes) before multer

@@ -33,6 +33,7 @@ use tower_http::request_id::{
 use tower_http::trace::TraceLayer;
 
 use crate::access;
+use crate::budget::BodyBudget;
 use crate::config::ApiKey;
 use crate::infer::{InferOptions, Inference};
 use crate::metrics::{self, Metrics};
@@ -53,6 +54,8 @@ struct Inner {
     metrics: Metrics,
     model: ModelInfo,
     max_body_bytes: usize,
+    /// Memory for the bodies being read; see [`crate::budget`].
+    bodies: BodyBudget,
     max_pixels: u64,
     max_images: usize,
     request_timeout: Duration,
@@ -92,6 +95,7 @@ impl AppState {
                 metrics,
                 model,
                 max_body_bytes: config.max_body_bytes,
+                bodies: BodyBudget::new(config.max_body_memory),
                 max_pixels: config.max_pixels,
                 max_images: config.max_batch.min(config.queue_size),
                 request_timeout: config.request_timeout(),
@@ -122,6 +126,11 @@ impl AppState {
     /// `--max-body-bytes`.
     pub fn max_body_bytes(&self) -> usize {
         self.inner.max_body_bytes
+    }
+
+    /// The memory budget of the bodies being read (`--max-body-memory`).
+    pub fn bodies(&self) -> &BodyBudget {
+        &self.inner.bodies
     }
 
     /// `--max-pixels`.

@@ -21,6 +21,7 @@
 //! images, 422 a wrong tensor (name, shape, datatype, length, NaN or
 //! infinite values, values out of range) or unknown output, 503 overloaded.
 
+use std::fmt;
 use std::time::Instant;
 
 use axum::extract::rejection::PathRejection;
@@ -29,10 +30,12 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use nin_model::preprocess::Preprocessing;
+use serde::de::{self, DeserializeSeed, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 
+use crate::budget::BodyKind;
 use crate::error::{V2Error, V2ErrorBody};
 use crate::routes;
 use crate::server::AppState;
@@ -109,7 +112,8 @@ pub struct InputTensor {
     /// `FP32` or `UINT8`.
     pub datatype: String,
     /// Numbers, flat or nested, row-major.
-    pub data: Value,
+    #[schema(value_type = Vec<f64>)]
+    pub data: Numbers,
     /// Accepted and ignored.
     pub parameters: Option<Value>,
 }
@@ -262,7 +266,19 @@ pub async fn infer(
         routes::refuse_unread(body, &parts.headers);
         return Err(error.into());
     }
-    let body = routes::read_body(body, &parts.headers, state.max_body_bytes()).await?;
+    let limit = state.max_body_bytes();
+    // Held until the answer: the body, its numbers and the model inputs.
+    let _reservation = match state
+        .bodies()
+        .reserve(&parts.headers, limit, BodyKind::V2Json)
+    {
+        Ok(reservation) => reservation,
+        Err(error) => {
+            routes::refuse_unread(body, &parts.headers);
+            return Err(error.into());
+        }
+    };
+    let body = routes::read_body(body, &parts.headers, limit).await?;
     let started = Instant::now();
     let metadata = state.inference().metadata();
     let CheckedRequest {
@@ -500,8 +516,7 @@ fn check_request(
         return Err(Error::TooManyImages { limit: max_images });
     }
     let per_image = channels * size * size;
-    let mut values = Vec::with_capacity(n * per_image);
-    flatten(&input.data, &mut values, n * per_image)?;
+    let values = input.data.0;
     if values.len() != n * per_image {
         return bad(format!(
             "shape {:?} needs {} values, the data holds {}",
@@ -547,40 +562,68 @@ enum DataType {
     Uint8,
 }
 
-/// Appends the numbers of `data` (a number or nested arrays of numbers)
-/// in row-major order; stops early past `limit` values (the length check
-/// then fails) so a huge body cannot grow the buffer beyond need.
-fn flatten(data: &Value, out: &mut Vec<f64>, limit: usize) -> Result<(), Error> {
-    match data {
-        Value::Array(items) => {
-            for item in items {
-                if out.len() > limit {
-                    return Ok(());
-                }
-                flatten(item, out, limit)?;
-            }
-            Ok(())
-        }
-        Value::Number(number) => {
-            let v = number
-                .as_f64()
-                .ok_or_else(|| Error::InvalidTensor(format!("{number} is not a number")))?;
-            out.push(v);
-            Ok(())
-        }
-        Value::String(text)
-            if matches!(
-                text.to_ascii_lowercase().as_str(),
-                "nan" | "inf" | "-inf" | "infinity" | "-infinity"
-            ) =>
-        {
-            Err(Error::InvalidTensor(format!(
-                "the input holds `{text}`: NaN and infinite values are not accepted"
-            )))
-        }
-        other => Err(Error::InvalidTensor(format!(
-            "the input data must hold numbers, found {other}"
-        ))),
+/// The numbers of a tensor's `data`, flat or nested to any depth, read
+/// straight into one vector while the JSON is parsed. No JSON tree is
+/// built: a number takes at least 2 bytes of text ("0,") and 8 here, so a
+/// body's values cost at most 4 bytes per byte of body, where a
+/// `serde_json::Value` per number cost 16.
+#[derive(Debug, Default)]
+pub struct Numbers(pub Vec<f64>);
+
+impl<'de> Deserialize<'de> for Numbers {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let mut values = Vec::new();
+        deserializer.deserialize_any(Flatten(&mut values))?;
+        Ok(Numbers(values))
+    }
+}
+
+/// Appends a number, or every number of a (nested) array, to its vector.
+struct Flatten<'a>(&'a mut Vec<f64>);
+
+impl<'de> Visitor<'de> for Flatten<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("numbers, flat or in nested arrays")
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
+        self.0.push(v);
+        Ok(())
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
+        self.visit_f64(v as f64)
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
+        self.visit_f64(v as f64)
+    }
+
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<(), E> {
+        let non_finite = matches!(
+            text.to_ascii_lowercase().as_str(),
+            "nan" | "inf" | "-inf" | "infinity" | "-infinity"
+        );
+        Err(E::custom(if non_finite {
+            format!("the input holds `{text}`: NaN and infinite values are not accepted")
+        } else {
+            format!("the input data must hold numbers, found \"{text}\"")
+        }))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(Flatten(&mut *self.0))?.is_some() {}
+        Ok(())
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for Flatten<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
     }
 }
 
@@ -597,14 +640,23 @@ mod tests {
 
     #[test]
     fn nested_and_flat_data_flatten_alike() {
-        let nested = serde_json::json!([[[1, 2], [3, 4]], [[5, 6], [7, 8]]]);
-        let flat = serde_json::json!([1, 2, 3, 4, 5, 6, 7, 8]);
-        let (mut a, mut b) = (Vec::new(), Vec::new());
-        flatten(&nested, &mut a, 100).unwrap();
-        flatten(&flat, &mut b, 100).unwrap();
-        assert_eq!(a, b);
-        assert!(flatten(&serde_json::json!([1, "x"]), &mut Vec::new(), 100).is_err());
-        assert!(flatten(&serde_json::json!([null]), &mut Vec::new(), 100).is_err());
+        let numbers = |json: &str| serde_json::from_str::<Numbers>(json).map(|n| n.0);
+        let nested = numbers("[[[1, 2], [3, 4]], [[5, 6], [7, 8.5]]]").unwrap();
+        let flat = numbers("[1, 2, 3, 4, 5, 6, 7, 8.5]").unwrap();
+        assert_eq!(nested, flat);
+        assert_eq!(numbers("[-1, [], [[0.25]]]").unwrap(), [-1.0, 0.25]);
+        assert_eq!(numbers("3").unwrap(), [3.0]);
+        assert!(numbers(r#"[1, "x"]"#)
+            .unwrap_err()
+            .to_string()
+            .contains("must hold numbers"));
+        assert!(numbers(r#"[1, "NaN"]"#)
+            .unwrap_err()
+            .to_string()
+            .contains("NaN and infinite"));
+        assert!(numbers("[null]").is_err());
+        assert!(numbers(r#"[{"a": 1}]"#).is_err());
+        assert!(numbers("[true]").is_err());
     }
 
     #[test]

@@ -642,3 +642,53 @@ async fn unknown_routes_and_methods_answer_large_uploads_without_a_reset() {
     }
     server.shutdown().await.unwrap();
 }
+
+/// While the bodies being read hold --max-body-memory, another body is
+/// refused before it is read (503 `overloaded`, Retry-After), and the
+/// memory comes back when they are answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_beyond_the_memory_budget_are_refused_before_they_are_read() {
+    use std::io::{Read, Write};
+    let server = TestServer::start(|c| {
+        c.max_body_bytes = 64 * 1024;
+        c.max_body_memory = 100 * 1024;
+    })
+    .await;
+    // A slow upload: 60 KiB declared, 1 KiB sent so far.
+    let address = server.base.trim_start_matches("http://").to_string();
+    // (A blocking socket: a few small writes and one short read.)
+    let mut slow = std::net::TcpStream::connect(&address).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    slow.write_all(
+        b"POST /classify HTTP/1.1\r\nHost: nin\r\nContent-Type: image/png\r\n\
+          Content-Length: 61440\r\n\r\n",
+    )
+    .unwrap();
+    slow.write_all(&[0; 1024]).unwrap();
+
+    // Another 60 KiB would take the bodies past 100 KiB: refused once the
+    // slow one's reservation is in (polled, not timed).
+    let body = vec![0u8; 60 * 1024];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let refused = loop {
+        let response = server.post_image("", "image/png", body.clone()).await;
+        if response.status() == 503 || Instant::now() > deadline {
+            break response;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(refused.headers()["retry-after"], "1");
+    error_of(refused, 503, "overloaded").await;
+
+    // The slow upload finishes and is answered (not an image: 400) ...
+    slow.write_all(&[0; 60 * 1024 - 1024]).unwrap();
+    let mut answer = vec![0; 12];
+    slow.read_exact(&mut answer).unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 400");
+    drop(slow);
+    // ... and its memory is free again.
+    let again = server.post_image("", "image/png", body).await;
+    error_of(again, 400, "invalid_image").await;
+    server.shutdown().await.unwrap();
+}
