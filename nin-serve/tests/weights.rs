@@ -15,7 +15,7 @@ use serde_json::{json, Map, Value};
 
 /// How long a refusal may take: it comes before the warm-up, within
 /// milliseconds; a good start (load, warm-up, listen) takes about a second.
-const REFUSAL_TIME: Duration = Duration::from_secs(10);
+const REFUSAL_TIME: Duration = Duration::from_secs(60);
 
 /// Starts `nin-serve --weights path`, expects it to exit non-zero within
 /// [`REFUSAL_TIME`] and returns its error line (after `nin-serve: `).

@@ -100,6 +100,30 @@ fn wait_for(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
     }
 }
 
+/// Epochs in the run's `metrics.jsonl` so far (complete lines).
+fn epochs_logged(out: &Path) -> usize {
+    std::fs::read_to_string(RunFiles::new(out).metrics)
+        .map(|text| text.matches('\n').count())
+        .unwrap_or(0)
+}
+
+/// Waits for `child` to exit or to have logged `epochs` epochs in `out`;
+/// `None` in the latter case. Progress, not time: a slow machine waits
+/// longer. Panics after two minutes (a hung run).
+fn wait_for_epoch(child: &mut Child, out: &Path, epochs: usize) -> Option<ExitStatus> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        if epochs_logged(out) >= epochs {
+            return None;
+        }
+        assert!(Instant::now() < deadline, "the run hung");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Waits up to `limit` for `child` to exit or to be writing a file
 /// atomically into `out` (a temporary file exists); `None` in the latter
 /// case or on timeout.
@@ -228,8 +252,11 @@ fn a_run_killed_at_random_moments_resumes_to_the_same_weights_without_torn_files
     let (epoch, temporaries) = check_out_dir(straight.path());
     assert_eq!((epoch, temporaries), (Some(EPOCHS), 0));
 
-    // (b) The same run, killed after seeded random fractions of (a)'s
-    // duration and resumed each time; the last start runs to the end.
+    // (b) The same run, killed and resumed each time; the last start runs
+    // to the end. Each kill waits until the run has logged one more epoch
+    // than when it started (so it lands between checkpoints however busy
+    // the machine is), then a seeded random fraction of one of (a)'s
+    // epochs more.
     let killed = tempfile::tempdir().unwrap();
     let log = logs.path().join("killed.log");
     let mut rng = ChaCha8Rng::seed_from_u64(0x6b696c6c);
@@ -237,10 +264,15 @@ fn a_run_killed_at_random_moments_resumes_to_the_same_weights_without_torn_files
     let mut writes_cut = 0;
     let mut checkpoints_seen = Vec::new();
     let mut finished = false;
+    let epoch_time = duration / EPOCHS as u32;
     for attempt in 0..MAX_KILLS {
-        let delay = duration.mul_f64(rng.random_range(0.05..0.3));
+        let logged = epochs_logged(killed.path());
+        let delay = epoch_time.mul_f64(rng.random_range(0.05..0.6));
         let mut child = start(data.path(), killed.path(), attempt > 0, &log);
-        let mut exited = wait_for(&mut child, delay);
+        let mut exited = wait_for_epoch(&mut child, killed.path(), logged + 1);
+        if exited.is_none() {
+            exited = wait_for(&mut child, delay);
+        }
         // Every other kill is aimed at a write in progress: after the delay,
         // the first moment a temporary file of `write_atomically` exists.
         if exited.is_none() && attempt % 2 == 1 {
