@@ -67,6 +67,11 @@ impl BodyBudget {
         }
     }
 
+    /// Bytes reserved by the bodies in flight now.
+    pub fn in_use(&self) -> usize {
+        self.total - self.bytes.available_permits()
+    }
+
     /// Reserves what a body of the declared `Content-Length` (or `limit`
     /// when none is declared) costs as `kind`, capped at the whole budget
     /// so that the largest body the server takes can always be served
@@ -124,6 +129,7 @@ mod tests {
         );
         assert!(budget.reserve(&length(100), 500, BodyKind::Raw).is_ok());
         drop((a, b));
+        assert_eq!(budget.in_use(), 0);
         assert!(budget.reserve(&length(100), 500, BodyKind::V2Json).is_ok());
     }
 

@@ -674,17 +674,15 @@ async fn bodies_beyond_the_memory_budget_are_refused_before_they_are_read() {
     .unwrap();
     slow.write_all(&[0; 1024]).unwrap();
 
-    // Another 60 KiB would take the bodies past 100 KiB: refused once the
-    // slow one's reservation is in (polled, not timed).
-    let body = vec![0u8; 60 * 1024];
+    // Once the slow one's reservation is in (polled, not timed), another
+    // 60 KiB would take the bodies past 100 KiB: refused.
     let deadline = Instant::now() + Duration::from_secs(20);
-    let refused = loop {
-        let response = server.post_image("", "image/png", body.clone()).await;
-        if response.status() == 503 || Instant::now() > deadline {
-            break response;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    while server.state.bodies().in_use() < 60 * 1024 {
+        assert!(Instant::now() < deadline, "the slow upload never reserved");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let body = vec![0u8; 60 * 1024];
+    let refused = server.post_image("", "image/png", body.clone()).await;
     assert_eq!(refused.headers()["retry-after"], "1");
     error_of(refused, 503, "overloaded").await;
 
