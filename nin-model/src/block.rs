@@ -41,15 +41,16 @@ pub(crate) struct ConvUnit {
     pub(crate) weight: Tensor,
     pub(crate) window: Window,
     /// The conv bias, or batch norm (whose shift makes a bias redundant).
-    pub(crate) after: After,
+    pub(crate) after: BiasOrNorm,
     /// The weight as the matrix [`crate::tape`] multiplies by, computed
     /// once when the weight is not a variable (so it can never change, as
     /// in a loaded model); clones share it.
     pub(crate) matrix: Arc<OnceLock<Arc<Vec<f32>>>>,
 }
 
+/// What follows a unit's convolution, before its ReLU.
 #[derive(Debug, Clone)]
-pub(crate) enum After {
+pub(crate) enum BiasOrNorm {
     Bias(Tensor),
     Norm(Norm),
 }
@@ -155,9 +156,9 @@ impl ConvUnit {
             candle_nn::init::DEFAULT_KAIMING_NORMAL,
         )?;
         let after = if batch_norm {
-            After::Norm(Norm::new(out_channels, vb.pp(format!("{name}_bn")))?)
+            BiasOrNorm::Norm(Norm::new(out_channels, vb.pp(format!("{name}_bn")))?)
         } else {
-            After::Bias(
+            BiasOrNorm::Bias(
                 vb.pp(name)
                     .get_with_hints(out_channels, "bias", Init::Const(0.0))?,
             )
@@ -176,8 +177,8 @@ impl ConvUnit {
         } = self.window;
         let y = x.conv2d(&self.weight, padding, stride, 1, 1)?;
         let y = match &self.after {
-            After::Bias(bias) => y.broadcast_add(&bias.reshape((1, (), 1, 1))?)?,
-            After::Norm(norm) => norm.forward_plain(&y, train)?,
+            BiasOrNorm::Bias(bias) => y.broadcast_add(&bias.reshape((1, (), 1, 1))?)?,
+            BiasOrNorm::Norm(norm) => norm.forward_plain(&y, train)?,
         };
         y.relu()
     }

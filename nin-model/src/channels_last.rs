@@ -211,10 +211,10 @@ fn moments(x: &[f32], c: usize) -> (Vec<f64>, Vec<f64>) {
     (mean, var)
 }
 
-/// Batch statistics of the last training-mode [`batch_norm_relu`] call,
+/// Batch-norm statistics of the last training-mode [`batch_norm_relu`] call,
 /// for the running averages.
 #[derive(Clone, Debug, Default)]
-pub struct BatchStats {
+pub struct NormStats {
     pub mean: Vec<f64>,
     /// Biased (divided by M) variance.
     pub var: Vec<f64>,
@@ -222,7 +222,7 @@ pub struct BatchStats {
     pub count: usize,
 }
 
-impl BatchStats {
+impl NormStats {
     /// Per-channel 1 / sqrt(var + eps).
     fn inv_std(&self, eps: f64) -> Vec<f64> {
         self.var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect()
@@ -238,10 +238,10 @@ pub(crate) fn batch_norm_relu_into(
     beta: &[f32],
     eps: f64,
     out: &mut [f32],
-) -> BatchStats {
+) -> NormStats {
     let c = gamma.len();
     let (mean, var) = moments(x, c);
-    let stats = BatchStats {
+    let stats = NormStats {
         mean,
         var,
         count: x.len() / c,
@@ -274,7 +274,7 @@ pub(crate) fn batch_norm_relu_backward_in_place(
     res: &[f32],
     grad: &mut [f32],
     gamma: &[f32],
-    stats: &BatchStats,
+    stats: &NormStats,
     eps: f64,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
     let c = gamma.len();

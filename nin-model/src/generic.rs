@@ -35,7 +35,7 @@ use std::sync::Mutex;
 
 use candle_core::{bail, Device, Result, Tensor};
 
-use crate::block::{channel_sums, After, ConvUnit, Norm, BN_EPS};
+use crate::block::{channel_sums, BiasOrNorm, ConvUnit, Norm, BN_EPS};
 use crate::config::Window;
 use crate::pool;
 use crate::tape::{accumulate, Backward, Step, Trace};
@@ -142,15 +142,15 @@ fn conv_forward(unit: &ConvUnit, x: &Tensor, train: bool) -> Result<(Tensor, Opt
     let y = x.conv2d(&unit.weight.detach(), padding, stride, 1, 1)?;
     let per_channel = |t: &Tensor| t.detach().reshape((1, (), 1, 1));
     let (out, norm) = match &unit.after {
-        After::Bias(bias) => (y.broadcast_add(&per_channel(bias)?)?.relu()?, None),
-        After::Norm(norm) if !train => {
+        BiasOrNorm::Bias(bias) => (y.broadcast_add(&per_channel(bias)?)?.relu()?, None),
+        BiasOrNorm::Norm(norm) if !train => {
             let (scale, shift) = norm.eval_affine()?;
             let out = y
                 .broadcast_mul(&per_channel(&scale)?)?
                 .broadcast_add(&per_channel(&shift)?)?;
             (out.relu()?, None)
         }
-        After::Norm(norm) => {
+        BiasOrNorm::Norm(norm) => {
             let (out, record) = batch_norm_relu(norm, &y)?;
             (out, Some(record))
         }
@@ -306,11 +306,11 @@ impl ConvRecord {
         // Through the ReLU: no gradient where the output is zero.
         let grad = grad.mul(&self.out.gt(0f32)?.to_dtype(grad.dtype())?)?;
         let grad = match (&self.unit.after, self.norm) {
-            (After::Bias(bias), _) => {
+            (BiasOrNorm::Bias(bias), _) => {
                 accumulate(grads, bias, channel_sums(&grad)?.flatten_all()?)?;
                 grad
             }
-            (After::Norm(norm), Some(NormRecord { xhat, invstd })) => {
+            (BiasOrNorm::Norm(norm), Some(NormRecord { xhat, invstd })) => {
                 // d/dx of gamma * xhat + beta through the batch statistics.
                 let (n, c, h, w) = grad.dims4()?;
                 let count = (n * h * w) as f64;
@@ -325,7 +325,7 @@ impl ConvRecord {
                 accumulate(grads, &norm.beta, grad_beta.flatten_all()?)?;
                 grad
             }
-            (After::Norm(_), None) => bail!("batch norm recorded without statistics"),
+            (BiasOrNorm::Norm(_), None) => bail!("batch norm recorded without statistics"),
         };
         let Window {
             kernel: k,

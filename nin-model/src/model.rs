@@ -164,7 +164,7 @@ impl Nin {
     /// and uploading one on the training thread each step.
     pub fn forward_train_with(&self, x: &Tensor, dropout_mask: Option<&Tensor>) -> Result<Pass> {
         self.check_input(x)?;
-        let steps = self.steps(dropout_mask)?;
+        let steps = self.kernel_steps(dropout_mask)?;
         let (logits, tape) = match self.kernels_for(x) {
             Kernels::Native => {
                 let (logits, tape) = tape::forward(steps, x, true, &self.buffers, None)?;
@@ -181,9 +181,9 @@ impl Nin {
         }
     }
 
-    /// The layers before the global average pool as [`crate::tape`]
-    /// steps, and the pool's name.
-    fn steps<'a>(
+    /// The layers before the global average pool as the steps both
+    /// kernel sets walk ([`crate::tape::Step`]), and the pool's name.
+    fn kernel_steps<'a>(
         &'a self,
         dropout_mask: Option<&'a Tensor>,
     ) -> Result<(Vec<tape::Step<'a>>, &'a str)> {
@@ -213,11 +213,14 @@ impl Nin {
     /// Feature maps are reported as (N, C, H, W) whichever path ran.
     pub fn forward_trace(&self, x: &Tensor, train: bool) -> Result<Vec<(String, Tensor)>> {
         let mut trace = Vec::with_capacity(self.layers.len());
-        self.run(x, train, Some(&mut trace))?;
+        self.forward_traced(x, train, Some(&mut trace))?;
         Ok(trace)
     }
 
-    fn run(
+    /// The forward pass behind `forward_t` and `forward_trace`: in
+    /// training the plain candle layers (under autograd), in evaluation
+    /// the chosen kernel set; every layer's output pushed to `trace`.
+    fn forward_traced(
         &self,
         x: &Tensor,
         train: bool,
@@ -236,7 +239,7 @@ impl Nin {
             }
             return Ok(x);
         }
-        let steps = self.steps(None)?;
+        let steps = self.kernel_steps(None)?;
         match self.kernels_for(x) {
             Kernels::Native => Ok(tape::forward(steps, x, false, &self.buffers, trace)?.0),
             Kernels::Generic => Ok(generic::forward(steps, x, false, &self.taps, trace)?.0),
@@ -289,7 +292,7 @@ impl NinLayer {
 impl ModuleT for Nin {
     /// (N, C, S, S) -> (N, classes) logits; dropout only when `train`.
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.run(x, train, None)
+        self.forward_traced(x, train, None)
     }
 }
 

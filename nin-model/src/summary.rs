@@ -20,8 +20,9 @@
 //!   are counted, as a dense implementation computes them);
 //! - conv bias: 1 (an add); ReLU: 1 (a comparison);
 //! - batch norm: 4 (subtract the mean, divide by the deviation, scale,
-//!   shift: candle's unfused evaluation form; the per-channel statistics of
-//!   training mode are not counted);
+//!   shift: the unfused form of the plain candle layers; both kernel sets
+//!   fold it into one scale and shift in evaluation, so this overcounts
+//!   them; the per-channel statistics of training mode are not counted);
 //! - max-pool with a k x k window: `k * k - 1` comparisons;
 //! - dropout: 0 (the identity at inference; the training-time mask multiply,
 //!   one per element, is left out);
@@ -42,21 +43,26 @@
 //! - **Inference**: parameters + buffers + the peak of activations, taken as
 //!   the largest sum of two *consecutive* tensors in the forward chain (input
 //!   image, then for every conv its output, its batch-norm output and its
-//!   ReLU output, every pool output, the logits). candle works neither fused
-//!   nor in place, so an op's input and output are alive together, and
-//!   nothing older is needed once the graph is not recorded. Dropout is the
-//!   identity here and adds no tensor.
+//!   ReLU output, every pool output, the logits): the plain candle layers,
+//!   which work neither fused nor in place, so an op's input and output are
+//!   alive together. The native kernels fuse a conv with its bias or batch
+//!   norm and ReLU and reuse buffers, so they need less: read this as an
+//!   upper bound for them. Dropout is the identity here and adds no
+//!   tensor.
 //! - **Training**: parameters + buffers + gradients (one copy of the
 //!   parameters) + optimizer state ([`OptimizerKind::state_copies`] copies
-//!   of the parameters) + the input batch + the activations autograd keeps
-//!   for the backward pass: every conv output, every batch-norm output, every
-//!   ReLU output inside the blocks, every pool output (global average pool
-//!   included), and dropout's mask and output.
+//!   of the parameters) + the input batch + the activations the backward
+//!   pass needs, as candle's autograd keeps them on the plain path: every
+//!   conv output, every batch-norm output, every ReLU output inside the
+//!   blocks, every pool output (global average pool included), and
+//!   dropout's mask and output. (The kernel sets' explicit backward keeps
+//!   a conv's input and output, and pools' winners, instead.)
 //!
 //! Not counted in either: scratch space (the im2col buffer of candle's CPU
 //! convolution, cuDNN workspaces), allocator slack, the separate pre-bias
-//! conv result and batch norm's training intermediates that candle's graph
-//! also holds, and the activation gradients alive during the backward pass.
+//! conv result and batch norm's training intermediates that the plain
+//! path's graph also holds, and the activation gradients alive during the
+//! backward pass.
 //! Read the training figure as a lower bound on what a step needs.
 
 use serde::Serialize;

@@ -35,8 +35,8 @@ use candle_core::{bail, Device, Result, Tensor, Var};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use crate::block::{After, ConvUnit, BN_EPS};
-use crate::channels_last::{self as cl, BatchStats, Geometry};
+use crate::block::{BiasOrNorm, ConvUnit, BN_EPS};
+use crate::channels_last::{self as cl, Geometry, NormStats};
 use crate::config::Window;
 use crate::dropout::Dropout;
 
@@ -342,7 +342,7 @@ struct ConvRecord {
     /// The weight matrix used ([`weight_matrix`]).
     weights: Arc<Vec<f32>>,
     /// Batch norm's input and statistics, and gamma.
-    norm: Option<(Buf<f32>, BatchStats, Vec<f32>)>,
+    norm: Option<(Buf<f32>, NormStats, Vec<f32>)>,
     out: Arc<Buf<f32>>,
 }
 
@@ -525,19 +525,21 @@ fn conv_forward(
     );
     matmul(&mut y, product.0, product.1, false, parallelism());
     let (out, norm) = match &unit.after {
-        After::Bias(bias) => {
+        BiasOrNorm::Bias(bias) => {
             cl::bias_relu_in_place(&mut y, &bias.to_vec1::<f32>()?);
             (y, None)
         }
-        After::Norm(norm) if !train => {
+        BiasOrNorm::Norm(norm) if !train => {
             // The plain path's own scale and shift: one formula for both.
             let (scale, shift) = norm.eval_affine()?;
             let (scale, shift) = (scale.to_vec1::<f32>()?, shift.to_vec1::<f32>()?);
             cl::scale_shift_relu_in_place(&mut y, &scale, &shift);
             (y, None)
         }
-        After::Norm(_) if y.is_empty() => bail!("batch norm in training needs a non-empty batch"),
-        After::Norm(norm) => {
+        BiasOrNorm::Norm(_) if y.is_empty() => {
+            bail!("batch norm in training needs a non-empty batch")
+        }
+        BiasOrNorm::Norm(norm) => {
             let gamma = norm.gamma.to_vec1::<f32>()?;
             let beta = norm.beta.to_vec1::<f32>()?;
             let mut out = pool.take(y.len());
@@ -641,7 +643,7 @@ impl ConvRecord {
         let (c_out, row_len) = (dims.0, dims.1 * dims.2 * dims.3);
         let m = grad.len() / c_out;
         match (&self.unit.after, &self.norm) {
-            (After::Bias(bias), _) => {
+            (BiasOrNorm::Bias(bias), _) => {
                 let grad_bias = cl::relu_backward_in_place(&self.out, &mut grad, c_out);
                 accumulate(
                     grads,
@@ -649,7 +651,7 @@ impl ConvRecord {
                     Tensor::from_vec(grad_bias, c_out, &Device::Cpu)?,
                 )?;
             }
-            (After::Norm(norm), Some((pre, stats, gamma))) => {
+            (BiasOrNorm::Norm(norm), Some((pre, stats, gamma))) => {
                 let (grad_gamma, grad_beta) = cl::batch_norm_relu_backward_in_place(
                     pre, &self.out, &mut grad, gamma, stats, BN_EPS,
                 )?;
@@ -657,7 +659,7 @@ impl ConvRecord {
                 accumulate(grads, &norm.gamma, as_tensor(grad_gamma)?)?;
                 accumulate(grads, &norm.beta, as_tensor(grad_beta)?)?;
             }
-            (After::Norm(_), None) => bail!("batch norm recorded without statistics"),
+            (BiasOrNorm::Norm(_), None) => bail!("batch norm recorded without statistics"),
         }
         let grad_mat = Mat::new(&grad, m, c_out);
         let grad_weights = matmul_tn(Mat::new(&self.input, m, row_len), grad_mat, pool);

@@ -104,7 +104,7 @@ pub struct ClassMap {
 /// What the model thread measures: the Prometheus series of `/metrics`
 /// (see [`crate::metrics`]) and the counters tests read directly.
 #[derive(Debug)]
-pub struct BatchStats {
+pub struct ModelCounters {
     /// Forward passes run.
     batches: Counter,
     /// Images per forward pass.
@@ -120,7 +120,7 @@ pub struct BatchStats {
     max_batch_seen: AtomicU64,
 }
 
-impl Default for BatchStats {
+impl Default for ModelCounters {
     fn default() -> Self {
         // Powers of two up to 4096, the largest `--max-batch`.
         let sizes = exponential_buckets(1.0, 2.0, 13);
@@ -138,7 +138,7 @@ impl Default for BatchStats {
     }
 }
 
-impl BatchStats {
+impl ModelCounters {
     /// Forward passes run (warm-up excluded).
     pub fn batches(&self) -> u64 {
         self.batches.get()
@@ -239,7 +239,7 @@ pub struct Inference {
     sender: SyncSender<Job>,
     permits: Arc<Semaphore>,
     queue_size: usize,
-    stats: Arc<BatchStats>,
+    stats: Arc<ModelCounters>,
     alive: Arc<AtomicBool>,
     metadata: Arc<WeightsMetadata>,
     runtime: Arc<Runtime>,
@@ -273,7 +273,7 @@ impl Inference {
         }
         let (sender, receiver) = mpsc::sync_channel::<Job>(options.queue_size);
         let (ready_tx, ready_rx) = oneshot::channel();
-        let stats = Arc::new(BatchStats::default());
+        let stats = Arc::new(ModelCounters::default());
         let alive = Arc::new(AtomicBool::new(true));
         let path = weights_path.to_path_buf();
         let device_name = device.to_string();
@@ -389,7 +389,7 @@ impl Inference {
     }
 
     /// Batch counters of the model thread.
-    pub fn stats(&self) -> &BatchStats {
+    pub fn stats(&self) -> &ModelCounters {
         &self.stats
     }
 
@@ -453,7 +453,7 @@ fn load_and_warm_up(
 struct Worker {
     receiver: Receiver<Job>,
     options: InferOptions,
-    stats: Arc<BatchStats>,
+    stats: Arc<ModelCounters>,
     alive: Arc<AtomicBool>,
 }
 

@@ -9,7 +9,7 @@
 //!   a client sending random paths cannot grow the label set without bound;
 //! - `batches_total`, `batch_size`, `inference_duration_seconds`,
 //!   `queue_duration_seconds`, `inferences_total`, `skipped_jobs_total`:
-//!   measured on the model thread ([`crate::infer::BatchStats`]);
+//!   measured on the model thread ([`crate::infer::ModelCounters`]);
 //! - `requests_in_progress`: admitted requests not yet answered, read at
 //!   scrape time;
 //! - `device_info{device,compute_cap,kernels}`: what the model runs on.
@@ -32,7 +32,7 @@ use prometheus_client::registry::{Registry, Unit};
 
 use prometheus_client::metrics::info::Info;
 
-use crate::infer::{BatchStats, Runtime};
+use crate::infer::{ModelCounters, Runtime};
 use crate::server::AppState;
 use crate::Error;
 
@@ -69,7 +69,7 @@ pub struct Metrics {
 impl Metrics {
     /// A registry holding the HTTP series, the model thread's `stats` and
     /// what it runs on (`nin_device_info`).
-    pub fn new(stats: &BatchStats, runtime: &Runtime) -> Self {
+    pub fn new(stats: &ModelCounters, runtime: &Runtime) -> Self {
         let mut registry = Registry::with_prefix("nin");
         let requests = Family::<RequestLabels, Counter>::default();
         // 100 us to about 26 s: a cached health probe to a request timeout.

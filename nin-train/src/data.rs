@@ -73,7 +73,7 @@ const MAX_PREALLOC: usize = 64 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     /// A file that is needed does not exist (in any accepted form).
-    #[error("Fashion-MNIST file {path} not found{}; {HOW_TO_GET}", nor(.also_tried))]
+    #[error("Fashion-MNIST file {path} not found{}; {HOW_TO_GET}", also_tried_note(.also_tried))]
     Missing {
         path: PathBuf,
         /// The other name that was tried (`<stem>.gz`), if any.
@@ -149,7 +149,7 @@ pub enum DataError {
 }
 
 /// " (nor <path>)" for a [`DataError::Missing`] that tried a second name.
-fn nor(also_tried: &Option<PathBuf>) -> String {
+fn also_tried_note(also_tried: &Option<PathBuf>) -> String {
     match also_tried {
         Some(path) => format!(" (nor {})", path.display()),
         None => String::new(),
