@@ -4,7 +4,7 @@
 
 #![allow(dead_code)] // Each test binary uses its own subset.
 
-use std::io::{Cursor, Read};
+use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -137,27 +137,15 @@ pub fn write_weights(path: &Path) {
     weights::save(path, &varmap, &metadata).unwrap();
 }
 
-/// The first `n` images of the committed real test-set slice, as raw bytes.
+/// The first `n` images of the committed real test-set slice, as raw
+/// bytes, read by nin-train's IDX reader (the one the trainer uses).
 pub fn test_images(n: usize) -> Vec<Vec<u8>> {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../tests/data/t10k-images-idx3-ubyte.gz"
-    );
-    let mut bytes = Vec::new();
-    flate2::read::GzDecoder::new(std::fs::File::open(path).unwrap())
-        .read_to_end(&mut bytes)
-        .unwrap();
-    let header =
-        |i: usize| u32::from_be_bytes(bytes[i * 4..i * 4 + 4].try_into().unwrap()) as usize;
-    assert_eq!(header(0), 2051, "not an IDX image file");
-    let (count, rows, cols) = (header(1), header(2), header(3));
-    assert_eq!((rows, cols), (28, 28));
-    assert!(count >= n);
-    bytes[16..]
-        .chunks_exact(rows * cols)
-        .take(n)
-        .map(<[u8]>::to_vec)
-        .collect()
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/t10k-images-idx3-ubyte.gz");
+    let images = nin_train::data::read_idx_images(&path).unwrap();
+    assert_eq!((images.rows, images.cols), (28, 28));
+    assert!(images.count >= n);
+    (0..n).map(|i| images.image(i).to_vec()).collect()
 }
 
 pub fn png(image: &DynamicImage) -> Vec<u8> {
