@@ -14,10 +14,9 @@
 
 use std::error::Error;
 use std::fs;
-use std::io::{Cursor, Read};
+use std::io::Cursor;
 use std::path::Path;
 
-use flate2::read::GzDecoder;
 use image::imageops::{self, FilterType};
 use image::{DynamicImage, GrayImage, ImageFormat, Luma, LumaA, Rgba, RgbaImage};
 
@@ -32,18 +31,12 @@ fn main() -> Result<(), Box<dyn Error>> {
 }
 
 /// The images of an IDX file (gzipped): 16-byte header, then 28x28 bytes each.
+/// The slice's images, read by nin-train's IDX reader.
 fn read_slice(path: &Path) -> Result<Vec<GrayImage>, Box<dyn Error>> {
-    let mut bytes = Vec::new();
-    GzDecoder::new(fs::File::open(path)?).read_to_end(&mut bytes)?;
-    let header: [u32; 4] = std::array::from_fn(|i| {
-        u32::from_be_bytes(bytes[i * 4..i * 4 + 4].try_into().expect("4 bytes"))
-    });
-    assert_eq!(header[0], 0x803, "not an IDX image file");
-    assert_eq!((header[2], header[3]), (SIDE, SIDE));
-    Ok(bytes[16..]
-        .chunks_exact((SIDE * SIDE) as usize)
-        .take(header[1] as usize)
-        .map(|px| GrayImage::from_raw(SIDE, SIDE, px.to_vec()).expect("28x28 bytes"))
+    let images = nin_train::data::read_idx_images(path)?;
+    assert_eq!((images.rows, images.cols), (SIDE as usize, SIDE as usize));
+    Ok((0..images.count)
+        .map(|i| GrayImage::from_raw(SIDE, SIDE, images.image(i).to_vec()).expect("28x28 bytes"))
         .collect())
 }
 
