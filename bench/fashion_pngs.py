@@ -3,28 +3,22 @@
     python3 bench/fashion_pngs.py DATA_DIR OUT_DIR COUNT
 
 Reads the committed slice of the test set (DATA_DIR/t10k-*-ubyte.gz, the
-first 1000 records of t10k, read as nin-serve/tests/common/mod.rs reads
-them) and writes COUNT 28x28 greyscale PNG files, taken class by class in
+first 1000 records of t10k, read by tests/data/idx.py) and writes COUNT 28x28 greyscale PNG files, taken class by class in
 turn, as OUT_DIR/image-NN-labelL.png. Standard library only. Used by
 bench/load.sh and .ci/swarm-test.sh.
 """
-import gzip
 import struct
 import sys
 import zlib
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "data"))
+import idx  # noqa: E402  (the shared IDX reader)
 
 data, out, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
-
-
-def idx(name, magic):
-    raw = gzip.open(f"{data}/{name}").read()
-    assert struct.unpack(">I", raw[:4])[0] == magic, f"{name}: not an IDX file"
-    return raw
-
-
-images = idx("t10k-images-idx3-ubyte.gz", 2051)
-labels = idx("t10k-labels-idx1-ubyte.gz", 2049)
-n, rows, cols = struct.unpack(">III", images[4:16])
+images = idx.Images(idx.read(data, "t10k-images-idx3-ubyte"))
+labels = idx.Labels(idx.read(data, "t10k-labels-idx1-ubyte"))
+n, rows, cols = images.count, images.rows, images.cols
 
 
 def png(width, height, pixels):
@@ -39,9 +33,8 @@ def png(width, height, pixels):
 
 by_class = {}
 for i in range(n):
-    by_class.setdefault(labels[8 + i], []).append(i)
+    by_class.setdefault(labels.label(i), []).append(i)
 picked = [by_class[c][k] for k in range(n) for c in sorted(by_class) if k < len(by_class[c])][:count]
 for j, i in enumerate(picked):
-    size = rows * cols
-    with open(f"{out}/image-{j:02d}-label{labels[8 + i]}.png", "wb") as f:
-        f.write(png(cols, rows, images[16 + i * size:16 + (i + 1) * size]))
+    with open(f"{out}/image-{j:02d}-label{labels.label(i)}.png", "wb") as f:
+        f.write(png(cols, rows, images.image(i)))

@@ -24,50 +24,12 @@ import argparse
 import collections
 import gzip
 import os
-import struct
 import sys
 
-IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
-LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
+import idx
+
 IMAGES_STEM = "t10k-images-idx3-ubyte"
 LABELS_STEM = "t10k-labels-idx1-ubyte"
-
-
-def read_maybe_gzipped(directory, stem):
-    """Return the bytes of `<stem>.gz` (decompressed) or `<stem>` in directory."""
-    for name in (stem + ".gz", stem):
-        path = os.path.join(directory, name)
-        if os.path.isfile(path):
-            with open(path, "rb") as f:
-                data = f.read()
-            return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
-    sys.exit(f"{stem}(.gz) not found in {directory}; "
-             "install it with `apt-get install dataset-fashion-mnist` or pass --src")
-
-
-def slice_images(data, count):
-    """Header with the count replaced, then the first `count` images."""
-    magic, total, rows, cols = struct.unpack(">IIII", data[:16])
-    if magic != IMAGES_MAGIC:
-        sys.exit(f"images: bad magic {magic}, expected {IMAGES_MAGIC}")
-    if len(data) != 16 + total * rows * cols:
-        sys.exit(f"images: {len(data)} bytes, header promises {16 + total * rows * cols}")
-    if count > total:
-        sys.exit(f"images: asked for {count} records, the file holds {total}")
-    body = data[16:16 + count * rows * cols]
-    return struct.pack(">IIII", magic, count, rows, cols) + body
-
-
-def slice_labels(data, count):
-    """Header with the count replaced, then the first `count` labels."""
-    magic, total = struct.unpack(">II", data[:8])
-    if magic != LABELS_MAGIC:
-        sys.exit(f"labels: bad magic {magic}, expected {LABELS_MAGIC}")
-    if len(data) != 8 + total:
-        sys.exit(f"labels: {len(data)} bytes, header promises {8 + total}")
-    if count > total:
-        sys.exit(f"labels: asked for {count} records, the file holds {total}")
-    return struct.pack(">II", magic, count) + data[8:8 + count]
 
 
 def write_gzipped(path, data):
@@ -87,8 +49,11 @@ def main():
     if args.count <= 0:
         sys.exit("--count must be positive")
 
-    images = slice_images(read_maybe_gzipped(args.src, IMAGES_STEM), args.count)
-    labels = slice_labels(read_maybe_gzipped(args.src, LABELS_STEM), args.count)
+    try:
+        images = idx.Images(idx.read(args.src, IMAGES_STEM)).head(args.count)
+        labels = idx.Labels(idx.read(args.src, LABELS_STEM)).head(args.count)
+    except (OSError, ValueError) as e:
+        sys.exit(str(e))
     os.makedirs(args.out, exist_ok=True)
     for stem, data in ((IMAGES_STEM, images), (LABELS_STEM, labels)):
         path = os.path.join(args.out, stem + ".gz")

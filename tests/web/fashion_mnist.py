@@ -2,20 +2,21 @@
 
 The images come from the committed slice of the test set in tests/data/
 (the first 1000 records of t10k, MIT licence, Zalando SE; see
-tests/data/README.md), read the way nin-serve/tests/common/mod.rs reads
-them, and are encoded to PNG here at test time (with Pillow): no binary
-fixtures to commit or keep in step with the slice.
+tests/data/README.md), read by tests/data/idx.py, and are encoded to PNG
+here at test time (with Pillow): no binary fixtures to commit or keep in
+step with the slice.
 """
 
-import gzip
 import io
-import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageOps
 
 DATA = Path(__file__).resolve().parent.parent / "data"
+sys.path.insert(0, str(DATA))
+import idx  # noqa: E402  (tests/data/idx.py, the shared IDX reader)
 
 
 @dataclass(frozen=True)
@@ -34,23 +35,12 @@ class Picture:
         return self.image.height
 
 
-def _idx(name: str, magic: int) -> bytes:
-    data = gzip.decompress((DATA / name).read_bytes())
-    if struct.unpack_from(">I", data, 0)[0] != magic:
-        raise ValueError(f"{name}: not an IDX file (magic)")
-    return data
-
-
 def slice_image(i: int) -> Picture:
     """Image `i` of the slice: 28x28 grey, with its label."""
-    images = _idx("t10k-images-idx3-ubyte.gz", 2051)
-    labels = _idx("t10k-labels-idx1-ubyte.gz", 2049)
-    count, rows, cols = struct.unpack_from(">III", images, 4)
-    if i >= count:
-        raise IndexError(f"image {i}: the slice holds {count}")
-    size = rows * cols
-    pixels = images[16 + i * size : 16 + (i + 1) * size]
-    return Picture(Image.frombytes("L", (cols, rows), pixels), label=labels[8 + i])
+    images = idx.Images(idx.read(DATA, "t10k-images-idx3-ubyte"))
+    labels = idx.Labels(idx.read(DATA, "t10k-labels-idx1-ubyte"))
+    pixels = images.image(i)
+    return Picture(Image.frombytes("L", (images.cols, images.rows), pixels), label=labels.label(i))
 
 
 def photo_like(picture: Picture, scale: int, pad: int) -> Picture:
