@@ -3,7 +3,8 @@
 #
 #   bench/compare.sh [rounds] [seconds-per-measurement]
 #
-# Installs PyTorch (CPU wheels) into bench/.venv on first use, builds the
+# Installs PyTorch (PyPI's wheel, about 5 GB with the CUDA libraries it
+# brings; it runs on CPU) into bench/.venv on first use, builds the
 # Rust `throughput` example, then runs every workload in both, interleaved
 # round by round (so a noisy neighbour hurts both sides alike), and prints
 # the median images/s, the ratio nin/PyTorch and nin's GFLOP/s as a
