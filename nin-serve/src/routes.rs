@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use utoipa::{IntoParams, ToSchema};
 
-use crate::budget::BodyKind;
+use crate::budget::{BodyKind, Reservation};
 use crate::error::ErrorBody;
 use crate::explain::heatmap_png_base64;
 use crate::infer::Output;
@@ -184,13 +184,7 @@ pub async fn classify(
         BodyKind::Raw
     };
     // Held until the answer: the body and the images parsed from it.
-    let _reservation = match state.bodies().reserve(&parts.headers, limit, kind) {
-        Ok(reservation) => reservation,
-        Err(error) => {
-            refuse_unread(body, &parts.headers);
-            return Err(error);
-        }
-    };
+    let (_reservation, body) = reserve_body(&state, &parts.headers, body, limit, kind)?;
     let body = read_body(body, &parts.headers, limit).await?;
     let images = if multipart {
         // The whole form is in memory (at most `limit` bytes) before multer
@@ -434,6 +428,26 @@ pub(crate) async fn read_body(
         }
     }
     Ok(Bytes::from(bytes))
+}
+
+/// Reserves what `body` will cost as `kind` from the server's body
+/// budget ([`crate::budget`]), or refuses it unread (503 `overloaded`).
+/// Hands the body back with the reservation, which the caller holds until
+/// it answers.
+pub(crate) fn reserve_body(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    kind: BodyKind,
+) -> Result<(Reservation, Body), Error> {
+    match state.bodies().reserve(headers, limit, kind) {
+        Ok(reservation) => Ok((reservation, body)),
+        Err(error) => {
+            refuse_unread(body, headers);
+            Err(error)
+        }
+    }
 }
 
 /// Disposes of a body refused before any of it was read: a client that

@@ -268,16 +268,8 @@ pub async fn infer(
     }
     let limit = state.max_body_bytes();
     // Held until the answer: the body, its numbers and the model inputs.
-    let _reservation = match state
-        .bodies()
-        .reserve(&parts.headers, limit, BodyKind::V2Json)
-    {
-        Ok(reservation) => reservation,
-        Err(error) => {
-            routes::refuse_unread(body, &parts.headers);
-            return Err(error.into());
-        }
-    };
+    let (_reservation, body) =
+        routes::reserve_body(&state, &parts.headers, body, limit, BodyKind::V2Json)?;
     let body = routes::read_body(body, &parts.headers, limit).await?;
     let started = Instant::now();
     let metadata = state.inference().metadata();
