@@ -30,6 +30,10 @@ pub enum BodyKind {
     /// per byte of text, see [`crate::v2::Numbers`]) and the same as f32
     /// model inputs (2 more).
     V2Json,
+    /// A gRPC ModelInfer message, counted once decoded: its encoded bytes,
+    /// prost's copy of the raw tensors, and the f32 model inputs (4 bytes
+    /// per UINT8 byte).
+    Grpc,
 }
 
 impl BodyKind {
@@ -39,6 +43,7 @@ impl BodyKind {
             BodyKind::Raw => 1,
             BodyKind::Multipart => 2,
             BodyKind::V2Json => 7,
+            BodyKind::Grpc => 6,
         }
     }
 }
@@ -87,7 +92,13 @@ impl BodyBudget {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<usize>().ok())
             .map_or(limit, |length| length.min(limit));
-        let cost = declared.saturating_mul(kind.cost()).min(self.total);
+        self.reserve_len(declared, kind)
+    }
+
+    /// Reserves what a body of `length` bytes costs as `kind`, capped at
+    /// the whole budget; see [`BodyBudget::reserve`].
+    pub fn reserve_len(&self, length: usize, kind: BodyKind) -> Result<Reservation, Error> {
+        let cost = length.saturating_mul(kind.cost()).min(self.total);
         if cost == 0 {
             return Ok(Reservation { _permit: None });
         }

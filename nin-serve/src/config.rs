@@ -15,6 +15,10 @@ use crate::Error;
 pub const DEFAULT_WEIGHTS: &str = "weights/nin-fashion-mnist.safetensors";
 /// Default `--addr`: loopback only, so a fresh start exposes nothing.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:8080";
+/// Default `--grpc-addr`: Triton's gRPC port, on loopback like `--addr`.
+pub const DEFAULT_GRPC_ADDR: &str = "127.0.0.1:8001";
+/// The `--grpc-addr` value that serves no gRPC.
+pub const GRPC_OFF: &str = "off";
 /// Default `--max-batch`.
 pub const DEFAULT_MAX_BATCH: usize = 32;
 /// Default `--max-delay-us`.
@@ -51,6 +55,12 @@ pub struct Config {
     /// model is loaded and warmed up.
     #[arg(long, env = "NIN_ADDR", default_value = DEFAULT_ADDR)]
     pub addr: String,
+
+    /// Address of the gRPC endpoint (host:port): the Open Inference
+    /// Protocol v2 as Triton's `GRPCInferenceService`, `grpc.health.v1` and
+    /// reflection, bound with `--addr`. `off` serves no gRPC.
+    #[arg(long, env = "NIN_GRPC_ADDR", default_value = DEFAULT_GRPC_ADDR)]
+    pub grpc_addr: String,
 
     /// Compute device: auto, cpu, cuda, cuda:N or metal.
     #[arg(long, env = "NIN_DEVICE", default_value = "auto")]
@@ -177,6 +187,7 @@ impl Default for Config {
         Self {
             weights: PathBuf::from(DEFAULT_WEIGHTS),
             addr: DEFAULT_ADDR.to_string(),
+            grpc_addr: DEFAULT_GRPC_ADDR.to_string(),
             device: "auto".to_string(),
             kernels: None,
             model_name: "nin".to_string(),
@@ -227,6 +238,11 @@ impl Config {
             return bad("the CORS origin `*` cannot be combined with other origins");
         }
         Ok(())
+    }
+
+    /// `--grpc-addr`, or `None` when it is `off`.
+    pub fn grpc_addr(&self) -> Option<&str> {
+        (self.grpc_addr != GRPC_OFF).then_some(self.grpc_addr.as_str())
     }
 
     /// `--max-delay-us` as a duration.

@@ -180,6 +180,32 @@ impl Error {
 }
 
 impl Error {
+    /// The gRPC status code for this error, by the same rules as
+    /// [`Error::status`]: a client's mistake is `INVALID_ARGUMENT` (or
+    /// `NOT_FOUND`, `UNAUTHENTICATED`), load is `RESOURCE_EXHAUSTED`,
+    /// a server fault `INTERNAL`.
+    pub fn grpc_code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            Error::NotFound(_) | Error::UnknownModel(_) => Code::NotFound,
+            Error::Unauthorized => Code::Unauthenticated,
+            Error::MethodNotAllowed => Code::Unimplemented,
+            Error::Overloaded(_) | Error::BodyMemoryFull(_) => Code::ResourceExhausted,
+            Error::Timeout(_) => Code::DeadlineExceeded,
+            Error::Unavailable(_) => Code::Unavailable,
+            Error::Config(_) | Error::Model(_) | Error::Internal(_) => Code::Internal,
+            Error::InvalidImage(_)
+            | Error::ImageTooLarge(_)
+            | Error::PayloadTooLarge { .. }
+            | Error::BadRequest(_)
+            | Error::UnsupportedMediaType(_)
+            | Error::InvalidParameter(_)
+            | Error::MissingImage
+            | Error::TooManyImages { .. }
+            | Error::InvalidTensor(_) => Code::InvalidArgument,
+        }
+    }
+
     /// The message a client may see: the error itself for a 4xx or 503, a
     /// generic text for a server fault (whose cause is logged here instead,
     /// since it may hold paths or internals).
@@ -224,6 +250,12 @@ impl IntoResponse for Error {
         };
         let response = (self.status(), Json(body)).into_response();
         self.with_retry_after(response)
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(error: Error) -> Self {
+        tonic::Status::new(error.grpc_code(), error.client_message())
     }
 }
 
@@ -279,6 +311,31 @@ mod tests {
         for error in client {
             assert!(error.status().is_client_error(), "{error:?}");
         }
+    }
+
+    #[test]
+    fn grpc_codes_follow_the_http_statuses() {
+        use tonic::Code;
+        let cases = [
+            (Error::InvalidTensor(String::new()), Code::InvalidArgument),
+            (Error::TooManyImages { limit: 1 }, Code::InvalidArgument),
+            (Error::UnknownModel(String::new()), Code::NotFound),
+            (Error::Unauthorized, Code::Unauthenticated),
+            (Error::Overloaded(1), Code::ResourceExhausted),
+            (Error::BodyMemoryFull(1), Code::ResourceExhausted),
+            (Error::Internal("secret path".into()), Code::Internal),
+        ];
+        for (error, code) in cases {
+            let client_error = error.status().is_client_error();
+            let status = tonic::Status::from(error);
+            assert_eq!(status.code(), code);
+            assert_eq!(
+                client_error,
+                !matches!(code, Code::ResourceExhausted | Code::Internal)
+            );
+        }
+        let status = tonic::Status::from(Error::Internal("secret path".into()));
+        assert_eq!(status.message(), "internal server error");
     }
 
     #[test]

@@ -11,7 +11,11 @@
 //! - [`explain`]: class activation maps as heatmaps for `?explain=true`;
 //! - [`openapi`]: `GET /openapi.json`, generated from the handlers;
 //! - [`metrics`]: `GET /metrics` (Prometheus) and the middleware feeding it;
+//! - [`tensor`]: the model's tensors, checked alike for every protocol;
+//! - [`signature`]: what clients are told about the model;
 //! - [`v2`]: the KServe Open Inference Protocol v2 (`/v2/...`);
+//! - [`grpc`]: the same protocol over gRPC (Triton's service), with
+//!   health and reflection;
 //! - [`page`]: the web page at `GET /` (upload, top-k bars, activation map);
 //! - [`error`]: the one error type and its mapping to status + JSON;
 //! - [`server`]: shared state, the router ([`app`]) and [`run`] with
@@ -33,12 +37,15 @@ pub mod budget;
 pub mod config;
 pub mod error;
 pub mod explain;
+pub mod grpc;
 pub mod infer;
 pub mod metrics;
 pub mod openapi;
 pub mod page;
 pub mod routes;
 pub mod server;
+pub mod signature;
+pub mod tensor;
 pub mod v2;
 
 pub use config::Config;

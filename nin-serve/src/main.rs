@@ -62,10 +62,43 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&config.addr)
         .await
         .with_context(|| format!("cannot listen on {}", config.addr))?;
-    tracing::info!(addr = %listener.local_addr()?, "listening");
-    nin_serve::run(listener, state, nin_serve::shutdown_signal())
-        .await
-        .context("server failed")?;
+    tracing::info!(addr = %listener.local_addr()?, "listening (HTTP)");
+    let grpc = match config.grpc_addr() {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+                format!("cannot listen on {addr} (gRPC; `--grpc-addr off` serves none)")
+            })?;
+            tracing::info!(addr = %listener.local_addr()?, "listening (gRPC)");
+            Some(listener)
+        }
+        None => None,
+    };
+    // One signal stops both servers.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        nin_serve::shutdown_signal().await;
+        let _ = stop.send(true);
+    });
+    let signal = move || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|&stop| stop).await;
+        }
+    };
+    let http = async {
+        nin_serve::run(listener, state.clone(), signal())
+            .await
+            .context("HTTP server failed")
+    };
+    let grpc = async {
+        match grpc {
+            Some(listener) => nin_serve::grpc::serve(listener, state.clone(), signal())
+                .await
+                .context("gRPC server failed"),
+            None => Ok(()),
+        }
+    };
+    tokio::try_join!(http, grpc)?;
     tracing::info!("stopped");
     Ok(())
 }

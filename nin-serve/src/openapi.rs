@@ -35,6 +35,8 @@ use crate::{metrics, page, routes, v2};
         v2::ready,
         v2::model_metadata,
         v2::model_ready,
+        v2::model_config,
+        v2::model_stats,
         v2::infer,
     ),
     modifiers(&BearerKey),

@@ -260,9 +260,9 @@ async fn classify_images(
         );
         reports.push(prepared.report);
     }
-    let mut results = Vec::with_capacity(pending.len());
-    for (pending, report) in pending.into_iter().zip(reports) {
-        let output = pending.wait().await?;
+    let outputs = state.inference().wait_all(pending, started).await?;
+    let mut results = Vec::with_capacity(outputs.len());
+    for (output, report) in outputs.into_iter().zip(reports) {
         results.push(answer(state, output, report, top_k, started).await?);
     }
     Ok(results)

@@ -24,7 +24,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use nin_model::weights::FORMAT_VERSION;
 use tokio::net::TcpListener;
 use tower_http::classify::ServerErrorsFailureClass;
 use tower_http::request_id::{
@@ -75,18 +74,9 @@ impl AppState {
         config.validate()?;
         let inference =
             Inference::start(&config.weights, &config.device, InferOptions::from(config)).await?;
-        let provenance = &inference.metadata().provenance;
-        let mut version = format!("nin-weights/{FORMAT_VERSION}");
-        if !provenance.dataset.is_empty() {
-            version.push_str(&format!(" {}", provenance.dataset));
-        }
-        version.push_str(&format!(" epochs={}", provenance.epochs));
-        if let Some(seed) = provenance.seed {
-            version.push_str(&format!(" seed={seed}"));
-        }
         let model = ModelInfo {
             name: config.model_name.clone(),
-            version,
+            version: crate::signature::weights_version(&inference.metadata().provenance),
         };
         let metrics = Metrics::new(inference.stats(), inference.runtime());
         Ok(Self {
@@ -131,6 +121,16 @@ impl AppState {
     /// The memory budget of the bodies being read (`--max-body-memory`).
     pub fn bodies(&self) -> &BodyBudget {
         &self.inner.bodies
+    }
+
+    /// `--request-timeout-ms`.
+    pub fn request_timeout(&self) -> Duration {
+        self.inner.request_timeout
+    }
+
+    /// `--shutdown-delay-ms`.
+    pub fn shutdown_delay(&self) -> Duration {
+        self.inner.shutdown_delay
     }
 
     /// `--max-pixels`.
@@ -179,8 +179,9 @@ pub fn app(state: AppState) -> Router {
     let key = middleware::from_fn_with_state(state.clone(), access::require_key);
     let classify = post(routes::classify).layer(limit).layer(key.clone());
     let infer = post(v2::infer).layer(limit).layer(key);
+
     let cors = access::cors(&state.inner.cors_origins);
-    let router = Router::new()
+    let mut router = Router::new()
         .route("/", get(crate::page::index))
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))
@@ -189,10 +190,18 @@ pub fn app(state: AppState) -> Router {
         .route("/classify", classify)
         .route("/v2", get(v2::server_metadata))
         .route("/v2/health/live", get(v2::live))
-        .route("/v2/health/ready", get(v2::ready))
-        .route("/v2/models/{name}", get(v2::model_metadata))
-        .route("/v2/models/{name}/ready", get(v2::model_ready))
-        .route("/v2/models/{name}/infer", infer)
+        .route("/v2/health/ready", get(v2::ready));
+    // Each model route, also in its `/versions/{version}` form.
+    for model in ["/v2/models/{name}", "/v2/models/{name}/versions/{version}"] {
+        router = router
+            .route(model, get(v2::model_metadata))
+            .route(&format!("{model}/ready"), get(v2::model_ready))
+            .route(&format!("{model}/config"), get(v2::model_config))
+            .route(&format!("{model}/stats"), get(v2::model_stats))
+            .route(&format!("{model}/infer"), infer.clone());
+    }
+    // After every route: the 405 fallback applies to the routes added before it.
+    let router = router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(move |request: Request, next: Next| {

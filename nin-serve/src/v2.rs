@@ -1,11 +1,15 @@
 //! The KServe Open Inference Protocol, version 2 (REST): what Triton and
 //! KServe clients speak, so they can use this server unchanged.
 //!
-//! - `GET /v2`: server metadata (name, version, extensions `[]`);
+//! - `GET /v2`: server metadata (name, version, the extensions below);
 //! - `GET /v2/health/live`, `GET /v2/health/ready`: 200 `{"live":true}`,
 //!   `{"ready":true}` (ready is 503 before warm-up ends and after shutdown
 //!   begins);
 //! - `GET /v2/models/{name}`: model metadata, `GET /v2/models/{name}/ready`;
+//! - `GET /v2/models/{name}/config`: Triton's model configuration
+//!   extension (max batch size, dims without the batch, dynamic batching),
+//!   which perf_analyzer needs before it sends anything;
+//! - `GET /v2/models/{name}/stats`: Triton's statistics extension;
 //! - `POST /v2/models/{name}/infer`: one input tensor `input`, `FP32`
 //!   (pixel intensities in [0, 1], the data set's bytes divided by 255) or
 //!   `UINT8` (0..=255), shape `[N, 1, S, S]` with `S` the model's input
@@ -15,18 +19,31 @@
 //!   Outputs `logits` and `probabilities`, `FP32` `[N, classes]`; only the
 //!   requested ones when `outputs` is given and not empty.
 //!
+//! Every model route also answers as `/v2/models/{name}/versions/1/...`:
+//! the server holds one version of one model, version `1` (the weights'
+//! provenance is in the metadata's `parameters`).
+//!
+//! Binary tensor data (Triton's extension, what `tritonclient.http` and
+//! perf_analyzer send by default): with an `Inference-Header-Content-Length`
+//! header, the body is that many bytes of JSON followed by the raw tensors;
+//! an input whose `parameters` hold `binary_data_size` takes that many
+//! bytes, in input order, as little-endian values of its datatype. Outputs
+//! asked for with `"binary_data": true` (or all, with the request parameter
+//! `binary_data_output`) are answered the same way after the JSON.
+//!
 //! Each of the N images is one job on the model thread, batched with
 //! everything else in flight. Errors are `{"error":"..."}` ([`V2Error`]):
 //! 400 malformed JSON, 404 unknown model, 413 more than `--max-batch`
 //! images, 422 a wrong tensor (name, shape, datatype, length, NaN or
 //! infinite values, values out of range) or unknown output, 503 overloaded.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::time::Instant;
 
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Request, State};
-use axum::http::StatusCode;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use nin_model::preprocess::Preprocessing;
@@ -37,16 +54,18 @@ use utoipa::ToSchema;
 
 use crate::budget::BodyKind;
 use crate::error::{V2Error, V2ErrorBody};
+use crate::infer::Statistics;
 use crate::routes;
 use crate::server::AppState;
+use crate::signature::{Signature, MODEL_VERSION};
+use crate::tensor::{self, Input, Values};
 use crate::Error;
 
-/// Name of the single input tensor.
-pub const INPUT_NAME: &str = "input";
-/// Name of the raw-scores output.
-pub const LOGITS: &str = "logits";
-/// Name of the softmax output.
-pub const PROBABILITIES: &str = "probabilities";
+/// The header that splits a body into JSON and binary tensor data.
+pub const HEADER_LENGTH: &str = "inference-header-content-length";
+
+/// The protocol extensions this server implements, as `GET /v2` lists them.
+pub const EXTENSIONS: [&str; 3] = ["binary_tensor_data", "model_configuration", "statistics"];
 
 /// `GET /v2` answer.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -55,7 +74,7 @@ pub struct ServerMetadata {
     pub name: String,
     /// The crate version.
     pub version: String,
-    /// Protocol extensions supported: none.
+    /// Protocol extensions supported ([`EXTENSIONS`]).
     pub extensions: Vec<String>,
 }
 
@@ -75,7 +94,7 @@ pub struct TensorMetadata {
 pub struct ModelMetadata {
     /// `--model-name`.
     pub name: String,
-    /// The one version served: weights format and provenance.
+    /// The one version served, `1`.
     pub versions: Vec<String>,
     /// `candle`.
     pub platform: String,
@@ -84,7 +103,8 @@ pub struct ModelMetadata {
     /// `logits` and `probabilities`.
     pub outputs: Vec<TensorMetadata>,
     /// What the model runs on: `device` (`cpu`, `cuda:0`, ...),
-    /// `compute_cap` (a CUDA GPU's, else null) and `kernels`.
+    /// `compute_cap` (a CUDA GPU's, else null) and `kernels`; `weights`,
+    /// the weights' format and provenance.
     #[schema(value_type = Object)]
     pub parameters: Value,
 }
@@ -98,8 +118,27 @@ pub struct InferRequest {
     pub inputs: Vec<InputTensor>,
     /// Outputs wanted; all when absent or empty.
     pub outputs: Option<Vec<RequestedOutput>>,
-    /// Accepted and ignored.
-    pub parameters: Option<Value>,
+    /// `binary_data_output: true` answers every output as binary data.
+    #[serde(default)]
+    pub parameters: RequestParameters,
+}
+
+/// The request parameters this server reads; others are ignored.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+pub struct RequestParameters {
+    /// Answer every output as binary tensor data.
+    #[serde(default)]
+    pub binary_data_output: bool,
+}
+
+/// The tensor parameters this server reads; others are ignored.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+pub struct TensorParameters {
+    /// Input: its data is this many bytes of the binary section.
+    pub binary_data_size: Option<usize>,
+    /// Output: answer it as binary tensor data (overrides
+    /// `binary_data_output`).
+    pub binary_data: Option<bool>,
 }
 
 /// One input tensor of an inference request.
@@ -111,11 +150,13 @@ pub struct InputTensor {
     pub shape: Vec<i64>,
     /// `FP32` or `UINT8`.
     pub datatype: String,
-    /// Numbers, flat or nested, row-major.
-    #[schema(value_type = Vec<f64>)]
-    pub data: Numbers,
-    /// Accepted and ignored.
-    pub parameters: Option<Value>,
+    /// Numbers, flat or nested, row-major; absent when the values are
+    /// binary data.
+    #[schema(value_type = Option<Vec<f64>>)]
+    pub data: Option<Numbers>,
+    /// `binary_data_size` when the values are binary data.
+    #[serde(default)]
+    pub parameters: TensorParameters,
 }
 
 /// One requested output.
@@ -123,8 +164,9 @@ pub struct InputTensor {
 pub struct RequestedOutput {
     /// `logits` or `probabilities`.
     pub name: String,
-    /// Accepted and ignored (binary data is not supported).
-    pub parameters: Option<Value>,
+    /// `binary_data: true` answers this output as binary data.
+    #[serde(default)]
+    pub parameters: TensorParameters,
 }
 
 /// `POST /v2/models/{name}/infer` answer.
@@ -150,8 +192,13 @@ pub struct OutputTensor {
     pub shape: Vec<usize>,
     /// `FP32`.
     pub datatype: String,
-    /// N rows of `classes` values.
-    pub data: Vec<f32>,
+    /// N rows of `classes` values; absent when sent as binary data.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<Vec<f32>>,
+    /// `{"binary_data_size": bytes}` when sent as binary data.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub parameters: Option<Value>,
 }
 
 /// `GET /v2`: server metadata.
@@ -161,7 +208,7 @@ pub async fn server_metadata() -> Json<ServerMetadata> {
     Json(ServerMetadata {
         name: env!("CARGO_PKG_NAME").to_string(),
         version: env!("CARGO_PKG_VERSION").to_string(),
-        extensions: Vec::new(),
+        extensions: EXTENSIONS.iter().map(|name| name.to_string()).collect(),
     })
 }
 
@@ -186,42 +233,50 @@ pub async fn ready(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
+/// The model routes' path: `{name}`, and `{version}` in the
+/// `/versions/{version}/` forms.
+type ModelPath = Result<Path<HashMap<String, String>>, PathRejection>;
+
 /// `GET /v2/models/{name}`: the model's metadata; 404 for another name.
 #[utoipa::path(get, path = "/v2/models/{name}", tag = "v2",
     params(("name" = String, Path, description = "The model's name (`--model-name`)")),
     responses(
         (status = 200, description = "Inputs and outputs of the model", body = ModelMetadata),
-        (status = 404, description = "Unknown model", body = V2ErrorBody)))]
+        (status = 404, description = "Unknown model or version", body = V2ErrorBody)))]
 pub async fn model_metadata(
     State(state): State<AppState>,
-    name: Result<Path<String>, PathRejection>,
+    path: ModelPath,
 ) -> Result<Json<ModelMetadata>, V2Error> {
-    check_model(&state, name)?;
-    let metadata = state.inference().metadata();
-    let runtime = state.inference().runtime();
-    let size = metadata.preprocessing.size as i64;
-    let channels = metadata.config.in_channels as i64;
-    let classes = metadata.classes.len() as i64;
-    let output = |name: &str| TensorMetadata {
-        name: name.to_string(),
-        datatype: "FP32".into(),
-        shape: vec![-1, classes],
+    check_model(&state, path)?;
+    let signature = Signature::of(&state);
+    let tensor = |spec: &crate::signature::TensorSpec| TensorMetadata {
+        name: spec.name.to_string(),
+        datatype: spec.datatype.to_string(),
+        shape: std::iter::once(-1)
+            .chain(spec.dims.iter().copied())
+            .collect(),
     };
+    // An empty value (no compute capability off CUDA) is null, as it
+    // always was here.
+    let parameters = signature
+        .parameters
+        .iter()
+        .map(|(key, value)| {
+            let value = if value.is_empty() {
+                Value::Null
+            } else {
+                serde_json::json!(value)
+            };
+            (key.to_string(), value)
+        })
+        .collect();
     Ok(Json(ModelMetadata {
-        name: state.model_info().name.clone(),
-        versions: vec![state.model_info().version.clone()],
-        platform: "candle".into(),
-        inputs: vec![TensorMetadata {
-            name: INPUT_NAME.into(),
-            datatype: "FP32".into(),
-            shape: vec![-1, channels, size, size],
-        }],
-        outputs: vec![output(LOGITS), output(PROBABILITIES)],
-        parameters: serde_json::json!({
-            "device": runtime.device.name,
-            "compute_cap": runtime.device.compute_cap,
-            "kernels": runtime.kernels.to_string(),
-        }),
+        name: signature.name.clone(),
+        versions: vec![MODEL_VERSION.to_string()],
+        platform: signature.platform.to_string(),
+        inputs: vec![tensor(&signature.input)],
+        outputs: signature.outputs.iter().map(tensor).collect(),
+        parameters: Value::Object(parameters),
     }))
 }
 
@@ -231,16 +286,101 @@ pub async fn model_metadata(
     params(("name" = String, Path, description = "The model's name (`--model-name`)")),
     responses(
         (status = 200, description = "`{\"name\":..,\"ready\":true}`", body = Object),
-        (status = 404, description = "Unknown model", body = V2ErrorBody),
+        (status = 404, description = "Unknown model or version", body = V2ErrorBody),
         (status = 503, description = "Not ready", body = Object)))]
 pub async fn model_ready(
     State(state): State<AppState>,
-    name: Result<Path<String>, PathRejection>,
+    path: ModelPath,
 ) -> Result<Response, V2Error> {
-    check_model(&state, name)?;
+    check_model(&state, path)?;
     let ready = state.is_ready();
     let body = serde_json::json!({ "name": state.model_info().name, "ready": ready });
     Ok((status_of(ready), Json(body)).into_response())
+}
+
+/// `GET /v2/models/{name}/config`: the model configuration in Triton's
+/// form (`max_batch_size`, `input` and `output` with dims without the
+/// batch, `dynamic_batching`), as Triton's clients and perf_analyzer read it.
+#[utoipa::path(get, path = "/v2/models/{name}/config", tag = "v2",
+    params(("name" = String, Path, description = "The model's name (`--model-name`)")),
+    responses(
+        (status = 200, description = "Triton model configuration", body = Object),
+        (status = 404, description = "Unknown model or version", body = V2ErrorBody)))]
+pub async fn model_config(
+    State(state): State<AppState>,
+    path: ModelPath,
+) -> Result<Json<Value>, V2Error> {
+    check_model(&state, path)?;
+    let signature = Signature::of(&state);
+    // Triton's JSON form of its ModelConfig message: only inputs have a
+    // `format`.
+    let tensor = |spec: &crate::signature::TensorSpec, input: bool| {
+        let mut tensor = serde_json::json!({
+            "name": spec.name,
+            "data_type": format!("TYPE_{}", spec.datatype),
+            "dims": spec.dims,
+        });
+        if input {
+            tensor["format"] = serde_json::json!(spec.format);
+        }
+        tensor
+    };
+    Ok(Json(serde_json::json!({
+        "name": signature.name,
+        "platform": signature.platform,
+        "backend": signature.platform,
+        "version_policy": { "latest": { "num_versions": 1 } },
+        "max_batch_size": signature.max_batch_size,
+        "input": [tensor(&signature.input, true)],
+        "output": signature.outputs.iter().map(|spec| tensor(spec, false)).collect::<Vec<_>>(),
+        "dynamic_batching": {
+            "preferred_batch_size": [signature.max_batch_size],
+            "max_queue_delay_microseconds": signature.max_queue_delay_us,
+        },
+        "instance_group": [{ "name": signature.name, "count": 1, "kind": signature.instance_kind }],
+        "parameters": signature.parameters.iter()
+            .map(|(key, value)| (key.to_string(), serde_json::json!({ "string_value": value })))
+            .collect::<serde_json::Map<String, Value>>(),
+    })))
+}
+
+/// `GET /v2/models/{name}/stats`: Triton's statistics extension, from the
+/// model thread's totals (see [`Statistics`]).
+#[utoipa::path(get, path = "/v2/models/{name}/stats", tag = "v2",
+    params(("name" = String, Path, description = "The model's name (`--model-name`)")),
+    responses(
+        (status = 200, description = "Triton model statistics", body = Object),
+        (status = 404, description = "Unknown model or version", body = V2ErrorBody)))]
+pub async fn model_stats(
+    State(state): State<AppState>,
+    path: ModelPath,
+) -> Result<Json<Value>, V2Error> {
+    check_model(&state, path)?;
+    let stats: Statistics = state.inference().stats().statistics();
+    let pair = |(count, ns): (u64, u64)| serde_json::json!({ "count": count, "ns": ns });
+    let none = pair((0, 0));
+    Ok(Json(serde_json::json!({
+        "model_stats": [{
+            "name": state.model_info().name,
+            "version": MODEL_VERSION,
+            "last_inference": stats.last_inference_ms,
+            "inference_count": stats.inference_count,
+            "execution_count": stats.execution_count,
+            "inference_stats": {
+                "success": pair(stats.success),
+                "fail": pair(stats.fail),
+                "queue": pair(stats.queue),
+                "compute_input": pair((stats.compute.0, 0)),
+                "compute_infer": pair(stats.compute),
+                "compute_output": pair((stats.compute.0, 0)),
+                "cache_hit": none,
+                "cache_miss": none,
+            },
+            "response_stats": {},
+            "batch_stats": [],
+            "memory_usage": [],
+        }]
+    })))
 }
 
 /// `POST /v2/models/{name}/infer`: see the module documentation.
@@ -248,21 +388,21 @@ pub async fn model_ready(
     params(("name" = String, Path, description = "The model's name (`--model-name`)")),
     request_body = InferRequest,
     responses(
-        (status = 200, description = "The requested outputs", body = InferResponse),
-        (status = 400, description = "Malformed JSON", body = V2ErrorBody),
+        (status = 200, description = "The requested outputs (JSON, then binary data when asked for)", body = InferResponse),
+        (status = 400, description = "Malformed JSON or binary data", body = V2ErrorBody),
         (status = 401, description = "`--api-key` is set and the request lacks it", body = V2ErrorBody),
-        (status = 404, description = "Unknown model", body = V2ErrorBody),
+        (status = 404, description = "Unknown model or version", body = V2ErrorBody),
         (status = 413, description = "Body too large or more than `--max-batch` images", body = V2ErrorBody),
         (status = 422, description = "Wrong input name, shape, datatype, length or values; unknown output", body = V2ErrorBody),
         (status = 503, description = "Overloaded (with `Retry-After`)", body = V2ErrorBody)),
     security((), ("bearer" = [])))]
 pub async fn infer(
     State(state): State<AppState>,
-    name: Result<Path<String>, PathRejection>,
+    path: ModelPath,
     request: Request,
-) -> Result<Json<InferResponse>, V2Error> {
+) -> Result<Response, V2Error> {
     let (parts, body) = request.into_parts();
-    if let Err(error) = check_model(&state, name) {
+    if let Err(error) = check_model(&state, path) {
         routes::refuse_unread(body, &parts.headers);
         return Err(error.into());
     }
@@ -273,55 +413,85 @@ pub async fn infer(
     let body = routes::read_body(body, &parts.headers, limit).await?;
     let started = Instant::now();
     let metadata = state.inference().metadata();
-    let CheckedRequest {
-        id,
-        images,
-        outputs,
-    } = check_body(
+    let checked = check_body(
         &body,
+        header_length(&parts.headers)?,
         &metadata.preprocessing,
         metadata.config.in_channels,
         state.max_images_per_request(),
     )?;
-
-    let admissions = state.inference().try_admit_many(images.len())?;
-    let count = images.len();
-    let mut pending = Vec::with_capacity(count);
-    for (admission, pixels) in admissions.into_iter().zip(images) {
-        pending.push(state.inference().submit(admission, pixels, false)?);
-    }
-    let classes = state.inference().metadata().classes.len();
-    let mut logits = Vec::with_capacity(count * classes);
-    let mut probabilities = Vec::with_capacity(count * classes);
-    for job in pending {
-        let output = job.wait().await?;
-        logits.extend_from_slice(&output.logits);
-        probabilities.extend_from_slice(&output.probabilities);
-    }
-    let tensor = |name: &str, data: &[f32]| OutputTensor {
-        name: name.to_string(),
-        shape: vec![count, classes],
-        datatype: "FP32".into(),
-        data: data.to_vec(),
-    };
-    let outputs = outputs
-        .iter()
-        .map(|&name| match name {
-            LOGITS => tensor(LOGITS, &logits),
-            _ => tensor(PROBABILITIES, &probabilities),
-        })
-        .collect();
+    drop(body);
+    let count = checked.images.len();
+    let outputs = state.inference().infer_all(checked.images).await?;
     tracing::debug!(
         images = count,
         elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
         "v2 inference"
     );
-    Ok(Json(InferResponse {
+    let mut binary = Vec::new();
+    let tensors = checked
+        .outputs
+        .iter()
+        .map(|&(name, as_binary)| {
+            let values = outputs.get(name);
+            let (data, parameters) = if as_binary {
+                let start = binary.len();
+                binary.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+                let size = binary.len() - start;
+                (None, Some(serde_json::json!({ "binary_data_size": size })))
+            } else {
+                (Some(values.to_vec()), None)
+            };
+            OutputTensor {
+                name: name.to_string(),
+                shape: outputs.shape().to_vec(),
+                datatype: "FP32".into(),
+                data,
+                parameters,
+            }
+        })
+        .collect();
+    let response = InferResponse {
         model_name: state.model_info().name.clone(),
-        model_version: state.model_info().version.clone(),
-        id,
-        outputs,
-    }))
+        model_version: MODEL_VERSION.to_string(),
+        id: checked.id,
+        outputs: tensors,
+    };
+    if checked.outputs.iter().all(|&(_, as_binary)| !as_binary) {
+        return Ok(Json(response).into_response());
+    }
+    let mut bytes = serde_json::to_vec(&response)
+        .map_err(|e| Error::Internal(format!("cannot encode the response: {e}")))?;
+    let json_length = bytes.len();
+    bytes.extend_from_slice(&binary);
+    let headers = [
+        (
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        ),
+        (
+            header::HeaderName::from_static(HEADER_LENGTH),
+            HeaderValue::from(json_length),
+        ),
+    ];
+    Ok((headers, bytes).into_response())
+}
+
+/// The `Inference-Header-Content-Length` of a request, if it has one.
+fn header_length(headers: &HeaderMap) -> Result<Option<usize>, Error> {
+    let Some(value) = headers.get(HEADER_LENGTH) else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .map(Some)
+        .ok_or_else(|| {
+            Error::BadRequest(format!(
+                "`Inference-Header-Content-Length` must be a byte count, got {value:?}"
+            ))
+        })
 }
 
 fn status_of(ready: bool) -> StatusCode {
@@ -332,12 +502,20 @@ fn status_of(ready: bool) -> StatusCode {
     }
 }
 
-fn check_model(state: &AppState, name: Result<Path<String>, PathRejection>) -> Result<(), Error> {
-    let Path(name) = name.map_err(|e| Error::BadRequest(e.body_text()))?;
+/// 404 unless the path names this server's model and, when it names a
+/// version, version `1`.
+fn check_model(state: &AppState, path: ModelPath) -> Result<(), Error> {
+    let Path(path) = path.map_err(|e| Error::BadRequest(e.body_text()))?;
+    let name = path.get("name").map(String::as_str).unwrap_or_default();
     if name != state.model_info().name {
-        return Err(Error::UnknownModel(name));
+        return Err(Error::UnknownModel(name.to_string()));
     }
-    Ok(())
+    match path.get("version") {
+        Some(version) if version != MODEL_VERSION => Err(Error::UnknownModel(format!(
+            "{name}` version `{version}` (the server has version `{MODEL_VERSION}` only)"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Parses the body: a syntax error is a 400, valid JSON of the wrong form
@@ -399,159 +577,114 @@ pub struct CheckedRequest {
     /// One normalised model input per image, `channels * size * size`
     /// values each (the recipe's `size`).
     pub images: Vec<Vec<f32>>,
-    /// The outputs to answer with, each once, in the order requested.
-    pub outputs: Vec<&'static str>,
+    /// The outputs to answer with, each once, in the order requested, and
+    /// whether each goes as binary data.
+    pub outputs: Vec<(&'static str, bool)>,
 }
 
 /// Everything `POST /v2/models/{name}/infer` does to a body before the
-/// model: parses it ([`parse_request`]'s 400/422 split), checks the tensor
-/// against a model with `channels` input channels and `recipe` (its size
-/// and normalisation), refuses more than `max_images` images, and
-/// normalises the values.
+/// model: splits it at `header_length` (the `Inference-Header-Content-Length`
+/// header) into JSON and binary tensor data, parses the JSON
+/// ([`parse_request`]'s 400/422 split), takes each input's values from its
+/// `data` or its `binary_data_size` bytes, and checks and normalises them
+/// with [`tensor::check_input`] for a model with `channels` input channels
+/// and `recipe`, at most `max_images` images.
 ///
 /// Public, rather than inlined in the handler, so that the fuzz target
 /// (`fuzz/fuzz_targets/v2_request.rs`) and tests run exactly the server's
 /// path without a model or an HTTP server.
 pub fn check_body(
     body: &[u8],
+    header_length: Option<usize>,
     recipe: &Preprocessing,
     channels: usize,
     max_images: usize,
 ) -> Result<CheckedRequest, Error> {
-    let request = parse_request(body)?;
-    let (images, outputs) = check_request(
-        recipe,
-        channels,
-        max_images,
-        request.inputs,
-        request.outputs,
-    )?;
+    let (json, mut binary) = match header_length {
+        Some(length) if length <= body.len() => body.split_at(length),
+        Some(length) => {
+            return Err(Error::BadRequest(format!(
+                "`Inference-Header-Content-Length` is {length}, but the body has {} bytes",
+                body.len()
+            )))
+        }
+        None => (body, &[][..]),
+    };
+    let mut request = parse_request(json)?;
+    // Moved out, not copied: the numbers are the largest part of a request.
+    let data: Vec<Option<Numbers>> = request
+        .inputs
+        .iter_mut()
+        .map(|input| input.data.take())
+        .collect();
+    let mut inputs = Vec::with_capacity(request.inputs.len());
+    for (input, data) in request.inputs.iter().zip(data) {
+        let values = match (data, input.parameters.binary_data_size) {
+            (Some(_), Some(_)) => {
+                return Err(Error::BadRequest(format!(
+                    "input `{}` has both `data` and `binary_data_size`",
+                    input.name
+                )))
+            }
+            (Some(numbers), None) => Values::Numbers(numbers.0),
+            (None, Some(size)) if header_length.is_none() => {
+                return Err(Error::BadRequest(format!(
+                    "input `{}` has `binary_data_size` {size}, but the request has no \
+                     `Inference-Header-Content-Length` header to find its data",
+                    input.name
+                )))
+            }
+            (None, Some(size)) if size <= binary.len() => {
+                let (data, rest) = binary.split_at(size);
+                binary = rest;
+                Values::Raw(data)
+            }
+            (None, Some(size)) => {
+                return Err(Error::BadRequest(format!(
+                    "input `{}` has `binary_data_size` {size}, but only {} bytes of binary data are left",
+                    input.name,
+                    binary.len()
+                )))
+            }
+            (None, None) => {
+                return Err(Error::InvalidTensor(format!(
+                    "input `{}` has neither `data` nor `binary_data_size`",
+                    input.name
+                )))
+            }
+        };
+        inputs.push(Input {
+            name: &input.name,
+            datatype: &input.datatype,
+            shape: &input.shape,
+            values,
+        });
+    }
+    if !binary.is_empty() {
+        return Err(Error::BadRequest(format!(
+            "{} bytes of binary data belong to no input",
+            binary.len()
+        )));
+    }
+    let images = tensor::check_input(inputs, recipe, channels, max_images)?;
+    let requested = request.outputs.unwrap_or_default();
+    let names = tensor::check_outputs(requested.iter().map(|output| output.name.as_str()))?;
+    let all_binary = request.parameters.binary_data_output;
+    let outputs = names
+        .into_iter()
+        .map(|name| {
+            let asked = requested
+                .iter()
+                .find(|output| output.name == name)
+                .and_then(|output| output.parameters.binary_data);
+            (name, asked.unwrap_or(all_binary))
+        })
+        .collect();
     Ok(CheckedRequest {
         id: request.id,
         images,
         outputs,
     })
-}
-
-/// Checks the tensor against the model and returns one normalised model
-/// input per image, and the output names to answer with.
-fn check_request(
-    recipe: &Preprocessing,
-    channels: usize,
-    max_images: usize,
-    inputs: Vec<InputTensor>,
-    outputs: Option<Vec<RequestedOutput>>,
-) -> Result<(Vec<Vec<f32>>, Vec<&'static str>), Error> {
-    let bad = |message: String| Err(Error::InvalidTensor(message));
-    let outputs = match outputs {
-        None => vec![LOGITS, PROBABILITIES],
-        Some(list) if list.is_empty() => vec![LOGITS, PROBABILITIES],
-        Some(list) => {
-            let mut names = Vec::with_capacity(list.len());
-            for output in list {
-                let name = match output.name.as_str() {
-                    LOGITS => LOGITS,
-                    PROBABILITIES => PROBABILITIES,
-                    other => {
-                        return bad(format!(
-                        "unknown output `{other}`: the model has `{LOGITS}` and `{PROBABILITIES}`"
-                    ))
-                    }
-                };
-                if !names.contains(&name) {
-                    names.push(name);
-                }
-            }
-            names
-        }
-    };
-
-    let size = recipe.size;
-    let mut inputs = inputs.into_iter();
-    let (Some(input), None) = (inputs.next(), inputs.next()) else {
-        return bad(format!(
-            "the model takes exactly one input tensor, `{INPUT_NAME}`"
-        ));
-    };
-    if input.name != INPUT_NAME {
-        return bad(format!(
-            "unknown input `{}`: the model's input is `{INPUT_NAME}`",
-            input.name
-        ));
-    }
-    let datatype = match input.datatype.as_str() {
-        "FP32" => DataType::Fp32,
-        "UINT8" => DataType::Uint8,
-        other => {
-            return bad(format!(
-                "datatype `{other}` is not accepted: send FP32 (intensities in [0, 1]) or UINT8 (0..255)"
-            ))
-        }
-    };
-    let expected = format!("[N, {channels}, {size}, {size}]");
-    let n = match input.shape.as_slice() {
-        &[n, c, h, w]
-            if n >= 1
-                && usize::try_from(c) == Ok(channels)
-                && usize::try_from(h) == Ok(size)
-                && usize::try_from(w) == Ok(size) =>
-        {
-            usize::try_from(n).map_err(|_| Error::InvalidTensor("bad batch size".into()))?
-        }
-        shape => {
-            return bad(format!(
-                "the input shape must be {expected} with N >= 1, got {shape:?}"
-            ))
-        }
-    };
-    if n > max_images {
-        return Err(Error::TooManyImages { limit: max_images });
-    }
-    let per_image = channels * size * size;
-    let values = input.data.0;
-    if values.len() != n * per_image {
-        return bad(format!(
-            "shape {:?} needs {} values, the data holds {}",
-            input.shape,
-            n * per_image,
-            values.len()
-        ));
-    }
-    let mut pixels = Vec::with_capacity(values.len());
-    for (i, &v) in values.iter().enumerate() {
-        if !v.is_finite() {
-            return bad(format!(
-                "value {i} is {v}: NaN and infinite values are not accepted"
-            ));
-        }
-        // On the 0..=255 scale that preprocessing's `scale` expects.
-        let level = match datatype {
-            DataType::Fp32 if (0.0..=1.0).contains(&v) => (v * 255.0) as f32,
-            DataType::Fp32 => {
-                return bad(format!(
-                    "value {i} is {v}: FP32 inputs are intensities in [0, 1]"
-                ))
-            }
-            DataType::Uint8 if (0.0..=255.0).contains(&v) && v.fract() == 0.0 => v as f32,
-            DataType::Uint8 => {
-                return bad(format!(
-                    "value {i} is {v}: UINT8 inputs are whole numbers in 0..=255"
-                ))
-            }
-        };
-        pixels.push((level * recipe.scale - recipe.mean) / recipe.std);
-    }
-    let images = pixels
-        .chunks_exact(per_image)
-        .map(<[f32]>::to_vec)
-        .collect();
-    Ok((images, outputs))
-}
-
-#[derive(Clone, Copy, Debug)]
-enum DataType {
-    Fp32,
-    Uint8,
 }
 
 /// The numbers of a tensor's `data`, flat or nested to any depth, read

@@ -587,6 +587,8 @@ async fn openapi_describes_every_route_and_only_real_ones() {
         ("/v2/health/ready", "get"),
         ("/v2/models/{name}", "get"),
         ("/v2/models/{name}/ready", "get"),
+        ("/v2/models/{name}/config", "get"),
+        ("/v2/models/{name}/stats", "get"),
         ("/v2/models/{name}/infer", "post"),
     ];
     for (path, method) in routes {

@@ -72,7 +72,10 @@ async fn v2_metadata_health_and_unknown_models() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["name"], "nin-serve");
     assert_eq!(body["version"], env!("CARGO_PKG_VERSION"));
-    assert_eq!(body["extensions"], json!([]));
+    assert_eq!(
+        body["extensions"],
+        json!(["binary_tensor_data", "model_configuration", "statistics"])
+    );
 
     for (path, key) in [("/v2/health/live", "live"), ("/v2/health/ready", "ready")] {
         let response = get(path).await.unwrap();
@@ -86,10 +89,7 @@ async fn v2_metadata_health_and_unknown_models() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["name"], "nin");
     assert_eq!(body["platform"], "candle");
-    assert!(body["versions"][0]
-        .as_str()
-        .unwrap()
-        .contains("fashion-mnist"));
+    assert_eq!(body["versions"], json!(["1"]));
     assert_eq!(
         body["inputs"],
         json!([{"name": "input", "datatype": "FP32", "shape": [-1, 1, 28, 28]}])
@@ -103,8 +103,18 @@ async fn v2_metadata_health_and_unknown_models() {
     );
     assert_eq!(
         body["parameters"],
-        json!({"device": "cpu", "compute_cap": null, "kernels": "native"})
+        json!({"device": "cpu", "compute_cap": null, "kernels": "native",
+               "weights": "nin-weights/1 fashion-mnist epochs=0 seed=42"})
     );
+    // The same under the version's own path; no other version exists.
+    let versioned: Value = get("/v2/models/nin/versions/1")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(versioned, body);
+    v2_error(get("/v2/models/nin/versions/2").await.unwrap(), 404).await;
 
     let response = get("/v2/models/nin/ready").await.unwrap();
     assert_eq!(response.status(), 200);
@@ -170,10 +180,7 @@ async fn v2_fp32_and_uint8_agree_with_classify() {
     let uint8 = infer(&server, &as_uint8).await;
     assert_eq!(uint8["model_name"], "nin");
     assert_eq!(uint8["id"], "request-7");
-    assert!(uint8["model_version"]
-        .as_str()
-        .unwrap()
-        .contains("fashion-mnist"));
+    assert_eq!(uint8["model_version"], "1");
     // Both outputs when none are requested, logits first.
     let names: Vec<&str> = uint8["outputs"]
         .as_array()
@@ -359,5 +366,145 @@ async fn v2_bad_tensors_get_4xx_errors() {
     assert_eq!(server.state.inference().stats().images(), 0);
     let ok = input("UINT8", &[2, 1, 28, 28], zeros(2 * 784));
     infer(&server, &ok).await;
+    server.shutdown().await.unwrap();
+}
+
+/// POSTs a body with binary tensor data: `json` (whose input names
+/// `binary_data_size`), then `data`.
+async fn infer_binary(
+    server: &TestServer,
+    path: &str,
+    json: &Value,
+    data: &[u8],
+) -> reqwest::Response {
+    let json = json.to_string();
+    let mut body = json.clone().into_bytes();
+    body.extend_from_slice(data);
+    reqwest::Client::new()
+        .post(server.url(path))
+        .header("content-type", "application/octet-stream")
+        .header("inference-header-content-length", json.len())
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Splits a response with binary outputs into its JSON and its data.
+async fn binary_answer(response: reqwest::Response) -> (Value, Vec<u8>) {
+    assert_eq!(response.status(), 200);
+    let length: usize = response.headers()["inference-header-content-length"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let bytes = response.bytes().await.unwrap();
+    let json = serde_json::from_slice(&bytes[..length]).unwrap();
+    (json, bytes[length..].to_vec())
+}
+
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_tensor_data_in_and_out_agrees_with_json() {
+    let server = TestServer::start(|_| {}).await;
+    let raw = test_images(3);
+    let bytes: Vec<u8> = raw.concat();
+    let json_answer = infer(&server, &input("UINT8", &[3, 1, 28, 28], json!(bytes))).await;
+    let logits = floats(&output(&json_answer, "logits")["data"]);
+    let probabilities = floats(&output(&json_answer, "probabilities")["data"]);
+
+    // UINT8 in binary, every output in binary (the request parameter).
+    let header = json!({
+        "inputs": [{"name": "input", "shape": [3, 1, 28, 28], "datatype": "UINT8",
+                    "parameters": {"binary_data_size": bytes.len()}}],
+        "parameters": {"binary_data_output": true}
+    });
+    let response = infer_binary(&server, "/v2/models/nin/infer", &header, &bytes).await;
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/octet-stream"
+    );
+    let (answer, data) = binary_answer(response).await;
+    let sizes: Vec<&Value> = answer["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            assert!(o.get("data").is_none(), "{o}");
+            &o["parameters"]["binary_data_size"]
+        })
+        .collect();
+    assert_eq!(sizes, [&json!(120), &json!(120)]);
+    assert_eq!(f32s(&data[..120]), logits);
+    assert_eq!(f32s(&data[120..]), probabilities);
+
+    // FP32 in binary, under the version's path; probabilities asked for
+    // in binary, logits as JSON.
+    let fp32: Vec<u8> = bytes
+        .iter()
+        .flat_map(|&b| (f32::from(b) / 255.0).to_le_bytes())
+        .collect();
+    let header = json!({
+        "inputs": [{"name": "input", "shape": [3, 1, 28, 28], "datatype": "FP32",
+                    "parameters": {"binary_data_size": fp32.len()}}],
+        "outputs": [{"name": "probabilities", "parameters": {"binary_data": true}},
+                    {"name": "logits"}]
+    });
+    let response = infer_binary(&server, "/v2/models/nin/versions/1/infer", &header, &fp32).await;
+    let (answer, data) = binary_answer(response).await;
+    assert_eq!(answer["outputs"][0]["name"], "probabilities");
+    assert_close(&f32s(&data), &probabilities, 1e-6);
+    assert_close(&floats(&answer["outputs"][1]["data"]), &logits, 1e-5);
+
+    // Binary data that does not fit the header: 400, never a guess.
+    let mut short = header.clone();
+    short["inputs"][0]["parameters"]["binary_data_size"] = json!(fp32.len() + 4);
+    let response = infer_binary(&server, "/v2/models/nin/infer", &short, &fp32).await;
+    assert!(v2_error(response, 400).await.contains("binary data"));
+    let response = infer_binary(
+        &server,
+        "/v2/models/nin/infer",
+        &header,
+        &[fp32.clone(), vec![0; 4]].concat(),
+    )
+    .await;
+    assert!(v2_error(response, 400).await.contains("belong to no input"));
+    // Without the header the JSON has no data: 400 naming the header.
+    let response = reqwest::Client::new()
+        .post(server.url("/v2/models/nin/infer"))
+        .body(header.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert!(v2_error(response, 400)
+        .await
+        .contains("Inference-Header-Content-Length"));
+
+    // Statistics count the 9 images answered (the refusals never ran).
+    let stats: Value = reqwest::get(server.url("/v2/models/nin/stats"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let model = &stats["model_stats"][0];
+    assert_eq!(model["version"], "1");
+    assert_eq!(model["inference_count"], 9);
+    assert_eq!(
+        model["inference_stats"]["success"]["count"], 3,
+        "requests, not images"
+    );
+    assert!(
+        model["inference_stats"]["compute_infer"]["ns"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
     server.shutdown().await.unwrap();
 }

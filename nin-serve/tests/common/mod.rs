@@ -25,6 +25,10 @@ pub struct TestServer {
     pub state: AppState,
     pub stop: Option<oneshot::Sender<()>>,
     pub handle: JoinHandle<std::io::Result<()>>,
+    /// `http://host:port` of the gRPC endpoint, for servers started with
+    /// [`TestServer::start_with_grpc`].
+    pub grpc: Option<String>,
+    pub grpc_stop: Option<oneshot::Sender<()>>,
     pub weights: PathBuf,
     pub _dir: tempfile::TempDir,
 }
@@ -70,9 +74,29 @@ impl TestServer {
             state,
             stop: Some(stop),
             handle,
+            grpc: None,
+            grpc_stop: None,
             weights,
             _dir: dir,
         }
+    }
+
+    /// A server on freshly made weights that also serves gRPC on a
+    /// loopback port, as `nin-serve` does with `--grpc-addr`.
+    pub async fn start_with_grpc(tweak: impl FnOnce(&mut Config)) -> Self {
+        let mut server = Self::start(tweak).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        server.grpc = Some(format!("http://{}", listener.local_addr().unwrap()));
+        let (stop, stopped) = oneshot::channel::<()>();
+        server.grpc_stop = Some(stop);
+        tokio::spawn(nin_serve::grpc::serve(
+            listener,
+            server.state.clone(),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        server
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -109,6 +133,9 @@ impl TestServer {
     /// Sends the shutdown signal (as SIGTERM would) without waiting.
     pub fn signal_shutdown(&mut self) {
         if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(stop) = self.grpc_stop.take() {
             let _ = stop.send(());
         }
     }

@@ -104,7 +104,7 @@ pub(crate) fn models_and_routes(c: &mut Corpus) {
             b"{not json".to_vec(),
             Expect::V2Error(404),
         );
-        for route in ["", "/ready"] {
+        for route in ["", "/ready", "/config", "/stats"] {
             c.http(
                 family,
                 format!("GET {short}{route}"),
@@ -115,6 +115,26 @@ pub(crate) fn models_and_routes(c: &mut Corpus) {
                 Expect::V2Error(404),
             );
         }
+    }
+    // The one version is `1`: any other is unknown too.
+    for version in ["2", "0", "latest", "1.0"] {
+        c.post(
+            "unknown model",
+            format!("infer on version {version}"),
+            &format!("/v2/models/nin/versions/{version}/infer"),
+            Some("application/json"),
+            good.clone(),
+            Expect::V2Error(404),
+        );
+        c.http(
+            "unknown model",
+            format!("GET config of version {version}"),
+            Method::GET,
+            &format!("/v2/models/nin/versions/{version}/config"),
+            None,
+            Vec::new(),
+            Expect::V2Error(404),
+        );
     }
     c.post(
         "unknown model",
@@ -160,7 +180,18 @@ pub(crate) fn models_and_routes(c: &mut Corpus) {
         (Method::POST, "/CLASSIFY", NOT_FOUND),
         (Method::POST, "/classify%00", NOT_FOUND),
         (Method::POST, "/classify/extra", NOT_FOUND),
-        (Method::POST, "/v2/models/nin/versions/1/infer", NOT_FOUND),
+        (
+            Method::POST,
+            "/v2/models/nin/versions/1/infer/extra",
+            NOT_FOUND,
+        ),
+        (Method::POST, "/v2/models/nin/versions", NOT_FOUND),
+        (Method::POST, "/v2/models/nin/config", METHOD_NOT_ALLOWED),
+        (
+            Method::PUT,
+            "/v2/models/nin/versions/1/infer",
+            METHOD_NOT_ALLOWED,
+        ),
         (Method::POST, "/v2/models/nin/infer/", NOT_FOUND),
         (Method::GET, "/v3", NOT_FOUND),
         (Method::GET, "/v2/models", NOT_FOUND),

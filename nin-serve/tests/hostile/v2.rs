@@ -403,11 +403,13 @@ pub(crate) fn v2_json(c: &mut Corpus) {
             ),
             1,
         );
+        // JSON, but `parameters` must be an object: the typed parameters
+        // refuse the first `[` without descending.
         c.v2(
             family,
             format!("parameters nested {depth} deep"),
             parameters,
-            400,
+            422,
         );
     }
     // Under serde_json's recursion limit: parsed, then the wrong length.
