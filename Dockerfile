@@ -83,10 +83,12 @@ RUN groupadd --system --gid 10001 nin \
  && useradd --system --uid 10001 --gid nin --home-dir /opt/nin --shell /usr/sbin/nologin nin
 COPY --chown=root:root weights/ /opt/nin/weights/
 ENV NIN_WEIGHTS=/opt/nin/weights/nin-fashion-mnist.safetensors \
+    NIN_GRPC_ADDR=0.0.0.0:8001 \
     NIN_DEVICE=auto \
     RUST_LOG=info
 WORKDIR /opt/nin
-EXPOSE 8080
+# HTTP (/classify, v2 REST, the web page) and gRPC (v2, health, reflection).
+EXPOSE 8080 8001
 # bash's /dev/tcp: no curl or wget in the image. Liveness only (/healthz);
 # /readyz is the readiness probe for an orchestrator.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \

@@ -73,7 +73,7 @@ base="http://127.0.0.1:$port"
 log="$(mktemp -t nin-serve-web.XXXXXX.log)"
 
 echo "== web test: serve $weights on $base (log: $log)"
-"$serve_bin" --addr "127.0.0.1:$port" --weights "$weights" >"$log" 2>&1 &
+"$serve_bin" --addr "127.0.0.1:$port" --grpc-addr off --weights "$weights" >"$log" 2>&1 &
 server=$!
 stop_server() {
   if kill -0 "$server" 2>/dev/null; then

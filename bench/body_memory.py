@@ -65,7 +65,7 @@ def peak_kib(pid):
 
 def run(binary, route, path, content_type, body):
     port = free_port()
-    server = subprocess.Popen([binary, "--addr", f"127.0.0.1:{port}"],
+    server = subprocess.Popen([binary, "--addr", f"127.0.0.1:{port}", "--grpc-addr", "off"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120

@@ -95,7 +95,7 @@ pngs=("$work"/image-*.png)
 # turn every answer into a 401).
 for var in $(compgen -e | grep '^NIN_' || true); do unset "$var"; done
 NO_COLOR=1 RUST_LOG=info target/release/nin-serve --weights "$weights" \
-  --addr 127.0.0.1:0 --device cpu --max-batch "$max_batch" \
+  --addr 127.0.0.1:0 --grpc-addr off --device cpu --max-batch "$max_batch" \
   --max-delay-us "$max_delay_us" --queue-size "$queue_size" \
   > "$work/server.log" 2>&1 &
 server_pid=$!

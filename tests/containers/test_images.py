@@ -128,7 +128,7 @@ def host_answers(pngs, tmp_path_factory):
         port = s.getsockname()[1]
     log = tmp_path_factory.mktemp("host") / "serve.log"
     with open(log, "w") as out:
-        server = subprocess.Popen([serve, "--addr", f"127.0.0.1:{port}",
+        server = subprocess.Popen([serve, "--addr", f"127.0.0.1:{port}", "--grpc-addr", "off",
                                    "--weights", "weights/nin-fashion-mnist.safetensors"],
                                   stdout=out, stderr=out)
     try:
