@@ -7,6 +7,9 @@
 //!   [`track`] middleware. `route` is the route *pattern*
 //!   (`/v2/models/{name}/infer`), or `unmatched` for paths no route has, so
 //!   a client sending random paths cannot grow the label set without bound;
+//! - `grpc_requests_total{method,code}` and
+//!   `grpc_request_duration_seconds{method}`: every answered call of the
+//!   gRPC service ([`crate::grpc`]) by method name and status code;
 //! - `batches_total`, `batch_size`, `inference_duration_seconds`,
 //!   `queue_duration_seconds`, `inferences_total`, `skipped_jobs_total`:
 //!   measured on the model thread ([`crate::infer::ModelCounters`]);
@@ -57,12 +60,27 @@ struct RouteLabels {
     route: String,
 }
 
-/// The server's metric registry and the HTTP series it records itself.
+/// Labels of `grpc_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GrpcLabels {
+    method: &'static str,
+    code: String,
+}
+
+/// Labels of `grpc_request_duration_seconds`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GrpcMethodLabels {
+    method: &'static str,
+}
+
+/// The server's metric registry and the request series it records itself.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     durations: Family<RouteLabels, Histogram>,
+    grpc_requests: Family<GrpcLabels, Counter>,
+    grpc_durations: Family<GrpcMethodLabels, Histogram>,
     in_progress: Gauge,
 }
 
@@ -75,6 +93,21 @@ impl Metrics {
         // 100 us to about 26 s: a cached health probe to a request timeout.
         let durations = Family::<RouteLabels, Histogram>::new_with_constructor(
             (|| Histogram::new(exponential_buckets(1e-4, 2.0, 19))) as fn() -> Histogram,
+        );
+        let grpc_requests = Family::<GrpcLabels, Counter>::default();
+        let grpc_durations = Family::<GrpcMethodLabels, Histogram>::new_with_constructor(
+            (|| Histogram::new(exponential_buckets(1e-4, 2.0, 19))) as fn() -> Histogram,
+        );
+        registry.register(
+            "grpc_requests",
+            "gRPC calls answered, by method and status code",
+            grpc_requests.clone(),
+        );
+        registry.register_with_unit(
+            "grpc_request_duration",
+            "Time from a gRPC call's arrival (decoded) to its answer, by method",
+            Unit::Seconds,
+            grpc_durations.clone(),
         );
         let in_progress = Gauge::default();
         registry.register(
@@ -110,8 +143,24 @@ impl Metrics {
             registry,
             requests,
             durations,
+            grpc_requests,
+            grpc_durations,
             in_progress,
         }
+    }
+
+    /// Counts one answered gRPC call of `method` (a name from the
+    /// service's fixed set) with status `code`.
+    pub fn observe_grpc(&self, method: &'static str, code: tonic::Code, seconds: f64) {
+        self.grpc_requests
+            .get_or_create(&GrpcLabels {
+                method,
+                code: format!("{code:?}"),
+            })
+            .inc();
+        self.grpc_durations
+            .get_or_create(&GrpcMethodLabels { method })
+            .observe(seconds);
     }
 
     /// Counts one answered request.

@@ -329,6 +329,24 @@ async fn bad_requests_get_the_http_rules_as_grpc_codes() {
     );
     drop(held);
     assert!(c.model_infer(request).await.is_ok());
+
+    // Every answer is counted in /metrics by method and code.
+    let metrics = reqwest::get(server.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for (code, count) in [
+        ("NotFound", 1),
+        ("InvalidArgument", 5),
+        ("ResourceExhausted", 1),
+        ("Ok", 1),
+    ] {
+        let line =
+            format!("nin_grpc_requests_total{{method=\"ModelInfer\",code=\"{code}\"}} {count}");
+        assert!(metrics.contains(&line), "no `{line}` in\n{metrics}");
+    }
 }
 
 #[tokio::test]
