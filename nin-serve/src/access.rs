@@ -10,7 +10,6 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use subtle::ConstantTimeEq;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::error::V2Error;
@@ -19,20 +18,17 @@ use crate::Error;
 
 /// Middleware: passes the request on when no key is configured or when it
 /// carries `Authorization: Bearer <key>` with the configured key; answers
-/// 401 otherwise (in the v2 error shape on `/v2` routes). The comparison
-/// takes the same time wherever the keys differ, so timing does not reveal
-/// how much of a guess was right.
+/// 401 otherwise (in the v2 error shape on `/v2` routes); see
+/// [`ApiKey::admits`](crate::config::ApiKey::admits).
 pub async fn require_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let Some(key) = state.api_key() else {
         return next.run(request).await;
     };
-    let presented = request
+    let authorization = request
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
-        .unwrap_or_default();
-    if bool::from(presented.as_bytes().ct_eq(key.expose().as_bytes())) {
+        .and_then(|value| value.to_str().ok());
+    if key.admits(authorization) {
         return next.run(request).await;
     }
     let v2 = request.uri().path().starts_with("/v2/");

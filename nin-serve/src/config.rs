@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use subtle::ConstantTimeEq;
 
 use crate::Error;
 
@@ -158,6 +159,17 @@ impl ApiKey {
     pub fn expose(&self) -> &str {
         &self.0
     }
+
+    /// True when `authorization` (the header's or gRPC metadata's value)
+    /// is `Bearer <this key>`. The comparison takes the same time wherever
+    /// the keys differ, so timing does not reveal how much of a guess was
+    /// right.
+    pub fn admits(&self, authorization: Option<&str>) -> bool {
+        let presented = authorization
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        bool::from(presented.as_bytes().ct_eq(self.0.as_bytes()))
+    }
 }
 
 impl std::fmt::Debug for ApiKey {
@@ -300,6 +312,22 @@ mod tests {
         assert!(!format!("{config:?}").contains("s3cret"));
         assert!(Config::try_parse_from(["nin-serve", "--api-key", ""]).is_err());
         assert!(Config::try_parse_from(["nin-serve", "--api-key", "a b"]).is_err());
+    }
+
+    #[test]
+    fn a_key_admits_only_its_own_bearer() {
+        let key: ApiKey = "s3cret".parse().unwrap();
+        assert!(key.admits(Some("Bearer s3cret")));
+        for refused in [
+            "Bearer s3cre",
+            "Bearer s3cret ",
+            "bearer s3cret",
+            "s3cret",
+            "Bearer ",
+        ] {
+            assert!(!key.admits(Some(refused)), "{refused:?}");
+        }
+        assert!(!key.admits(None));
     }
 
     #[test]

@@ -73,6 +73,18 @@ pub enum Error {
     #[error("unknown model `{0}`")]
     UnknownModel(String),
 
+    /// A v2 route names a version of the model this server does not have.
+    #[error(
+        "model `{model}` has no version `{version}`; it has version `{}` only",
+        crate::signature::MODEL_VERSION
+    )]
+    UnknownVersion {
+        /// The model named.
+        model: String,
+        /// The version asked for.
+        version: String,
+    },
+
     /// No route has this path.
     #[error("no route for {0}")]
     NotFound(String),
@@ -141,7 +153,9 @@ impl Error {
             Error::InvalidParameter(_) | Error::InvalidTensor(_) => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
-            Error::NotFound(_) | Error::UnknownModel(_) => StatusCode::NOT_FOUND,
+            Error::NotFound(_) | Error::UnknownModel(_) | Error::UnknownVersion { .. } => {
+                StatusCode::NOT_FOUND
+            }
             Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Error::Unauthorized => StatusCode::UNAUTHORIZED,
             Error::Overloaded(_)
@@ -168,7 +182,7 @@ impl Error {
             Error::MissingImage => "missing_image",
             Error::TooManyImages { .. } => "too_many_images",
             Error::InvalidTensor(_) => "invalid_tensor",
-            Error::UnknownModel(_) => "unknown_model",
+            Error::UnknownModel(_) | Error::UnknownVersion { .. } => "unknown_model",
             Error::NotFound(_) => "not_found",
             Error::MethodNotAllowed => "method_not_allowed",
             Error::Unauthorized => "unauthorized",
@@ -187,7 +201,9 @@ impl Error {
     pub fn grpc_code(&self) -> tonic::Code {
         use tonic::Code;
         match self {
-            Error::NotFound(_) | Error::UnknownModel(_) => Code::NotFound,
+            Error::NotFound(_) | Error::UnknownModel(_) | Error::UnknownVersion { .. } => {
+                Code::NotFound
+            }
             Error::Unauthorized => Code::Unauthenticated,
             Error::MethodNotAllowed => Code::Unimplemented,
             Error::Overloaded(_) | Error::BodyMemoryFull(_) => Code::ResourceExhausted,

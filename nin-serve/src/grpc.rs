@@ -32,7 +32,6 @@ use std::future::Future;
 use std::time::Instant;
 
 use prost::Message;
-use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tonic::codegen::BoxStream;
 use tonic::metadata::MetadataMap;
@@ -41,7 +40,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::budget::BodyKind;
 use crate::server::AppState;
-use crate::signature::{Signature, TensorSpec, MODEL_VERSION};
+use crate::signature::{self, Signature, TensorSpec, MODEL_VERSION};
 use crate::tensor::{self, DataType, Input, Values};
 use crate::v2::EXTENSIONS;
 use crate::Error;
@@ -125,15 +124,8 @@ impl InferenceService {
 
     /// `NOT_FOUND` unless `name` is the model and `version` is empty or `1`.
     fn check_model(&self, name: &str, version: &str) -> Result<(), Status> {
-        if name != self.state.model_info().name {
-            return Err(Error::UnknownModel(name.to_string()).into());
-        }
-        if !version.is_empty() && version != MODEL_VERSION {
-            return Err(Error::UnknownModel(format!(
-                "{name}` version `{version}` (the server has version `{MODEL_VERSION}` only)"
-            ))
-            .into());
-        }
+        let version = (!version.is_empty()).then_some(version);
+        signature::check_model(&self.state.model_info().name, name, version)?;
         Ok(())
     }
 
@@ -161,12 +153,10 @@ impl InferenceService {
         let Some(key) = self.state.api_key() else {
             return Ok(());
         };
-        let presented = metadata
+        let authorization = metadata
             .get("authorization")
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .unwrap_or_default();
-        if bool::from(presented.as_bytes().ct_eq(key.expose().as_bytes())) {
+            .and_then(|value| value.to_str().ok());
+        if key.admits(authorization) {
             Ok(())
         } else {
             Err(Error::Unauthorized.into())

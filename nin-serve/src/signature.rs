@@ -8,6 +8,7 @@ use nin_model::weights::FORMAT_VERSION;
 
 use crate::server::AppState;
 use crate::tensor::{INPUT_NAME, OUTPUTS};
+use crate::Error;
 
 /// The one model version a server holds. Triton's clients address
 /// versions by number (`/versions/1/`, perf_analyzer's `-x`), so the
@@ -92,6 +93,21 @@ impl Signature {
                 ("weights", state.model_info().version.clone()),
             ],
         }
+    }
+}
+
+/// Checks that a request names the served model (`served`) and, when it
+/// names a version, [`MODEL_VERSION`]: the one rule of every protocol.
+pub fn check_model(served: &str, name: &str, version: Option<&str>) -> Result<(), Error> {
+    if name != served {
+        return Err(Error::UnknownModel(name.to_string()));
+    }
+    match version {
+        Some(version) if version != MODEL_VERSION => Err(Error::UnknownVersion {
+            model: name.to_string(),
+            version: version.to_string(),
+        }),
+        _ => Ok(()),
     }
 }
 

@@ -57,7 +57,7 @@ use crate::error::{V2Error, V2ErrorBody};
 use crate::infer::Statistics;
 use crate::routes;
 use crate::server::AppState;
-use crate::signature::{Signature, MODEL_VERSION};
+use crate::signature::{self, Signature, MODEL_VERSION};
 use crate::tensor::{self, Input, Values};
 use crate::Error;
 
@@ -507,15 +507,8 @@ fn status_of(ready: bool) -> StatusCode {
 fn check_model(state: &AppState, path: ModelPath) -> Result<(), Error> {
     let Path(path) = path.map_err(|e| Error::BadRequest(e.body_text()))?;
     let name = path.get("name").map(String::as_str).unwrap_or_default();
-    if name != state.model_info().name {
-        return Err(Error::UnknownModel(name.to_string()));
-    }
-    match path.get("version") {
-        Some(version) if version != MODEL_VERSION => Err(Error::UnknownModel(format!(
-            "{name}` version `{version}` (the server has version `{MODEL_VERSION}` only)"
-        ))),
-        _ => Ok(()),
-    }
+    let version = path.get("version").map(String::as_str);
+    signature::check_model(&state.model_info().name, name, version)
 }
 
 /// Parses the body: a syntax error is a 400, valid JSON of the wrong form
