@@ -48,7 +48,9 @@ pub const DEFAULT_SHUTDOWN_DELAY_MS: u64 = 0;
 #[command(name = "nin-serve", version, about, long_about = None)]
 pub struct Config {
     /// Weights file written by `nin-train` (safetensors with nin metadata:
-    /// config, class names and preprocessing travel with the tensors).
+    /// config, class names and preprocessing travel with the tensors), or
+    /// a directory holding exactly one `.safetensors` file (KServe mounts
+    /// a model's storage at `/mnt/models`).
     #[arg(long, env = "NIN_WEIGHTS", default_value = DEFAULT_WEIGHTS)]
     pub weights: PathBuf,
 
@@ -142,11 +144,26 @@ pub struct Config {
     #[arg(long, env = "NIN_API_KEY", hide_env_values = true)]
     pub api_key: Option<ApiKey>,
 
+    /// Log lines as `text` (for people) or `json` (one object per line,
+    /// for cluster log collectors).
+    #[arg(long, env = "NIN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
     /// Origins allowed to call the API from a browser (CORS), comma-separated,
     /// or `*` for any. Empty (the default): no CORS headers, so only pages
     /// served by nin-serve itself can call it.
     #[arg(long, env = "NIN_CORS_ORIGINS", value_delimiter = ',')]
     pub cors_origins: Vec<String>,
+}
+
+/// How `nin-serve` writes its log lines.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines (colours only on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line: timestamp, level, target, fields, spans.
+    Json,
 }
 
 /// A secret the clients must present; its `Debug` form never shows it, so
@@ -213,6 +230,7 @@ impl Default for Config {
             shutdown_timeout_ms: DEFAULT_SHUTDOWN_TIMEOUT_MS,
             shutdown_delay_ms: DEFAULT_SHUTDOWN_DELAY_MS,
             api_key: None,
+            log_format: LogFormat::Text,
             cors_origins: Vec::new(),
         }
     }
@@ -250,6 +268,45 @@ impl Config {
             return bad("the CORS origin `*` cannot be combined with other origins");
         }
         Ok(())
+    }
+
+    /// The weights file to load: `--weights` itself, or the one
+    /// `.safetensors` file in the directory it names. A directory with
+    /// none or several is an error that lists what it holds.
+    pub fn weights_file(&self) -> Result<PathBuf, Error> {
+        if !self.weights.is_dir() {
+            return Ok(self.weights.clone());
+        }
+        let dir = &self.weights;
+        let entries = std::fs::read_dir(dir).map_err(|e| {
+            Error::Config(format!(
+                "cannot read the weights directory {}: {e}",
+                dir.display()
+            ))
+        })?;
+        let mut found: Vec<PathBuf> = entries
+            .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+            .filter(|path| path.is_file() && path.extension().is_some_and(|e| e == "safetensors"))
+            .collect();
+        found.sort();
+        match found.as_slice() {
+            [one] => Ok(one.clone()),
+            [] => Err(Error::Config(format!(
+                "the weights directory {} holds no .safetensors file",
+                dir.display()
+            ))),
+            several => Err(Error::Config(format!(
+                "the weights directory {} holds {} .safetensors files ({}); name one with --weights",
+                dir.display(),
+                several.len(),
+                several
+                    .iter()
+                    .filter_map(|path| path.file_name())
+                    .map(|name| name.to_string_lossy())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        }
     }
 
     /// `--grpc-addr`, or `None` when it is `off`.
@@ -312,6 +369,39 @@ mod tests {
         assert!(!format!("{config:?}").contains("s3cret"));
         assert!(Config::try_parse_from(["nin-serve", "--api-key", ""]).is_err());
         assert!(Config::try_parse_from(["nin-serve", "--api-key", "a b"]).is_err());
+    }
+
+    #[test]
+    fn a_weights_directory_must_hold_exactly_one_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            weights: dir.path().to_path_buf(),
+            ..Config::default()
+        };
+        let none = config.weights_file().unwrap_err().to_string();
+        assert!(none.contains("no .safetensors"), "{none}");
+        std::fs::write(dir.path().join("notes.txt"), "x").unwrap();
+        std::fs::write(dir.path().join("nin.safetensors"), "x").unwrap();
+        assert_eq!(
+            config.weights_file().unwrap(),
+            dir.path().join("nin.safetensors")
+        );
+        std::fs::write(dir.path().join("b.safetensors"), "x").unwrap();
+        let several = config.weights_file().unwrap_err().to_string();
+        assert!(
+            several.contains("b.safetensors, nin.safetensors"),
+            "{several}"
+        );
+        // A file is taken as it is, even one that does not exist (its
+        // loading then names it).
+        let file = Config {
+            weights: dir.path().join("missing.safetensors"),
+            ..Config::default()
+        };
+        assert_eq!(
+            file.weights_file().unwrap(),
+            dir.path().join("missing.safetensors")
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
+use nin_serve::config::LogFormat;
 use nin_serve::{AppState, Config};
 use tracing_subscriber::EnvFilter;
 
@@ -19,15 +20,20 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse();
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        // One JSON object per line, for cluster log collectors.
+        LogFormat::Json => logs.json().with_current_span(true).init(),
         // Colours only for a person at a terminal: container logs, files
         // and log collectors get plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
     match serve(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

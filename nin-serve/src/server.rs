@@ -72,8 +72,12 @@ impl AppState {
     /// problem (missing, truncated, not nin's, wrong shapes).
     pub async fn start(config: &Config) -> Result<Self, Error> {
         config.validate()?;
-        let inference =
-            Inference::start(&config.weights, &config.device, InferOptions::from(config)).await?;
+        let inference = Inference::start(
+            &config.weights_file()?,
+            &config.device,
+            InferOptions::from(config),
+        )
+        .await?;
         let model = ModelInfo {
             name: config.model_name.clone(),
             version: crate::signature::weights_version(&inference.metadata().provenance),

@@ -327,3 +327,64 @@ fn non_finite_weights_are_refused_naming_the_tensor() {
     parts.write(&path);
     refuses(&path, conv);
 }
+
+/// What a Kubernetes or KServe pod runs: `--weights` naming a directory
+/// (KServe's `/mnt/models`) that holds one weights file, and logs as one
+/// JSON object per line for the cluster's log collector.
+#[test]
+fn a_weights_directory_is_served_with_json_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    good_weights(dir.path());
+    let stderr_path = dir.path().join("stderr");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nin-serve"))
+        .arg("--weights")
+        .arg(dir.path())
+        .args([
+            "--addr",
+            "127.0.0.1:0",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--device",
+            "cpu",
+        ])
+        .args(["--log-format", "json"])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let stderr = loop {
+        let stderr = std::fs::read_to_string(&stderr_path).unwrap();
+        if stderr.matches("listening").count() >= 2 || started.elapsed() > REFUSAL_TIME {
+            break stderr;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("nin-serve exited ({status}): {stderr}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let lines: Vec<Value> = stderr
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}")))
+        .collect();
+    let loaded = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "model loaded and warmed up")
+        .unwrap_or_else(|| panic!("no load line in {stderr}"));
+    assert_eq!(loaded["level"], "INFO");
+    let weights = loaded["fields"]["weights"].as_str().unwrap();
+    assert!(weights.ends_with(".safetensors"), "{weights}");
+    let listening: Vec<&Value> = lines
+        .iter()
+        .filter(|l| {
+            l["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("listening"))
+        })
+        .collect();
+    assert_eq!(listening.len(), 2, "HTTP and gRPC: {stderr}");
+}
