@@ -402,6 +402,8 @@ const LINGER_TIME: Duration = Duration::from_secs(5);
 const LINGER_BYTES: usize = 64 << 20;
 /// Refused request bodies drained at once, at most; see [`linger`].
 const MAX_LINGERING: usize = 128;
+/// The places of the bodies being drained, process-wide.
+static LINGERING: Semaphore = Semaphore::const_new(MAX_LINGERING);
 
 /// Reads a request body of at most `limit` bytes: a 413 beyond it (at
 /// once when `Content-Length` says so), and the refused body goes to
@@ -478,7 +480,6 @@ pub(crate) fn refuse_unread(body: Body, headers: &HeaderMap) {
 /// refused body is dropped (its client may see a reset), so a flood of
 /// refused uploads cannot pin an unbounded number of tasks and sockets.
 fn linger(mut body: Body) {
-    static LINGERING: Semaphore = Semaphore::const_new(MAX_LINGERING);
     if body.is_end_stream() {
         return;
     }
@@ -603,6 +604,39 @@ pub fn top_k_of(probabilities: &[f32], k: usize, classes: &[String]) -> Vec<Clas
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A body that never ends until its sender is dropped.
+    fn endless() -> (
+        tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
+        Body,
+    ) {
+        let (sender, receiver) = tokio::sync::mpsc::channel(1);
+        let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(receiver));
+        (sender, body)
+    }
+
+    #[tokio::test]
+    async fn at_most_128_refused_bodies_drain_at_once() {
+        let mut senders = Vec::new();
+        for _ in 0..MAX_LINGERING + 2 {
+            let (sender, body) = endless();
+            linger(body);
+            senders.push(sender);
+        }
+        // The places are taken as each drain is spawned; the two bodies
+        // over the bound were dropped there and then (their senders see it).
+        assert_eq!(LINGERING.available_permits(), 0);
+        let dropped = senders.iter().filter(|s| s.is_closed()).count();
+        assert_eq!(dropped, 2);
+        assert!(senders[..MAX_LINGERING].iter().all(|s| !s.is_closed()));
+        // Bodies that end give their places back.
+        drop(senders);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while LINGERING.available_permits() < MAX_LINGERING {
+            assert!(Instant::now() < deadline, "places not given back");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
 
     #[test]
     fn top_k_is_sorted_and_stable() {
