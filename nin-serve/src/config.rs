@@ -92,9 +92,10 @@ pub struct Config {
     #[arg(long, env = "NIN_MAX_DELAY_US", default_value_t = DEFAULT_MAX_DELAY_US)]
     pub max_delay_us: u64,
 
-    /// Most classification requests in progress at once (decoding, queued
-    /// or running); beyond it the server answers 503 with Retry-After
-    /// instead of letting memory and latency grow without bound.
+    /// Most images in progress at once, from decoding to the answer (a
+    /// request holds one place per image); beyond it the server answers
+    /// 503 with Retry-After instead of letting memory and latency grow
+    /// without bound.
     #[arg(long, env = "NIN_QUEUE_SIZE", default_value_t = DEFAULT_QUEUE_SIZE,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub queue_size: usize,

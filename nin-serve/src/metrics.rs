@@ -13,7 +13,8 @@
 //! - `batches_total`, `batch_size`, `inference_duration_seconds`,
 //!   `queue_duration_seconds`, `inferences_total`, `skipped_jobs_total`:
 //!   measured on the model thread ([`crate::infer::ModelCounters`]);
-//! - `requests_in_progress`: admitted requests not yet answered, read at
+//! - `images_in_progress`: images admitted and not yet answered (a request
+//!   holds one place per image, as `--queue-size` counts them), read at
 //!   scrape time;
 //! - `device_info{device,compute_cap,kernels}`: what the model runs on.
 //!
@@ -122,8 +123,8 @@ impl Metrics {
             durations.clone(),
         );
         registry.register(
-            "requests_in_progress",
-            "Classification requests admitted and not yet answered",
+            "images_in_progress",
+            "Images admitted and not yet answered (a request holds one per image)",
             in_progress.clone(),
         );
         stats.register(&mut registry);
