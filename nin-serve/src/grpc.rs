@@ -60,9 +60,11 @@ pub mod proto {
 use proto::grpc_inference_service_server::{GrpcInferenceService, GrpcInferenceServiceServer};
 
 /// Serves gRPC on `listener` until `shutdown` completes: the inference
-/// service, health (serving until shutdown begins) and reflection. The
-/// HTTP server's [`crate::run`] is its twin; `nin-serve` runs both on one
-/// state and one shutdown signal.
+/// service, health (serving until shutdown begins) and reflection. Then,
+/// as the HTTP server's [`crate::run`] does, health says NOT_SERVING for
+/// `--shutdown-delay-ms` while calls are still served, the port closes, and
+/// in-flight calls get at most `--shutdown-timeout-ms` to finish.
+/// `nin-serve` runs both servers on one state and one shutdown signal.
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
@@ -85,8 +87,8 @@ pub async fn serve(
     .max_decoding_message_size(limit)
     .max_encoding_message_size(usize::MAX);
     let delay = state.shutdown_delay();
-    // As on HTTP: the health service says NOT_SERVING for the delay while
-    // calls are still served, then the port closes.
+    let grace = state.shutdown_timeout();
+    let (began_tx, began_rx) = tokio::sync::oneshot::channel::<()>();
     let signal = async move {
         shutdown.await;
         state.begin_shutdown();
@@ -95,19 +97,33 @@ pub async fn serve(
             .await;
         tokio::time::sleep(delay).await;
         tracing::info!("shutting down gRPC: port closed, finishing in-flight calls");
+        let _ = began_tx.send(());
+    };
+    let deadline = async move {
+        match began_rx.await {
+            Ok(()) => tokio::time::sleep(grace).await,
+            Err(_) => std::future::pending().await,
+        }
     };
     // No Nagle: a small answer must not wait for the client's delayed ACK
     // (it added 40 ms to the p99 of every concurrency under perf_analyzer).
     // The builder's own `tcp_nodelay` does not reach a listener we bind.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
+    let serve = tonic::transport::Server::builder()
         .timeout(timeout)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(inference)
-        .serve_with_incoming_shutdown(incoming, signal)
-        .await
-        .map_err(|e| Error::Internal(format!("the gRPC server failed: {e}")))
+        .serve_with_incoming_shutdown(incoming, signal);
+    tokio::select! {
+        result = serve => {
+            result.map_err(|e| Error::Internal(format!("the gRPC server failed: {e}")))
+        }
+        () = deadline => {
+            tracing::warn!(?grace, "gRPC shutdown timed out; closing remaining calls");
+            Ok(())
+        }
+    }
 }
 
 /// `inference.GRPCInferenceService` over the server's shared state.

@@ -132,6 +132,11 @@ impl AppState {
         self.inner.request_timeout
     }
 
+    /// `--shutdown-timeout-ms`.
+    pub fn shutdown_timeout(&self) -> Duration {
+        self.inner.shutdown_timeout
+    }
+
     /// `--shutdown-delay-ms`.
     pub fn shutdown_delay(&self) -> Duration {
         self.inner.shutdown_delay

@@ -443,6 +443,33 @@ async fn health_and_reflection_answer_standard_clients() {
 }
 
 #[tokio::test]
+async fn grpc_shutdown_cannot_hang_on_a_call_in_flight() {
+    // A lone image waits up to 20 s for its batch to fill; shutdown gives
+    // in-flight calls 300 ms.
+    let mut server = TestServer::start_with_grpc(|config| {
+        config.max_delay_us = 20_000_000;
+        config.shutdown_timeout_ms = 300;
+    })
+    .await;
+    let url = server.grpc.clone().unwrap();
+    let request = raw_fp32(&test_images(1));
+    let call = tokio::spawn(async move {
+        let mut c = GrpcInferenceServiceClient::connect(url).await.unwrap();
+        c.model_infer(request).await
+    });
+    server.wait_in_progress(1).await;
+    server.signal_shutdown();
+    let handle = server.grpc_handle.take().unwrap();
+    let returned = tokio::time::timeout(Duration::from_secs(10), handle)
+        .await
+        .expect("grpc::serve did not return within 10 s of shutdown");
+    assert!(returned.unwrap().is_ok());
+    // `nin-serve` exits once both servers have returned, which ends the
+    // call; in this test's runtime it would linger, so it is dropped.
+    call.abort();
+}
+
+#[tokio::test]
 async fn http_and_grpc_requests_share_forward_passes() {
     // Batches wait up to 5 s to fill 4 places: the four requests below
     // arrive well within it, so they run as one pass.

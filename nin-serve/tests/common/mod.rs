@@ -29,6 +29,7 @@ pub struct TestServer {
     /// [`TestServer::start_with_grpc`].
     pub grpc: Option<String>,
     pub grpc_stop: Option<oneshot::Sender<()>>,
+    pub grpc_handle: Option<JoinHandle<Result<(), nin_serve::Error>>>,
     pub weights: PathBuf,
     pub _dir: tempfile::TempDir,
 }
@@ -76,6 +77,7 @@ impl TestServer {
             handle,
             grpc: None,
             grpc_stop: None,
+            grpc_handle: None,
             weights,
             _dir: dir,
         }
@@ -89,13 +91,13 @@ impl TestServer {
         server.grpc = Some(format!("http://{}", listener.local_addr().unwrap()));
         let (stop, stopped) = oneshot::channel::<()>();
         server.grpc_stop = Some(stop);
-        tokio::spawn(nin_serve::grpc::serve(
+        server.grpc_handle = Some(tokio::spawn(nin_serve::grpc::serve(
             listener,
             server.state.clone(),
             async move {
                 let _ = stopped.await;
             },
-        ));
+        )));
         server
     }
 
