@@ -16,6 +16,8 @@
 # arguments, on free loopback ports, and is stopped however this ends.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Read now: the server below starts with no NIN_* variable but its own.
+image="${NIN_IMAGE:-}"
 
 echo "== deploy check: kubectl, python"
 if ! command -v kubectl > /dev/null || ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
@@ -85,8 +87,7 @@ PY
 )
 log="$(mktemp -t nin-serve-deploy.XXXXXX.log)"
 echo "== deploy check: nin-serve $args with $settings (log: $log)"
-for var in $(compgen -e | grep '^NIN_' || true); do unset "$var"; done
-eval "env $settings \"$serve_bin\" $args --addr 127.0.0.1:$http_port --grpc-addr 127.0.0.1:$grpc_port" \
+eval "env $(compgen -e | grep '^NIN_' | sed 's/^/-u /' | tr '\n' ' ') $settings \"$serve_bin\" $args --addr 127.0.0.1:$http_port --grpc-addr 127.0.0.1:$grpc_port" \
   > "$log" 2>&1 &
 server=$!
 stop_server() {
@@ -101,7 +102,7 @@ bash .ci/wait-ready.sh "http://127.0.0.1:$http_port/v2/health/ready" "$server" "
 echo "== deploy check: tests/deploy/test_manifests.py"
 status=0
 NIN_DEPLOY_RENDERED="$rendered" NIN_BASE_URL="http://127.0.0.1:$http_port" \
-  NIN_GRPC_ADDR="127.0.0.1:$grpc_port" NIN_SERVE_BIN="$serve_bin" NIN_IMAGE="${NIN_IMAGE:-}" \
+  NIN_GRPC_ADDR="127.0.0.1:$grpc_port" NIN_SERVE_BIN="$serve_bin" NIN_IMAGE="$image" \
   PYTHONDONTWRITEBYTECODE=1 "$venv/bin/python" -m pytest -v -p no:cacheprovider \
   tests/deploy/test_manifests.py || status=$?
 if [ "$status" -ne 0 ]; then
