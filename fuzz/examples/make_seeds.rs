@@ -8,7 +8,11 @@
 //!   (inversion, crop, resize);
 //! - `v2_request`: valid inference bodies (FP32 and UINT8, flat and
 //!   nested, a batch of two, chosen outputs) and typical mistakes (NaN,
-//!   wrong shape, name, datatype, length, too many images, not JSON).
+//!   wrong shape, name, datatype, length, too many images, not JSON),
+//!   and bodies with binary tensor data (`BIN` + the JSON's length, see
+//!   the target);
+//! - `grpc_infer`: encoded `ModelInferRequest`s with raw and typed
+//!   contents, FP32 and UINT8, and the same typical mistakes.
 //!
 //! Run from `fuzz/`: `cargo run --example make_seeds`.
 
@@ -27,6 +31,141 @@ fn main() -> Result<(), Box<dyn Error>> {
     let images = read_slice(&root.join("../tests/data/t10k-images-idx3-ubyte.gz"))?;
     decode_seeds(&images, &root.join("corpus/decode"))?;
     v2_seeds(&images, &root.join("corpus/v2_request"))?;
+    grpc_seeds(&images, &root.join("corpus/grpc_infer"))?;
+    Ok(())
+}
+
+/// Encoded `ModelInferRequest`s: what tritonclient.grpc and perf_analyzer
+/// send (raw contents), the typed contents, and mistakes.
+fn grpc_seeds(images: &[GrayImage], dir: &Path) -> Result<(), Box<dyn Error>> {
+    use nin_serve::grpc::proto::model_infer_request::{
+        InferInputTensor, InferRequestedOutputTensor,
+    };
+    use nin_serve::grpc::proto::{InferTensorContents, ModelInferRequest};
+    use prost::Message;
+
+    fs::create_dir_all(dir)?;
+    let write = |name: &str, request: ModelInferRequest| {
+        fs::write(dir.join(format!("seed-{name}.pb")), request.encode_to_vec())
+    };
+    let input =
+        |datatype: &str, shape: Vec<i64>, contents: Option<InferTensorContents>| InferInputTensor {
+            name: "input".into(),
+            datatype: datatype.into(),
+            shape,
+            contents,
+            ..Default::default()
+        };
+    let one = vec![1, 1, 28, 28];
+    let bytes = |i: usize| images[i].as_raw().clone();
+    let fp32 = |i: usize| -> Vec<f32> { bytes(i).iter().map(|&b| f32::from(b) / 255.0).collect() };
+    let raw_fp32 = |i: usize| -> Vec<u8> { fp32(i).iter().flat_map(|v| v.to_le_bytes()).collect() };
+    let request = |inputs, raw_input_contents, outputs: &[&str]| ModelInferRequest {
+        model_name: "nin".into(),
+        inputs,
+        raw_input_contents,
+        outputs: outputs
+            .iter()
+            .map(|name| InferRequestedOutputTensor {
+                name: name.to_string(),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+
+    write(
+        "raw-fp32",
+        request(
+            vec![input("FP32", one.clone(), None)],
+            vec![raw_fp32(0)],
+            &[],
+        ),
+    )?;
+    write(
+        "raw-uint8-batch",
+        request(
+            vec![input("UINT8", vec![2, 1, 28, 28], None)],
+            vec![[bytes(1), bytes(2)].concat()],
+            &["probabilities", "logits"],
+        ),
+    )?;
+    let typed = |fp32_contents, uint_contents| {
+        Some(InferTensorContents {
+            fp32_contents,
+            uint_contents,
+            ..Default::default()
+        })
+    };
+    write(
+        "typed-fp32",
+        request(
+            vec![input("FP32", one.clone(), typed(fp32(3), vec![]))],
+            vec![],
+            &["logits"],
+        ),
+    )?;
+    let uint: Vec<u32> = bytes(4).iter().map(|&b| u32::from(b)).collect();
+    write(
+        "typed-uint8",
+        request(
+            vec![input("UINT8", one.clone(), typed(vec![], uint.clone()))],
+            vec![],
+            &[],
+        ),
+    )?;
+    write(
+        "typed-mismatch",
+        request(
+            vec![input("FP32", one.clone(), typed(vec![], uint))],
+            vec![],
+            &[],
+        ),
+    )?;
+    write(
+        "raw-and-typed",
+        request(
+            vec![input("FP32", one.clone(), typed(fp32(5), vec![]))],
+            vec![raw_fp32(5)],
+            &[],
+        ),
+    )?;
+    write(
+        "raw-short",
+        request(
+            vec![input("FP32", one.clone(), None)],
+            vec![vec![0; 13]],
+            &[],
+        ),
+    )?;
+    write(
+        "nan",
+        request(
+            vec![input(
+                "FP32",
+                one.clone(),
+                typed(vec![f32::NAN; 784], vec![]),
+            )],
+            vec![],
+            &[],
+        ),
+    )?;
+    write(
+        "too-many",
+        request(
+            vec![input("UINT8", vec![9, 1, 28, 28], None)],
+            vec![vec![0; 9 * 784]],
+            &[],
+        ),
+    )?;
+    write(
+        "unknown-output",
+        request(
+            vec![input("UINT8", one, None)],
+            vec![bytes(6)],
+            &["features"],
+        ),
+    )?;
     Ok(())
 }
 
@@ -198,5 +337,40 @@ fn v2_seeds(images: &[GrayImage], dir: &Path) -> Result<(), Box<dyn Error>> {
         "wrong-types",
         r#"{"id":7,"inputs":"input","outputs":null}"#.into(),
     )?;
+
+    // Binary tensor data: `BIN`, the JSON's length (u32, little-endian),
+    // the JSON, the raw tensor.
+    let binary = |name: &str, json: String, data: &[u8]| {
+        let mut input = b"BIN".to_vec();
+        input.extend_from_slice(&(json.len() as u32).to_le_bytes());
+        input.extend_from_slice(json.as_bytes());
+        input.extend_from_slice(data);
+        fs::write(dir.join(format!("seed-{name}.bin")), input)
+    };
+    let header = |datatype: &str, size: usize, rest: &str| {
+        format!(
+            r#"{{"inputs":[{{"name":"input","shape":[1,1,28,28],"datatype":"{datatype}","parameters":{{"binary_data_size":{size}}}}}]{rest}}}"#
+        )
+    };
+    binary(
+        "binary-uint8",
+        header("UINT8", 784, r#","parameters":{"binary_data_output":true}"#),
+        &bytes(7),
+    )?;
+    let fp32_bytes: Vec<u8> = bytes(8)
+        .iter()
+        .flat_map(|&b| (f32::from(b) / 255.0).to_le_bytes())
+        .collect();
+    binary(
+        "binary-fp32",
+        header(
+            "FP32",
+            4 * 784,
+            r#","outputs":[{"name":"probabilities","parameters":{"binary_data":true}}]"#,
+        ),
+        &fp32_bytes,
+    )?;
+    binary("binary-short", header("UINT8", 784, ""), &bytes(9)[..700])?;
+    binary("binary-extra", header("UINT8", 700, ""), &bytes(9))?;
     Ok(())
 }
