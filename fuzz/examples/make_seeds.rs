@@ -14,7 +14,7 @@
 //! - `grpc_infer`: encoded `ModelInferRequest`s with raw and typed
 //!   contents, FP32 and UINT8, and the same typical mistakes.
 //!
-//! Run from `fuzz/`: `cargo run --example make_seeds`.
+//! Run: `cargo run -p nin-fuzz --example make_seeds`.
 
 use std::error::Error;
 use std::fs;
