@@ -2,7 +2,8 @@
 # nin-serve through NVIDIA Triton's own Python clients: tritonclient.http
 # (JSON and binary tensors) and tritonclient.grpc against nin-serve's HTTP
 # (KServe v2 + Triton's binary tensor, model configuration and statistics
-# extensions) and gRPC (inference.GRPCInferenceService) listeners.
+# extensions) and gRPC (inference.GRPCInferenceService) listeners; and
+# the ONNX export of the same weights in ONNX Runtime beside them.
 #
 # Installs what is missing (python3's venv module; the test's Python
 # packages, pinned in tests/triton/requirements.txt, into a venv cached
@@ -57,13 +58,15 @@ fi
   | grep -iE '^(tritonclient|grpcio|numpy|pytest)==' | tr '\n' ' '
 echo
 
-# NIN_SERVE_BIN: a nin-serve binary already built (CI can pass the one
-# `cargo test` built, so that no release build is needed); else release.
+# NIN_SERVE_BIN and NIN_TRAIN_BIN: binaries already built (CI passes the
+# ones `cargo test` built, so that no release build is needed); else release.
 serve_bin="${NIN_SERVE_BIN:-}"
-if [ -z "$serve_bin" ]; then
-  echo "== triton test: build nin-serve (release)"
-  cargo build --release -p nin-serve
-  serve_bin=target/release/nin-serve
+train_bin="${NIN_TRAIN_BIN:-}"
+if [ -z "$serve_bin" ] || [ -z "$train_bin" ]; then
+  echo "== triton test: build nin-serve and nin-train (release)"
+  cargo build --release -p nin-serve -p nin-train
+  serve_bin=${serve_bin:-target/release/nin-serve}
+  train_bin=${train_bin:-target/release/nin-train}
 fi
 
 # Four free ports: bind port 0 four times at once (so they differ), read
@@ -80,6 +83,10 @@ for s in sockets:
 api_key="$(python3 -c 'import secrets; print(secrets.token_hex(16))')"
 log="$(mktemp -t nin-serve-triton.XXXXXX.log)"
 auth_log="$(mktemp -t nin-serve-triton-auth.XXXXXX.log)"
+onnx="$(mktemp -t nin-triton.XXXXXX.onnx)"
+
+echo "== triton test: export $weights to ONNX (tests/triton/test_onnx.py runs it beside the server)"
+"$train_bin" export --weights "$weights" --onnx "$onnx"
 
 # No NIN_* variable of the caller's reaches the servers (an API key or an
 # address there would change what is tested); each gets its settings here.
@@ -109,6 +116,7 @@ stop() { # pid
 stop_servers() {
   stop "$server"
   stop "$auth_server"
+  rm -f "$onnx"
 }
 trap stop_servers EXIT
 # Interrupted or terminated: exit, which runs the EXIT trap above.
@@ -124,8 +132,9 @@ status=0
 NIN_TRITON_HTTP="127.0.0.1:$http_port" NIN_TRITON_GRPC="127.0.0.1:$grpc_port" \
 NIN_TRITON_AUTH_HTTP="127.0.0.1:$auth_http_port" NIN_TRITON_AUTH_GRPC="127.0.0.1:$auth_grpc_port" \
 NIN_TRITON_API_KEY="$api_key" NIN_TRITON_MAX_BATCH="$max_batch" NIN_TRITON_WEIGHTS="$weights" \
-PYTHONDONTWRITEBYTECODE=1 \
-  "$venv/bin/python" -m pytest -v -rs -p no:cacheprovider tests/triton/test_clients.py "$@" || status=$?
+NIN_ONNX="$onnx" PYTHONDONTWRITEBYTECODE=1 \
+  "$venv/bin/python" -m pytest -v -rs -p no:cacheprovider tests/triton/test_clients.py \
+    tests/triton/test_onnx.py "$@" || status=$?
 if [ "$status" -ne 0 ]; then
   echo "triton-test: failed; the end of nin-serve's log:" >&2
   tail -n 50 "$log" >&2

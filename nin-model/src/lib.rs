@@ -11,7 +11,8 @@
 //!   preprocessing and provenance travel with the tensors);
 //! - [`preprocess`]: the one path from a decoded image to a model input;
 //! - [`device`]: picking CPU, CUDA or Metal from a string;
-//! - [`summary`]: parameters, FLOPs and memory per layer.
+//! - [`summary`]: parameters, FLOPs and memory per layer;
+//! - [`onnx`]: the network as an ONNX model, for other engines.
 
 pub mod block;
 pub mod channels_last;
@@ -23,6 +24,7 @@ mod generic;
 pub mod init;
 pub mod kernels;
 mod model;
+pub mod onnx;
 pub mod pool;
 pub mod preprocess;
 pub mod summary;

@@ -21,7 +21,7 @@ use crate::{generic, pool};
 #[derive(Debug)]
 pub struct Nin {
     config: NinConfig,
-    layers: Vec<(String, NinLayer)>,
+    pub(crate) layers: Vec<(String, NinLayer)>,
     /// The kernel set that runs training and inference passes.
     kernels: Kernels,
     /// Buffers the CPU passes of [`crate::tape`] reuse from call to call.
@@ -31,7 +31,7 @@ pub struct Nin {
 }
 
 #[derive(Debug)]
-enum NinLayer {
+pub(crate) enum NinLayer {
     Block(NinBlock),
     MaxPool(Window),
     Dropout(Box<Dropout>),

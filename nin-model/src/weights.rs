@@ -164,7 +164,7 @@ impl WeightsMetadata {
     }
 }
 
-fn json<T: Serialize>(value: &T) -> Result<String> {
+pub(crate) fn json<T: Serialize>(value: &T) -> Result<String> {
     serde_json::to_string(value).map_err(|e| Error::Config(e.to_string()))
 }
 

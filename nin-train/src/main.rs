@@ -1,4 +1,5 @@
-//! `nin-train`: fit NiN on Fashion-MNIST and evaluate weights files.
+//! `nin-train`: fit NiN on Fashion-MNIST, evaluate weights files and export
+//! them to ONNX.
 //!
 //! A thin command line over the `nin_train` library: argument parsing,
 //! progress bars, Ctrl-C, and turning errors into messages and exit codes.
@@ -43,6 +44,23 @@ enum Command {
     /// Fetch the four Fashion-MNIST files from the data set's official
     /// location and verify their published checksums.
     Download(DownloadArgs),
+    /// Write a weights file as an ONNX model (opset 13, dynamic batch), for
+    /// ONNX Runtime, OpenVINO or Triton's ONNX Runtime backend.
+    Export(ExportArgs),
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// The weights file to export.
+    #[arg(
+        long,
+        env = "NIN_WEIGHTS",
+        default_value = "weights/nin-fashion-mnist.safetensors"
+    )]
+    weights: PathBuf,
+    /// Where to write the ONNX model (replaced atomically).
+    #[arg(long)]
+    onnx: PathBuf,
 }
 
 #[derive(Args)]
@@ -216,6 +234,7 @@ fn main() -> std::process::ExitCode {
         Command::Fit(args) => run_fit(args),
         Command::Eval(args) => run_eval(args),
         Command::Download(args) => run_download(args),
+        Command::Export(args) => run_export(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -493,6 +512,25 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
         }
         eprintln!("accuracy matches the recorded {recorded:.4}");
     }
+    Ok(())
+}
+
+fn run_export(args: ExportArgs) -> anyhow::Result<()> {
+    let (model, metadata) = weights::load(&args.weights, &candle_core::Device::Cpu)?;
+    let bytes = nin_model::onnx::export(&model, &metadata)?;
+    weights::write_atomically(&args.onnx, &bytes)
+        .with_context(|| format!("cannot write {}", args.onnx.display()))?;
+    eprintln!(
+        "wrote {} ({} bytes, opset {}): input `{}` (batch, {c}, {s}, {s}), output `{}` (batch, {})",
+        args.onnx.display(),
+        bytes.len(),
+        nin_model::onnx::OPSET,
+        nin_model::onnx::INPUT,
+        nin_model::onnx::OUTPUT,
+        metadata.config.num_classes,
+        c = metadata.config.in_channels,
+        s = metadata.config.input_size,
+    );
     Ok(())
 }
 
