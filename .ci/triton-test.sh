@@ -8,17 +8,19 @@
 # Installs what is missing (python3's venv module; the test's Python
 # packages, pinned in tests/triton/requirements.txt, into a venv cached
 # under target/ci-tools/ and keyed by that file's hash and the
-# interpreter's version), builds nin-serve in release unless NIN_SERVE_BIN
-# names a binary, serves the weights twice on free loopback ports (HTTP and
+# interpreter's version), builds nin-serve and nin-train in release unless
+# NIN_SERVE_BIN and NIN_TRAIN_BIN name binaries, exports the weights to ONNX
+# with `nin-train export`, serves them twice on free loopback ports (HTTP and
 # gRPC each): once open, once with a random --api-key (given through
 # NIN_API_KEY, so that it is not in the process list), waits until both are
-# ready, and runs tests/triton/test_clients.py (pytest) against them. Both
-# servers are stopped however the script ends; on failure the end of their
-# logs is printed.
+# ready, and runs tests/triton/test_clients.py and test_onnx.py (pytest)
+# against them. Both servers are stopped however the script ends; on
+# failure the end of their logs is printed.
 #
 #   bash .ci/triton-test.sh                      # weights/nin-fashion-mnist.safetensors
 #   NIN_WEIGHTS=runs/x/nin-fashion-mnist.safetensors bash .ci/triton-test.sh
-#   NIN_SERVE_BIN=target/debug/nin-serve bash .ci/triton-test.sh   # no release build
+#   NIN_SERVE_BIN=target/debug/nin-serve NIN_TRAIN_BIN=target/debug/nin-train \
+#     bash .ci/triton-test.sh                    # no release build
 #   bash .ci/triton-test.sh -k grpc -x          # arguments go to pytest
 #
 # NIN_READY_TIMEOUT (seconds, default 120) bounds the wait for the model to
@@ -126,7 +128,7 @@ trap 'exit 143' TERM
 bash .ci/wait-ready.sh "http://127.0.0.1:$http_port/readyz" "$server" "$log" "$ready_timeout"
 bash .ci/wait-ready.sh "http://127.0.0.1:$auth_http_port/readyz" "$auth_server" "$auth_log" "$ready_timeout"
 
-echo "== triton test: tests/triton/test_clients.py (tritonclient http + grpc)"
+echo "== triton test: tests/triton/test_clients.py (tritonclient http + grpc), test_onnx.py (ONNX Runtime)"
 status=0
 # No cache or bytecode left in tests/triton; -rs lists skipped tests and why.
 NIN_TRITON_HTTP="127.0.0.1:$http_port" NIN_TRITON_GRPC="127.0.0.1:$grpc_port" \
