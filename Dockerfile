@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # nin's two images: nin-serve (the entrypoint) and nin-train with the shipped
 # weights, on Debian 12.
 #
@@ -9,10 +7,13 @@
 #   docker run --gpus all -p 8080:8080 nin:cuda
 #   docker run -p 8080:8080 nin:cpu
 #
-# Without BuildKit (Debian's docker.io has no buildx: `DOCKER_BUILDKIT=0`),
-# the legacy builder builds every stage above the target, so the default
-# target builds the CPU image on the way; `--target cpu` builds nothing of
-# CUDA.
+# BuildKit (the default builder since Docker 23) builds only the stages a
+# target needs, and independent stages at the same time. Without it
+# (`DOCKER_BUILDKIT=0`), the legacy builder builds every stage above the
+# target, so the default target builds the CPU image on the way; `--target
+# cpu` builds nothing of CUDA either way. There is no `# syntax=` line: the
+# builder's own Dockerfile frontend is used, so nothing is pulled from a
+# registry to parse this file.
 #
 # The CUDA image is Debian plus NVIDIA's CUDA libraries from their PyPI
 # wheels (cuda-toolkit), not an nvidia/cuda base image: one Debian base for

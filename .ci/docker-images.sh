@@ -11,9 +11,14 @@
 # 1. .ci/base-images.sh makes the base images the Dockerfile names
 #    (debian:bookworm-slim, rust:<V>-slim-bookworm) from Debian's mirror and
 #    this machine's Rust toolchain; NIN_FRESH_IMAGES=1 (CI) makes them anew.
-# 2. `docker build` of the targets `cpu` and `cuda`, with the legacy builder
-#    (DOCKER_BUILDKIT=0: the engine here has no buildx). The CUDA stages reuse
-#    the chef and planner layers of the CPU build.
+# 2. `docker build` of the targets `cpu` and `cuda` with BuildKit, where a
+#    docker CLI can drive it: the buildx plugin, or a CLI older than 23 with
+#    BuildKit built in (Debian 12's /usr/bin/docker, which our CI machines
+#    have beside a newer CLI without buildx). The shared stages (chef,
+#    planner, deps) are built first, then both targets at once, so the CUDA
+#    chain overlaps the CPU workspace build and each target builds only the
+#    stages it needs. Failing that, the legacy builder (DOCKER_BUILDKIT=0),
+#    one target after the other.
 # 3. A libcuda.so.1 stub (every call fails: a machine without a GPU), made
 #    by .ci/cuda-stubs/gen_stubs.py from cudarc's declarations, which the
 #    checks mount into the CUDA image in place of the driver; and a fake GPU
@@ -35,8 +40,10 @@ esac
 if [ "$only" != check ]; then
   if [ "${NIN_FRESH_IMAGES:-0}" = 1 ]; then
     docker image rm -f nin:cpu nin:cuda >/dev/null 2>&1 || true
-    # The builder stages of earlier builds, now untagged (several GB for CUDA).
+    # The builder stages of earlier builds: untagged images (legacy builder)
+    # and BuildKit's cache (several GB for CUDA).
     docker image prune -f > /dev/null
+    docker builder prune -af > /dev/null 2>&1 || true
   fi
   rust_version=$(bash .ci/base-images.sh)
 fi
@@ -44,25 +51,70 @@ fi
 # Prefixes each line with the time of day, so the log shows each step's cost.
 stamp() { while IFS= read -r line; do printf '%(%T)T %s\n' -1 "$line"; done; }
 
-build() { # build TARGET TAG
-  local t0
+# BuildKit if some docker CLI here drives it, else the legacy builder.
+builder=legacy
+docker_cli=docker
+if docker buildx version > /dev/null 2>&1; then
+  builder=buildx
+else
+  for cli in $(type -ap docker); do
+    major=$("$cli" version --format '{{.Client.Version}}' 2> /dev/null | cut -d. -f1)
+    if [ -n "$major" ] && [ "$major" -lt 23 ] 2> /dev/null; then
+      builder=buildkit docker_cli=$cli
+      break
+    fi
+  done
+fi
+
+build() { # build TARGET [TAG]
+  local t0 log=target/ci-tools/docker-$1.log
+  local args=(--target "$1" --build-arg "RUST_VERSION=$rust_version")
+  [ -n "${2:-}" ] && args+=(-t "$2")
   t0=$(date +%s)
-  echo "-- docker build --target $1 -t $2 (log: target/ci-tools/docker-$1.log)"
+  echo "-- docker build ${args[*]} ($builder; log: $log)"
   mkdir -p target/ci-tools
-  if ! DOCKER_BUILDKIT=0 docker build --target "$1" --build-arg "RUST_VERSION=$rust_version" \
-      -t "$2" . 2>&1 | stamp > "target/ci-tools/docker-$1.log"; then
-    tail -n 60 "target/ci-tools/docker-$1.log" >&2
+  local status=0
+  case "$builder" in
+    buildx) docker buildx build --load --progress=plain "${args[@]}" . 2>&1 | stamp > "$log" || status=$? ;;
+    buildkit) DOCKER_BUILDKIT=1 "$docker_cli" build --progress=plain "${args[@]}" . 2>&1 | stamp > "$log" || status=$? ;;
+    legacy) DOCKER_BUILDKIT=0 docker build "${args[@]}" . 2>&1 | stamp > "$log" || status=$? ;;
+  esac
+  if [ "$status" != 0 ]; then
+    tail -n 60 "$log" >&2
     echo "docker build --target $1 failed" >&2
-    exit 1
+    return 1
   fi
-  echo "$2 built in $(($(date +%s) - t0)) s, $(docker image inspect -f '{{.Size}}' "$2" | awk '{ printf "%.0f MB", $1 / 1e6 }')"
+  if [ -n "${2:-}" ]; then
+    echo "$2 built in $(($(date +%s) - t0)) s, $(docker image inspect -f '{{.Size}}' "$2" | awk '{ printf "%.0f MB", $1 / 1e6 }')"
+  else
+    echo "stage $1 built in $(($(date +%s) - t0)) s"
+  fi
 }
 
 if [ "$only" != check ]; then
-  build cpu nin:cpu
-  [ "$only" = cpu ] && exit 0
-  build cuda nin:cuda
-  [ "$only" = cuda ] || [ "$only" = build ] && exit 0
+  if [ "$only" = cpu ] || [ "$only" = cuda ]; then
+    build "$only" "nin:$only"
+    exit 0
+  fi
+  if [ "$builder" = legacy ]; then
+    build cpu nin:cpu
+    build cuda nin:cuda
+  else
+    # BuildKit exports even an intermediate target as an image: tagged so
+    # that it is replaced, not piled up, and removed once both are built
+    # (the layers stay in BuildKit's cache).
+    build deps nin-build:deps
+    build cpu nin:cpu &
+    cpu_build=$!
+    build cuda nin:cuda &
+    cuda_build=$!
+    failed=0
+    wait "$cpu_build" || failed=1
+    wait "$cuda_build" || failed=1
+    docker image rm nin-build:deps > /dev/null
+    [ "$failed" = 0 ] || exit 1
+  fi
+  [ "$only" = build ] && exit 0
 fi
 for image in nin:cpu nin:cuda; do
   docker image inspect "$image" > /dev/null 2>&1 \
