@@ -1,38 +1,36 @@
 //! Pooling that can be trained: overlapping max-pool and global average pool.
 //!
+//! These are the candle-op versions, for callers who train with candle's
+//! autograd themselves (`forward_t(x, true)`) and for the generic kernel
+//! set's views. nin's own passes run the kernel sets' pools instead: the
+//! native one in [`crate::channels_last`], the generic one in
+//! [`crate::generic`] (built on [`window_views`] below).
+//!
 //! Every max-pool in NiN overlaps (a 3x3 window moved by 2), and candle 0.11
 //! refuses to backpropagate through `max_pool2d` when the kernel differs from
 //! the stride (upstream issue 1593). [`max_pool2d`] gives the same forward
-//! result and a gradient on every device:
-//!
-//! - on CPU (f32) a custom op with a multithreaded kernel; its backward sends
-//!   each output gradient to the input position that won the window (the
-//!   first maximum in row-major order, as PyTorch does);
-//! - elsewhere (CUDA, Metal, other dtypes) a composition of candle ops that
-//!   all have gradients: out = max over (dy, dx) of the input shifted by
-//!   (dy, dx) and sampled every `stride` pixels. For inference, where no
-//!   gradient is needed, candle's native pool is used instead.
+//! result and a gradient on every device, from a composition of candle ops
+//! that all have gradients: out = max over (dy, dx) of the input shifted by
+//! (dy, dx) and sampled every `stride` pixels. Where no gradient is needed,
+//! candle's native pool runs instead.
 //!
 //! For an input of shape (N, C, H, W) and a [`Window`] (k, s, p) the output
 //! is (N, C, floor((H + 2p - k) / s) + 1, floor((W + 2p - k) / s) + 1);
 //! padding counts as minus infinity.
 
-use candle_core::{
-    backend::BackendStorage, bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape,
-    Tensor,
-};
-use rayon::prelude::*;
+use candle_core::{bail, Result, Tensor};
 
 use crate::config::Window;
 
-/// Max-pool over a (possibly overlapping, possibly padded) window, with a gradient.
+/// Max-pool over a (possibly overlapping, possibly padded) window, with a
+/// gradient. Where several inputs tie for the maximum, candle's `maximum`
+/// splits the gradient between them (PyTorch gives it all to the first);
+/// after a ReLU, ties are zeros, whose gradient the ReLU drops either way.
 pub fn max_pool2d(x: &Tensor, window: Window) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
-        x.contiguous()?.apply_op1(MaxPoolCpu { window })
-    } else if !x.track_op() && window.padding == 0 {
+    if !x.track_op() && window.padding == 0 {
         x.max_pool2d_with_stride(window.kernel, window.stride)
     } else {
-        max_pool2d_portable(x, window)
+        max_pool2d_views(x, window)
     }
 }
 
@@ -42,12 +40,9 @@ pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
     x.flatten_from(2)?.mean(2)
 }
 
-/// The device-independent max-pool: only candle ops that have gradients.
-///
-/// Public so that tests (and the curious) can compare it with the CPU kernel.
-/// Where several inputs tie for the maximum, candle's `maximum` splits the
-/// gradient between them instead of giving it all to the first.
-pub fn max_pool2d_portable(x: &Tensor, window: Window) -> Result<Tensor> {
+/// The elementwise maximum of the window's views: only candle ops that
+/// have gradients.
+fn max_pool2d_views(x: &Tensor, window: Window) -> Result<Tensor> {
     let mut out: Option<Tensor> = None;
     for view in window_views(x, window)? {
         out = Some(match out {
@@ -122,149 +117,6 @@ fn pad_or_crop(x: &Tensor, dim: usize, before: usize, len: usize) -> Result<Tens
     }
 }
 
-/// The CPU forward op; its backward is [`MaxPoolCpuBackward`].
-struct MaxPoolCpu {
-    window: Window,
-}
-
-/// Geometry of one pooling call, shared by forward and backward kernels.
-#[derive(Clone, Copy)]
-struct Plan {
-    window: Window,
-    h: usize,
-    w: usize,
-    oh: usize,
-    ow: usize,
-}
-
-impl Plan {
-    fn new(window: Window, h: usize, w: usize) -> Result<Self> {
-        let (oh, ow) = output_dims(window, h, w)?;
-        Ok(Self {
-            window,
-            h,
-            w,
-            oh,
-            ow,
-        })
-    }
-
-    /// Index in the input plane of the first maximum of output cell (oy, ox).
-    /// A NaN wins its window, so NaNs propagate as in PyTorch.
-    #[inline]
-    fn argmax(&self, plane: &[f32], oy: usize, ox: usize) -> usize {
-        // Rows and columns of the window that fall inside the image.
-        let (rows, cols) = (self.window.span(oy, self.h), self.window.span(ox, self.w));
-        let (y0, y1, x0, x1) = (rows.start, rows.end, cols.start, cols.end);
-        let mut best = f32::NEG_INFINITY;
-        let mut best_at = y0 * self.w + x0;
-        for y in y0..y1 {
-            let row = &plane[y * self.w..(y + 1) * self.w];
-            for (x, &v) in row.iter().enumerate().take(x1).skip(x0) {
-                if v.is_nan() {
-                    return y * self.w + x;
-                }
-                if v > best {
-                    best = v;
-                    best_at = y * self.w + x;
-                }
-            }
-        }
-        best_at
-    }
-}
-
-/// The f32 values of a contiguous CPU storage, or an error naming `op`.
-pub(crate) fn contiguous_f32<'a>(
-    storage: &'a CpuStorage,
-    layout: &Layout,
-    op: &str,
-) -> Result<&'a [f32]> {
-    let CpuStorage::F32(data) = storage else {
-        bail!("{op}: only f32 is supported, got {:?}", storage.dtype())
-    };
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => bail!("{op}: input must be contiguous"),
-    }
-}
-
-impl CustomOp1 for MaxPoolCpu {
-    fn name(&self) -> &'static str {
-        "nin-max-pool2d"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, c, h, w) = layout.shape().dims4()?;
-        let src = contiguous_f32(storage, layout, self.name())?;
-        let plan = Plan::new(self.window, h, w)?;
-        let mut out = vec![0f32; n * c * plan.oh * plan.ow];
-        out.par_chunks_mut(plan.oh * plan.ow)
-            .zip(src.par_chunks(h * w))
-            .for_each(|(out, plane)| {
-                for oy in 0..plan.oh {
-                    for ox in 0..plan.ow {
-                        out[oy * plan.ow + ox] = plane[plan.argmax(plane, oy, ox)];
-                    }
-                }
-            });
-        Ok((CpuStorage::F32(out), Shape::from((n, c, plan.oh, plan.ow))))
-    }
-
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let backward = MaxPoolCpuBackward {
-            window: self.window,
-        };
-        Ok(Some(
-            arg.apply_op2_no_bwd(&grad_res.contiguous()?, &backward)?,
-        ))
-    }
-}
-
-/// (input, output gradient) -> input gradient for [`MaxPoolCpu`].
-struct MaxPoolCpuBackward {
-    window: Window,
-}
-
-impl CustomOp2 for MaxPoolCpuBackward {
-    fn name(&self) -> &'static str {
-        "nin-max-pool2d-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (n, c, h, w) = l1.shape().dims4()?;
-        let src = contiguous_f32(s1, l1, self.name())?;
-        let grad = contiguous_f32(s2, l2, self.name())?;
-        let plan = Plan::new(self.window, h, w)?;
-        if l2.shape().dims() != [n, c, plan.oh, plan.ow] {
-            bail!(
-                "{}: gradient shape {:?} does not match the pool output",
-                self.name(),
-                l2.shape()
-            )
-        }
-        let mut grad_in = vec![0f32; n * c * h * w];
-        grad_in
-            .par_chunks_mut(h * w)
-            .zip(src.par_chunks(h * w))
-            .zip(grad.par_chunks(plan.oh * plan.ow))
-            .for_each(|((grad_in, plane), grad)| {
-                for oy in 0..plan.oh {
-                    for ox in 0..plan.ow {
-                        grad_in[plan.argmax(plane, oy, ox)] += grad[oy * plan.ow + ox];
-                    }
-                }
-            });
-        Ok((CpuStorage::F32(grad_in), l1.shape().clone()))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -294,32 +146,50 @@ mod tests {
         assert!(diff <= tol, "max difference {diff} > {tol}");
     }
 
+    /// Max-pool by its definition: every output the maximum of the window
+    /// cells inside the image.
+    fn reference_pool(x: &Tensor, window: Window) -> Tensor {
+        let (n, c, h, w) = x.dims4().unwrap();
+        let (oh, ow) = output_dims(window, h, w).unwrap();
+        let values = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut out = Vec::with_capacity(n * c * oh * ow);
+        for plane in values.chunks(h * w) {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut best = f32::NEG_INFINITY;
+                    for y in window.span(oy, h) {
+                        for x in window.span(ox, w) {
+                            best = best.max(plane[y * w + x]);
+                        }
+                    }
+                    out.push(best);
+                }
+            }
+        }
+        Tensor::from_vec(out, (n, c, oh, ow), &Device::Cpu).unwrap()
+    }
+
     #[test]
-    fn forward_matches_candle_pool() {
+    fn forward_matches_the_definition_on_both_paths() {
         for (window, shape) in [
             (Window::new(3, 2, 0), (2, 3, 13, 11)),
             (Window::new(2, 1, 0), (1, 4, 26, 26)),
             (Window::new(3, 2, 0), (1, 2, 6, 6)),
             (Window::new(2, 2, 0), (2, 2, 8, 9)),
+            (Window::new(3, 2, 1), (2, 3, 9, 10)),
         ] {
             let x = input(shape, 7);
-            let ours = max_pool2d(&x, window).unwrap();
-            let portable = max_pool2d_portable(&x, window).unwrap();
-            let theirs = x
-                .max_pool2d_with_stride(window.kernel, window.stride)
-                .unwrap();
-            assert_close(&ours, &theirs, 0.0);
-            assert_close(&portable, &theirs, 0.0);
+            let expected = reference_pool(&x, window);
+            // Untracked: candle's own pool (unpadded) or the views (padded).
+            assert_close(&max_pool2d(&x, window).unwrap(), &expected, 0.0);
+            // Tracked: always the views.
+            let var = Var::from_tensor(&x).unwrap();
+            assert_close(
+                &max_pool2d(var.as_tensor(), window).unwrap(),
+                &expected,
+                0.0,
+            );
         }
-    }
-
-    #[test]
-    fn padded_forward_agrees_between_paths() {
-        let x = input((2, 3, 9, 10), 3);
-        let window = Window::new(3, 2, 1);
-        let ours = max_pool2d(&x, window).unwrap();
-        assert_eq!(ours.dims(), &[2, 3, 5, 5]);
-        assert_close(&ours, &max_pool2d_portable(&x, window).unwrap(), 0.0);
     }
 
     /// d(sum(pool(x) * r))/dx by central differences against backprop.
@@ -380,28 +250,10 @@ mod tests {
     }
 
     #[test]
-    fn cpu_gradient_matches_finite_differences() {
+    fn gradient_matches_finite_differences() {
         check_gradient(max_pool2d, Window::new(3, 2, 0));
         check_gradient(max_pool2d, Window::new(2, 1, 0));
         check_gradient(max_pool2d, Window::new(3, 2, 1));
-    }
-
-    #[test]
-    fn portable_gradient_matches_finite_differences() {
-        check_gradient(max_pool2d_portable, Window::new(3, 2, 0));
-        check_gradient(max_pool2d_portable, Window::new(2, 1, 0));
-        check_gradient(max_pool2d_portable, Window::new(3, 2, 1));
-    }
-
-    #[test]
-    fn nan_propagates_like_pytorch() {
-        let mut values = vec![0f32; 16];
-        values[5] = f32::NAN;
-        let x = Tensor::from_vec(values, (1, 1, 4, 4), &Device::Cpu).unwrap();
-        let out = max_pool2d(&x, Window::new(2, 2, 0)).unwrap();
-        let out = out.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert!(out[0].is_nan());
-        assert_eq!(&out[1..], &[0.0, 0.0, 0.0]);
     }
 
     #[test]
