@@ -336,16 +336,12 @@ pub fn remove_stale_temporaries(dir: &Path) -> std::io::Result<usize> {
 
 /// Replaces `path` with `bytes` so that readers (and a crash) see either
 /// the old content or the new, never a mix: write a temporary file in the
-/// same directory, fsync it, rename it over `path`, fsync the directory.
+/// same directory, fsync it, then [`rename_durably`] it over `path`.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
     let mut file = tempfile::Builder::new()
         .prefix(TEMPORARY.0)
         .suffix(TEMPORARY.1)
-        .tempfile_in(dir)?;
+        .tempfile_in(parent_dir(path))?;
     file.write_all(bytes)?;
     // tempfile creates 0600; a weights file is meant to be shared like any other.
     #[cfg(unix)]
@@ -355,9 +351,75 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
             .set_permissions(std::fs::Permissions::from_mode(0o644))?;
     }
     file.as_file().sync_all()?;
-    file.persist(path).map_err(|e| e.error)?;
-    // The rename is durable only once the directory entry is on disk.
-    #[cfg(unix)]
-    std::fs::File::open(dir)?.sync_all()?;
+    // Removed when dropped, so a failed rename leaves nothing behind.
+    let temporary = file.into_temp_path();
+    rename_durably(&temporary, path)?;
+    // Renamed: nothing is left to remove.
+    let _ = temporary.keep();
     Ok(())
+}
+
+/// The last step of every atomic file write here (weights, checkpoints,
+/// exports, and nin-train's downloads, which stream into a `.part` file):
+/// renames the finished, already synced `from` over `to` in the same
+/// directory, then fsyncs the directory, because the rename is durable only
+/// once the directory entry is on disk. That last sync is best effort: some
+/// file systems refuse to sync a directory, and the file itself is on disk.
+pub fn rename_durably(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::rename(from, to)?;
+    #[cfg(unix)]
+    {
+        let dir = parent_dir(to);
+        if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+            tracing::debug!(dir = %dir.display(), "cannot sync directory: {e}");
+        }
+    }
+    Ok(())
+}
+
+/// The directory that holds `path` (`.` for a bare file name).
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_atomically_replaces_the_file_and_leaves_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.safetensors");
+        std::fs::write(&path, b"old").unwrap();
+        write_atomically(&path, b"new content").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"new content");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["w.safetensors"]);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o644);
+        }
+        assert_eq!(remove_stale_temporaries(dir.path()).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_failed_rename_keeps_the_old_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (part, dest) = (dir.path().join("f.part"), dir.path().join("f"));
+        std::fs::write(&dest, b"old").unwrap();
+        assert!(rename_durably(&part, &dest).is_err());
+        assert_eq!(std::fs::read(&dest).unwrap(), b"old");
+        std::fs::write(&part, b"new").unwrap();
+        rename_durably(&part, &dest).unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), b"new");
+        assert!(!part.exists());
+    }
 }

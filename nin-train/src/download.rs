@@ -453,11 +453,12 @@ fn fetch_file(
     loop {
         let actual = fetch_with_retries(agent, options, file, &url, &part, progress)?;
         if actual.eq_ignore_ascii_case(&file.md5) {
-            fs::rename(&part, &dest).map_err(|source| DownloadError::Io {
-                path: dest.clone(),
-                source,
+            nin_model::weights::rename_durably(&part, &dest).map_err(|source| {
+                DownloadError::Io {
+                    path: dest.clone(),
+                    source,
+                }
             })?;
-            sync_dir(&options.dir);
             tracing::info!(path = %dest.display(), "downloaded and verified");
             progress(Progress::Finished { file, path: &dest });
             return Ok(dest);
@@ -824,17 +825,6 @@ fn remove_if_exists(path: &Path) -> Result<(), DownloadError> {
         }),
         _ => Ok(()),
     }
-}
-
-/// Makes a rename in `dir` durable. Best effort: some file systems refuse
-/// to sync a directory, and the file itself is already synced.
-fn sync_dir(dir: &Path) {
-    #[cfg(unix)]
-    if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
-        tracing::debug!(dir = %dir.display(), "cannot sync directory: {e}");
-    }
-    #[cfg(not(unix))]
-    let _ = dir;
 }
 
 #[cfg(test)]
