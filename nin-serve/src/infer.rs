@@ -318,9 +318,27 @@ struct Job {
     enqueued: Instant,
     /// Held until the job is answered or dropped: the request's place in
     /// the bounded queue.
-    _permit: OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
     /// The request's span, so the thread's logs carry its request id.
     span: tracing::Span,
+}
+
+impl Job {
+    /// Gives the job's place in the queue back, then sends its answer: a
+    /// client that has its answer finds the place free already (sent
+    /// first, the place would come back a moment after the answer, and
+    /// whoever counts places right after an answer would see it taken).
+    fn answer(self, result: Result<Output, Error>) {
+        let Job {
+            reply,
+            permit,
+            span,
+            ..
+        } = self;
+        drop(permit);
+        let _guard = span.enter();
+        let _ = reply.send(result);
+    }
 }
 
 /// A place in the queue for one image; see [`Inference::try_admit_many`].
@@ -551,7 +569,7 @@ impl Inference {
             explain,
             reply,
             enqueued: Instant::now(),
-            _permit: admission.permit,
+            permit: admission.permit,
             span: tracing::Span::current(),
         };
         match self.sender.try_send(job) {
@@ -712,7 +730,7 @@ impl Worker {
                 {
                     let queue_time = job.enqueued.elapsed().saturating_sub(inference_time);
                     self.stats.queue_time.observe(queue_time.as_secs_f64());
-                    let _ = job.reply.send(Ok(Output {
+                    job.answer(Ok(Output {
                         logits,
                         probabilities,
                         queue_time,
@@ -725,8 +743,7 @@ impl Worker {
             Err(error) => {
                 tracing::error!(%error, batch = size, "forward pass failed");
                 for job in batch {
-                    let _guard = job.span.enter();
-                    let _ = job.reply.send(Err(Error::Internal(format!(
+                    job.answer(Err(Error::Internal(format!(
                         "forward pass failed: {error}"
                     ))));
                 }
