@@ -1,96 +1,100 @@
 #!/usr/bin/env bash
-# nin against PyTorch on this CPU: same network, batch, threads, workload.
+# nin against the engines its users would otherwise pick, on this CPU: the
+# same network and weights, batch, threads and workload.
 #
 #   bench/compare.sh [rounds] [seconds-per-measurement]
 #
-# Installs PyTorch (PyPI's wheel, about 5 GB with the CUDA libraries it
-# brings; it runs on CPU) into bench/.venv on first use, builds the
-# Rust `throughput` example, then runs every workload in both, interleaved
-# round by round (so a noisy neighbour hurts both sides alike), and prints
-# the median images/s, the ratio nin/PyTorch and nin's GFLOP/s as a
-# fraction of the machine's measured peak (the best of PyTorch's large
-# square SGEMM with the same threads, unless PEAK_GFLOPS is set).
-# Workloads: the two presets, and `shipped`, the batch-norm network of
-# weights/ (its config). Not part of CI's tests.
+# Peers (bench/peers.py says how each is configured): PyTorch eager in NCHW
+# and in channels_last, ONNX Runtime and OpenVINO (f32), the last two on
+# the ONNX file that nin's `throughput --onnx` exports of the very network
+# it measures; PyTorch builds its twin from the same config and takes the
+# same weights from that file. Installs them from PyPI into bench/.venv on
+# first use (about 5 GB: PyPI's torch brings CUDA libraries; it runs on the
+# CPU), builds the Rust `throughput` example, then runs every workload on
+# every engine, interleaved round by round (so a noisy neighbour hurts all
+# alike), and prints the median images/s of each, and nin's ratio against
+# the fastest peer. Workloads: the `compact` preset, and `shipped`, the
+# trained network of weights/ (forward: the weights file itself; train: its
+# config). Not part of CI's tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
-seconds=${2:-8}
+seconds=${2:-4}
 threads=${THREADS:-2}
 
 venv=bench/.venv
-if [ ! -x "$venv/bin/python" ]; then
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import torch, onnx, onnxruntime, openvino' 2> /dev/null; then
   python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet torch numpy
+  "$venv/bin/pip" install --quiet -r bench/requirements.txt
 fi
 cargo build --release --quiet -p nin-model --example throughput --bin nin-summary
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-for arch in compact d2l; do
-  ./target/release/nin-summary --arch "$arch" --json \
-    | "$venv/bin/python" -c 'import json,sys; print(json.dumps(json.load(sys.stdin)["config"]))' \
-    > "$work/$arch.json"
-done
+./target/release/nin-summary --arch compact --json \
+  | "$venv/bin/python" -c 'import json,sys; print(json.dumps(json.load(sys.stdin)["config"]))' \
+  > "$work/compact.json"
 cp weights/nin-fashion-mnist.config.json "$work/shipped.json"
+shipped_weights=weights/nin-fashion-mnist.safetensors
 
-if [ -z "${PEAK_GFLOPS:-}" ]; then
-  PEAK_GFLOPS=$("$venv/bin/python" - "$threads" <<'PY'
-import sys, time, torch
-torch.set_num_threads(int(sys.argv[1]))
-n = 3072
-a, b = torch.randn(n, n), torch.randn(n, n)
-torch.mm(a, b)
-best = 0.0
-for _ in range(5):
-    start = time.perf_counter()
-    torch.mm(a, b)
-    best = max(best, 2 * n**3 / (time.perf_counter() - start) / 1e9)
-print(f"{best:.0f}")
-PY
-)
-  echo "peak: $PEAK_GFLOPS GFLOP/s (PyTorch SGEMM ${threads} threads, 3072x3072)" >&2
-fi
+# The network each workload runs, as nin names it.
+network() { # network ARCH MODE
+  if [ "$1" = shipped ] && [ "$2" = forward ]; then echo "$shipped_weights"; else echo "$work/$1.json"; fi
+}
 
 workloads=(
-  "compact train 128"
   "compact forward 64"
   "compact forward 1"
-  "d2l train 16"
-  "d2l forward 16"
-  "d2l forward 1"
-  "shipped train 128"
   "shipped forward 64"
+  "shipped forward 1"
+  "compact train 128"
+  "shipped train 128"
 )
 export RAYON_NUM_THREADS=$threads
+# Before the rounds: each forward network exported once, as nin holds it.
+for arch in compact shipped; do
+  ./target/release/examples/throughput --onnx "$work/$arch.onnx" \
+    "$(network "$arch" forward)" forward 1 0.1 > /dev/null
+done
 for round in $(seq "$rounds"); do
   for w in "${workloads[@]}"; do
     set -- $w
-    ./target/release/examples/throughput "$work/$1.json" "$2" "$3" "$seconds" >> "$work/results.jsonl"
-    "$venv/bin/python" bench/nin_torch.py --config "$work/$1.json" --arch "$1" \
-      --mode "$2" --batch "$3" --seconds "$seconds" --threads "$threads" \
-      2>/dev/null >> "$work/results.jsonl"
+    arch=$1 mode=$2 batch=$3
+    ./target/release/examples/throughput "$(network "$arch" "$mode")" "$mode" "$batch" "$seconds" \
+      | "$venv/bin/python" -c 'import json,sys; r=json.load(sys.stdin); r["arch"]=sys.argv[1]; print(json.dumps(r))' "$arch" \
+      >> "$work/results.jsonl"
+    engines="torch torch-cl"
+    [ "$mode" = forward ] && engines="$engines ort openvino"
+    for engine in $engines; do
+      "$venv/bin/python" bench/peers.py --engine "$engine" --config "$work/$arch.json" \
+        --onnx "$work/$arch.onnx" --arch "$arch" --mode "$mode" --batch "$batch" \
+        --seconds "$seconds" --threads "$threads" 2> "$work/peer.log" >> "$work/results.jsonl" \
+        || { cat "$work/peer.log" >&2; exit 1; }
+    done
   done
   echo "round $round/$rounds done" >&2
 done
 
-"$venv/bin/python" - "$work/results.jsonl" "$PEAK_GFLOPS" <<'PY'
-import json, os, statistics, sys
+"$venv/bin/python" - "$work/results.jsonl" <<'PY'
+import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
-for r in rows:  # nin names the config file it ran
-    r["arch"] = os.path.basename(r["arch"]).removesuffix(".json")
-peak = float(sys.argv[2])
-key = lambda r: (r["arch"], r["mode"], r["batch"])
-seen = []
+engines = ["nin", "torch", "torch-cl", "ort", "openvino"]
+titles = {"nin": "nin", "torch": "PyTorch NCHW", "torch-cl": "PyTorch ch-last",
+          "ort": "ONNX Runtime", "openvino": "OpenVINO f32"}
+workloads = []
 for r in rows:
-    if key(r) not in seen:
-        seen.append(key(r))
-print(f"{'workload':<22}{'nin img/s':>11}{'torch img/s':>13}{'ratio':>8}{'nin GFLOP/s':>13}{'of peak':>9}")
-for k in seen:
-    nin = [r for r in rows if key(r) == k and r["impl"] == "nin"]
-    torch = [r for r in rows if key(r) == k and r["impl"] == "torch"]
-    a = statistics.median(r["images_per_s"] for r in nin)
-    b = statistics.median(r["images_per_s"] for r in torch)
-    g = statistics.median(r["gflops"] for r in nin)
-    name = f"{k[0]} {k[1]} b{k[2]}"
-    print(f"{name:<22}{a:>11.1f}{b:>13.1f}{a / b:>7.2f}x{g:>13.1f}{g / peak:>8.0%}")
+    k = (r["arch"], r["mode"], r["batch"])
+    if k not in workloads:
+        workloads.append(k)
+print("images/s, medians; ratio = nin / the fastest peer\n")
+print("| workload | " + " | ".join(titles[e] for e in engines) + " | ratio |")
+print("|---|" + "---:|" * (len(engines) + 1))
+for k in workloads:
+    medians = {}
+    for e in engines:
+        runs = [r["images_per_s"] for r in rows if (r["arch"], r["mode"], r["batch"]) == k and r["impl"] == e]
+        if runs:
+            medians[e] = statistics.median(runs)
+    best = max(v for e, v in medians.items() if e != "nin")
+    cells = [f"{medians[e]:,.0f}" if e in medians else "-" for e in engines]
+    print(f"| {k[0]} {k[1]} b{k[2]} | " + " | ".join(cells) + f" | {medians['nin'] / best:.2f}x |")
 PY

@@ -1,7 +1,7 @@
 //! Images per second of one workload, printed as one JSON line.
 //!
-//! The Rust half of `bench/compare.sh`, which runs `bench/nin_torch.py`
-//! with the same arguments beside it. Workloads: `forward` (inference on
+//! nin's half of `bench/compare.sh`, which runs the peers
+//! (`bench/peers.py`) on the same workloads beside it. Workloads: `forward` (inference on
 //! fixed tensors, as a server runs loaded weights) and `train` (forward,
 //! cross-entropy, backward, plain SGD update on variables).
 //! The network is a preset, a `NinConfig` JSON file, or a weights file
@@ -10,6 +10,9 @@
 //!
 //! Options `--kernels native|generic` (or `NIN_KERNELS`) and `--device D`
 //! (or `NIN_DEVICE`, default cpu) choose where and with which kernel set.
+//! `--onnx FILE` also writes the measured network (`forward` only) as ONNX,
+//! so that `bench/compare.sh` runs ONNX Runtime and OpenVINO on the very
+//! weights nin ran.
 //!
 //! cargo run --release -p nin-model --example throughput -- compact train 128 10
 //! cargo run --release -p nin-model --example throughput -- weights/nin-fashion-mnist.safetensors forward 32 10
@@ -22,7 +25,8 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Tensor};
 use candle_nn::{ModuleT, Optimizer};
 use nin_model::device::select_device;
-use nin_model::{summary, weights, Compute, Kernels, Nin, NinConfig};
+use nin_model::weights::{Provenance, WeightsMetadata};
+use nin_model::{onnx, summary, weights, Compute, Kernels, Nin, NinConfig};
 
 /// jemalloc, started with the workspace's options (thp:always, transparent
 /// huge pages; set once for every binary in `.cargo/config.toml`).
@@ -32,18 +36,20 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 fn main() -> anyhow::Result<()> {
     let mut kernels = std::env::var("NIN_KERNELS").ok();
     let mut device = std::env::var("NIN_DEVICE").unwrap_or_else(|_| "cpu".into());
+    let mut onnx_out = None;
     let mut args = Vec::new();
     let mut rest = std::env::args().skip(1);
     while let Some(arg) = rest.next() {
         match arg.as_str() {
             "--kernels" => kernels = Some(rest.next().context("--kernels needs a value")?),
             "--device" => device = rest.next().context("--device needs a value")?,
+            "--onnx" => onnx_out = Some(rest.next().context("--onnx needs a file")?),
             _ => args.push(arg),
         }
     }
     let [arch, mode, batch, seconds] = args.as_slice() else {
         bail!(
-            "usage: throughput [--kernels native|generic] [--device D] <d2l|compact|config.json|weights.safetensors> <forward|train> <batch> <seconds>"
+            "usage: throughput [--kernels native|generic] [--device D] [--onnx FILE] <d2l|compact|config.json|weights.safetensors> <forward|train> <batch> <seconds>"
         )
     };
     let batch: usize = batch.parse().context("batch")?;
@@ -53,6 +59,9 @@ fn main() -> anyhow::Result<()> {
         .transpose()?;
     let compute = Compute::new(select_device(&device)?, kernels)?;
     let device = compute.device.clone();
+    if onnx_out.is_some() && mode != "forward" {
+        bail!("--onnx exports the network `forward` measures");
+    }
     let (config, trained) = if arch.ends_with(".safetensors") {
         if mode != "forward" {
             bail!(
@@ -60,7 +69,7 @@ fn main() -> anyhow::Result<()> {
             );
         }
         let (model, metadata) = weights::load(Path::new(arch), &device)?;
-        (metadata.config, Some(model))
+        (metadata.config.clone(), Some((model, metadata)))
     } else if arch.ends_with(".json") {
         (serde_json::from_str(&std::fs::read_to_string(arch)?)?, None)
     } else {
@@ -69,12 +78,19 @@ fn main() -> anyhow::Result<()> {
     let (fresh, varmap) = Nin::init(&config, 0, &device)?;
     // `train` updates `varmap`, so it must run the fresh network built on it;
     // `forward` runs on fixed tensors, as a server does with loaded weights.
-    let mut model = match (trained, mode.as_str()) {
-        (Some(trained), _) => trained,
-        (None, "forward") => Nin::snapshot(&config, &varmap)?,
-        (None, _) => fresh,
+    let (mut model, metadata) = match (trained, mode.as_str()) {
+        (Some((trained, metadata)), _) => (trained, Some(metadata)),
+        (None, "forward") => (Nin::snapshot(&config, &varmap)?, None),
+        (None, _) => (fresh, None),
     };
     model.set_kernels(compute.kernels)?;
+    if let Some(path) = &onnx_out {
+        let metadata = metadata.unwrap_or_else(|| {
+            WeightsMetadata::fashion_mnist(config.clone(), Provenance::default())
+        });
+        weights::write_atomically(Path::new(path), &onnx::export(&model, &metadata)?)
+            .with_context(|| format!("writing {path}"))?;
+    }
     let s = config.input_size;
     let x = Tensor::rand(0f32, 1f32, (batch, config.in_channels, s, s), &device)?;
     let labels = Tensor::from_vec(
