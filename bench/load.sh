@@ -13,6 +13,8 @@
 #           through the `throughput` example, forward passes at --max-batch
 #           with no HTTP (before and after the steady phase; their mean is
 #           what the server is compared with);
+#   single  one connection for $SINGLE_SECONDS (20) s: the latency of a
+#           lone request, batch 1 end to end;
 #   steady  $LOAD_CLIENTS (64) connections for $LOAD_SECONDS (60) s;
 #   burst   $BURST_CLIENTS (1024) connections for $BURST_SECONDS (15) s, far
 #           above capacity: the server must shed the excess with 503.
@@ -24,22 +26,23 @@
 # peak, end); then HTTP req/s / raw images/s, the batch sizes the server
 # ran (from /metrics), VmHWM and the huge pages in use.
 #
-# Exit status 1 if the steady phase got any answer but 200, the burst any
+# Exit status 1 if the single and steady phases got any answer but 200, the burst any
 # but 200 and 503 (every 503 with Retry-After), or either any socket error (connect, read, write, or a
 # request slower than wrk's --timeout); the throughput and memory goals
 # are reported as met or missed. Everything is bounded in time: wrk stops
 # after its duration (and is killed 60 s later if it does not), the server
 # is stopped on exit, whatever the exit.
 #
-# Knobs (environment): LOAD_SECONDS, LOAD_CLIENTS, BURST_SECONDS,
+# Knobs (environment): SINGLE_SECONDS, LOAD_SECONDS, LOAD_CLIENTS, BURST_SECONDS,
 # BURST_CLIENTS, RAW_SECONDS (10), MAX_BATCH (32, the server's default),
-# QUEUE_SIZE (256, the server's default), MAX_DELAY_US (2000), IMAGES (10:
+# QUEUE_SIZE (256, the server's default), MAX_DELAY_US (0, the server's default), IMAGES (10:
 # one per class), WRK_THREADS (2), KEEP=1 keeps the work directory.
 # Needs wrk (`apt-get install wrk`), python3 and curl. Not part of CI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 weights=${1:-${NIN_LOAD_WEIGHTS:-weights/nin-fashion-mnist.safetensors}}
+single_seconds=${SINGLE_SECONDS:-20}
 load_seconds=${LOAD_SECONDS:-60}
 load_clients=${LOAD_CLIENTS:-64}
 burst_seconds=${BURST_SECONDS:-15}
@@ -47,7 +50,7 @@ burst_clients=${BURST_CLIENTS:-1024}
 raw_seconds=${RAW_SECONDS:-10}
 max_batch=${MAX_BATCH:-32}
 queue_size=${QUEUE_SIZE:-256}
-max_delay_us=${MAX_DELAY_US:-2000}
+max_delay_us=${MAX_DELAY_US:-0}
 images=${IMAGES:-10}
 wrk_threads=${WRK_THREADS:-2}
 
@@ -101,7 +104,7 @@ NO_COLOR=1 RUST_LOG=info target/release/nin-serve --weights "$weights" \
 server_pid=$!
 port=
 for _ in $(seq 600); do
-  port=$(grep -o 'listening addr=127\.0\.0\.1:[0-9]*' "$work/server.log" | head -n 1 | cut -d: -f2 || true)
+  port=$(grep -o 'listening (HTTP) addr=127\.0\.0\.1:[0-9]*' "$work/server.log" | head -n 1 | cut -d: -f2 || true)
   [ -n "$port" ] && break
   kill -0 "$server_pid" 2>/dev/null || { echo "load.sh: nin-serve exited" >&2; exit 1; }
   sleep 0.2
@@ -150,6 +153,7 @@ load() { # phase connections seconds
 }
 
 raw raw-before
+load single 1 "$single_seconds"
 load steady "$load_clients" "$load_seconds"
 raw raw-after
 load burst "$burst_clients" "$burst_seconds"
@@ -182,7 +186,7 @@ def metrics(name):
 
 raw = {p: json.loads(read(f"{p}.json"))["images_per_s"] for p in ("raw-before", "raw-after")}
 raw_mean = sum(raw.values()) / len(raw)
-results = {p: json.loads(read(f"{p}.json")) for p in ("steady", "burst")}
+results = {p: json.loads(read(f"{p}.json")) for p in ("single", "steady", "burst")}
 
 def rss_cells(phase):
     s = rss.get(phase, [])
@@ -197,7 +201,7 @@ print("-" * len(header))
 for p in ("raw-before", "raw-after"):
     print(f"{p:<11}{'-':>6}{raw[p]:>9.0f}{'-':>8}{'-':>8}  {'(images/s, no HTTP)':<22}{'-':>9}  {rss_cells(p)}")
 failures, batches = [], {}
-for p, conns in (("steady", load_clients), ("burst", burst_clients)):
+for p, conns in (("single", 1), ("steady", load_clients), ("burst", burst_clients)):
     r = results[p]
     seconds = r["duration_us"] / 1e6
     rps = r["requests"] / seconds
@@ -206,7 +210,7 @@ for p, conns in (("steady", load_clients), ("burst", burst_clients)):
     socket_errors = e["connect"] + e["read"] + e["write"] + e["timeout"]
     lat = r["latency_us"]
     print(f"{p:<11}{conns:>6}{rps:>9.0f}{lat['p50'] / 1e3:>8.1f}{lat['p99'] / 1e3:>8.1f}  {statuses:<22}{socket_errors:>9}  {rss_cells(p)}")
-    allowed = {"200"} if p == "steady" else {"200", "503"}
+    allowed = {"200", "503"} if p == "burst" else {"200"}
     bad = {k: v for k, v in r["statuses"].items() if k not in allowed}
     if bad:
         failures.append(f"{p}: unexpected statuses {bad}")
@@ -262,7 +266,9 @@ print()
 print(f"goal: errors other than 503 under overload: {'none (met)' if not failures else 'FAILED'}")
 print(f"goal: HTTP >= 0.8 x raw throughput: {ratio:.2f} ({'met' if ratio >= 0.8 else 'missed'})")
 print(f"goal: memory flat: {'met' if flat else 'missed' if flat is not None else 'not measured (phase too short)'}")
-print(f"goal: p99 at {load_clients} connections: {results['steady']['latency_us']['p99'] / 1e3:.1f} ms")
+for p, conns in (("single", 1), ("steady", load_clients)):
+    lat = results[p]["latency_us"]
+    print(f"latency at {conns} connection{'s' if conns > 1 else ''}: p50 {lat['p50'] / 1e3:.1f} ms, p99 {lat['p99'] / 1e3:.1f} ms")
 if "503" not in results["burst"]["statuses"]:
     print("note: the burst got no 503: it was not above capacity (raise BURST_CLIENTS or lower QUEUE_SIZE)")
 for f in failures:

@@ -8,7 +8,8 @@
 //!
 //! Batching: the thread blocks for a first job, then keeps taking jobs
 //! until it has `max_batch` of them or `max_delay` has passed since the
-//! first arrived. Jobs whose client has gone (timeout, disconnect) are
+//! first arrived (with no delay, the default, it takes the jobs that queued
+//! while the last pass ran). Jobs whose client has gone (timeout, disconnect) are
 //! dropped before the pass; the rest run as one (N, 1, S, S) forward pass,
 //! then each job gets its own row of probabilities.
 //!
