@@ -389,6 +389,27 @@ pub(crate) type Trace = Vec<(String, Tensor)>;
 /// holds what [`Tape::backward`] needs. With `trace`, every layer's
 /// output is pushed there, the logits under `gap`'s name last.
 pub(crate) fn forward<'a>(
+    steps: (Vec<Step<'a>>, &str),
+    x: &Tensor,
+    train: bool,
+    pool: &Arc<Buffers>,
+    trace: Option<&mut Trace>,
+) -> Result<(Tensor, Option<Tape>)> {
+    on_worker(|| forward_here(steps, x, train, pool, trace))
+}
+
+/// Runs `op` on one of rayon's worker threads (at once if this is one).
+/// A pass forks dozens of times, once or more per layer. Forked from a
+/// worker, the work goes on the worker's own deque and the other workers
+/// steal from it; forked from any other thread (a server's model thread, a
+/// trainer's main thread, a test), every fork is a hand-off to the pool and
+/// a sleep until it is done: at batch 1 the hand-offs took more time than
+/// the arithmetic.
+fn on_worker<R: Send>(op: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| op())
+}
+
+fn forward_here<'a>(
     (steps, gap): (Vec<Step<'a>>, &str),
     x: &Tensor,
     train: bool,
@@ -583,6 +604,13 @@ pub(crate) trait Backward: Send {
 
 impl Backward for Tape {
     fn backward(self: Box<Self>, grad_logits: &Tensor, grads: &mut GradStore) -> Result<()> {
+        let tape = *self;
+        on_worker(move || tape.backward_here(grad_logits, grads))
+    }
+}
+
+impl Tape {
+    fn backward_here(self, grad_logits: &Tensor, grads: &mut GradStore) -> Result<()> {
         let (n, hw, classes) = self.pooled;
         if grad_logits.dims2()? != (n, classes) {
             bail!(
@@ -590,7 +618,7 @@ impl Backward for Tape {
                 grad_logits.shape()
             )
         }
-        let Tape { records, pool, .. } = *self;
+        let Tape { records, pool, .. } = self;
         // Through the global average pool: every pixel gets 1/(H*W).
         let grad_logits: Vec<f32> = grad_logits.flatten_all()?.to_vec1()?;
         let mut grad = pool.take(n * hw * classes);
@@ -723,5 +751,24 @@ impl Pass {
         };
         self.tape.backward(&grad_logits, &mut grads)?;
         Ok(grads)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passes_run_on_a_pool_worker_whoever_calls() {
+        // A test thread is not one of rayon's workers...
+        assert_eq!(rayon::current_thread_index(), None);
+        // ...but the pass body is, so its forks stay inside the pool.
+        assert!(on_worker(|| rayon::current_thread_index().is_some()));
+        // From a worker, it runs in place.
+        let here = rayon::scope(|_| {
+            let outer = rayon::current_thread_index();
+            on_worker(move || rayon::current_thread_index() == outer)
+        });
+        assert!(here);
     }
 }
