@@ -49,15 +49,23 @@ enum Command {
     Export(ExportArgs),
 }
 
+/// The weights file a command reads: `eval` measures it, `export`
+/// converts it. The shipped file by default, as for nin-serve.
 #[derive(Args)]
-struct ExportArgs {
-    /// The weights file to export.
+struct WeightsArg {
+    /// The weights file (safetensors with nin's metadata).
     #[arg(
-        long,
+        long = "weights",
         env = "NIN_WEIGHTS",
         default_value = "weights/nin-fashion-mnist.safetensors"
     )]
-    weights: PathBuf,
+    path: PathBuf,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    #[command(flatten)]
+    weights: WeightsArg,
     /// Where to write the ONNX model (replaced atomically).
     #[arg(long)]
     onnx: PathBuf,
@@ -194,13 +202,8 @@ struct FitArgs {
 struct EvalArgs {
     #[command(flatten)]
     data: DataArgs,
-    /// The weights file to measure.
-    #[arg(
-        long,
-        env = "NIN_WEIGHTS",
-        default_value = "weights/nin-fashion-mnist.safetensors"
-    )]
-    weights: PathBuf,
+    #[command(flatten)]
+    weights: WeightsArg,
     /// Print one JSON object instead of a report.
     #[arg(long)]
     json: bool,
@@ -466,7 +469,7 @@ impl Observer for Bars {
 fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
     let compute = args.data.compute()?;
     let device = compute.device.clone();
-    let (mut model, metadata) = weights::load(&args.weights, &device)?;
+    let (mut model, metadata) = weights::load(&args.weights.path, &device)?;
     model.set_kernels(compute.kernels)?;
     let dir = find_data_dir(args.data.data_dir.as_deref(), &[Split::Test])?;
     let test = load_split(&dir, Split::Test)?;
@@ -483,7 +486,7 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
     } else {
         println!(
             "{}: accuracy {:.4}, loss {:.4} on {} test images from {}",
-            args.weights.display(),
+            args.weights.path.display(),
             result.accuracy,
             result.loss,
             result.count,
@@ -498,7 +501,7 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
         let Some(recorded) = metadata.provenance.test_accuracy else {
             bail!(
                 "{} records no test accuracy to check against",
-                args.weights.display()
+                args.weights.path.display()
             );
         };
         if (result.accuracy - recorded).abs() > args.tolerance {
@@ -506,7 +509,7 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
                 "accuracy {:.4} differs from the {:.4} recorded in {} (tolerance {})",
                 result.accuracy,
                 recorded,
-                args.weights.display(),
+                args.weights.path.display(),
                 args.tolerance
             );
         }
@@ -516,7 +519,7 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
 }
 
 fn run_export(args: ExportArgs) -> anyhow::Result<()> {
-    let (model, metadata) = weights::load(&args.weights, &candle_core::Device::Cpu)?;
+    let (model, metadata) = weights::load(&args.weights.path, &candle_core::Device::Cpu)?;
     let bytes = nin_model::onnx::export(&model, &metadata)?;
     weights::write_atomically(&args.onnx, &bytes)
         .with_context(|| format!("cannot write {}", args.onnx.display()))?;
