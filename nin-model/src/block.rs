@@ -198,17 +198,32 @@ pub fn nin_block(
         channels,
         conv,
         batch_norm,
-        "conv",
+        &unit_name(0),
         &vb,
     )?];
     for i in 1..=mlp_convs {
         let one_by_one = Window::new(1, 1, 0);
-        let name = format!("mlp{i}");
         units.push(ConvUnit::new(
-            channels, channels, one_by_one, batch_norm, &name, &vb,
+            channels,
+            channels,
+            one_by_one,
+            batch_norm,
+            &unit_name(i),
+            &vb,
         )?);
     }
     Ok(NinBlock { units })
+}
+
+/// The name of a block's unit `i` under the block's prefix: `conv` for the
+/// k x k convolution (unit 0), `mlp1`, `mlp2`, ... for the 1x1 ones. Weights
+/// files and the ONNX export both name tensors by it.
+pub(crate) fn unit_name(i: usize) -> String {
+    if i == 0 {
+        "conv".to_string()
+    } else {
+        format!("mlp{i}")
+    }
 }
 
 impl NinBlock {

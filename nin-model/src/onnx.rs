@@ -18,7 +18,7 @@
 
 use prost::Message;
 
-use crate::block::{BiasOrNorm, ConvUnit, BN_EPS};
+use crate::block::{unit_name, BiasOrNorm, ConvUnit, BN_EPS};
 use crate::config::Window;
 use crate::model::NinLayer;
 use crate::weights::{json, WeightsMetadata};
@@ -67,12 +67,7 @@ pub fn export(model: &Nin, metadata: &WeightsMetadata) -> Result<Vec<u8>> {
         x = match layer {
             NinLayer::Block(block) => {
                 for (i, unit) in block.units.iter().enumerate() {
-                    let unit_name = if i == 0 {
-                        format!("{name}.conv")
-                    } else {
-                        format!("{name}.mlp{i}")
-                    };
-                    x = graph.conv_unit(&unit_name, unit, &x)?;
+                    x = graph.conv_unit(&format!("{name}.{}", unit_name(i)), unit, &x)?;
                 }
                 x
             }
