@@ -9,7 +9,9 @@
 //! uses it to measure the model's raw batched throughput beside the server's.
 //!
 //! Options `--kernels native|generic` (or `NIN_KERNELS`) and `--device D`
-//! (or `NIN_DEVICE`, default cpu) choose where and with which kernel set.
+//! (or `NIN_DEVICE`, default cpu) choose where and with which kernel set,
+//! `--precision fp32|bf16` (or `NIN_PRECISION`) what the native kernels'
+//! matrix multiplies compute in.
 //! `--onnx FILE` also writes the measured network (`forward` only) as ONNX,
 //! so that `bench/compare.sh` runs ONNX Runtime and OpenVINO on the very
 //! weights nin ran.
@@ -26,7 +28,7 @@ use candle_core::{DType, Tensor};
 use candle_nn::{ModuleT, Optimizer};
 use nin_model::device::select_device;
 use nin_model::weights::{Provenance, WeightsMetadata};
-use nin_model::{onnx, summary, weights, Compute, Kernels, Nin, NinConfig};
+use nin_model::{onnx, summary, weights, Compute, Kernels, Nin, NinConfig, Precision};
 
 /// jemalloc, started with the workspace's options (thp:always, transparent
 /// huge pages; set once for every binary in `.cargo/config.toml`).
@@ -36,6 +38,7 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 fn main() -> anyhow::Result<()> {
     let mut kernels = std::env::var("NIN_KERNELS").ok();
     let mut device = std::env::var("NIN_DEVICE").unwrap_or_else(|_| "cpu".into());
+    let mut precision = std::env::var("NIN_PRECISION").unwrap_or_else(|_| "fp32".into());
     let mut onnx_out = None;
     let mut args = Vec::new();
     let mut rest = std::env::args().skip(1);
@@ -43,13 +46,14 @@ fn main() -> anyhow::Result<()> {
         match arg.as_str() {
             "--kernels" => kernels = Some(rest.next().context("--kernels needs a value")?),
             "--device" => device = rest.next().context("--device needs a value")?,
+            "--precision" => precision = rest.next().context("--precision needs a value")?,
             "--onnx" => onnx_out = Some(rest.next().context("--onnx needs a file")?),
             _ => args.push(arg),
         }
     }
     let [arch, mode, batch, seconds] = args.as_slice() else {
         bail!(
-            "usage: throughput [--kernels native|generic] [--device D] [--onnx FILE] <d2l|compact|config.json|weights.safetensors> <forward|train> <batch> <seconds>"
+            "usage: throughput [--kernels native|generic] [--device D] [--precision fp32|bf16] [--onnx FILE] <d2l|compact|config.json|weights.safetensors> <forward|train> <batch> <seconds>"
         )
     };
     let batch: usize = batch.parse().context("batch")?;
@@ -57,7 +61,8 @@ fn main() -> anyhow::Result<()> {
     let kernels = kernels
         .map(|k| k.parse::<Kernels>().map_err(anyhow::Error::msg))
         .transpose()?;
-    let compute = Compute::new(select_device(&device)?, kernels)?;
+    let precision = precision.parse::<Precision>().map_err(anyhow::Error::msg)?;
+    let compute = Compute::new(select_device(&device)?, kernels)?.with_precision(precision)?;
     let device = compute.device.clone();
     if onnx_out.is_some() && mode != "forward" {
         bail!("--onnx exports the network `forward` measures");
@@ -83,7 +88,7 @@ fn main() -> anyhow::Result<()> {
         (None, "forward") => (Nin::snapshot(&config, &varmap)?, None),
         (None, _) => (fresh, None),
     };
-    model.set_kernels(compute.kernels)?;
+    model.set_compute(&compute)?;
     if let Some(path) = &onnx_out {
         let metadata = metadata.unwrap_or_else(|| {
             WeightsMetadata::fashion_mnist(config.clone(), Provenance::default())
@@ -131,8 +136,9 @@ fn main() -> anyhow::Result<()> {
         flops.forward_flops
     } as f64;
     println!(
-        "{{\"impl\":\"nin\",\"kernels\":\"{}\",\"arch\":\"{arch}\",\"mode\":\"{mode}\",\"batch\":{batch},\"images_per_s\":{:.1},\"gflops\":{:.2}}}",
+        "{{\"impl\":\"nin\",\"kernels\":\"{}\",\"precision\":\"{}\",\"arch\":\"{arch}\",\"mode\":\"{mode}\",\"batch\":{batch},\"images_per_s\":{:.1},\"gflops\":{:.2}}}",
         compute.kernels,
+        compute.precision,
         (steps * batch) as f64 / elapsed,
         per_step * steps as f64 / elapsed / 1e9
     );

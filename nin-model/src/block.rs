@@ -23,6 +23,7 @@ use std::sync::{Arc, OnceLock};
 use candle_core::{Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 
+use crate::bf16::PackedB;
 use crate::config::Window;
 
 /// Batch norm's epsilon and running-average momentum (PyTorch's defaults).
@@ -46,6 +47,8 @@ pub(crate) struct ConvUnit {
     /// once when the weight is not a variable (so it can never change, as
     /// in a loaded model); clones share it.
     pub(crate) matrix: Arc<OnceLock<Arc<Vec<f32>>>>,
+    /// That matrix packed for the bf16 kernels, under the same rule.
+    pub(crate) packed: Arc<OnceLock<Arc<PackedB>>>,
 }
 
 /// What follows a unit's convolution, before its ReLU.
@@ -168,6 +171,7 @@ impl ConvUnit {
             window,
             after,
             matrix: Arc::default(),
+            packed: Arc::default(),
         })
     }
 

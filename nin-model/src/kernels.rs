@@ -12,6 +12,8 @@ use std::str::FromStr;
 
 use candle_core::{DType, Device};
 
+use crate::precision::{Bf16Units, Precision};
+
 /// A kernel set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernels {
@@ -71,6 +73,9 @@ pub struct Compute {
     pub device: Device,
     /// The kernel set networks on it run.
     pub kernels: Kernels,
+    /// What the native kernels' matrix multiplies compute in: FP32 unless
+    /// [`Compute::with_precision`] says otherwise.
+    pub precision: Precision,
 }
 
 impl Compute {
@@ -80,7 +85,28 @@ impl Compute {
     pub fn new(device: Device, kernels: Option<Kernels>) -> crate::Result<Self> {
         let kernels = kernels.unwrap_or_else(|| Kernels::default_for(&device, DType::F32));
         kernels.check(&device, DType::F32)?;
-        Ok(Self { device, kernels })
+        Ok(Self {
+            device,
+            kernels,
+            precision: Precision::Fp32,
+        })
+    }
+
+    /// The same, computing in `precision`. bf16 needs the native kernels
+    /// (refused otherwise) and falls back to FP32 with a warning on a CPU
+    /// without bf16 units ([`Precision::resolve`]).
+    pub fn with_precision(self, precision: Precision) -> crate::Result<Self> {
+        if precision == Precision::Bf16 && self.kernels != Kernels::Native {
+            return Err(crate::Error::Device {
+                requested: format!("{precision} on the {} kernels", self.kernels),
+                reason: "bf16 runs on the native CPU kernels only; use fp32".into(),
+            });
+        }
+        let (precision, warning) = precision.resolve(Bf16Units::detect());
+        if let Some(warning) = warning {
+            tracing::warn!("{warning}");
+        }
+        Ok(Self { precision, ..self })
     }
 
     /// The CPU with its native kernels.
@@ -88,6 +114,7 @@ impl Compute {
         Self {
             device: Device::Cpu,
             kernels: Kernels::Native,
+            precision: Precision::Fp32,
         }
     }
 }
@@ -138,6 +165,12 @@ mod tests {
         );
         let generic = Compute::new(Device::Cpu, Some(Kernels::Generic)).unwrap();
         assert_eq!(generic.kernels, Kernels::Generic);
+        assert_eq!(generic.precision, Precision::Fp32);
+        let err = generic.with_precision(Precision::Bf16).unwrap_err();
+        assert!(err.to_string().contains("native"), "{err}");
+        let bf16 = Compute::cpu().with_precision(Precision::Bf16).unwrap();
+        let expected = Precision::Bf16.resolve(Bf16Units::detect()).0;
+        assert_eq!(bf16.precision, expected);
     }
 
     #[test]

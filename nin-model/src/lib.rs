@@ -14,6 +14,7 @@
 //! - [`summary`]: parameters, FLOPs and memory per layer;
 //! - [`onnx`]: the network as an ONNX model, for other engines.
 
+pub mod bf16;
 pub mod block;
 pub mod channels_last;
 pub mod config;
@@ -23,9 +24,11 @@ mod error;
 mod generic;
 pub mod init;
 pub mod kernels;
+mod matmul;
 mod model;
 pub mod onnx;
 pub mod pool;
+pub mod precision;
 pub mod preprocess;
 pub mod summary;
 pub mod tape;
@@ -35,4 +38,5 @@ pub use config::{BlockConfig, NinConfig, Window};
 pub use error::{Error, Result};
 pub use kernels::{Compute, Kernels};
 pub use model::Nin;
+pub use precision::Precision;
 pub use tape::Pass;

@@ -13,7 +13,8 @@ use candle_nn::{Init, ModuleT, VarBuilder, VarMap};
 use crate::block::{nin_block, NinBlock};
 use crate::config::{Layer, NinConfig, Window};
 use crate::dropout::{Dropout, MaskPlan};
-use crate::kernels::Kernels;
+use crate::kernels::{Compute, Kernels};
+use crate::precision::Precision;
 use crate::tape::{self, Buffers, Pass};
 use crate::{generic, pool};
 
@@ -24,6 +25,8 @@ pub struct Nin {
     pub(crate) layers: Vec<(String, NinLayer)>,
     /// The kernel set that runs training and inference passes.
     kernels: Kernels,
+    /// What the native kernels' matrix multiplies compute in.
+    precision: Precision,
     /// Buffers the CPU passes of [`crate::tape`] reuse from call to call.
     buffers: Arc<Buffers>,
     /// The generic max-pools' index tables, kept from pass to pass.
@@ -103,6 +106,7 @@ impl Nin {
             config: config.clone(),
             layers,
             kernels,
+            precision: Precision::Fp32,
             buffers: Arc::default(),
             taps: generic::TapTables::default(),
         })
@@ -118,12 +122,33 @@ impl Nin {
         let (device, dtype) = self.parameters_device();
         kernels.check(&device, dtype)?;
         self.kernels = kernels;
+        if kernels != Kernels::Native {
+            // Only the native kernels have a bf16 mode.
+            self.precision = Precision::Fp32;
+        }
         Ok(())
     }
 
     /// The kernel set this network runs.
     pub fn kernels(&self) -> Kernels {
         self.kernels
+    }
+
+    /// Runs this network as `compute` says: its kernel set and precision
+    /// (the device is the parameters'). Native kernels on another device
+    /// or dtype are refused, as is bf16 on the generic set.
+    pub fn set_compute(&mut self, compute: &Compute) -> crate::Result<()> {
+        // Checked again: the fields are public, so `compute` may not have
+        // come from `with_precision`.
+        let compute = compute.clone().with_precision(compute.precision)?;
+        self.set_kernels(compute.kernels)?;
+        self.precision = compute.precision;
+        Ok(())
+    }
+
+    /// What this network's matrix multiplies compute in.
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// Where the parameters live and their dtype.
@@ -167,7 +192,8 @@ impl Nin {
         let steps = self.kernel_steps(dropout_mask)?;
         let (logits, tape) = match self.kernels_for(x) {
             Kernels::Native => {
-                let (logits, tape) = tape::forward(steps, x, true, &self.buffers, None)?;
+                let (logits, tape) =
+                    tape::forward(steps, x, true, self.precision, &self.buffers, None)?;
                 (logits, tape.map(|t| Box::new(t) as Box<dyn tape::Backward>))
             }
             Kernels::Generic => {
@@ -241,7 +267,9 @@ impl Nin {
         }
         let steps = self.kernel_steps(None)?;
         match self.kernels_for(x) {
-            Kernels::Native => Ok(tape::forward(steps, x, false, &self.buffers, trace)?.0),
+            Kernels::Native => {
+                Ok(tape::forward(steps, x, false, self.precision, &self.buffers, trace)?.0)
+            }
             Kernels::Generic => Ok(generic::forward(steps, x, false, &self.taps, trace)?.0),
         }
     }

@@ -27,18 +27,19 @@
 //! `tests/kernels.rs` checks both against candle's autograd on the plain
 //! path.
 
-use std::ops::{Deref, DerefMut, Range};
+use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex};
 
 use candle_core::backprop::GradStore;
 use candle_core::{bail, Device, Result, Tensor, Var};
-use gemm::Parallelism;
-use rayon::prelude::*;
 
+use crate::bf16::PackedB;
 use crate::block::{BiasOrNorm, ConvUnit, BN_EPS};
 use crate::channels_last::{self as cl, Geometry, NormStats};
 use crate::config::Window;
 use crate::dropout::Dropout;
+use crate::matmul::{matmul, matmul_packed, matmul_tn, Mat};
+use crate::precision::Precision;
 
 /// Free buffers kept for the next step: the pool a model's passes draw from.
 #[derive(Debug, Default)]
@@ -68,7 +69,7 @@ impl Buffers {
     /// `len` values whose contents are unspecified (whatever an earlier
     /// pass left): every user overwrites them. The smallest free buffer that
     /// is large enough, else the largest one grown (only growth is filled).
-    fn take<T: Pooled>(self: &Arc<Self>, len: usize) -> Buf<T> {
+    pub(crate) fn take<T: Pooled>(self: &Arc<Self>, len: usize) -> Buf<T> {
         let mut data = {
             let mut free = T::free(self).lock().expect("buffer pool poisoned");
             let fits = (0..free.len())
@@ -119,144 +120,6 @@ impl<T: Pooled> Drop for Buf<T> {
     }
 }
 
-/// A read-only matrix over a slice: element (i, j) is at
-/// `i * row_stride + j * col_stride`, so a transpose is a swap, not a copy.
-#[derive(Clone, Copy)]
-struct Mat<'a> {
-    data: &'a [f32],
-    rows: usize,
-    cols: usize,
-    row_stride: usize,
-    col_stride: usize,
-}
-
-impl<'a> Mat<'a> {
-    /// A row-major (rows, cols) matrix.
-    fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
-        assert_eq!(data.len(), rows * cols, "matrix size");
-        Self {
-            data,
-            rows,
-            cols,
-            row_stride: cols,
-            col_stride: 1,
-        }
-    }
-
-    fn t(self) -> Self {
-        Self {
-            rows: self.cols,
-            cols: self.rows,
-            row_stride: self.col_stride,
-            col_stride: self.row_stride,
-            ..self
-        }
-    }
-
-    /// Rows `range` of a row-major matrix.
-    fn rows(self, range: Range<usize>) -> Self {
-        assert_eq!(self.col_stride, 1, "row slices of row-major matrices only");
-        let start = range.start * self.row_stride;
-        let end = range.end * self.row_stride;
-        Self {
-            data: &self.data[start..end],
-            rows: range.len(),
-            ..self
-        }
-    }
-
-    /// Whether every element lies inside `data` (what gemm will read).
-    fn in_bounds(&self) -> bool {
-        self.rows == 0
-            || self.cols == 0
-            || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride
-                < self.data.len()
-    }
-}
-
-fn parallelism() -> Parallelism {
-    match rayon::current_num_threads() {
-        0 | 1 => Parallelism::None,
-        n => Parallelism::Rayon(n),
-    }
-}
-
-/// `dst` (row-major) = `a` x `b`, or `dst += a x b` when `accumulate`.
-fn matmul(dst: &mut [f32], a: Mat, b: Mat, accumulate: bool, parallelism: Parallelism) {
-    assert_eq!(a.cols, b.rows, "inner dimensions");
-    assert_eq!(dst.len(), a.rows * b.cols, "output size");
-    assert!(a.in_bounds() && b.in_bounds(), "matrix strides");
-    if dst.is_empty() {
-        return;
-    }
-    if a.cols == 0 {
-        if !accumulate {
-            dst.fill(0.0);
-        }
-        return;
-    }
-    // SAFETY: gemm reads a and b at the strided positions checked by
-    // `in_bounds`, writes dst (rows a.rows, row stride b.cols, as long as
-    // checked above), and dst cannot alias a or b (a &mut and & borrows).
-    unsafe {
-        gemm::gemm(
-            a.rows,
-            b.cols,
-            a.cols,
-            dst.as_mut_ptr(),
-            1,
-            b.cols as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.col_stride as isize,
-            a.row_stride as isize,
-            b.data.as_ptr(),
-            b.col_stride as isize,
-            b.row_stride as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        )
-    }
-}
-
-/// Rows per partial product of [`matmul_tn`].
-const ROWS_PER_PARTIAL: usize = 4096;
-
-/// `a^T x b` for row-major `a` (M, K) and `b` (M, N) with M large and K, N
-/// small (weight gradients): gemm parallelises over the output, which is
-/// small here, so the rows are split into fixed chunks whose products are
-/// computed in parallel and added in order.
-fn matmul_tn(a: Mat, b: Mat, pool: &Arc<Buffers>) -> Buf<f32> {
-    let (m, k, n) = (a.rows, a.cols, b.cols);
-    let mut out = pool.take(k * n);
-    let chunks = m.div_ceil(ROWS_PER_PARTIAL);
-    if chunks < 2 * rayon::current_num_threads() {
-        matmul(&mut out, a.t(), b, false, parallelism());
-        return out;
-    }
-    let partials: Vec<Buf<f32>> = (0..chunks)
-        .into_par_iter()
-        .map(|i| {
-            let rows = i * ROWS_PER_PARTIAL..((i + 1) * ROWS_PER_PARTIAL).min(m);
-            let mut part = pool.take(k * n);
-            let (a, b) = (a.rows(rows.clone()), b.rows(rows));
-            matmul(&mut part, a.t(), b, false, Parallelism::None);
-            part
-        })
-        .collect();
-    out.copy_from_slice(&partials[0]);
-    for part in &partials[1..] {
-        for (o, p) in out.iter_mut().zip(part.iter()) {
-            *o += p;
-        }
-    }
-    out
-}
-
 /// A unit's [`weight_matrix`]: computed once for a weight that is not a
 /// variable (it cannot change), every time for one that is (an optimizer
 /// may have changed it).
@@ -269,6 +132,18 @@ fn weight_matrix_of(unit: &ConvUnit) -> Result<Arc<Vec<f32>>> {
     }
     let matrix = Arc::new(weight_matrix(&unit.weight)?);
     Ok(unit.matrix.get_or_init(|| matrix).clone())
+}
+
+/// A unit's weight matrix `matrix` packed for the bf16 kernels: once for
+/// a weight that is not a variable, every time for one that is (as
+/// [`weight_matrix_of`]).
+fn packed_weights_of(unit: &ConvUnit, matrix: Mat) -> Arc<PackedB> {
+    if unit.weight.is_variable() {
+        return Arc::new(PackedB::new(matrix));
+    }
+    unit.packed
+        .get_or_init(|| Arc::new(PackedB::new(matrix)))
+        .clone()
 }
 
 /// A (C_out, C_in, k, k) weight as the (k*k*C_in, C_out) matrix that
@@ -364,6 +239,8 @@ impl Deref for Input {
 /// The layers of one forward pass, in order, with what their backward needs.
 pub struct Tape {
     records: Vec<Record>,
+    /// What the pass's matrix multiplies computed in; backward's do the same.
+    precision: Precision,
     pool: Arc<Buffers>,
     /// (N, H*W, C) of the maps the global average pool averaged.
     pooled: (usize, usize, usize),
@@ -392,10 +269,11 @@ pub(crate) fn forward<'a>(
     steps: (Vec<Step<'a>>, &str),
     x: &Tensor,
     train: bool,
+    precision: Precision,
     pool: &Arc<Buffers>,
     trace: Option<&mut Trace>,
 ) -> Result<(Tensor, Option<Tape>)> {
-    on_worker(|| forward_here(steps, x, train, pool, trace))
+    on_worker(|| forward_here(steps, x, train, precision, pool, trace))
 }
 
 /// Runs `op` on one of rayon's worker threads (at once if this is one).
@@ -413,6 +291,7 @@ fn forward_here<'a>(
     (steps, gap): (Vec<Step<'a>>, &str),
     x: &Tensor,
     train: bool,
+    precision: Precision,
     pool: &Arc<Buffers>,
     mut trace: Option<&mut Trace>,
 ) -> Result<(Tensor, Option<Tape>)> {
@@ -431,7 +310,7 @@ fn forward_here<'a>(
     for step in steps {
         maps = match step {
             Step::Conv(unit) => {
-                let (out, record) = conv_forward(unit, &maps, train, pool)?;
+                let (out, record) = conv_forward(unit, &maps, train, precision, pool)?;
                 if let Some(record) = record {
                     records.push(Record::Conv(Box::new(record)));
                 }
@@ -504,6 +383,7 @@ fn forward_here<'a>(
     }
     let tape = train.then(|| Tape {
         records,
+        precision,
         pool: pool.clone(),
         pooled: (n, hw, classes),
     });
@@ -515,6 +395,7 @@ fn conv_forward(
     unit: &ConvUnit,
     x: &Maps,
     train: bool,
+    precision: Precision,
     pool: &Arc<Buffers>,
 ) -> Result<(Maps, Option<ConvRecord>)> {
     let (c_out, c_in, k, _) = unit.weight.dims4()?;
@@ -540,11 +421,17 @@ fn conv_forward(
     };
     let weights = weight_matrix_of(unit)?;
     let mut y = pool.take(m * c_out);
-    let product = (
+    let (input_mat, weight_mat) = (
         Mat::new(&input, m, row_len),
         Mat::new(&weights, row_len, c_out),
     );
-    matmul(&mut y, product.0, product.1, false, parallelism());
+    match precision {
+        Precision::Fp32 => matmul(&mut y, input_mat, weight_mat, precision, pool),
+        Precision::Bf16 => {
+            let packed = packed_weights_of(unit, weight_mat);
+            matmul_packed(&mut y, input_mat, &packed, pool);
+        }
+    }
     let (out, norm) = match &unit.after {
         BiasOrNorm::Bias(bias) => {
             cl::bias_relu_in_place(&mut y, &bias.to_vec1::<f32>()?);
@@ -618,7 +505,12 @@ impl Tape {
                 grad_logits.shape()
             )
         }
-        let Tape { records, pool, .. } = self;
+        let Tape {
+            records,
+            precision,
+            pool,
+            ..
+        } = self;
         // Through the global average pool: every pixel gets 1/(H*W).
         let grad_logits: Vec<f32> = grad_logits.flatten_all()?.to_vec1()?;
         let mut grad = pool.take(n * hw * classes);
@@ -636,7 +528,7 @@ impl Tape {
         while let Some(record) = records.pop() {
             let first = records.is_empty();
             grad = match record {
-                Record::Conv(conv) => match conv.backward(grad, !first, grads, &pool)? {
+                Record::Conv(conv) => match conv.backward(grad, !first, grads, precision, &pool)? {
                     Some(grad) => grad,
                     None => break,
                 },
@@ -665,6 +557,7 @@ impl ConvRecord {
         mut grad: Buf<f32>,
         input_grad: bool,
         grads: &mut GradStore,
+        precision: Precision,
         pool: &Arc<Buffers>,
     ) -> Result<Option<Buf<f32>>> {
         let dims = self.unit.weight.dims4()?;
@@ -690,7 +583,7 @@ impl ConvRecord {
             (BiasOrNorm::Norm(_), None) => bail!("batch norm recorded without statistics"),
         }
         let grad_mat = Mat::new(&grad, m, c_out);
-        let grad_weights = matmul_tn(Mat::new(&self.input, m, row_len), grad_mat, pool);
+        let grad_weights = matmul_tn(Mat::new(&self.input, m, row_len), grad_mat, precision, pool);
         accumulate(
             grads,
             &self.unit.weight,
@@ -701,7 +594,7 @@ impl ConvRecord {
         }
         let mut grad_input = pool.take(m * row_len);
         let weights = Mat::new(&self.weights, row_len, c_out);
-        matmul(&mut grad_input, grad_mat, weights.t(), false, parallelism());
+        matmul(&mut grad_input, grad_mat, weights.t(), precision, pool);
         if let Input::Maps(_) = self.input {
             return Ok(Some(grad_input));
         }

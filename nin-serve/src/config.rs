@@ -80,6 +80,12 @@ pub struct Config {
     #[arg(long, env = "NIN_KERNELS")]
     pub kernels: Option<nin_model::Kernels>,
 
+    /// What the native kernels' matrix multiplies compute in: fp32, or
+    /// bf16 (FP32 accumulation) on CPUs with AVX512-BF16; elsewhere bf16
+    /// falls back to fp32 with a warning.
+    #[arg(long, env = "NIN_PRECISION", default_value = "fp32")]
+    pub precision: nin_model::Precision,
+
     /// Name of the model in responses.
     #[arg(long, env = "NIN_MODEL_NAME", default_value = "nin")]
     pub model_name: String,
@@ -226,6 +232,7 @@ impl Default for Config {
             grpc_addr: DEFAULT_GRPC_ADDR.to_string(),
             device: "auto".to_string(),
             kernels: None,
+            precision: nin_model::Precision::Fp32,
             model_name: "nin".to_string(),
             max_batch: DEFAULT_MAX_BATCH,
             max_delay_us: DEFAULT_MAX_DELAY_US,

@@ -85,6 +85,8 @@ pub struct InferOptions {
     pub queue_size: usize,
     /// The kernel set, or the device's default.
     pub kernels: Option<nin_model::Kernels>,
+    /// What the native kernels' matrix multiplies compute in.
+    pub precision: nin_model::Precision,
 }
 
 impl From<&Config> for InferOptions {
@@ -94,6 +96,7 @@ impl From<&Config> for InferOptions {
             max_delay: config.max_delay(),
             queue_size: config.queue_size,
             kernels: config.kernels,
+            precision: config.precision,
         }
     }
 }
@@ -386,6 +389,8 @@ pub struct Runtime {
     pub device: DeviceInfo,
     /// The kernel set its passes use.
     pub kernels: Kernels,
+    /// What their matrix multiplies compute in (after any fallback).
+    pub precision: nin_model::Precision,
 }
 
 impl Inference {
@@ -612,10 +617,11 @@ fn load_and_warm_up(
 ) -> Result<(Network, WeightsMetadata, Runtime), Error> {
     let max_batch = options.max_batch;
     let device = nin_model::device::select_device(device)?;
-    let compute = nin_model::Compute::new(device, options.kernels)?;
+    let compute =
+        nin_model::Compute::new(device, options.kernels)?.with_precision(options.precision)?;
     let device = compute.device.clone();
     let (mut model, metadata) = weights::load(path, &device)?;
-    model.set_kernels(compute.kernels)?;
+    model.set_compute(&compute)?;
     let size = metadata.preprocessing.size;
     let started = Instant::now();
     let zeros = Tensor::zeros(
@@ -637,12 +643,14 @@ fn load_and_warm_up(
     let runtime = Runtime {
         device: DeviceInfo::of(&device),
         kernels: compute.kernels,
+        precision: compute.precision,
     };
     tracing::info!(
         weights = %path.display(),
         device = %runtime.device.name,
         compute_cap = runtime.device.compute_cap.as_deref().unwrap_or("-"),
         kernels = %runtime.kernels,
+        precision = %runtime.precision,
         max_batch,
         elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
         "model loaded and warmed up"
@@ -937,6 +945,7 @@ mod tests {
             max_delay: Duration::from_millis(max_delay_ms),
             queue_size,
             kernels: None,
+            precision: nin_model::Precision::Fp32,
         };
         let recorded = batches.clone();
         let entered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -947,6 +956,7 @@ mod tests {
             let runtime = Runtime {
                 device: DeviceInfo::of(&Device::Cpu),
                 kernels: Kernels::Generic,
+                precision: nin_model::Precision::Fp32,
             };
             let fake = Fake {
                 batches: recorded,

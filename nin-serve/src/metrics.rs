@@ -130,7 +130,7 @@ impl Metrics {
         stats.register(&mut registry);
         registry.register(
             "device",
-            "The device and kernel set the model runs on",
+            "The device, kernel set and precision the model runs on",
             Info::new(vec![
                 ("device", runtime.device.name.clone()),
                 (
@@ -138,6 +138,7 @@ impl Metrics {
                     runtime.device.compute_cap.clone().unwrap_or_default(),
                 ),
                 ("kernels", runtime.kernels.to_string()),
+                ("precision", runtime.precision.to_string()),
             ]),
         );
         Self {

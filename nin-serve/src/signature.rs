@@ -90,6 +90,7 @@ impl Signature {
                     runtime.device.compute_cap.clone().unwrap_or_default(),
                 ),
                 ("kernels", runtime.kernels.to_string()),
+                ("precision", runtime.precision.to_string()),
                 ("weights", state.model_info().version.clone()),
             ],
         }

@@ -18,6 +18,7 @@ use image::codecs::jpeg::JpegEncoder;
 use image::imageops::FilterType;
 use image::{DynamicImage, GrayImage, Rgb, RgbImage};
 use nin_model::preprocess::gray_image;
+use nin_serve::Config;
 use nin_train::data::{load_split, Dataset, Split};
 use nin_train::eval::evaluate;
 use reqwest::multipart::{Form, Part};
@@ -209,6 +210,26 @@ async fn the_shipped_weights_serve_what_eval_measures() {
 /// the two sum in different orders, so a borderline image may flip).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generic_kernels_serve_the_classes_native_kernels_give() {
+    let same = served_like_native_fp32(|c| c.kernels = Some(nin_model::Kernels::Generic)).await;
+    assert!(same >= 999, "generic serves {same} of 1000 as native does");
+}
+
+/// `--precision bf16` serves the classes FP32 gives on the committed slice
+/// but for a few borderline images (bf16 keeps 8 bits of each input).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bf16_serves_the_classes_fp32_gives() {
+    if !nin_model::bf16::available() {
+        eprintln!("skipped: this CPU has no AVX512-BF16");
+        return;
+    }
+    let same = served_like_native_fp32(|c| c.precision = nin_model::Precision::Bf16).await;
+    assert!(same >= 990, "bf16 serves {same} of 1000 as FP32 does");
+}
+
+/// Serves the committed slice with the shipped weights as `configure`
+/// says; returns how many images get the class the native FP32 kernels
+/// give outside the server.
+async fn served_like_native_fp32(configure: impl FnOnce(&mut Config)) -> usize {
     let weights = shipped_weights();
     let data = test_slice();
     let n = data.len();
@@ -226,14 +247,13 @@ async fn generic_kernels_serve_the_classes_native_kernels_give() {
 
     let server = TestServer::start_with_weights(&weights, |c| {
         c.max_batch = 32;
-        c.kernels = Some(nin_model::Kernels::Generic);
+        configure(c);
     })
     .await;
     let pngs: Vec<Vec<u8>> = (0..n).map(|i| encode_png(&image_of(&data, i))).collect();
     let served = classify_all(&server, &pngs, "image/png", 32).await;
-    let same = (0..n)
-        .filter(|&i| served[i] == native_predictions[i])
-        .count();
-    assert!(same >= 999, "generic serves {same} of {n} as native does");
     server.shutdown().await.unwrap();
+    (0..n)
+        .filter(|&i| served[i] == native_predictions[i])
+        .count()
 }

@@ -104,7 +104,7 @@ async fn v2_metadata_health_and_unknown_models() {
     assert_eq!(
         body["parameters"],
         json!({"device": "cpu", "compute_cap": null, "kernels": "native",
-               "weights": "nin-weights/1 fashion-mnist epochs=0 seed=42"})
+               "precision": "fp32", "weights": "nin-weights/1 fashion-mnist epochs=0 seed=42"})
     );
     // The same under the version's own path; no other version exists.
     let versioned: Value = get("/v2/models/nin/versions/1")
@@ -149,7 +149,8 @@ async fn the_serving_device_and_kernels_are_reported() {
         .text()
         .await
         .unwrap();
-    let line = r#"nin_device_info{device="cpu",compute_cap="",kernels="generic"} 1"#;
+    let line =
+        r#"nin_device_info{device="cpu",compute_cap="",kernels="generic",precision="fp32"} 1"#;
     assert!(metrics.lines().any(|l| l == line), "{metrics}");
     server.shutdown().await.unwrap();
 }

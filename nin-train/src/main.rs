@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use nin_model::device::{select_device, DEVICE_NAMES};
 use nin_model::weights;
-use nin_model::{Compute, Kernels, NinConfig};
+use nin_model::{Compute, Kernels, NinConfig, Precision};
 use nin_train::augment::Augment;
 use nin_train::data::{find_data_dir, load_split, Split};
 use nin_train::eval::evaluate;
@@ -108,6 +108,11 @@ struct DataArgs {
     /// test that code).
     #[arg(long, env = "NIN_KERNELS")]
     kernels: Option<Kernels>,
+    /// What the native kernels' matrix multiplies compute in: fp32, or
+    /// bf16 (FP32 accumulation, FP32 master weights) on CPUs with
+    /// AVX512-BF16; elsewhere bf16 falls back to fp32 with a warning.
+    #[arg(long, env = "NIN_PRECISION", default_value = "fp32")]
+    precision: Precision,
 }
 
 impl DataArgs {
@@ -115,7 +120,10 @@ impl DataArgs {
     fn compute(&self) -> anyhow::Result<Compute> {
         let device = select_device(&self.device)
             .with_context(|| format!("--device (expected one of {DEVICE_NAMES})"))?;
-        Compute::new(device, self.kernels).context("--kernels")
+        Compute::new(device, self.kernels)
+            .context("--kernels")?
+            .with_precision(self.precision)
+            .context("--precision")
     }
 }
 
@@ -470,7 +478,7 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
     let compute = args.data.compute()?;
     let device = compute.device.clone();
     let (mut model, metadata) = weights::load(&args.weights.path, &device)?;
-    model.set_kernels(compute.kernels)?;
+    model.set_compute(&compute)?;
     let dir = find_data_dir(args.data.data_dir.as_deref(), &[Split::Test])?;
     let test = load_split(&dir, Split::Test)?;
     let result = evaluate(

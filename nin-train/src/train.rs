@@ -193,7 +193,7 @@ struct State {
 impl State {
     fn fresh(run: &RunConfig, compute: &Compute) -> Result<Self> {
         let (mut model, varmap) = Nin::init(&run.model, run.seed, &compute.device)?;
-        model.set_kernels(compute.kernels)?;
+        model.set_compute(compute)?;
         let optimizer = Optimizer::new(run.optimizer, &varmap);
         Ok(Self {
             model,
@@ -685,10 +685,13 @@ fn describe(compute: &Compute) -> String {
     let device = nin_model::device::DeviceInfo::of(&compute.device);
     match device.compute_cap {
         Some(cap) => format!(
-            "{} (compute capability {cap}), {} kernels",
-            device.name, compute.kernels
+            "{} (compute capability {cap}), {} kernels, {}",
+            device.name, compute.kernels, compute.precision
         ),
-        None => format!("{}, {} kernels", device.name, compute.kernels),
+        None => format!(
+            "{}, {} kernels, {}",
+            device.name, compute.kernels, compute.precision
+        ),
     }
 }
 

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::Device;
-use nin_model::{Compute, Kernels, NinConfig};
+use nin_model::{Compute, Kernels, NinConfig, Precision};
 use nin_train::augment::Augment;
 use nin_train::data::{load_split, Dataset, Split};
 use nin_train::optim::OptimizerConfig;
@@ -61,18 +61,36 @@ fn on_cpu(kernels: Kernels) -> Compute {
     Compute::new(Device::Cpu, Some(kernels)).unwrap()
 }
 
+/// The native kernels in bf16, or `None` (and a message) on a CPU without
+/// bf16 units, where bf16 would only be FP32 again.
+fn in_bf16() -> Option<Compute> {
+    if !nin_model::bf16::available() {
+        eprintln!("skipped: this CPU has no AVX512-BF16");
+        return None;
+    }
+    Some(Compute::cpu().with_precision(Precision::Bf16).unwrap())
+}
+
 #[test]
 fn a_short_fit_beats_chance_and_writes_everything() {
-    short_fit(Kernels::Native);
+    short_fit(on_cpu(Kernels::Native));
 }
 
 /// The code a GPU runs, on CPU: it learns as the native kernels do.
 #[test]
 fn a_short_fit_with_generic_kernels_beats_chance_too() {
-    short_fit(Kernels::Generic);
+    short_fit(on_cpu(Kernels::Generic));
 }
 
-fn short_fit(kernels: Kernels) {
+/// Mixed precision learns as FP32 does.
+#[test]
+fn a_short_bf16_fit_beats_chance_too() {
+    if let Some(compute) = in_bf16() {
+        short_fit(compute);
+    }
+}
+
+fn short_fit(compute: Compute) {
     let data = slice();
     let out = tempfile::tempdir().unwrap();
     let stop = AtomicBool::new(false);
@@ -84,7 +102,7 @@ fn short_fit(kernels: Kernels) {
         &run(4, 0.1),
         &train,
         out.path(),
-        &on_cpu(kernels),
+        &compute,
         Existing::Refuse,
         &stop,
         &mut LogOnly,
@@ -108,7 +126,7 @@ fn short_fit(kernels: Kernels) {
     let meta = nin_model::weights::read_metadata(&weights).unwrap();
     assert_eq!(meta.provenance.test_accuracy, test.map(|t| t.accuracy));
     assert_eq!(meta.provenance.epochs, 4);
-    let trained_on = format!("cpu, {kernels} kernels");
+    let trained_on = format!("cpu, {} kernels, {}", compute.kernels, compute.precision);
     assert_eq!(meta.provenance.trained_on, Some(trained_on));
 }
 
@@ -130,15 +148,22 @@ impl Observer for StopAfter<'_> {
 
 #[test]
 fn an_interrupted_run_resumes_to_the_same_weights() {
-    interrupted_and_resumed(Kernels::Native);
+    interrupted_and_resumed(on_cpu(Kernels::Native));
 }
 
 #[test]
 fn an_interrupted_generic_run_resumes_to_the_same_weights() {
-    interrupted_and_resumed(Kernels::Generic);
+    interrupted_and_resumed(on_cpu(Kernels::Generic));
 }
 
-fn interrupted_and_resumed(kernels: Kernels) {
+#[test]
+fn an_interrupted_bf16_run_resumes_to_the_same_weights() {
+    if let Some(compute) = in_bf16() {
+        interrupted_and_resumed(compute);
+    }
+}
+
+fn interrupted_and_resumed(compute: Compute) {
     let data = slice();
     let train = TrainData {
         train: &data,
@@ -151,7 +176,7 @@ fn interrupted_and_resumed(kernels: Kernels) {
         &config,
         &train,
         straight.path(),
-        &on_cpu(kernels),
+        &compute,
         Existing::Refuse,
         &never,
         &mut LogOnly,
@@ -172,7 +197,7 @@ fn interrupted_and_resumed(kernels: Kernels) {
             &config,
             &train,
             resumed.path(),
-            &on_cpu(kernels),
+            &compute,
             Existing::Resume,
             &stop,
             &mut observer,
@@ -184,7 +209,7 @@ fn interrupted_and_resumed(kernels: Kernels) {
         &config,
         &train,
         resumed.path(),
-        &on_cpu(kernels),
+        &compute,
         Existing::Resume,
         &never,
         &mut LogOnly,
@@ -209,6 +234,17 @@ fn interrupted_and_resumed(kernels: Kernels) {
 
 #[test]
 fn a_diverging_run_stops_with_the_last_good_weights() {
+    diverging(Compute::cpu());
+}
+
+#[test]
+fn a_diverging_bf16_run_stops_with_the_last_good_weights() {
+    if let Some(compute) = in_bf16() {
+        diverging(compute);
+    }
+}
+
+fn diverging(compute: Compute) {
     let data = slice();
     let train = TrainData {
         train: &data,
@@ -222,7 +258,7 @@ fn a_diverging_run_stops_with_the_last_good_weights() {
         &config,
         &train,
         out.path(),
-        &Compute::cpu(),
+        &compute,
         Existing::Refuse,
         &stop,
         &mut LogOnly,

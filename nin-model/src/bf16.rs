@@ -1,0 +1,571 @@
+//! Matrix multiplies in bf16 with FP32 accumulation, on the CPU's bf16
+//! units: what [`crate::Precision::Bf16`] runs instead of `gemm`'s FP32.
+//!
+//! AVX512-BF16's `vdpbf16ps` multiplies 16 pairs of bf16 values by 16
+//! other pairs and adds both products of each pair to one FP32 lane: twice
+//! the multiply-adds of an FP32 FMA per instruction, and the products of
+//! two bf16 values are exact in FP32, so only the inputs are rounded.
+//!
+//! The layout follows from that instruction. Along the inner dimension K,
+//! values go in pairs:
+//!
+//! - the left matrix A (activations) is converted once per call into
+//!   [`Bf16Rows`]: row-major, each row K/2 pairs, every pair one `u32`
+//!   that the kernel broadcasts to all lanes;
+//! - the right matrix B (weights) is packed into [`PackedB`]: panels of
+//!   [`NR`] columns, each K/2 rows of [`NR`] interleaved pairs, two vector
+//!   loads per pair of K. Fixed weights are packed once (see
+//!   [`crate::block::ConvUnit`]).
+//!
+//! The micro-kernel keeps an [`MR`] x [`NR`] tile of C in 16 registers
+//! across the whole of K (K is at most a few thousand in NiN: one panel of
+//! B stays in L2, one strip of A in L1), and writes edges with masked
+//! stores, so M, N and K need no padding by the caller.
+
+use rayon::prelude::*;
+
+use crate::matmul::Mat;
+
+/// Rows of C one micro-kernel call computes.
+pub(crate) const MR: usize = 8;
+/// Columns of C one micro-kernel call computes (two vectors of 16 lanes).
+pub(crate) const NR: usize = 32;
+
+/// Whether this CPU has the units [`matmul`] needs (AVX512-BF16). Checked
+/// at run time: one binary serves every x86-64 CPU.
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `x` rounded to bf16 (the top half of its bits) the way the conversion
+/// instructions do it: to nearest, ties to even; NaN stays a (quiet) NaN;
+/// subnormals become zero of the same sign.
+pub fn round(x: f32) -> u16 {
+    let bits = x.to_bits();
+    if x.is_nan() {
+        return ((bits >> 16) as u16) | 0x0040;
+    }
+    if x.is_subnormal() {
+        return ((bits >> 16) & 0x8000) as u16;
+    }
+    let rounding = 0x7fff + ((bits >> 16) & 1);
+    (bits.wrapping_add(rounding) >> 16) as u16
+}
+
+/// The FP32 value of a bf16.
+pub fn widen(h: u16) -> f32 {
+    f32::from_bits(u32::from(h) << 16)
+}
+
+/// Two bf16 values as one pair: `lo` first along K.
+fn pair(lo: f32, hi: f32) -> u32 {
+    u32::from(round(lo)) | (u32::from(round(hi)) << 16)
+}
+
+/// Pairs along K for a K-long row.
+pub(crate) fn pairs(k: usize) -> usize {
+    k.div_ceil(2)
+}
+
+/// A (rows, K) matrix in bf16 as [`pairs`]`(K)` pairs per row (a zero pads
+/// an odd K): the left operand of [`matmul`]. Pair q of row i is at
+/// `i * row_step + q * pair_step`: row by row for a row-major source, pair
+/// by pair for a transposed one, so that both convert in contiguous runs.
+pub(crate) struct Bf16Rows<'a> {
+    data: &'a [u32],
+    rows: usize,
+    pairs: usize,
+    row_step: usize,
+    pair_step: usize,
+}
+
+impl<'a> Bf16Rows<'a> {
+    /// Converts `a` into `out` (`a.rows * pairs(a.cols)` long, overwritten).
+    pub(crate) fn convert(a: Mat, out: &'a mut [u32]) -> Self {
+        let (rows, p) = (a.rows, pairs(a.cols));
+        assert_eq!(out.len(), rows * p, "bf16 rows size");
+        let (row_step, pair_step) = if a.col_stride == 1 || a.row_stride != 1 {
+            // Row by row; a gathered (slow) copy unless rows are contiguous.
+            out.par_chunks_mut(p.max(1) * 16)
+                .enumerate()
+                .for_each(|(chunk, out)| {
+                    for (r, out) in out.chunks_mut(p.max(1)).enumerate() {
+                        let i = chunk * 16 + r;
+                        if a.col_stride == 1 {
+                            let start = i * a.row_stride;
+                            convert_row(&a.data[start..start + a.cols], out);
+                        } else {
+                            let at = |k: usize| a.data[i * a.row_stride + k * a.col_stride];
+                            for (q, v) in out.iter_mut().enumerate() {
+                                let hi = if 2 * q + 1 < a.cols {
+                                    at(2 * q + 1)
+                                } else {
+                                    0.0
+                                };
+                                *v = pair(at(2 * q), hi);
+                            }
+                        }
+                    }
+                });
+            (p, 1)
+        } else {
+            // A transpose of a row-major matrix (weight gradients): pair q
+            // of every row interleaves two source rows.
+            out.par_chunks_mut(rows.max(1))
+                .enumerate()
+                .for_each(|(q, out)| {
+                    let source = |k: usize| {
+                        (k < a.cols).then(|| &a.data[k * a.col_stride..k * a.col_stride + rows])
+                    };
+                    interleave(
+                        source(2 * q).expect("pair inside K"),
+                        source(2 * q + 1),
+                        out,
+                    );
+                });
+            (1, rows)
+        };
+        Self {
+            data: out,
+            rows,
+            pairs: p,
+            row_step,
+            pair_step,
+        }
+    }
+}
+
+/// One contiguous f32 row into bf16 pairs.
+fn convert_row(src: &[f32], out: &mut [u32]) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: the units are present (checked above).
+        done = unsafe { x86::convert_row(src, out) };
+    }
+    for (q, v) in out.iter_mut().enumerate().skip(done / 2) {
+        let lo = src.get(2 * q).copied().unwrap_or(0.0);
+        let hi = src.get(2 * q + 1).copied().unwrap_or(0.0);
+        *v = pair(lo, hi);
+    }
+}
+
+/// Pairs `(lo[j], hi[j])` (`hi` zero when `None`) into `out[j]`.
+fn interleave(lo: &[f32], hi: Option<&[f32]>, out: &mut [u32]) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: the units are present (checked above).
+        done = unsafe { x86::interleave(lo, hi, out) };
+    }
+    for (j, v) in out.iter_mut().enumerate().skip(done) {
+        *v = pair(lo[j], hi.map_or(0.0, |hi| hi[j]));
+    }
+}
+
+/// A (K, N) matrix packed for [`matmul`]: panels of [`NR`] columns, each
+/// [`pairs`]`(K)` rows of NR pairs. Columns past N and the pad of an odd K
+/// are zeros.
+#[derive(Debug)]
+pub(crate) struct PackedB {
+    data: Vec<u32>,
+    k: usize,
+    n: usize,
+    pairs: usize,
+}
+
+impl PackedB {
+    /// Packs `b` (any strides).
+    pub(crate) fn new(b: Mat) -> Self {
+        let (k, n) = (b.rows, b.cols);
+        let p = pairs(k);
+        let panels = n.div_ceil(NR);
+        let mut data = vec![0u32; panels * p * NR];
+        let at = |kk: usize, j: usize| {
+            if kk < k {
+                b.data[kk * b.row_stride + j * b.col_stride]
+            } else {
+                0.0
+            }
+        };
+        if p > 0 && b.col_stride == 1 {
+            // Row-major: each pair of rows interleaves over the panel.
+            data.par_chunks_mut(p * NR)
+                .enumerate()
+                .for_each(|(panel, values)| {
+                    let cols = panel * NR..((panel + 1) * NR).min(n);
+                    let width = cols.len();
+                    for (q, out) in values.chunks_mut(NR).enumerate() {
+                        let row = |kk: usize| {
+                            (kk < k).then(|| {
+                                let start = kk * b.row_stride + cols.start;
+                                &b.data[start..start + width]
+                            })
+                        };
+                        let lo = row(2 * q).expect("pair inside K");
+                        interleave(lo, row(2 * q + 1), &mut out[..width]);
+                    }
+                });
+        } else if p > 0 {
+            data.par_chunks_mut(p * NR)
+                .enumerate()
+                .for_each(|(panel, values)| {
+                    for (q, row) in values.chunks_mut(NR).enumerate() {
+                        for (jj, v) in row.iter_mut().enumerate() {
+                            let j = panel * NR + jj;
+                            if j < n {
+                                *v = pair(at(2 * q, j), at(2 * q + 1, j));
+                            }
+                        }
+                    }
+                });
+        }
+        Self {
+            data,
+            k,
+            n,
+            pairs: p,
+        }
+    }
+
+    /// (K, N) of the matrix packed.
+    pub(crate) fn dims(&self) -> (usize, usize) {
+        (self.k, self.n)
+    }
+}
+
+/// A pointer the tasks of one [`matmul`] share; each writes its own tiles.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: tasks write disjoint tiles of the destination (see `matmul`).
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// The pointer (a method, so that closures capture the whole `Out`).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// `dst` (row-major (M, N)) = `a` x `b`, or `dst += a x b` when
+/// `accumulate`. Needs [`available`]; the caller picks FP32 otherwise.
+pub(crate) fn matmul(dst: &mut [f32], a: &Bf16Rows, b: &PackedB, accumulate: bool) {
+    assert!(available(), "bf16 matmul without AVX512-BF16");
+    assert_eq!(a.pairs, b.pairs, "inner dimensions");
+    assert_eq!(dst.len(), a.rows * b.n, "output size");
+    let (m, n) = (a.rows, b.n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if b.pairs == 0 {
+        if !accumulate {
+            dst.fill(0.0);
+        }
+        return;
+    }
+    let (tiles, panels) = (m.div_ceil(MR), n.div_ceil(NR));
+    // Enough tasks for every thread to steal a few; a task's tiles share
+    // their strip of A, and consecutive tasks share it across panels.
+    let wanted = 8 * rayon::current_num_threads();
+    let block = (tiles * panels / wanted).clamp(1, 16);
+    let blocks = tiles.div_ceil(block);
+    let out = Out(dst.as_mut_ptr());
+    (0..blocks * panels).into_par_iter().for_each(|task| {
+        let (first, panel) = ((task / panels) * block, task % panels);
+        let b_panel = &b.data[panel * b.pairs * NR..(panel + 1) * b.pairs * NR];
+        let col = panel * NR;
+        for tile in first..(first + block).min(tiles) {
+            let row = tile * MR;
+            let target = Tile {
+                row,
+                rows: (m - row).min(MR),
+                col,
+                cols: (n - col).min(NR),
+            };
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the units are present (asserted above); the tile lies
+            // inside `dst` (M x N) and no other task writes it (tasks own
+            // disjoint (tile, panel) pairs); `a` and `b_panel` hold `pairs`
+            // pairs per row.
+            unsafe {
+                x86::tile(a, b_panel, out.get(), n, target, accumulate)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = (target, b_panel, out.get(), accumulate);
+        }
+    });
+}
+
+/// Where one micro-kernel call writes: rows `row..row + rows`, columns
+/// `col..col + cols`.
+#[derive(Clone, Copy, Debug)]
+struct Tile {
+    row: usize,
+    rows: usize,
+    col: usize,
+    cols: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{Bf16Rows, Tile, MR, NR};
+
+    /// Converts the first multiple of 32 values of `src` into pairs;
+    /// returns how many values it converted.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn convert_row(src: &[f32], out: &mut [u32]) -> usize {
+        let whole = src.len() / 32 * 32;
+        for (values, pairs) in src[..whole].chunks_exact(32).zip(out.chunks_exact_mut(16)) {
+            // SAFETY: 32 values in, 16 pairs out, unaligned loads and stores.
+            unsafe {
+                let lo = _mm512_loadu_ps(values.as_ptr());
+                let hi = _mm512_loadu_ps(values.as_ptr().add(16));
+                let bf = _mm512_cvtne2ps_pbh(hi, lo);
+                _mm512_storeu_si512(
+                    pairs.as_mut_ptr().cast(),
+                    std::mem::transmute::<__m512bh, __m512i>(bf),
+                );
+            }
+        }
+        whole
+    }
+
+    /// Pairs `(lo[j], hi[j])` (`hi` zero when `None`) into `out[j]` for
+    /// the first multiple of 16 entries; returns how many it paired.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn interleave(lo: &[f32], hi: Option<&[f32]>, out: &mut [u32]) -> usize {
+        let whole = out.len() / 16 * 16;
+        for (j, out) in (0..whole).step_by(16).zip(out.chunks_exact_mut(16)) {
+            // SAFETY: 16 values from each row (as long as `out`), 16 out.
+            unsafe {
+                let l = _mm512_cvtneps_pbh(_mm512_loadu_ps(lo[j..j + 16].as_ptr()));
+                let h = match hi {
+                    Some(hi) => _mm512_cvtneps_pbh(_mm512_loadu_ps(hi[j..j + 16].as_ptr())),
+                    None => std::mem::transmute::<__m256i, __m256bh>(_mm256_setzero_si256()),
+                };
+                let l = _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(l));
+                let h = _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(h));
+                let v = _mm512_or_si512(l, _mm512_slli_epi32::<16>(h));
+                _mm512_storeu_si512(out.as_mut_ptr().cast(), v);
+            }
+        }
+        whole
+    }
+
+    /// One MR x NR tile of C = A x B over all of K, written at `target` of
+    /// the row-major `c` (row stride `ldc`), added to what is there when
+    /// `accumulate`. Rows of `target` past M reuse the last row of A, and
+    /// columns past N are B's zero padding; neither is stored.
+    ///
+    /// # Safety
+    /// AVX512-BF16 present; `a` holds rows `target.row..target.row +
+    /// target.rows`; `b` one panel of `a.pairs * NR`; `c` valid for the
+    /// target tile and written by no one else meanwhile.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn tile(
+        a: &Bf16Rows,
+        b: &[u32],
+        c: *mut f32,
+        ldc: usize,
+        target: Tile,
+        accumulate: bool,
+    ) {
+        let (pairs, step) = (a.pairs, a.pair_step);
+        debug_assert!(target.row + target.rows <= a.rows);
+        debug_assert_eq!(b.len(), pairs * NR);
+        let rows: [*const u32; MR] = std::array::from_fn(|r| {
+            let i = target.row + r.min(target.rows - 1);
+            // SAFETY: row i of `a` (the last real one for padding rows).
+            unsafe { a.data.as_ptr().add(i * a.row_step) }
+        });
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        let mut bp = b.as_ptr();
+        for q in 0..pairs {
+            // SAFETY: q < pairs, so bp and rows[r] + q are inside b and a.
+            unsafe {
+                let b0 = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(bp.cast()));
+                let b1 =
+                    std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(bp.add(16).cast()));
+                for r in 0..MR {
+                    let pair = _mm512_set1_epi32(*rows[r].add(q * step) as i32);
+                    let av = std::mem::transmute::<__m512i, __m512bh>(pair);
+                    acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, b0);
+                    acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, b1);
+                }
+                bp = bp.add(NR);
+            }
+        }
+        for (r, acc) in acc.iter().enumerate().take(target.rows) {
+            for (h, &v) in acc.iter().enumerate() {
+                let first = 16 * h;
+                if first >= target.cols {
+                    break;
+                }
+                let lanes = (target.cols - first).min(16);
+                let mask: __mmask16 = if lanes == 16 { !0 } else { (1 << lanes) - 1 };
+                // SAFETY: the masked lanes lie inside the target tile.
+                unsafe {
+                    let p = c.add((target.row + r) * ldc + target.col + first);
+                    let v = if accumulate {
+                        _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, p))
+                    } else {
+                        v
+                    };
+                    _mm512_mask_storeu_ps(p, mask, v);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-2, 2) with a spread of exponents.
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32) * 4.0 - 2.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even_and_keeps_specials() {
+        assert_eq!(widen(round(1.0)), 1.0);
+        // 1 + 2^-8 lies halfway between two bf16 values: ties go to even (1.0).
+        assert_eq!(widen(round(1.0 + 1.0 / 256.0)), 1.0);
+        // A bit above halfway rounds up to 1 + 2^-7.
+        assert_eq!(
+            widen(round(1.0 + 1.0 / 256.0 + 1.0 / 65536.0)),
+            1.0 + 1.0 / 128.0
+        );
+        assert_eq!(widen(round(-3.0)), -3.0);
+        assert!(widen(round(f32::NAN)).is_nan());
+        assert_eq!(widen(round(f32::INFINITY)), f32::INFINITY);
+        assert_eq!(widen(round(f32::MAX)), f32::INFINITY);
+        assert_eq!(round(-1e-40).to_le_bytes(), 0x8000u16.to_le_bytes());
+    }
+
+    /// The vector conversion agrees bit for bit with [`round`].
+    #[test]
+    fn vector_conversion_matches_the_scalar_rounding() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        let mut src = values(100, 7);
+        src[3] = f32::NAN;
+        src[40] = -1e-40;
+        src[41] = 1.0 + 1.0 / 256.0;
+        src[70] = f32::NEG_INFINITY;
+        let mut out = vec![0u32; pairs(src.len())];
+        convert_row(&src, &mut out);
+        for (q, &v) in out.iter().enumerate() {
+            for (half, &x) in src[2 * q..2 * q + 2].iter().enumerate() {
+                let h = (v >> (16 * half)) as u16;
+                if x.is_nan() {
+                    assert!(widen(h).is_nan());
+                } else {
+                    assert_eq!(h, round(x), "value {} ({x})", 2 * q + half);
+                }
+            }
+        }
+    }
+
+    /// C = A x B in f64 from the bf16-rounded inputs, and a bound on the
+    /// error FP32 accumulation may add: K * 2^-23 * sum |a| |b| per entry.
+    fn reference(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> (Vec<f64>, Vec<f64>) {
+        let r = |x: f32| f64::from(widen(round(x)));
+        let mut c = vec![0f64; m * n];
+        let mut bound = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                for kk in 0..k {
+                    let p = r(a[i * k + kk]) * r(b[kk * n + j]);
+                    c[i * n + j] += p;
+                    bound[i * n + j] += p.abs();
+                }
+                bound[i * n + j] *= (k as f64 + 1.0) * f64::from(f32::EPSILON);
+            }
+        }
+        (c, bound)
+    }
+
+    /// Ragged sizes (none a multiple of the tile, odd K) and whole tiles,
+    /// with and without accumulation, against the f64 reference.
+    #[test]
+    fn matmul_matches_the_reference_on_ragged_and_whole_tiles() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        for (m, k, n) in [
+            (1, 1, 1),
+            (7, 9, 10),
+            (8, 64, 32),
+            (17, 33, 45),
+            (49, 1152, 192),
+        ] {
+            let (a, b) = (values(m * k, 1), values(k * n, 2));
+            let (c, bound) = reference(&a, &b, m, k, n);
+            let mut rows = vec![0u32; m * pairs(k)];
+            let rows = Bf16Rows::convert(Mat::new(&a, m, k), &mut rows);
+            let packed = PackedB::new(Mat::new(&b, k, n));
+            assert_eq!(packed.dims(), (k, n));
+            let mut dst = vec![f32::NAN; m * n];
+            matmul(&mut dst, &rows, &packed, false);
+            for (i, ((&got, &want), &tol)) in dst.iter().zip(&c).zip(&bound).enumerate() {
+                assert!(
+                    (f64::from(got) - want).abs() <= tol,
+                    "({m}, {k}, {n}) entry {i}: {got} vs {want} (tolerance {tol})"
+                );
+            }
+            let before = dst.clone();
+            matmul(&mut dst, &rows, &packed, true);
+            for ((&twice, &once), &tol) in dst.iter().zip(&before).zip(&bound) {
+                assert!((f64::from(twice) - 2.0 * f64::from(once)).abs() <= 2.0 * tol + 1e-6);
+            }
+        }
+    }
+
+    /// Transposed operands (what weight gradients multiply) convert and
+    /// pack to the same product as their row-major copies.
+    #[test]
+    fn transposed_views_give_the_same_product() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        let (m, k, n) = (13, 21, 19);
+        let (at, bt) = (values(k * m, 3), values(n * k, 4));
+        // Row-major copies of the transposes.
+        let a: Vec<f32> = (0..m * k).map(|x| at[(x % k) * m + x / k]).collect();
+        let b: Vec<f32> = (0..k * n).map(|x| bt[(x % n) * k + x / n]).collect();
+        let product = |a: Mat, b: Mat| {
+            let mut rows = vec![0u32; m * pairs(k)];
+            let rows = Bf16Rows::convert(a, &mut rows);
+            let mut dst = vec![0f32; m * n];
+            matmul(&mut dst, &rows, &PackedB::new(b), false);
+            dst
+        };
+        let direct = product(Mat::new(&a, m, k), Mat::new(&b, k, n));
+        let through_views = product(Mat::new(&at, k, m).t(), Mat::new(&bt, n, k).t());
+        assert_eq!(direct, through_views);
+    }
+}
