@@ -14,6 +14,12 @@ speed on a CPU:
              performance hint LATENCY at batch 1 and THROUGHPUT above it
              (then as many requests in flight as it says is optimal)
 
+and, for nin's bf16 mode, the peers' own low-precision defaults:
+
+  torch-bf16     torch-cl under torch.autocast("cpu", dtype=torch.bfloat16)
+  openvino-bf16  openvino with no precision hint: its default, bf16 on a
+                 CPU with bf16 units (the chosen precision is printed)
+
 Prints one JSON line like the Rust `throughput` example:
 
     python bench/peers.py --engine ort --onnx net.onnx --config net.json \
@@ -50,20 +56,24 @@ def torch_workload(args, config, x):
     if args.onnx:
         load_onnx_weights(model, onnx.load(args.onnx), numpy_helper, torch)
     x = torch.from_numpy(x)
-    if args.engine == "torch-cl":
+    if args.engine in ("torch-cl", "torch-bf16"):
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.arange(args.batch) % config["num_classes"]
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     loss_fn = nn.CrossEntropyLoss()
 
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.engine == "torch-bf16")
+
     def step():
         if args.mode == "forward":
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast:
                 model(x)
         else:
             opt.zero_grad(set_to_none=True)
-            loss_fn(model(x), y).backward()
+            with autocast:
+                loss = loss_fn(model(x), y)
+            loss.backward()
             opt.step()
 
     model.train(args.mode == "train")
@@ -111,11 +121,11 @@ def openvino_workload(args, x):
 
     core = ov.Core()
     hint = "LATENCY" if args.batch == 1 else "THROUGHPUT"
-    compiled = core.compile_model(args.onnx, "CPU", {
-        "INFERENCE_PRECISION_HINT": "f32",
-        "INFERENCE_NUM_THREADS": args.threads,
-        "PERFORMANCE_HINT": hint,
-    })
+    config = {"INFERENCE_NUM_THREADS": args.threads, "PERFORMANCE_HINT": hint}
+    if args.engine == "openvino":
+        config["INFERENCE_PRECISION_HINT"] = "f32"
+    compiled = core.compile_model(args.onnx, "CPU", config)
+    args.precision = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
     if hint == "LATENCY":
         request = compiled.create_infer_request()
         return run_for(args.seconds, lambda: request.infer({0: x}), args.batch)
@@ -132,7 +142,8 @@ def openvino_workload(args, x):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--engine", choices=["torch", "torch-cl", "ort", "openvino"], required=True)
+    engines = ["torch", "torch-cl", "torch-bf16", "ort", "openvino", "openvino-bf16"]
+    ap.add_argument("--engine", choices=engines, required=True)
     ap.add_argument("--config", required=True, help="NinConfig JSON file")
     ap.add_argument("--onnx", help="the network as nin exported it (forward; weights for torch)")
     ap.add_argument("--arch", default="custom", help="name to print")
@@ -146,7 +157,8 @@ def main():
     s = config["input_size"]
     x = np.random.default_rng(0).random((args.batch, config["in_channels"], s, s),
                                         dtype=np.float32)
-    if args.engine in ("torch", "torch-cl"):
+    args.precision = "bf16" if args.engine == "torch-bf16" else "f32"
+    if args.engine.startswith("torch"):
         rate = torch_workload(args, config, x)
     elif args.mode != "forward" or not args.onnx:
         raise SystemExit(f"{args.engine} runs `forward` on an --onnx file only")
@@ -155,7 +167,8 @@ def main():
     else:
         rate = openvino_workload(args, x)
     print(json.dumps({"impl": args.engine, "arch": args.arch, "mode": args.mode,
-                      "batch": args.batch, "images_per_s": round(rate, 1)}))
+                      "batch": args.batch, "precision": args.precision,
+                      "images_per_s": round(rate, 1)}))
 
 
 if __name__ == "__main__":

@@ -87,6 +87,20 @@ pub(crate) struct Bf16Rows<'a> {
 }
 
 impl<'a> Bf16Rows<'a> {
+    /// A (rows, k) matrix already in pairs, row by row (what
+    /// [`matmul_relu`] writes).
+    pub(crate) fn from_pairs(data: &'a [u32], rows: usize, k: usize) -> Self {
+        let p = pairs(k);
+        assert_eq!(data.len(), rows * p, "bf16 rows size");
+        Self {
+            data,
+            rows,
+            pairs: p,
+            row_step: p,
+            pair_step: 1,
+        }
+    }
+
     /// Converts `a` into `out` (`a.rows * pairs(a.cols)` long, overwritten).
     pub(crate) fn convert(a: Mat, out: &'a mut [u32]) -> Self {
         let (rows, p) = (a.rows, pairs(a.cols));
@@ -142,8 +156,8 @@ impl<'a> Bf16Rows<'a> {
     }
 }
 
-/// One contiguous f32 row into bf16 pairs.
-fn convert_row(src: &[f32], out: &mut [u32]) {
+/// One contiguous f32 row into bf16 pairs (a zero pads an odd length).
+pub(crate) fn convert_row(src: &[f32], out: &mut [u32]) {
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     if available() {
@@ -243,30 +257,86 @@ impl PackedB {
 
 /// A pointer the tasks of one [`matmul`] share; each writes its own tiles.
 #[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: tasks write disjoint tiles of the destination (see `matmul`).
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
+struct Out<T>(*mut T);
+// SAFETY: tasks write disjoint tiles of the destination (see `product`).
+unsafe impl<T> Send for Out<T> {}
+unsafe impl<T> Sync for Out<T> {}
 
-impl Out {
+impl<T> Out<T> {
     /// The pointer (a method, so that closures capture the whole `Out`).
-    fn get(self) -> *mut f32 {
+    fn get(self) -> *mut T {
         self.0
     }
+}
+
+/// What a layer does to its product before storing it, per column j:
+/// `relu(v * scale[j] + shift[j])` (scale 1 when `None`): a conv's bias, or
+/// evaluation-mode batch norm, and its ReLU, fused into the kernel's store
+/// instead of another pass over the output.
+#[derive(Clone, Copy)]
+pub(crate) struct Epilogue<'a> {
+    pub scale: Option<&'a [f32]>,
+    pub shift: &'a [f32],
+}
+
+/// How the kernel stores its tiles.
+#[derive(Clone, Copy)]
+struct Store<'a> {
+    c: Out<f32>,
+    accumulate: bool,
+    epilogue: Option<Epilogue<'a>>,
+    /// Also the result as bf16 pairs, [`pairs`]`(N)` per row: the next
+    /// layer's left operand, converted while the tile is in registers.
+    pairs: Option<Out<u32>>,
 }
 
 /// `dst` (row-major (M, N)) = `a` x `b`, or `dst += a x b` when
 /// `accumulate`. Needs [`available`]; the caller picks FP32 otherwise.
 pub(crate) fn matmul(dst: &mut [f32], a: &Bf16Rows, b: &PackedB, accumulate: bool) {
+    assert_eq!(dst.len(), a.rows * b.n, "output size");
+    let store = Store {
+        c: Out(dst.as_mut_ptr()),
+        accumulate,
+        epilogue: None,
+        pairs: None,
+    };
+    product(a, b, store, dst);
+}
+
+/// `dst` = `epilogue`(`a` x `b`), and the same in bf16 pairs into `pairs`
+/// when given (`a.rows * pairs(N)` long): one layer of inference.
+pub(crate) fn matmul_relu(
+    dst: &mut [f32],
+    a: &Bf16Rows,
+    b: &PackedB,
+    epilogue: Epilogue,
+    pairs_out: Option<&mut [u32]>,
+) {
+    assert_eq!(dst.len(), a.rows * b.n, "output size");
+    assert!(epilogue.shift.len() == b.n && epilogue.scale.is_none_or(|s| s.len() == b.n));
+    if let Some(p) = &pairs_out {
+        assert_eq!(p.len(), a.rows * pairs(b.n), "pairs size");
+    }
+    let store = Store {
+        c: Out(dst.as_mut_ptr()),
+        accumulate: false,
+        epilogue: Some(epilogue),
+        pairs: pairs_out.map(|p| Out(p.as_mut_ptr())),
+    };
+    product(a, b, store, dst);
+}
+
+/// The product behind [`matmul`] and [`matmul_relu`]; `dst` is the
+/// destination `store` points into, borrowed for the call.
+fn product(a: &Bf16Rows, b: &PackedB, store: Store, dst: &mut [f32]) {
     assert!(available(), "bf16 matmul without AVX512-BF16");
     assert_eq!(a.pairs, b.pairs, "inner dimensions");
-    assert_eq!(dst.len(), a.rows * b.n, "output size");
     let (m, n) = (a.rows, b.n);
     if m == 0 || n == 0 {
         return;
     }
-    if b.pairs == 0 {
-        if !accumulate {
+    if b.pairs == 0 && store.epilogue.is_none() {
+        if !store.accumulate {
             dst.fill(0.0);
         }
         return;
@@ -277,7 +347,6 @@ pub(crate) fn matmul(dst: &mut [f32], a: &Bf16Rows, b: &PackedB, accumulate: boo
     let wanted = 8 * rayon::current_num_threads();
     let block = (tiles * panels / wanted).clamp(1, 16);
     let blocks = tiles.div_ceil(block);
-    let out = Out(dst.as_mut_ptr());
     (0..blocks * panels).into_par_iter().for_each(|task| {
         let (first, panel) = ((task / panels) * block, task % panels);
         let b_panel = &b.data[panel * b.pairs * NR..(panel + 1) * b.pairs * NR];
@@ -292,14 +361,15 @@ pub(crate) fn matmul(dst: &mut [f32], a: &Bf16Rows, b: &PackedB, accumulate: boo
             };
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the units are present (asserted above); the tile lies
-            // inside `dst` (M x N) and no other task writes it (tasks own
-            // disjoint (tile, panel) pairs); `a` and `b_panel` hold `pairs`
-            // pairs per row.
+            // inside the (M, N) destination and its pairs, and no other
+            // task writes it (tasks own disjoint (tile, panel) pairs); `a`
+            // and `b_panel` hold `pairs` pairs per row; the epilogue's
+            // vectors are N long (asserted by `matmul_relu`).
             unsafe {
-                x86::tile(a, b_panel, out.get(), n, target, accumulate)
+                x86::tile(a, b_panel, n, target, store)
             };
             #[cfg(not(target_arch = "x86_64"))]
-            let _ = (target, b_panel, out.get(), accumulate);
+            let _ = (target, b_panel, store);
         }
     });
 }
@@ -318,7 +388,7 @@ struct Tile {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Bf16Rows, Tile, MR, NR};
+    use super::{Bf16Rows, Store, Tile, MR, NR};
 
     /// Converts the first multiple of 32 values of `src` into pairs;
     /// returns how many values it converted.
@@ -362,24 +432,18 @@ mod x86 {
         whole
     }
 
-    /// One MR x NR tile of C = A x B over all of K, written at `target` of
-    /// the row-major `c` (row stride `ldc`), added to what is there when
-    /// `accumulate`. Rows of `target` past M reuse the last row of A, and
-    /// columns past N are B's zero padding; neither is stored.
+    /// One MR x NR tile of C = A x B over all of K, stored at `target` as
+    /// `store` says (`ldc` values per row of C). Rows of `target` past M
+    /// reuse the last row of A, and columns past N are B's zero padding
+    /// (and the epilogue's zeros); neither is stored.
     ///
     /// # Safety
     /// AVX512-BF16 present; `a` holds rows `target.row..target.row +
-    /// target.rows`; `b` one panel of `a.pairs * NR`; `c` valid for the
-    /// target tile and written by no one else meanwhile.
+    /// target.rows`; `b` one panel of `a.pairs * NR`; `store`'s pointers
+    /// valid for the target tile, written by no one else meanwhile, and
+    /// its epilogue's vectors `ldc` long.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn tile(
-        a: &Bf16Rows,
-        b: &[u32],
-        c: *mut f32,
-        ldc: usize,
-        target: Tile,
-        accumulate: bool,
-    ) {
+    pub(super) unsafe fn tile(a: &Bf16Rows, b: &[u32], ldc: usize, target: Tile, store: Store) {
         let (pairs, step) = (a.pairs, a.pair_step);
         debug_assert!(target.row + target.rows <= a.rows);
         debug_assert_eq!(b.len(), pairs * NR);
@@ -405,23 +469,63 @@ mod x86 {
                 bp = bp.add(NR);
             }
         }
+        let lanes = |first: usize| -> __mmask16 {
+            match target.cols.saturating_sub(first) {
+                0 => 0,
+                l if l >= 16 => !0,
+                l => (1 << l) - 1,
+            }
+        };
+        let masks = [lanes(0), lanes(16)];
+        let columns = |v: &[f32], h: usize| {
+            // SAFETY: masked-off lanes are not read (fault suppression),
+            // and the rest lie inside `v` (ldc long).
+            unsafe { _mm512_maskz_loadu_ps(masks[h], v.as_ptr().wrapping_add(target.col + 16 * h)) }
+        };
+        // Per half: v -> max(v * scale + shift, 0); zeros past N.
+        let affine = store.epilogue.map(|e| {
+            let half = |h| match e.scale {
+                Some(scale) => (columns(scale, h), columns(e.shift, h)),
+                None => (_mm512_set1_ps(1.0), columns(e.shift, h)),
+            };
+            [half(0), half(1)]
+        });
+        let pair_mask: __mmask16 = match target.cols.div_ceil(2) {
+            l if l >= 16 => !0,
+            l => (1 << l) - 1,
+        };
         for (r, acc) in acc.iter().enumerate().take(target.rows) {
-            for (h, &v) in acc.iter().enumerate() {
-                let first = 16 * h;
-                if first >= target.cols {
-                    break;
+            let mut out = *acc;
+            for (h, v) in out.iter_mut().enumerate() {
+                if masks[h] == 0 {
+                    continue;
                 }
-                let lanes = (target.cols - first).min(16);
-                let mask: __mmask16 = if lanes == 16 { !0 } else { (1 << lanes) - 1 };
                 // SAFETY: the masked lanes lie inside the target tile.
                 unsafe {
-                    let p = c.add((target.row + r) * ldc + target.col + first);
-                    let v = if accumulate {
-                        _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, p))
-                    } else {
-                        v
-                    };
-                    _mm512_mask_storeu_ps(p, mask, v);
+                    let p = store
+                        .c
+                        .get()
+                        .add((target.row + r) * ldc + target.col + 16 * h);
+                    if store.accumulate {
+                        *v = _mm512_add_ps(*v, _mm512_maskz_loadu_ps(masks[h], p));
+                    }
+                    if let Some(affine) = affine {
+                        let (a, b) = affine[h];
+                        *v = _mm512_max_ps(_mm512_fmadd_ps(*v, a, b), _mm512_setzero_ps());
+                    }
+                    _mm512_mask_storeu_ps(p, masks[h], *v);
+                }
+            }
+            if let Some(pairs) = store.pairs {
+                // Columns 2j and 2j + 1 of the row: pair j of the next
+                // layer's input. Lanes past N hold zeros, the pad.
+                let per_row = ldc.div_ceil(2);
+                // SAFETY: the pair lanes lie inside this row's pairs.
+                unsafe {
+                    let bf = _mm512_cvtne2ps_pbh(out[1], out[0]);
+                    let p = pairs.get().add((target.row + r) * per_row + target.col / 2);
+                    let bf = std::mem::transmute::<__m512bh, __m512i>(bf);
+                    _mm512_mask_storeu_epi32(p.cast(), pair_mask, bf);
                 }
             }
         }
@@ -541,6 +645,45 @@ mod tests {
             for ((&twice, &once), &tol) in dst.iter().zip(&before).zip(&bound) {
                 assert!((f64::from(twice) - 2.0 * f64::from(once)).abs() <= 2.0 * tol + 1e-6);
             }
+        }
+    }
+
+    /// The fused epilogue equals the plain product followed by
+    /// relu(v * scale + shift), and its pairs equal converting that result;
+    /// an odd N pads the last pair with zero.
+    #[test]
+    fn the_fused_layer_matches_product_then_epilogue() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        for (m, k, n, scaled) in [(9, 20, 45, true), (33, 64, 64, false), (5, 3, 7, true)] {
+            let (a, b) = (values(m * k, 5), values(k * n, 6));
+            let (scale, shift) = (values(n, 7), values(n, 8));
+            let mut rows = vec![0u32; m * pairs(k)];
+            let rows = Bf16Rows::convert(Mat::new(&a, m, k), &mut rows);
+            let packed = PackedB::new(Mat::new(&b, k, n));
+            let mut plain = vec![0f32; m * n];
+            matmul(&mut plain, &rows, &packed, false);
+            let expected: Vec<f32> = plain
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| {
+                    let j = i % n;
+                    let a = if scaled { scale[j] } else { 1.0 };
+                    v.mul_add(a, shift[j]).max(0.0)
+                })
+                .collect();
+            let epilogue = Epilogue {
+                scale: scaled.then_some(&scale[..]),
+                shift: &shift,
+            };
+            let (mut fused, mut out_pairs) = (vec![f32::NAN; m * n], vec![7u32; m * pairs(n)]);
+            matmul_relu(&mut fused, &rows, &packed, epilogue, Some(&mut out_pairs));
+            assert_eq!(fused, expected, "({m}, {k}, {n})");
+            let mut converted = vec![0u32; m * pairs(n)];
+            Bf16Rows::convert(Mat::new(&expected, m, n), &mut converted);
+            assert_eq!(out_pairs, converted, "({m}, {k}, {n}) pairs");
         }
     }
 

@@ -85,6 +85,43 @@ pub(crate) fn im2col_into(g: &Geometry, src: &[f32], out: &mut [f32]) -> Result<
     Ok(())
 }
 
+/// [`im2col_into`] straight into bf16 pairs ([`crate::bf16`]): rows of
+/// k*k*C/2 pairs, so a bf16 inference layer never writes f32 columns only
+/// to convert them. C must be even, so that no pair straddles two taps.
+pub(crate) fn im2col_pairs_into(g: &Geometry, src: &[f32], out: &mut [u32]) -> Result<()> {
+    let (oh, ow) = g.out_dims()?;
+    let (k, c) = (g.window.kernel, g.c);
+    let row_len = k * k * c / 2;
+    if c % 2 != 0 {
+        bail!("im2col into pairs: {c} channels is odd")
+    }
+    if src.len() != g.n * g.h * g.w * c || out.len() != g.n * oh * ow * row_len {
+        bail!("im2col into pairs: buffer sizes do not match {g:?}")
+    }
+    out.par_chunks_mut(ow * row_len)
+        .enumerate()
+        .for_each(|(task, rows)| {
+            let (n, oy) = (task / oh, task % oh);
+            let image = &src[n * g.h * g.w * c..(n + 1) * g.h * g.w * c];
+            for (ox, row) in rows.chunks_mut(row_len).enumerate() {
+                for ky in 0..k {
+                    for kx in 0..k {
+                        let tap = ky * k + kx;
+                        let dst = &mut row[tap * c / 2..(tap + 1) * c / 2];
+                        match g.source(oy, ox, ky, kx) {
+                            Some((y, x)) => {
+                                let at = (y * g.w + x) * c;
+                                crate::bf16::convert_row(&image[at..at + c], dst);
+                            }
+                            None => dst.fill(0),
+                        }
+                    }
+                }
+            }
+        });
+    Ok(())
+}
+
 /// col2im on slices, the gradient of [`im2col_into`]: every entry of the
 /// (N*H'*W', k*k*C) `cols` flows back to the pixel it came from. `out`
 /// ((N*H*W, C)) is overwritten, so it may hold anything beforehand.
@@ -510,5 +547,30 @@ mod tests {
         let pixel = |y: usize, x: usize| counts[(y * 3 + x) * 2];
         assert_eq!((pixel(0, 0), pixel(1, 1), pixel(2, 2)), (1.0, 4.0, 1.0));
         assert_eq!((pixel(0, 1), pixel(1, 0)), (2.0, 2.0));
+    }
+
+    #[test]
+    fn im2col_into_pairs_is_im2col_then_conversion() {
+        // 40 channels: a whole vector of 32 and a scalar tail per tap.
+        let g = Geometry {
+            window: Window::new(3, 2, 1),
+            n: 2,
+            h: 5,
+            w: 4,
+            c: 40,
+        };
+        let src: Vec<f32> = (0..2 * 5 * 4 * 40)
+            .map(|v| (v as f32 * 0.37).sin())
+            .collect();
+        let (oh, ow) = g.out_dims().unwrap();
+        let mut cols = vec![0f32; 2 * oh * ow * 9 * 40];
+        im2col_into(&g, &src, &mut cols).unwrap();
+        let mut expected = vec![0u32; cols.len() / 2];
+        crate::bf16::convert_row(&cols, &mut expected);
+        let mut pairs = vec![u32::MAX; expected.len()];
+        im2col_pairs_into(&g, &src, &mut pairs).unwrap();
+        assert_eq!(pairs, expected);
+        let odd = Geometry { c: 3, ..g };
+        assert!(im2col_pairs_into(&odd, &src[..2 * 5 * 4 * 3], &mut pairs).is_err());
     }
 }

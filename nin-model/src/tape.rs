@@ -34,6 +34,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{bail, Device, Result, Tensor, Var};
 
 use crate::bf16::PackedB;
+use crate::bf16::{self, Bf16Rows, Epilogue};
 use crate::block::{BiasOrNorm, ConvUnit, BN_EPS};
 use crate::channels_last::{self as cl, Geometry, NormStats};
 use crate::config::Window;
@@ -179,6 +180,9 @@ fn weight_from_matrix(m: &[f32], dims: (usize, usize, usize, usize)) -> Result<T
 /// Feature maps in flight: (N*H*W, C) values, channels last.
 struct Maps {
     data: Arc<Buf<f32>>,
+    /// The same values as bf16 pairs, when a bf16 inference layer wrote
+    /// them for the 1x1 convolution that comes next.
+    pairs: Option<Arc<Buf<u32>>>,
     n: usize,
     h: usize,
     w: usize,
@@ -301,16 +305,19 @@ fn forward_here<'a>(
     data.copy_from_slice(&input);
     let mut maps = Maps {
         data: Arc::new(data),
+        pairs: None,
         n,
         h,
         w,
         c,
     };
     let mut records = Vec::new();
-    for step in steps {
+    let pointwise_next = pointwise_next(&steps);
+    for (step, pointwise_next) in steps.into_iter().zip(pointwise_next) {
         maps = match step {
             Step::Conv(unit) => {
-                let (out, record) = conv_forward(unit, &maps, train, precision, pool)?;
+                let (out, record) =
+                    conv_forward(unit, &maps, train, (precision, pointwise_next), pool)?;
                 if let Some(record) = record {
                     records.push(Record::Conv(Box::new(record)));
                 }
@@ -328,6 +335,7 @@ fn forward_here<'a>(
                 }
                 Maps {
                     data: Arc::new(out),
+                    pairs: None,
                     h: oh,
                     w: ow,
                     ..maps
@@ -345,6 +353,7 @@ fn forward_here<'a>(
                     records.push(Record::Dropout { mask });
                     Maps {
                         data: Arc::new(out),
+                        pairs: None,
                         ..maps
                     }
                 }
@@ -390,12 +399,87 @@ fn forward_here<'a>(
     Ok((logits, tape))
 }
 
+/// [`conv_forward`] for bf16 inference: one fused pass per layer (product,
+/// bias or norm, ReLU, and with `pairs_next` the bf16 copy the next 1x1
+/// convolution reads), and the input taken as bf16 pairs where it can be:
+/// the pairs the layer before wrote, or im2col straight into pairs.
+fn conv_forward_bf16(
+    unit: &ConvUnit,
+    x: &Maps,
+    geometry: &Geometry,
+    (oh, ow): (usize, usize),
+    pairs_next: bool,
+    pool: &Arc<Buffers>,
+) -> Result<Maps> {
+    let (c_out, c_in, k, _) = unit.weight.dims4()?;
+    let (m, row_len) = (x.n * oh * ow, k * k * c_in);
+    let weights = weight_matrix_of(unit)?;
+    let packed = packed_weights_of(unit, Mat::new(&weights, row_len, c_out));
+    let (scale, shift) = match &unit.after {
+        BiasOrNorm::Bias(bias) => (None, bias.to_vec1::<f32>()?),
+        BiasOrNorm::Norm(norm) => {
+            let (scale, shift) = norm.eval_affine()?;
+            (Some(scale.to_vec1::<f32>()?), shift.to_vec1::<f32>()?)
+        }
+    };
+    let pointwise = unit.window == Window::new(1, 1, 0);
+    let given = x.pairs.as_deref().filter(|_| pointwise);
+    let mut converted = pool.take::<u32>(if given.is_some() {
+        0
+    } else {
+        m * bf16::pairs(row_len)
+    });
+    let rows = match given {
+        Some(pairs) => Bf16Rows::from_pairs(pairs, m, row_len),
+        None if pointwise => Bf16Rows::convert(Mat::new(&x.data, m, row_len), &mut converted),
+        None if c_in % 2 == 0 => {
+            cl::im2col_pairs_into(geometry, &x.data, &mut converted)?;
+            Bf16Rows::from_pairs(&converted, m, row_len)
+        }
+        None => {
+            let mut cols = pool.take(m * row_len);
+            cl::im2col_into(geometry, &x.data, &mut cols)?;
+            Bf16Rows::convert(Mat::new(&cols, m, row_len), &mut converted)
+        }
+    };
+    let epilogue = Epilogue {
+        scale: scale.as_deref(),
+        shift: &shift,
+    };
+    let mut y = pool.take(m * c_out);
+    let mut pairs = pairs_next.then(|| pool.take(m * bf16::pairs(c_out)));
+    bf16::matmul_relu(&mut y, &rows, &packed, epilogue, pairs.as_deref_mut());
+    Ok(Maps {
+        data: Arc::new(y),
+        pairs: pairs.map(Arc::new),
+        n: x.n,
+        h: oh,
+        w: ow,
+        c: c_out,
+    })
+}
+
+/// For each step, whether the next convolution (past layer ends and
+/// dropout, which inference skips) is a 1x1 one that reads its input maps
+/// as they are: what a bf16 inference layer writes bf16 pairs for.
+fn pointwise_next(steps: &[Step]) -> Vec<bool> {
+    (0..steps.len())
+        .map(|i| {
+            let next = steps[i + 1..]
+                .iter()
+                .find(|s| !matches!(s, Step::End(_) | Step::Dropout(..)));
+            matches!(next, Some(Step::Conv(unit))
+                if unit.window == Window::new(1, 1, 0))
+        })
+        .collect()
+}
+
 /// conv -> bias or batch norm -> ReLU on channels-last maps.
 fn conv_forward(
     unit: &ConvUnit,
     x: &Maps,
     train: bool,
-    precision: Precision,
+    (precision, pairs_next): (Precision, bool),
     pool: &Arc<Buffers>,
 ) -> Result<(Maps, Option<ConvRecord>)> {
     let (c_out, c_in, k, _) = unit.weight.dims4()?;
@@ -412,6 +496,10 @@ fn conv_forward(
         )
     };
     let (m, row_len) = (x.n * oh * ow, k * k * c_in);
+    if precision == Precision::Bf16 && !train {
+        let maps = conv_forward_bf16(unit, x, &geometry, (oh, ow), pairs_next, pool)?;
+        return Ok((maps, None));
+    }
     let input = if k == 1 && unit.window.stride == 1 && unit.window.padding == 0 {
         Input::Maps(x.data.clone())
     } else {
@@ -464,6 +552,7 @@ fn conv_forward(
     let out = Arc::new(out);
     let maps = Maps {
         data: out.clone(),
+        pairs: None,
         n: x.n,
         h: oh,
         w: ow,
