@@ -158,13 +158,13 @@ impl<'a> Bf16Rows<'a> {
 
 /// One contiguous f32 row into bf16 pairs (a zero pads an odd length).
 pub(crate) fn convert_row(src: &[f32], out: &mut [u32]) {
-    let mut done = 0;
+    assert_eq!(out.len(), src.len().div_ceil(2), "pairs of a row");
     #[cfg(target_arch = "x86_64")]
     if available() {
         // SAFETY: the units are present (checked above).
-        done = unsafe { x86::convert_row(src, out) };
+        return unsafe { x86::convert_row(src, out) };
     }
-    for (q, v) in out.iter_mut().enumerate().skip(done / 2) {
+    for (q, v) in out.iter_mut().enumerate() {
         let lo = src.get(2 * q).copied().unwrap_or(0.0);
         let hi = src.get(2 * q + 1).copied().unwrap_or(0.0);
         *v = pair(lo, hi);
@@ -173,13 +173,13 @@ pub(crate) fn convert_row(src: &[f32], out: &mut [u32]) {
 
 /// Pairs `(lo[j], hi[j])` (`hi` zero when `None`) into `out[j]`.
 fn interleave(lo: &[f32], hi: Option<&[f32]>, out: &mut [u32]) {
-    let mut done = 0;
+    assert!(lo.len() >= out.len() && hi.is_none_or(|hi| hi.len() >= out.len()));
     #[cfg(target_arch = "x86_64")]
     if available() {
         // SAFETY: the units are present (checked above).
-        done = unsafe { x86::interleave(lo, hi, out) };
+        return unsafe { x86::interleave(lo, hi, out) };
     }
-    for (j, v) in out.iter_mut().enumerate().skip(done) {
+    for (j, v) in out.iter_mut().enumerate() {
         *v = pair(lo[j], hi.map_or(0.0, |hi| hi[j]));
     }
 }
@@ -282,7 +282,8 @@ pub(crate) struct Epilogue<'a> {
 /// How the kernel stores its tiles.
 #[derive(Clone, Copy)]
 struct Store<'a> {
-    c: Out<f32>,
+    /// C in f32, unless only its pairs are wanted.
+    c: Option<Out<f32>>,
     accumulate: bool,
     epilogue: Option<Epilogue<'a>>,
     /// Also the result as bf16 pairs, [`pairs`]`(N)` per row: the next
@@ -295,51 +296,55 @@ struct Store<'a> {
 pub(crate) fn matmul(dst: &mut [f32], a: &Bf16Rows, b: &PackedB, accumulate: bool) {
     assert_eq!(dst.len(), a.rows * b.n, "output size");
     let store = Store {
-        c: Out(dst.as_mut_ptr()),
+        c: Some(Out(dst.as_mut_ptr())),
         accumulate,
         epilogue: None,
         pairs: None,
     };
-    product(a, b, store, dst);
+    if !product(a, b, store) && !accumulate {
+        dst.fill(0.0);
+    }
 }
 
 /// `dst` = `epilogue`(`a` x `b`), and the same in bf16 pairs into `pairs`
-/// when given (`a.rows * pairs(N)` long): one layer of inference.
+/// (`a.rows * pairs(N)` long): one layer of inference. Either may be
+/// left out: a layer whose output only the next 1x1 convolution reads
+/// needs only its pairs.
 pub(crate) fn matmul_relu(
-    dst: &mut [f32],
+    dst: Option<&mut [f32]>,
     a: &Bf16Rows,
     b: &PackedB,
     epilogue: Epilogue,
     pairs_out: Option<&mut [u32]>,
 ) {
-    assert_eq!(dst.len(), a.rows * b.n, "output size");
+    if let Some(dst) = &dst {
+        assert_eq!(dst.len(), a.rows * b.n, "output size");
+    }
     assert!(epilogue.shift.len() == b.n && epilogue.scale.is_none_or(|s| s.len() == b.n));
     if let Some(p) = &pairs_out {
         assert_eq!(p.len(), a.rows * pairs(b.n), "pairs size");
     }
     let store = Store {
-        c: Out(dst.as_mut_ptr()),
+        c: dst.map(|d| Out(d.as_mut_ptr())),
         accumulate: false,
         epilogue: Some(epilogue),
         pairs: pairs_out.map(|p| Out(p.as_mut_ptr())),
     };
-    product(a, b, store, dst);
+    product(a, b, store);
 }
 
-/// The product behind [`matmul`] and [`matmul_relu`]; `dst` is the
-/// destination `store` points into, borrowed for the call.
-fn product(a: &Bf16Rows, b: &PackedB, store: Store, dst: &mut [f32]) {
+/// The product behind [`matmul`] and [`matmul_relu`], stored through
+/// `store`'s pointers (the callers hold the borrows). Returns false, and
+/// stores nothing, for an empty K without an epilogue.
+fn product(a: &Bf16Rows, b: &PackedB, store: Store) -> bool {
     assert!(available(), "bf16 matmul without AVX512-BF16");
     assert_eq!(a.pairs, b.pairs, "inner dimensions");
     let (m, n) = (a.rows, b.n);
     if m == 0 || n == 0 {
-        return;
+        return true;
     }
     if b.pairs == 0 && store.epilogue.is_none() {
-        if !store.accumulate {
-            dst.fill(0.0);
-        }
-        return;
+        return false;
     }
     let (tiles, panels) = (m.div_ceil(MR), n.div_ceil(NR));
     // Enough tasks for every thread to steal a few; a task's tiles share
@@ -372,6 +377,7 @@ fn product(a: &Bf16Rows, b: &PackedB, store: Store, dst: &mut [f32]) {
             let _ = (target, b_panel, store);
         }
     });
+    true
 }
 
 /// Where one micro-kernel call writes: rows `row..row + rows`, columns
@@ -390,46 +396,55 @@ mod x86 {
 
     use super::{Bf16Rows, Store, Tile, MR, NR};
 
-    /// Converts the first multiple of 32 values of `src` into pairs;
-    /// returns how many values it converted.
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn convert_row(src: &[f32], out: &mut [u32]) -> usize {
-        let whole = src.len() / 32 * 32;
-        for (values, pairs) in src[..whole].chunks_exact(32).zip(out.chunks_exact_mut(16)) {
-            // SAFETY: 32 values in, 16 pairs out, unaligned loads and stores.
-            unsafe {
-                let lo = _mm512_loadu_ps(values.as_ptr());
-                let hi = _mm512_loadu_ps(values.as_ptr().add(16));
-                let bf = _mm512_cvtne2ps_pbh(hi, lo);
-                _mm512_storeu_si512(
-                    pairs.as_mut_ptr().cast(),
-                    std::mem::transmute::<__m512bh, __m512i>(bf),
-                );
-            }
+    /// The first `n` of 16 lanes.
+    fn lanes(n: usize) -> __mmask16 {
+        if n >= 16 {
+            !0
+        } else {
+            (1 << n) - 1
         }
-        whole
     }
 
-    /// Pairs `(lo[j], hi[j])` (`hi` zero when `None`) into `out[j]` for
-    /// the first multiple of 16 entries; returns how many it paired.
+    /// Converts `src` into `out`'s pairs (an odd length padded with zero),
+    /// 32 values at a time, the last run masked.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn interleave(lo: &[f32], hi: Option<&[f32]>, out: &mut [u32]) -> usize {
-        let whole = out.len() / 16 * 16;
-        for (j, out) in (0..whole).step_by(16).zip(out.chunks_exact_mut(16)) {
-            // SAFETY: 16 values from each row (as long as `out`), 16 out.
+    pub(super) unsafe fn convert_row(src: &[f32], out: &mut [u32]) {
+        debug_assert_eq!(out.len(), src.len().div_ceil(2));
+        for (start, pairs) in (0..src.len()).step_by(32).zip(out.chunks_mut(16)) {
+            let left = src.len() - start;
+            // SAFETY: masked lanes stay inside `src` and `pairs`; unaligned
+            // loads and stores.
             unsafe {
-                let l = _mm512_cvtneps_pbh(_mm512_loadu_ps(lo[j..j + 16].as_ptr()));
-                let h = match hi {
-                    Some(hi) => _mm512_cvtneps_pbh(_mm512_loadu_ps(hi[j..j + 16].as_ptr())),
-                    None => std::mem::transmute::<__m256i, __m256bh>(_mm256_setzero_si256()),
-                };
-                let l = _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(l));
-                let h = _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(h));
-                let v = _mm512_or_si512(l, _mm512_slli_epi32::<16>(h));
-                _mm512_storeu_si512(out.as_mut_ptr().cast(), v);
+                let p = src.as_ptr().add(start);
+                let lo = _mm512_maskz_loadu_ps(lanes(left), p);
+                let hi = _mm512_maskz_loadu_ps(lanes(left.saturating_sub(16)), p.wrapping_add(16));
+                let bf = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+                _mm512_mask_storeu_epi32(pairs.as_mut_ptr().cast(), lanes(pairs.len()), bf);
             }
         }
-        whole
+    }
+
+    /// Pairs `(lo[j], hi[j])` (`hi` zero when `None`) into `out[j]`, 16 at
+    /// a time, the last run masked.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn interleave(lo: &[f32], hi: Option<&[f32]>, out: &mut [u32]) {
+        debug_assert!(lo.len() >= out.len() && hi.is_none_or(|hi| hi.len() >= out.len()));
+        for (j, out) in (0..out.len()).step_by(16).zip(out.chunks_mut(16)) {
+            let mask = lanes(out.len());
+            // SAFETY: masked lanes stay inside the rows and `out`.
+            unsafe {
+                let convert = |row: &[f32]| {
+                    let v = _mm512_maskz_loadu_ps(mask, row.as_ptr().add(j));
+                    std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v))
+                };
+                let l = _mm512_cvtepu16_epi32(convert(lo));
+                let h = hi.map_or(_mm512_setzero_si512(), |hi| {
+                    _mm512_cvtepu16_epi32(convert(hi))
+                });
+                let v = _mm512_or_si512(l, _mm512_slli_epi32::<16>(h));
+                _mm512_mask_storeu_epi32(out.as_mut_ptr().cast(), mask, v);
+            }
+        }
     }
 
     /// One MR x NR tile of C = A x B over all of K, stored at `target` as
@@ -502,18 +517,17 @@ mod x86 {
                 }
                 // SAFETY: the masked lanes lie inside the target tile.
                 unsafe {
-                    let p = store
-                        .c
-                        .get()
-                        .add((target.row + r) * ldc + target.col + 16 * h);
-                    if store.accumulate {
-                        *v = _mm512_add_ps(*v, _mm512_maskz_loadu_ps(masks[h], p));
+                    let at = (target.row + r) * ldc + target.col + 16 * h;
+                    if let (true, Some(c)) = (store.accumulate, store.c) {
+                        *v = _mm512_add_ps(*v, _mm512_maskz_loadu_ps(masks[h], c.get().add(at)));
                     }
                     if let Some(affine) = affine {
                         let (a, b) = affine[h];
                         *v = _mm512_max_ps(_mm512_fmadd_ps(*v, a, b), _mm512_setzero_ps());
                     }
-                    _mm512_mask_storeu_ps(p, masks[h], *v);
+                    if let Some(c) = store.c {
+                        _mm512_mask_storeu_ps(c.get().add(at), masks[h], *v);
+                    }
                 }
             }
             if let Some(pairs) = store.pairs {
@@ -573,23 +587,23 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX512-BF16");
             return;
         }
-        let mut src = values(100, 7);
+        // An odd length: three whole runs of 32, then a masked one of 3.
+        let mut src = values(99, 7);
         src[3] = f32::NAN;
         src[40] = -1e-40;
         src[41] = 1.0 + 1.0 / 256.0;
         src[70] = f32::NEG_INFINITY;
         let mut out = vec![0u32; pairs(src.len())];
         convert_row(&src, &mut out);
-        for (q, &v) in out.iter().enumerate() {
-            for (half, &x) in src[2 * q..2 * q + 2].iter().enumerate() {
-                let h = (v >> (16 * half)) as u16;
-                if x.is_nan() {
-                    assert!(widen(h).is_nan());
-                } else {
-                    assert_eq!(h, round(x), "value {} ({x})", 2 * q + half);
-                }
+        for (i, &x) in src.iter().enumerate() {
+            let h = (out[i / 2] >> (16 * (i % 2))) as u16;
+            if x.is_nan() {
+                assert!(widen(h).is_nan());
+            } else {
+                assert_eq!(h, round(x), "value {i} ({x})");
             }
         }
+        assert_eq!(out[49] >> 16, 0, "the pad of an odd row");
     }
 
     /// C = A x B in f64 from the bf16-rounded inputs, and a bound on the
@@ -679,11 +693,21 @@ mod tests {
                 shift: &shift,
             };
             let (mut fused, mut out_pairs) = (vec![f32::NAN; m * n], vec![7u32; m * pairs(n)]);
-            matmul_relu(&mut fused, &rows, &packed, epilogue, Some(&mut out_pairs));
+            matmul_relu(
+                Some(&mut fused),
+                &rows,
+                &packed,
+                epilogue,
+                Some(&mut out_pairs),
+            );
             assert_eq!(fused, expected, "({m}, {k}, {n})");
             let mut converted = vec![0u32; m * pairs(n)];
             Bf16Rows::convert(Mat::new(&expected, m, n), &mut converted);
             assert_eq!(out_pairs, converted, "({m}, {k}, {n}) pairs");
+            // Pairs alone: the same pairs.
+            let mut alone = vec![7u32; m * pairs(n)];
+            matmul_relu(None, &rows, &packed, epilogue, Some(&mut alone));
+            assert_eq!(alone, converted, "({m}, {k}, {n}) pairs alone");
         }
     }
 

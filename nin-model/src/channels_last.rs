@@ -402,6 +402,25 @@ impl Geometry {
     }
 }
 
+impl Geometry {
+    /// [`Geometry::argmax`]'s values alone (inference needs no winners):
+    /// the same maximum, NaN included, at half the work.
+    fn max(&self, image: &[f32], oy: usize, ox: usize, best: &mut [f32]) {
+        let (rows, cols) = (self.window.span(oy, self.h), self.window.span(ox, self.w));
+        best.fill(f32::NEG_INFINITY);
+        for y in rows {
+            for x in cols.clone() {
+                let p = y * self.w + x;
+                let v = &image[p * self.c..(p + 1) * self.c];
+                for (b, &v) in best.iter_mut().zip(v) {
+                    // NaN wins and then stays: NaN > b and b > NaN are both false.
+                    *b = if (v > *b) | v.is_nan() { v } else { *b };
+                }
+            }
+        }
+    }
+}
+
 /// Max-pool on slices: `src` (N*H*W, C) -> `out` (N*H'*W', C). With
 /// `winners`, also records for each output entry the input pixel (index
 /// within its image) that won, for [`max_pool_backward_into`].
@@ -422,16 +441,17 @@ pub(crate) fn max_pool_into(
     let pool_row = |task: usize, row: &mut [f32], won: Option<&mut [u32]>| {
         let (n, oy) = (task / oh, task % oh);
         let image = &src[n * image_len..(n + 1) * image_len];
-        let mut scratch = Vec::new();
-        let won = match won {
-            Some(won) => won,
-            None => {
-                scratch.resize(row.len(), 0);
-                &mut scratch
+        match won {
+            Some(won) => {
+                for (ox, (out, at)) in row.chunks_mut(c).zip(won.chunks_mut(c)).enumerate() {
+                    g.argmax(image, oy, ox, out, at);
+                }
             }
-        };
-        for (ox, (out, at)) in row.chunks_mut(c).zip(won.chunks_mut(c)).enumerate() {
-            g.argmax(image, oy, ox, out, at);
+            None => {
+                for (ox, out) in row.chunks_mut(c).enumerate() {
+                    g.max(image, oy, ox, out);
+                }
+            }
         }
     };
     // One task per output image row (n, oy).
@@ -515,6 +535,11 @@ mod tests {
         let won: Vec<u32> = winners.iter().step_by(2).copied().collect();
         assert_eq!(won, [1, 1, 4, 5]);
         assert!(winners.iter().skip(1).step_by(2).all(|&p| p == 4));
+        // Without winners (inference), the same values.
+        let mut values_only = vec![0f32; 8];
+        max_pool_into(&geometry(), &src, &mut values_only, None).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&values_only), bits(&out));
 
         let mut grad_in = vec![f32::NAN; 18]; // overwritten, whatever it held
         max_pool_backward_into(&geometry(), &winners, &[1.0; 8], &mut grad_in).unwrap();
