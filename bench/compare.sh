@@ -8,7 +8,9 @@
 # and in channels_last, ONNX Runtime and OpenVINO (f32), the last two on
 # the ONNX file that nin's `throughput --onnx` exports of the very network
 # it measures; PyTorch builds its twin from the same config and takes the
-# same weights from that file. Installs them from PyPI into bench/.venv on
+# same weights from that file. nin also runs `--precision bf16`, against
+# the peers' own bf16 defaults: PyTorch autocast (channels_last) and
+# OpenVINO without a precision hint (bf16 where the CPU has the units). Installs them from PyPI into bench/.venv on
 # first use (about 5 GB: PyPI's torch brings CUDA libraries; it runs on the
 # CPU), builds the Rust `throughput` example, then runs every workload on
 # every engine, interleaved round by round (so a noisy neighbour hurts all
@@ -59,11 +61,14 @@ for round in $(seq "$rounds"); do
   for w in "${workloads[@]}"; do
     set -- $w
     arch=$1 mode=$2 batch=$3
-    ./target/release/examples/throughput "$(network "$arch" "$mode")" "$mode" "$batch" "$seconds" \
-      | "$venv/bin/python" -c 'import json,sys; r=json.load(sys.stdin); r["arch"]=sys.argv[1]; print(json.dumps(r))' "$arch" \
-      >> "$work/results.jsonl"
-    engines="torch torch-cl"
-    [ "$mode" = forward ] && engines="$engines ort openvino"
+    for precision in fp32 bf16; do
+      ./target/release/examples/throughput --precision "$precision" \
+        "$(network "$arch" "$mode")" "$mode" "$batch" "$seconds" \
+        | "$venv/bin/python" -c 'import json,sys; r=json.load(sys.stdin); r["arch"]=sys.argv[1]; r["impl"]="nin-bf16" if r["precision"]=="bf16" else "nin"; print(json.dumps(r))' "$arch" \
+        >> "$work/results.jsonl"
+    done
+    engines="torch torch-cl torch-bf16"
+    [ "$mode" = forward ] && engines="$engines ort openvino openvino-bf16"
     for engine in $engines; do
       "$venv/bin/python" bench/peers.py --engine "$engine" --config "$work/$arch.json" \
         --onnx "$work/$arch.onnx" --arch "$arch" --mode "$mode" --batch "$batch" \
@@ -77,24 +82,32 @@ done
 "$venv/bin/python" - "$work/results.jsonl" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
-engines = ["nin", "torch", "torch-cl", "ort", "openvino"]
 titles = {"nin": "nin", "torch": "PyTorch NCHW", "torch-cl": "PyTorch ch-last",
-          "ort": "ONNX Runtime", "openvino": "OpenVINO f32"}
+          "ort": "ONNX Runtime", "openvino": "OpenVINO f32",
+          "nin-bf16": "nin bf16", "torch-bf16": "PyTorch bf16 autocast",
+          "openvino-bf16": "OpenVINO default"}
 workloads = []
 for r in rows:
     k = (r["arch"], r["mode"], r["batch"])
     if k not in workloads:
         workloads.append(k)
-print("images/s, medians; ratio = nin / the fastest peer\n")
-print("| workload | " + " | ".join(titles[e] for e in engines) + " | ratio |")
-print("|---|" + "---:|" * (len(engines) + 1))
-for k in workloads:
-    medians = {}
-    for e in engines:
-        runs = [r["images_per_s"] for r in rows if (r["arch"], r["mode"], r["batch"]) == k and r["impl"] == e]
-        if runs:
-            medians[e] = statistics.median(runs)
-    best = max(v for e, v in medians.items() if e != "nin")
-    cells = [f"{medians[e]:,.0f}" if e in medians else "-" for e in engines]
-    print(f"| {k[0]} {k[1]} b{k[2]} | " + " | ".join(cells) + f" | {medians['nin'] / best:.2f}x |")
+ov = {r["precision"] for r in rows if r["impl"] == "openvino-bf16"}
+print("images/s, medians; ratio = nin / the fastest peer")
+print(f"(OpenVINO default chose: {', '.join(sorted(ov))})")
+for ours, engines in [("nin", ["torch", "torch-cl", "ort", "openvino"]),
+                      ("nin-bf16", ["torch-bf16", "openvino-bf16"])]:
+    engines = [ours] + engines
+    print()
+    print("| workload | " + " | ".join(titles[e] for e in engines) + " | ratio |")
+    print("|---|" + "---:|" * (len(engines) + 1))
+    for k in workloads:
+        medians = {}
+        for e in engines:
+            runs = [r["images_per_s"] for r in rows
+                    if (r["arch"], r["mode"], r["batch"]) == k and r["impl"] == e]
+            if runs:
+                medians[e] = statistics.median(runs)
+        best = max(v for e, v in medians.items() if e != ours)
+        cells = [f"{medians[e]:,.0f}" if e in medians else "-" for e in engines]
+        print(f"| {k[0]} {k[1]} b{k[2]} | " + " | ".join(cells) + f" | {medians[ours] / best:.2f}x |")
 PY

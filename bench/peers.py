@@ -125,7 +125,8 @@ def openvino_workload(args, x):
     if args.engine == "openvino":
         config["INFERENCE_PRECISION_HINT"] = "f32"
     compiled = core.compile_model(args.onnx, "CPU", config)
-    args.precision = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+    chosen = compiled.get_property("INFERENCE_PRECISION_HINT")
+    args.precision = chosen.get_type_name() if hasattr(chosen, "get_type_name") else str(chosen)
     if hint == "LATENCY":
         request = compiled.create_infer_request()
         return run_for(args.seconds, lambda: request.infer({0: x}), args.batch)

@@ -22,6 +22,8 @@
 //! B stays in L2, one strip of A in L1), and writes edges with masked
 //! stores, so M, N and K need no padding by the caller.
 
+use std::ops::{Deref, DerefMut};
+
 use rayon::prelude::*;
 
 use crate::matmul::Mat;
@@ -186,10 +188,11 @@ fn interleave(lo: &[f32], hi: Option<&[f32]>, out: &mut [u32]) {
 
 /// A (K, N) matrix packed for [`matmul`]: panels of [`NR`] columns, each
 /// [`pairs`]`(K)` rows of NR pairs. Columns past N and the pad of an odd K
-/// are zeros.
+/// are zeros. Owned (`Vec`, what a fixed weight keeps) or in a buffer
+/// lent for one call (training packs operands on every step).
 #[derive(Debug)]
-pub(crate) struct PackedB {
-    data: Vec<u32>,
+pub(crate) struct PackedB<D = Vec<u32>> {
+    data: D,
     k: usize,
     n: usize,
     pairs: usize,
@@ -198,10 +201,25 @@ pub(crate) struct PackedB {
 impl PackedB {
     /// Packs `b` (any strides).
     pub(crate) fn new(b: Mat) -> Self {
+        Self::new_in(b, vec![0u32; Self::len_for(b.rows, b.cols)])
+    }
+}
+
+impl<D: Deref<Target = [u32]>> PackedB<D> {
+    /// Values a packed (K, N) matrix takes.
+    pub(crate) fn len_for(k: usize, n: usize) -> usize {
+        n.div_ceil(NR) * pairs(k) * NR
+    }
+
+    /// Packs `b` (any strides) into `data` ([`PackedB::len_for`] long; its
+    /// contents are overwritten, padding included).
+    pub(crate) fn new_in(b: Mat, mut data: D) -> Self
+    where
+        D: DerefMut,
+    {
         let (k, n) = (b.rows, b.cols);
         let p = pairs(k);
-        let panels = n.div_ceil(NR);
-        let mut data = vec![0u32; panels * p * NR];
+        assert_eq!(data.len(), Self::len_for(k, n), "packed size");
         let at = |kk: usize, j: usize| {
             if kk < k {
                 b.data[kk * b.row_stride + j * b.col_stride]
@@ -225,6 +243,7 @@ impl PackedB {
                         };
                         let lo = row(2 * q).expect("pair inside K");
                         interleave(lo, row(2 * q + 1), &mut out[..width]);
+                        out[width..].fill(0);
                     }
                 });
         } else if p > 0 {
@@ -234,9 +253,11 @@ impl PackedB {
                     for (q, row) in values.chunks_mut(NR).enumerate() {
                         for (jj, v) in row.iter_mut().enumerate() {
                             let j = panel * NR + jj;
-                            if j < n {
-                                *v = pair(at(2 * q, j), at(2 * q + 1, j));
-                            }
+                            *v = if j < n {
+                                pair(at(2 * q, j), at(2 * q + 1, j))
+                            } else {
+                                0
+                            };
                         }
                     }
                 });
@@ -293,7 +314,12 @@ struct Store<'a> {
 
 /// `dst` (row-major (M, N)) = `a` x `b`, or `dst += a x b` when
 /// `accumulate`. Needs [`available`]; the caller picks FP32 otherwise.
-pub(crate) fn matmul(dst: &mut [f32], a: &Bf16Rows, b: &PackedB, accumulate: bool) {
+pub(crate) fn matmul<D: Deref<Target = [u32]>>(
+    dst: &mut [f32],
+    a: &Bf16Rows,
+    b: &PackedB<D>,
+    accumulate: bool,
+) {
     assert_eq!(dst.len(), a.rows * b.n, "output size");
     let store = Store {
         c: Some(Out(dst.as_mut_ptr())),
@@ -336,7 +362,7 @@ pub(crate) fn matmul_relu(
 /// The product behind [`matmul`] and [`matmul_relu`], stored through
 /// `store`'s pointers (the callers hold the borrows). Returns false, and
 /// stores nothing, for an empty K without an epilogue.
-fn product(a: &Bf16Rows, b: &PackedB, store: Store) -> bool {
+fn product<D: Deref<Target = [u32]>>(a: &Bf16Rows, b: &PackedB<D>, store: Store) -> bool {
     assert!(available(), "bf16 matmul without AVX512-BF16");
     assert_eq!(a.pairs, b.pairs, "inner dimensions");
     let (m, n) = (a.rows, b.n);
@@ -352,9 +378,10 @@ fn product(a: &Bf16Rows, b: &PackedB, store: Store) -> bool {
     let wanted = 8 * rayon::current_num_threads();
     let block = (tiles * panels / wanted).clamp(1, 16);
     let blocks = tiles.div_ceil(block);
+    let (b_data, b_pairs): (&[u32], usize) = (&b.data, b.pairs);
     (0..blocks * panels).into_par_iter().for_each(|task| {
         let (first, panel) = ((task / panels) * block, task % panels);
-        let b_panel = &b.data[panel * b.pairs * NR..(panel + 1) * b.pairs * NR];
+        let b_panel = &b_data[panel * b_pairs * NR..(panel + 1) * b_pairs * NR];
         let col = panel * NR;
         for tile in first..(first + block).min(tiles) {
             let row = tile * MR;

@@ -5,7 +5,7 @@
 //! Operands are [`Mat`] views over slices, with transposes expressed as
 //! strides, never copied.
 
-use std::ops::Range;
+use std::ops::{Deref, Range};
 use std::sync::Arc;
 
 use gemm::Parallelism;
@@ -162,13 +162,21 @@ pub(crate) fn matmul_tn(a: Mat, b: Mat, precision: Precision, pool: &Arc<Buffers
 pub(crate) fn matmul(dst: &mut [f32], a: Mat, b: Mat, precision: Precision, pool: &Arc<Buffers>) {
     match precision {
         Precision::Fp32 => matmul_f32(dst, a, b, false, parallelism()),
-        Precision::Bf16 => matmul_packed(dst, a, &PackedB::new(b), pool),
+        Precision::Bf16 => {
+            let data = pool.take::<u32>(PackedB::<Buf<u32>>::len_for(b.rows, b.cols));
+            matmul_packed(dst, a, &PackedB::new_in(b, data), pool);
+        }
     }
 }
 
 /// `dst` (row-major) = `a` x `b` in bf16, with `b` packed beforehand (fixed
 /// weights are packed once).
-pub(crate) fn matmul_packed(dst: &mut [f32], a: Mat, b: &PackedB, pool: &Arc<Buffers>) {
+pub(crate) fn matmul_packed<D: Deref<Target = [u32]>>(
+    dst: &mut [f32],
+    a: Mat,
+    b: &PackedB<D>,
+    pool: &Arc<Buffers>,
+) {
     assert_eq!(a.cols, b.dims().0, "inner dimensions");
     assert!(a.in_bounds(), "matrix strides");
     let mut rows = pool.take::<u32>(a.rows * bf16::pairs(a.cols));
