@@ -55,9 +55,32 @@ impl Geometry {
 /// ordered (ky, kx, c). Every entry of `out` is written (zeros where the
 /// window hangs over the padding), so it may hold anything beforehand.
 pub(crate) fn im2col_into(g: &Geometry, src: &[f32], out: &mut [f32]) -> Result<()> {
+    im2col_with(g, src, out, g.c, |pixel, dst| dst.copy_from_slice(pixel))
+}
+
+/// [`im2col_into`] straight into bf16 pairs ([`crate::bf16`]): rows of
+/// k*k*C/2 pairs, so a bf16 inference layer never writes f32 columns only
+/// to convert them. C must be even, so that no pair straddles two taps.
+pub(crate) fn im2col_pairs_into(g: &Geometry, src: &[f32], out: &mut [u32]) -> Result<()> {
+    if !g.c.is_multiple_of(2) {
+        bail!("im2col into pairs: {} channels is odd", g.c)
+    }
+    im2col_with(g, src, out, g.c / 2, crate::bf16::convert_row)
+}
+
+/// The im2col walk: each tap of each output pixel gets `per_tap` values
+/// of `out`, written by `copy` from the input pixel's C channels, or
+/// zeros over the padding.
+fn im2col_with<T: Copy + Default + Send>(
+    g: &Geometry,
+    src: &[f32],
+    out: &mut [T],
+    per_tap: usize,
+    copy: impl Fn(&[f32], &mut [T]) + Sync,
+) -> Result<()> {
     let (oh, ow) = g.out_dims()?;
     let (k, c) = (g.window.kernel, g.c);
-    let row_len = k * k * c;
+    let row_len = k * k * per_tap;
     if src.len() != g.n * g.h * g.w * c || out.len() != g.n * oh * ow * row_len {
         bail!("im2col: buffer sizes do not match {g:?}")
     }
@@ -70,50 +93,14 @@ pub(crate) fn im2col_into(g: &Geometry, src: &[f32], out: &mut [f32]) -> Result<
             for (ox, row) in rows.chunks_mut(row_len).enumerate() {
                 for ky in 0..k {
                     for kx in 0..k {
-                        let dst = &mut row[(ky * k + kx) * c..(ky * k + kx + 1) * c];
-                        match g.source(oy, ox, ky, kx) {
-                            Some((y, x)) => {
-                                let at = (y * g.w + x) * c;
-                                dst.copy_from_slice(&image[at..at + c]);
-                            }
-                            None => dst.fill(0.0),
-                        }
-                    }
-                }
-            }
-        });
-    Ok(())
-}
-
-/// [`im2col_into`] straight into bf16 pairs ([`crate::bf16`]): rows of
-/// k*k*C/2 pairs, so a bf16 inference layer never writes f32 columns only
-/// to convert them. C must be even, so that no pair straddles two taps.
-pub(crate) fn im2col_pairs_into(g: &Geometry, src: &[f32], out: &mut [u32]) -> Result<()> {
-    let (oh, ow) = g.out_dims()?;
-    let (k, c) = (g.window.kernel, g.c);
-    let row_len = k * k * c / 2;
-    if c % 2 != 0 {
-        bail!("im2col into pairs: {c} channels is odd")
-    }
-    if src.len() != g.n * g.h * g.w * c || out.len() != g.n * oh * ow * row_len {
-        bail!("im2col into pairs: buffer sizes do not match {g:?}")
-    }
-    out.par_chunks_mut(ow * row_len)
-        .enumerate()
-        .for_each(|(task, rows)| {
-            let (n, oy) = (task / oh, task % oh);
-            let image = &src[n * g.h * g.w * c..(n + 1) * g.h * g.w * c];
-            for (ox, row) in rows.chunks_mut(row_len).enumerate() {
-                for ky in 0..k {
-                    for kx in 0..k {
                         let tap = ky * k + kx;
-                        let dst = &mut row[tap * c / 2..(tap + 1) * c / 2];
+                        let dst = &mut row[tap * per_tap..(tap + 1) * per_tap];
                         match g.source(oy, ox, ky, kx) {
                             Some((y, x)) => {
                                 let at = (y * g.w + x) * c;
-                                crate::bf16::convert_row(&image[at..at + c], dst);
+                                copy(&image[at..at + c], dst);
                             }
-                            None => dst.fill(0),
+                            None => dst.fill(T::default()),
                         }
                     }
                 }

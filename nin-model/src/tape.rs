@@ -482,7 +482,7 @@ fn conv_forward_bf16(
     let rows = match given {
         Some(pairs) => Bf16Rows::from_pairs(pairs, m, row_len),
         None if pointwise => Bf16Rows::convert(Mat::new(&x.data, m, row_len), &mut converted),
-        None if c_in % 2 == 0 => {
+        None if c_in.is_multiple_of(2) => {
             cl::im2col_pairs_into(geometry, &x.data, &mut converted)?;
             Bf16Rows::from_pairs(&converted, m, row_len)
         }
