@@ -13,8 +13,10 @@
 //! the logits, then walks the tape back and writes every parameter's
 //! gradient into the same `GradStore`, so optimizers see no difference.
 //!
-//! - Matrix multiplies call the `gemm` crate directly (what candle uses),
-//!   with transposes expressed as strides, never copied.
+//! - Matrix multiplies go through `matmul.rs`: the `gemm` crate
+//!   (what candle uses) in FP32, or [`crate::bf16`]'s kernel in bf16, with
+//!   transposes expressed as strides, never copied. In bf16 inference each
+//!   layer is one fused pass (see `conv_forward_bf16`).
 //! - Buffers come from a [`Buffers`] pool that lives with the model and gets
 //!   them back when a tape or a forward pass is done: after the first step
 //!   nothing is allocated or zero-filled that is about to be overwritten.
@@ -33,8 +35,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::backprop::GradStore;
 use candle_core::{bail, Device, Result, Tensor, Var};
 
-use crate::bf16::PackedB;
-use crate::bf16::{self, Bf16Rows, Epilogue};
+use crate::bf16::{self, Bf16Rows, Epilogue, PackedB};
 use crate::block::{BiasOrNorm, ConvUnit, BN_EPS};
 use crate::channels_last::{self as cl, Geometry, NormStats};
 use crate::config::Window;
