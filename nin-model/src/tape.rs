@@ -34,6 +34,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::backprop::GradStore;
 use candle_core::{bail, Device, Result, Tensor, Var};
+use rayon::prelude::*;
 
 use crate::bf16::{self, Bf16Rows, Epilogue, PackedB};
 use crate::block::{BiasOrNorm, ConvUnit, BN_EPS};
@@ -282,15 +283,20 @@ pub(crate) fn forward<'a>(
     on_worker(|| {
         let (steps, gap) = (&steps.0[..], steps.1);
         let n = x.dim(0)?;
-        let chunk = inference_chunk(steps, x)?;
+        // At least a pass per thread.
+        let chunk = inference_chunk(steps, x)?.min(n.div_ceil(rayon::current_num_threads()));
         if train || trace.is_some() || n <= chunk {
             return forward_here((steps, gap), x, train, precision, pool, trace);
         }
-        let mut logits = Vec::with_capacity(n.div_ceil(chunk));
-        for start in (0..n).step_by(chunk) {
-            let part = x.narrow(0, start, chunk.min(n - start))?;
-            logits.push(forward_here((steps, gap), &part, false, precision, pool, None)?.0);
-        }
+        let logits = (0..n)
+            .step_by(chunk)
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .map(|start| {
+                let part = x.narrow(0, start, chunk.min(n - start))?;
+                Ok(forward_here((steps, gap), &part, false, precision, pool, None)?.0)
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok((Tensor::cat(&logits, 0)?, None))
     })
 }
@@ -301,9 +307,13 @@ pub(crate) fn forward<'a>(
 /// pass 1,800, and 0.7 to 6 MiB all 2,200 to 2,600 (noisy machine).
 const INFERENCE_BYTES: usize = 3 << 20;
 
-/// Images per inference pass. A large batch runs as several passes in a
-/// row: layer by layer over all of it, each layer's maps would leave the
-/// caches before the next layer reads them.
+/// Images per inference pass. A large batch runs as several passes:
+/// layer by layer over all of it, each layer's maps would leave the
+/// caches before the next layer reads them. The passes run side by side,
+/// one per thread (their own forks are stolen only by idle threads): a
+/// thread per pass does not wait at every layer for the slowest task of
+/// the fork (compact network, FP32, batch 64, one interleaved run:
+/// medians 9,300 images/s with the passes in a row, 11,600 side by side).
 fn inference_chunk(steps: &[Step], x: &Tensor) -> Result<usize> {
     let (_, _, h, w) = x.dims4()?;
     let widest = steps

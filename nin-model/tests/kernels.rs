@@ -232,3 +232,29 @@ fn an_empty_batch_is_empty_logits_or_an_error_never_a_panic() {
         }
     }
 }
+
+#[test]
+fn a_batch_gives_each_image_the_logits_it_gets_alone() {
+    // Inference splits a batch into passes that threads run side by side:
+    // however it is cut (odd sizes, more passes than threads), no image
+    // sees another's values.
+    let config = NinConfig {
+        batch_norm: true,
+        ..NinConfig::compact()
+    };
+    let (mut model, _) = Nin::init(&config, 3, &Device::Cpu).unwrap();
+    model.set_kernels(Kernels::Native).unwrap();
+    let x = batch(37, config.input_size, 9, true);
+    let alone: Vec<Tensor> = (0..37)
+        .map(|i| model.forward_t(&x.narrow(0, i, 1).unwrap(), false).unwrap())
+        .collect();
+    let alone = Tensor::cat(&alone, 0).unwrap();
+    for threads in [1, 2, 3] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let together = pool.install(|| model.forward_t(&x, false).unwrap());
+        assert_close(&format!("{threads} threads"), &together, &alone);
+    }
+}
