@@ -17,21 +17,14 @@
 //!   loads per pair of K. Fixed weights are packed once (see
 //!   [`crate::block::ConvUnit`]).
 //!
-//! The micro-kernel keeps an [`MR`] x [`NR`] tile of C in 16 registers
-//! across the whole of K (K is at most a few thousand in NiN: one panel of
-//! B stays in L2, one strip of A in L1), and writes edges with masked
-//! stores, so M, N and K need no padding by the caller.
+//! The products themselves run on [`crate::tile`]'s micro-kernel.
 
 use std::ops::{Deref, DerefMut};
 
 use rayon::prelude::*;
 
 use crate::matmul::Mat;
-
-/// Rows of C one micro-kernel call computes.
-pub(crate) const MR: usize = 8;
-/// Columns of C one micro-kernel call computes (two vectors of 16 lanes).
-pub(crate) const NR: usize = 32;
+use crate::tile::{self, Epilogue, Operands, Out, Store, NR};
 
 /// Whether this CPU has the units [`matmul`] needs (AVX512-BF16). Checked
 /// at run time: one binary serves every x86-64 CPU.
@@ -81,11 +74,11 @@ pub(crate) fn pairs(k: usize) -> usize {
 /// `i * row_step + q * pair_step`: row by row for a row-major source, pair
 /// by pair for a transposed one, so that both convert in contiguous runs.
 pub(crate) struct Bf16Rows<'a> {
-    data: &'a [u32],
-    rows: usize,
-    pairs: usize,
-    row_step: usize,
-    pair_step: usize,
+    pub(crate) data: &'a [u32],
+    pub(crate) rows: usize,
+    pub(crate) pairs: usize,
+    pub(crate) row_step: usize,
+    pub(crate) pair_step: usize,
 }
 
 impl<'a> Bf16Rows<'a> {
@@ -276,42 +269,6 @@ impl<D: Deref<Target = [u32]>> PackedB<D> {
     }
 }
 
-/// A pointer the tasks of one [`matmul`] share; each writes its own tiles.
-#[derive(Clone, Copy)]
-struct Out<T>(*mut T);
-// SAFETY: tasks write disjoint tiles of the destination (see `product`).
-unsafe impl<T> Send for Out<T> {}
-unsafe impl<T> Sync for Out<T> {}
-
-impl<T> Out<T> {
-    /// The pointer (a method, so that closures capture the whole `Out`).
-    fn get(self) -> *mut T {
-        self.0
-    }
-}
-
-/// What a layer does to its product before storing it, per column j:
-/// `relu(v * scale[j] + shift[j])` (scale 1 when `None`): a conv's bias, or
-/// evaluation-mode batch norm, and its ReLU, fused into the kernel's store
-/// instead of another pass over the output.
-#[derive(Clone, Copy)]
-pub(crate) struct Epilogue<'a> {
-    pub scale: Option<&'a [f32]>,
-    pub shift: &'a [f32],
-}
-
-/// How the kernel stores its tiles.
-#[derive(Clone, Copy)]
-struct Store<'a> {
-    /// C in f32, unless only its pairs are wanted.
-    c: Option<Out<f32>>,
-    accumulate: bool,
-    epilogue: Option<Epilogue<'a>>,
-    /// Also the result as bf16 pairs, [`pairs`]`(N)` per row: the next
-    /// layer's left operand, converted while the tile is in registers.
-    pairs: Option<Out<u32>>,
-}
-
 /// `dst` (row-major (M, N)) = `a` x `b`, or `dst += a x b` when
 /// `accumulate`. Needs [`available`]; the caller picks FP32 otherwise.
 pub(crate) fn matmul<D: Deref<Target = [u32]>>(
@@ -365,63 +322,12 @@ pub(crate) fn matmul_relu(
 fn product<D: Deref<Target = [u32]>>(a: &Bf16Rows, b: &PackedB<D>, store: Store) -> bool {
     assert!(available(), "bf16 matmul without AVX512-BF16");
     assert_eq!(a.pairs, b.pairs, "inner dimensions");
-    let (m, n) = (a.rows, b.n);
-    if m == 0 || n == 0 {
-        return true;
-    }
-    if b.pairs == 0 && store.epilogue.is_none() {
-        return false;
-    }
-    let (tiles, panels) = (m.div_ceil(MR), n.div_ceil(NR));
-    // Enough tasks for every thread to steal a few; a task's tiles share
-    // their strip of A, and consecutive tasks share it across panels.
-    let wanted = 8 * rayon::current_num_threads();
-    let block = (tiles * panels / wanted).clamp(1, 16);
-    let blocks = tiles.div_ceil(block);
-    let (b_data, b_pairs): (&[u32], usize) = (&b.data, b.pairs);
-    (0..blocks * panels).into_par_iter().for_each(|task| {
-        let (first, panel) = ((task / panels) * block, task % panels);
-        let b_panel = &b_data[panel * b_pairs * NR..(panel + 1) * b_pairs * NR];
-        let col = panel * NR;
-        for tile in first..(first + block).min(tiles) {
-            let row = tile * MR;
-            let target = Tile {
-                row,
-                rows: (m - row).min(MR),
-                col,
-                cols: (n - col).min(NR),
-            };
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: the units are present (asserted above); the tile lies
-            // inside the (M, N) destination and its pairs, and no other
-            // task writes it (tasks own disjoint (tile, panel) pairs); `a`
-            // and `b_panel` hold `pairs` pairs per row; the epilogue's
-            // vectors are N long (asserted by `matmul_relu`).
-            unsafe {
-                x86::tile(a, b_panel, n, target, store)
-            };
-            #[cfg(not(target_arch = "x86_64"))]
-            let _ = (target, b_panel, store);
-        }
-    });
-    true
-}
-
-/// Where one micro-kernel call writes: rows `row..row + rows`, columns
-/// `col..col + cols`.
-#[derive(Clone, Copy, Debug)]
-struct Tile {
-    row: usize,
-    rows: usize,
-    col: usize,
-    cols: usize,
+    tile::drive(Operands::Bf16(a, &b.data, b.pairs), b.n, store)
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
-
-    use super::{Bf16Rows, Store, Tile, MR, NR};
 
     /// The first `n` of 16 lanes.
     fn lanes(n: usize) -> __mmask16 {
@@ -470,104 +376,6 @@ mod x86 {
                 });
                 let v = _mm512_or_si512(l, _mm512_slli_epi32::<16>(h));
                 _mm512_mask_storeu_epi32(out.as_mut_ptr().cast(), mask, v);
-            }
-        }
-    }
-
-    /// One MR x NR tile of C = A x B over all of K, stored at `target` as
-    /// `store` says (`ldc` values per row of C). Rows of `target` past M
-    /// reuse the last row of A, and columns past N are B's zero padding
-    /// (and the epilogue's zeros); neither is stored.
-    ///
-    /// # Safety
-    /// AVX512-BF16 present; `a` holds rows `target.row..target.row +
-    /// target.rows`; `b` one panel of `a.pairs * NR`; `store`'s pointers
-    /// valid for the target tile, written by no one else meanwhile, and
-    /// its epilogue's vectors `ldc` long.
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn tile(a: &Bf16Rows, b: &[u32], ldc: usize, target: Tile, store: Store) {
-        let (pairs, step) = (a.pairs, a.pair_step);
-        debug_assert!(target.row + target.rows <= a.rows);
-        debug_assert_eq!(b.len(), pairs * NR);
-        let rows: [*const u32; MR] = std::array::from_fn(|r| {
-            let i = target.row + r.min(target.rows - 1);
-            // SAFETY: row i of `a` (the last real one for padding rows).
-            unsafe { a.data.as_ptr().add(i * a.row_step) }
-        });
-        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-        let mut bp = b.as_ptr();
-        for q in 0..pairs {
-            // SAFETY: q < pairs, so bp and rows[r] + q are inside b and a.
-            unsafe {
-                let b0 = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(bp.cast()));
-                let b1 =
-                    std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(bp.add(16).cast()));
-                for r in 0..MR {
-                    let pair = _mm512_set1_epi32(*rows[r].add(q * step) as i32);
-                    let av = std::mem::transmute::<__m512i, __m512bh>(pair);
-                    acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, b0);
-                    acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, b1);
-                }
-                bp = bp.add(NR);
-            }
-        }
-        let lanes = |first: usize| -> __mmask16 {
-            match target.cols.saturating_sub(first) {
-                0 => 0,
-                l if l >= 16 => !0,
-                l => (1 << l) - 1,
-            }
-        };
-        let masks = [lanes(0), lanes(16)];
-        let columns = |v: &[f32], h: usize| {
-            // SAFETY: masked-off lanes are not read (fault suppression),
-            // and the rest lie inside `v` (ldc long).
-            unsafe { _mm512_maskz_loadu_ps(masks[h], v.as_ptr().wrapping_add(target.col + 16 * h)) }
-        };
-        // Per half: v -> max(v * scale + shift, 0); zeros past N.
-        let affine = store.epilogue.map(|e| {
-            let half = |h| match e.scale {
-                Some(scale) => (columns(scale, h), columns(e.shift, h)),
-                None => (_mm512_set1_ps(1.0), columns(e.shift, h)),
-            };
-            [half(0), half(1)]
-        });
-        let pair_mask: __mmask16 = match target.cols.div_ceil(2) {
-            l if l >= 16 => !0,
-            l => (1 << l) - 1,
-        };
-        for (r, acc) in acc.iter().enumerate().take(target.rows) {
-            let mut out = *acc;
-            for (h, v) in out.iter_mut().enumerate() {
-                if masks[h] == 0 {
-                    continue;
-                }
-                // SAFETY: the masked lanes lie inside the target tile.
-                unsafe {
-                    let at = (target.row + r) * ldc + target.col + 16 * h;
-                    if let (true, Some(c)) = (store.accumulate, store.c) {
-                        *v = _mm512_add_ps(*v, _mm512_maskz_loadu_ps(masks[h], c.get().add(at)));
-                    }
-                    if let Some(affine) = affine {
-                        let (a, b) = affine[h];
-                        *v = _mm512_max_ps(_mm512_fmadd_ps(*v, a, b), _mm512_setzero_ps());
-                    }
-                    if let Some(c) = store.c {
-                        _mm512_mask_storeu_ps(c.get().add(at), masks[h], *v);
-                    }
-                }
-            }
-            if let Some(pairs) = store.pairs {
-                // Columns 2j and 2j + 1 of the row: pair j of the next
-                // layer's input. Lanes past N hold zeros, the pad.
-                let per_row = ldc.div_ceil(2);
-                // SAFETY: the pair lanes lie inside this row's pairs.
-                unsafe {
-                    let bf = _mm512_cvtne2ps_pbh(out[1], out[0]);
-                    let p = pairs.get().add((target.row + r) * per_row + target.col / 2);
-                    let bf = std::mem::transmute::<__m512bh, __m512i>(bf);
-                    _mm512_mask_storeu_epi32(p.cast(), pair_mask, bf);
-                }
             }
         }
     }

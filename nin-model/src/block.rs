@@ -25,6 +25,7 @@ use candle_nn::{Init, VarBuilder};
 
 use crate::bf16::PackedB;
 use crate::config::Window;
+use crate::tile::PackedF32;
 
 /// Batch norm's epsilon and running-average momentum (PyTorch's defaults).
 pub(crate) const BN_EPS: f64 = 1e-5;
@@ -49,6 +50,8 @@ pub(crate) struct ConvUnit {
     pub(crate) matrix: Arc<OnceLock<Arc<Vec<f32>>>>,
     /// That matrix packed for the bf16 kernels, under the same rule.
     pub(crate) packed: Arc<OnceLock<Arc<PackedB>>>,
+    /// That matrix packed for the FP32 inference kernel, under the same rule.
+    pub(crate) packed_f32: Arc<OnceLock<Arc<PackedF32>>>,
 }
 
 /// What follows a unit's convolution, before its ReLU.
@@ -172,6 +175,7 @@ impl ConvUnit {
             after,
             matrix: Arc::default(),
             packed: Arc::default(),
+            packed_f32: Arc::default(),
         })
     }
 

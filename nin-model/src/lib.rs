@@ -34,6 +34,7 @@ pub mod precision;
 pub mod preprocess;
 pub mod summary;
 pub mod tape;
+mod tile;
 pub mod weights;
 
 pub use config::{BlockConfig, NinConfig, Window};

@@ -13,10 +13,12 @@
 //! the logits, then walks the tape back and writes every parameter's
 //! gradient into the same `GradStore`, so optimizers see no difference.
 //!
-//! - Matrix multiplies go through `matmul.rs`: the `gemm` crate
-//!   (what candle uses) in FP32, or [`crate::bf16`]'s kernel in bf16, with
-//!   transposes expressed as strides, never copied. In bf16 inference each
-//!   layer is one fused pass (see `conv_forward_bf16`).
+//! - Training's matrix multiplies go through `matmul.rs`: the `gemm`
+//!   crate (what candle uses) in FP32, or [`crate::bf16`]'s kernel in
+//!   bf16, with transposes expressed as strides, never copied.
+//! - Inference runs each layer as one fused pass on [`crate::tile`]'s
+//!   kernel, in either precision: product, bias or batch norm and ReLU
+//!   (see `conv_forward_f32` and `conv_forward_bf16`).
 //! - Buffers come from a [`Buffers`] pool that lives with the model and gets
 //!   them back when a tape or a forward pass is done: after the first step
 //!   nothing is allocated or zero-filled that is about to be overwritten.
@@ -36,13 +38,14 @@ use candle_core::backprop::GradStore;
 use candle_core::{bail, Device, Result, Tensor, Var};
 use rayon::prelude::*;
 
-use crate::bf16::{self, Bf16Rows, Epilogue, PackedB};
+use crate::bf16::{self, Bf16Rows, PackedB};
 use crate::block::{BiasOrNorm, ConvUnit, BN_EPS};
 use crate::channels_last::{self as cl, Geometry, NormStats};
 use crate::config::Window;
 use crate::dropout::Dropout;
 use crate::matmul::{matmul, matmul_packed, matmul_tn, Mat};
 use crate::precision::Precision;
+use crate::tile::{self, Epilogue, F32Rows, PackedF32};
 
 /// Free buffers kept for the next step: the pool a model's passes draw from.
 #[derive(Debug, Default)]
@@ -146,6 +149,16 @@ fn packed_weights_of(unit: &ConvUnit, matrix: Mat) -> Arc<PackedB> {
     }
     unit.packed
         .get_or_init(|| Arc::new(PackedB::new(matrix)))
+        .clone()
+}
+
+/// [`packed_weights_of`] for the FP32 inference kernel.
+fn packed_f32_of(unit: &ConvUnit, matrix: Mat) -> Arc<PackedF32> {
+    if unit.weight.is_variable() {
+        return Arc::new(PackedF32::new(matrix));
+    }
+    unit.packed_f32
+        .get_or_init(|| Arc::new(PackedF32::new(matrix)))
         .clone()
 }
 
@@ -476,13 +489,7 @@ fn conv_forward_bf16(
     let (m, row_len) = (x.n * oh * ow, k * k * c_in);
     let weights = weight_matrix_of(unit)?;
     let packed = packed_weights_of(unit, Mat::new(&weights, row_len, c_out));
-    let (scale, shift) = match &unit.after {
-        BiasOrNorm::Bias(bias) => (None, bias.to_vec1::<f32>()?),
-        BiasOrNorm::Norm(norm) => {
-            let (scale, shift) = norm.eval_affine()?;
-            (Some(scale.to_vec1::<f32>()?), shift.to_vec1::<f32>()?)
-        }
-    };
+    let (scale, shift) = affine(unit)?;
     let pointwise = unit.window == Window::new(1, 1, 0);
     let given = x.pairs.as_deref().filter(|_| pointwise);
     let mut converted = pool.take::<u32>(if given.is_some() {
@@ -514,6 +521,60 @@ fn conv_forward_bf16(
     Ok(Maps {
         data: Arc::new(y),
         pairs: pairs.map(Arc::new),
+        n: x.n,
+        h: oh,
+        w: ow,
+        c: c_out,
+    })
+}
+
+/// What inference applies to a unit's product before ReLU, per channel:
+/// `v * scale + shift` (scale 1 when `None`).
+fn affine(unit: &ConvUnit) -> Result<(Option<Vec<f32>>, Vec<f32>)> {
+    Ok(match &unit.after {
+        BiasOrNorm::Bias(bias) => (None, bias.to_vec1::<f32>()?),
+        BiasOrNorm::Norm(norm) => {
+            let (scale, shift) = norm.eval_affine()?;
+            (Some(scale.to_vec1::<f32>()?), shift.to_vec1::<f32>()?)
+        }
+    })
+}
+
+/// [`conv_forward`] for FP32 inference: one fused pass per layer (product,
+/// bias or norm, ReLU) on the AVX-512 tile kernel, the input read where
+/// it lies for a 1x1 convolution.
+fn conv_forward_f32(
+    unit: &ConvUnit,
+    x: &Maps,
+    geometry: &Geometry,
+    (oh, ow): (usize, usize),
+    pool: &Arc<Buffers>,
+) -> Result<Maps> {
+    let (c_out, c_in, k, _) = unit.weight.dims4()?;
+    let (m, row_len) = (x.n * oh * ow, k * k * c_in);
+    let weights = weight_matrix_of(unit)?;
+    let packed = packed_f32_of(unit, Mat::new(&weights, row_len, c_out));
+    let (scale, shift) = affine(unit)?;
+    let pointwise = unit.window == Window::new(1, 1, 0);
+    let mut cols = pool.take(if pointwise { 0 } else { m * row_len });
+    if !pointwise {
+        cl::im2col_into(geometry, &x.data, &mut cols)?;
+    }
+    let rows = F32Rows {
+        data: if pointwise { &x.data } else { &cols },
+        rows: m,
+        k: row_len,
+        row_step: row_len,
+    };
+    let epilogue = Epilogue {
+        scale: scale.as_deref(),
+        shift: &shift,
+    };
+    let mut y = pool.take(m * c_out);
+    tile::matmul_relu_f32(&mut y, &rows, &packed, epilogue);
+    Ok(Maps {
+        data: Arc::new(y),
+        pairs: None,
         n: x.n,
         h: oh,
         w: ow,
@@ -560,6 +621,10 @@ fn conv_forward(
     let (m, row_len) = (x.n * oh * ow, k * k * c_in);
     if precision == Precision::Bf16 && !train {
         let maps = conv_forward_bf16(unit, x, &geometry, (oh, ow), next, pool)?;
+        return Ok((maps, None));
+    }
+    if precision == Precision::Fp32 && !train && tile::available() {
+        let maps = conv_forward_f32(unit, x, &geometry, (oh, ow), pool)?;
         return Ok((maps, None));
     }
     let input = if k == 1 && unit.window.stride == 1 && unit.window.padding == 0 {

@@ -1,0 +1,441 @@
+//! The register-tile matrix multiply behind inference in both precisions
+//! and bf16 training: one micro-kernel per precision, one driver, and one
+//! store that applies a layer's bias or batch norm and ReLU while the
+//! tile is still in registers.
+//!
+//! The micro-kernel keeps an [`MR`] x [`NR`] tile of C in 16 registers
+//! across the whole of K (K is at most a few thousand in NiN: one panel of
+//! B stays in L2, one strip of A in L1), and writes edges with masked
+//! stores, so M, N and K need no padding by the caller. The right operand
+//! (weights) comes packed in panels of NR columns, once per weight; the
+//! left one (activations) is read where it lies, a row per tile row:
+//!
+//! - FP32: [`F32Rows`] and [`PackedF32`], one FMA per value of K;
+//! - bf16: [`crate::bf16`]'s pairs, one `vdpbf16ps` per pair of K.
+//!
+//! FP32 here replaces `gemm` for inference only: `gemm` packs both
+//! operands on every call and knows nothing of the layer after the
+//! product, which then takes another pass over the output.
+
+use rayon::prelude::*;
+
+use crate::bf16::Bf16Rows;
+use crate::matmul::Mat;
+
+/// Rows of C one micro-kernel call computes.
+pub(crate) const MR: usize = 8;
+/// Columns of C one micro-kernel call computes (two vectors of 16 lanes).
+pub(crate) const NR: usize = 32;
+
+/// A pointer the tasks of one product share; each writes its own tiles.
+#[derive(Clone, Copy)]
+pub(crate) struct Out<T>(pub(crate) *mut T);
+// SAFETY: tasks write disjoint tiles of the destination (see `product`).
+unsafe impl<T> Send for Out<T> {}
+unsafe impl<T> Sync for Out<T> {}
+
+impl<T> Out<T> {
+    /// The pointer (a method, so that closures capture the whole `Out`).
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+/// What a layer does to its product before storing it, per column j:
+/// `relu(v * scale[j] + shift[j])` (scale 1 when `None`): a conv's bias, or
+/// evaluation-mode batch norm, and its ReLU, fused into the kernel's store
+/// instead of another pass over the output.
+#[derive(Clone, Copy)]
+pub(crate) struct Epilogue<'a> {
+    pub scale: Option<&'a [f32]>,
+    pub shift: &'a [f32],
+}
+
+/// How the kernel stores its tiles.
+#[derive(Clone, Copy)]
+pub(crate) struct Store<'a> {
+    /// C in f32, unless only its pairs are wanted.
+    pub(crate) c: Option<Out<f32>>,
+    pub(crate) accumulate: bool,
+    pub(crate) epilogue: Option<Epilogue<'a>>,
+    /// Also the result as bf16 pairs, [`pairs`]`(N)` per row: the next
+    /// layer's left operand, converted while the tile is in registers.
+    pub(crate) pairs: Option<Out<u32>>,
+}
+
+/// A (rows, K) f32 matrix, row-major, `row_step` values from row to row:
+/// the FP32 kernel's left operand, read where it lies.
+#[derive(Clone, Copy)]
+pub(crate) struct F32Rows<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub k: usize,
+    pub row_step: usize,
+}
+
+/// A (K, N) f32 matrix packed for [`matmul_relu_f32`]: panels of [`NR`]
+/// columns, each K rows of NR values; columns past N are zeros.
+#[derive(Debug)]
+pub(crate) struct PackedF32 {
+    data: Vec<f32>,
+    k: usize,
+    n: usize,
+}
+
+impl PackedF32 {
+    /// Packs `b` (any strides).
+    pub(crate) fn new(b: Mat) -> Self {
+        let (k, n) = (b.rows, b.cols);
+        let mut data = vec![0f32; n.div_ceil(NR) * k * NR];
+        if k > 0 {
+            for (panel, values) in data.chunks_mut(k * NR).enumerate() {
+                for (kk, row) in values.chunks_mut(NR).enumerate() {
+                    for (jj, v) in row.iter_mut().enumerate() {
+                        let j = panel * NR + jj;
+                        if j < n {
+                            *v = b.data[kk * b.row_stride + j * b.col_stride];
+                        }
+                    }
+                }
+            }
+        }
+        Self { data, k, n }
+    }
+}
+
+/// Whether this CPU runs [`matmul_relu_f32`] (AVX-512). Checked at run
+/// time; without it, FP32 inference stays on `gemm`.
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `dst` = `epilogue`(`a` x `b`) in FP32: one layer of FP32 inference.
+pub(crate) fn matmul_relu_f32(dst: &mut [f32], a: &F32Rows, b: &PackedF32, epilogue: Epilogue) {
+    assert!(available(), "FP32 tile kernel without AVX-512");
+    assert_eq!(a.k, b.k, "inner dimensions");
+    assert_eq!(dst.len(), a.rows * b.n, "output size");
+    assert!(a.rows == 0 || (a.rows - 1) * a.row_step + a.k <= a.data.len());
+    assert!(epilogue.shift.len() == b.n && epilogue.scale.is_none_or(|s| s.len() == b.n));
+    let store = Store {
+        c: Some(Out(dst.as_mut_ptr())),
+        accumulate: false,
+        epilogue: Some(epilogue),
+        pairs: None,
+    };
+    drive(Operands::F32(a, &b.data, b.k), b.n, store);
+}
+
+/// The operands of one product, per precision: the left rows, the packed
+/// right panels, and K (pairs of K in bf16).
+#[derive(Clone, Copy)]
+pub(crate) enum Operands<'a> {
+    Bf16(&'a Bf16Rows<'a>, &'a [u32], usize),
+    F32(&'a F32Rows<'a>, &'a [f32], usize),
+}
+
+/// Runs the micro-kernel over every (tile, panel) of the (M, `n`) result.
+pub(crate) fn drive(ops: Operands, n: usize, store: Store) -> bool {
+    let (m, depth) = match ops {
+        Operands::Bf16(a, _, pairs) => (a.rows, pairs),
+        Operands::F32(a, _, k) => (a.rows, k),
+    };
+    if m == 0 || n == 0 {
+        return true;
+    }
+    if depth == 0 && store.epilogue.is_none() {
+        return false;
+    }
+    let (tiles, panels) = (m.div_ceil(MR), n.div_ceil(NR));
+    // Enough tasks for every thread to steal a few; a task's tiles share
+    // their strip of A, and consecutive tasks share it across panels.
+    let wanted = 8 * rayon::current_num_threads();
+    let block = (tiles * panels / wanted).clamp(1, 16);
+    let blocks = tiles.div_ceil(block);
+    (0..blocks * panels).into_par_iter().for_each(|task| {
+        let (first, panel) = ((task / panels) * block, task % panels);
+        let col = panel * NR;
+        for tile in first..(first + block).min(tiles) {
+            let row = tile * MR;
+            let target = Tile {
+                row,
+                rows: (m - row).min(MR),
+                col,
+                cols: (n - col).min(NR),
+            };
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the units are present (asserted above); the tile lies
+            // inside the (M, N) destination and its pairs, and no other
+            // task writes it (tasks own disjoint (tile, panel) pairs); `a`
+            // and `b_panel` hold `pairs` pairs per row; the epilogue's
+            // vectors are N long (asserted by `matmul_relu`).
+            unsafe {
+                match ops {
+                    Operands::Bf16(a, b, pairs) => {
+                        let b_panel = &b[panel * pairs * NR..(panel + 1) * pairs * NR];
+                        x86::tile(a, b_panel, n, target, store)
+                    }
+                    Operands::F32(a, b, k) => {
+                        let b_panel = &b[panel * k * NR..(panel + 1) * k * NR];
+                        x86::tile_f32(a, b_panel, n, target, store)
+                    }
+                }
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = (target, ops, store);
+        }
+    });
+    true
+}
+
+/// Where one micro-kernel call writes: rows `row..row + rows`, columns
+/// `col..col + cols`.
+#[derive(Clone, Copy, Debug)]
+struct Tile {
+    row: usize,
+    rows: usize,
+    col: usize,
+    cols: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{F32Rows, Store, Tile, MR, NR};
+    use crate::bf16::Bf16Rows;
+
+    /// One MR x NR tile of C = A x B over all of K, stored at `target` as
+    /// `store` says (`ldc` values per row of C). Rows of `target` past M
+    /// reuse the last row of A, and columns past N are B's zero padding
+    /// (and the epilogue's zeros); neither is stored.
+    ///
+    /// # Safety
+    /// AVX512-BF16 present; `a` holds rows `target.row..target.row +
+    /// target.rows`; `b` one panel of `a.pairs * NR`; `store`'s pointers
+    /// valid for the target tile, written by no one else meanwhile, and
+    /// its epilogue's vectors `ldc` long.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn tile(a: &Bf16Rows, b: &[u32], ldc: usize, target: Tile, store: Store) {
+        let (pairs, step) = (a.pairs, a.pair_step);
+        debug_assert!(target.row + target.rows <= a.rows);
+        debug_assert_eq!(b.len(), pairs * NR);
+        let rows: [*const u32; MR] = std::array::from_fn(|r| {
+            let i = target.row + r.min(target.rows - 1);
+            // SAFETY: row i of `a` (the last real one for padding rows).
+            unsafe { a.data.as_ptr().add(i * a.row_step) }
+        });
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        let mut bp = b.as_ptr();
+        for q in 0..pairs {
+            // SAFETY: q < pairs, so bp and rows[r] + q are inside b and a.
+            unsafe {
+                let b0 = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(bp.cast()));
+                let b1 =
+                    std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(bp.add(16).cast()));
+                for r in 0..MR {
+                    let pair = _mm512_set1_epi32(*rows[r].add(q * step) as i32);
+                    let av = std::mem::transmute::<__m512i, __m512bh>(pair);
+                    acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, b0);
+                    acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, b1);
+                }
+                bp = bp.add(NR);
+            }
+        }
+        // SAFETY: as this function's.
+        unsafe { store_tile(&acc, ldc, target, store) }
+    }
+
+    /// One MR x NR tile of C = A x B in FP32 over all of K, stored as
+    /// [`tile`] stores it.
+    ///
+    /// # Safety
+    /// AVX-512 present; `a` holds rows `target.row..target.row +
+    /// target.rows`; `b` one panel of `a.k * NR`; `store` as for [`tile`].
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tile_f32(a: &F32Rows, b: &[f32], ldc: usize, target: Tile, store: Store) {
+        debug_assert!(target.row + target.rows <= a.rows);
+        debug_assert_eq!(b.len(), a.k * NR);
+        let rows: [*const f32; MR] = std::array::from_fn(|r| {
+            let i = target.row + r.min(target.rows - 1);
+            // SAFETY: row i of `a` (the last real one for padding rows).
+            unsafe { a.data.as_ptr().add(i * a.row_step) }
+        });
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        let mut bp = b.as_ptr();
+        for kk in 0..a.k {
+            // SAFETY: kk < K, so bp and rows[r] + kk are inside b and a.
+            unsafe {
+                let b0 = _mm512_loadu_ps(bp);
+                let b1 = _mm512_loadu_ps(bp.add(16));
+                for r in 0..MR {
+                    let av = _mm512_set1_ps(*rows[r].add(kk));
+                    acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
+                    acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
+                }
+                bp = bp.add(NR);
+            }
+        }
+        // SAFETY: as this function's.
+        unsafe { store_tile(&acc, ldc, target, store) }
+    }
+
+    /// Stores a tile's accumulators as `store` says.
+    ///
+    /// # Safety
+    /// AVX-512 present, and AVX512-BF16 if `store` wants pairs; `store`'s
+    /// pointers valid for `target`, written by no one else meanwhile; its
+    /// epilogue's vectors `ldc` long.
+    /// Always inlined into the kernel that calls it (a call would spill
+    /// the accumulators), and compiled with that kernel's features.
+    #[inline(always)]
+    unsafe fn store_tile(acc: &[[__m512; 2]; MR], ldc: usize, target: Tile, store: Store) {
+        let lanes = |first: usize| -> __mmask16 {
+            match target.cols.saturating_sub(first) {
+                0 => 0,
+                l if l >= 16 => !0,
+                l => (1 << l) - 1,
+            }
+        };
+        let masks = [lanes(0), lanes(16)];
+        let columns = |v: &[f32], h: usize| {
+            // SAFETY: masked-off lanes are not read (fault suppression),
+            // and the rest lie inside `v` (ldc long).
+            unsafe { _mm512_maskz_loadu_ps(masks[h], v.as_ptr().wrapping_add(target.col + 16 * h)) }
+        };
+        // Per half: v -> max(v * scale + shift, 0); zeros past N.
+        let affine = store.epilogue.map(|e| {
+            let half = |h| match e.scale {
+                Some(scale) => (columns(scale, h), columns(e.shift, h)),
+                None => (_mm512_set1_ps(1.0), columns(e.shift, h)),
+            };
+            [half(0), half(1)]
+        });
+        let pair_mask: __mmask16 = match target.cols.div_ceil(2) {
+            l if l >= 16 => !0,
+            l => (1 << l) - 1,
+        };
+        for (r, acc) in acc.iter().enumerate().take(target.rows) {
+            let mut out = *acc;
+            for (h, v) in out.iter_mut().enumerate() {
+                if masks[h] == 0 {
+                    continue;
+                }
+                // SAFETY: the masked lanes lie inside the target tile.
+                unsafe {
+                    let at = (target.row + r) * ldc + target.col + 16 * h;
+                    if let (true, Some(c)) = (store.accumulate, store.c) {
+                        *v = _mm512_add_ps(*v, _mm512_maskz_loadu_ps(masks[h], c.get().add(at)));
+                    }
+                    if let Some(affine) = affine {
+                        let (a, b) = affine[h];
+                        *v = _mm512_max_ps(_mm512_fmadd_ps(*v, a, b), _mm512_setzero_ps());
+                    }
+                    if let Some(c) = store.c {
+                        _mm512_mask_storeu_ps(c.get().add(at), masks[h], *v);
+                    }
+                }
+            }
+            if let Some(pairs) = store.pairs {
+                // Columns 2j and 2j + 1 of the row: pair j of the next
+                // layer's input. Lanes past N hold zeros, the pad.
+                let per_row = ldc.div_ceil(2);
+                // SAFETY: the pair lanes lie inside this row's pairs; the
+                // caller has the units when it asks for pairs.
+                unsafe {
+                    let p = pairs.get().add((target.row + r) * per_row + target.col / 2);
+                    store_pairs(out, p, pair_mask);
+                }
+            }
+        }
+    }
+
+    /// Two vectors of a row as 16 bf16 pairs at `p` (the lanes of `mask`).
+    #[inline(always)]
+    unsafe fn store_pairs(out: [__m512; 2], p: *mut u32, mask: __mmask16) {
+        // SAFETY: the caller's: the masked lanes lie inside the pairs.
+        unsafe {
+            let bf = _mm512_cvtne2ps_pbh(out[1], out[0]);
+            let bf = std::mem::transmute::<__m512bh, __m512i>(bf);
+            _mm512_mask_storeu_epi32(p.cast(), mask, bf);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-2, 2).
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32) * 4.0 - 2.0
+            })
+            .collect()
+    }
+
+    /// The FP32 kernel with its epilogue against relu(A B * scale + shift)
+    /// in f64, on ragged sizes (none a multiple of the tile), whole tiles,
+    /// rows read with a stride wider than K, and an empty K (the epilogue
+    /// alone).
+    #[test]
+    fn the_fp32_layer_matches_the_reference() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX-512");
+            return;
+        }
+        for (m, k, n, row_step, scaled) in [
+            (1, 1, 1, 1, true),
+            (7, 9, 10, 9, false),
+            (8, 64, 32, 64, true),
+            (17, 33, 45, 40, true),
+            (49, 1152, 192, 1152, false),
+            (5, 0, 3, 0, true),
+        ] {
+            let a = values(m * row_step.max(1), 1);
+            let (b, scale, shift) = (values(k * n, 2), values(n, 3), values(n, 4));
+            let rows = F32Rows {
+                data: &a,
+                rows: m,
+                k,
+                row_step,
+            };
+            let packed = PackedF32::new(Mat::new(&b, k, n));
+            let epilogue = Epilogue {
+                scale: scaled.then_some(&scale[..]),
+                shift: &shift,
+            };
+            let mut dst = vec![f32::NAN; m * n];
+            matmul_relu_f32(&mut dst, &rows, &packed, epilogue);
+            for i in 0..m {
+                for j in 0..n {
+                    let (mut want, mut size) = (0f64, 0f64);
+                    for kk in 0..k {
+                        let p = f64::from(a[i * row_step + kk]) * f64::from(b[kk * n + j]);
+                        want += p;
+                        size += p.abs();
+                    }
+                    let s = if scaled { f64::from(scale[j]) } else { 1.0 };
+                    let want = (want * s + f64::from(shift[j])).max(0.0);
+                    let tol = (size * s.abs() + 1.0) * (k as f64 + 2.0) * f64::from(f32::EPSILON);
+                    let got = f64::from(dst[i * n + j]);
+                    assert!(
+                        (got - want).abs() <= tol,
+                        "({m}, {k}, {n}) [{i}, {j}]: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}
