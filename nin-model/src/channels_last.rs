@@ -70,7 +70,10 @@ pub(crate) fn im2col_pairs_into(g: &Geometry, src: &[f32], out: &mut [u32]) -> R
 
 /// The im2col walk: each tap of each output pixel gets `per_tap` values
 /// of `out`, written by `copy` from the input pixel's C channels, or
-/// zeros over the padding.
+/// zeros over the padding. The taps of one kernel row read neighbouring
+/// pixels, which lie side by side in channels-last maps: they are copied
+/// as one run (a call per tap cost more than the copying in the first
+/// layer, one channel wide).
 fn im2col_with<T: Copy + Default + Send>(
     g: &Geometry,
     src: &[f32],
@@ -91,17 +94,23 @@ fn im2col_with<T: Copy + Default + Send>(
             let (n, oy) = (task / oh, task % oh);
             let image = &src[n * g.h * g.w * c..(n + 1) * g.h * g.w * c];
             for (ox, row) in rows.chunks_mut(row_len).enumerate() {
-                for ky in 0..k {
-                    for kx in 0..k {
-                        let tap = ky * k + kx;
-                        let dst = &mut row[tap * per_tap..(tap + 1) * per_tap];
-                        match g.source(oy, ox, ky, kx) {
-                            Some((y, x)) => {
-                                let at = (y * g.w + x) * c;
-                                copy(&image[at..at + c], dst);
-                            }
-                            None => dst.fill(T::default()),
+                for (ky, taps) in row.chunks_mut(k * per_tap).enumerate() {
+                    // The taps whose pixels lie inside the maps: kx in inside.
+                    let inside = (0..k)
+                        .find_map(|kx| g.source(oy, ox, ky, kx).map(|at| (kx, at)))
+                        .map(|(first, (y, x))| {
+                            let last =
+                                (first..k).take_while(|&kx| g.source(oy, ox, ky, kx).is_some());
+                            (first, last.count(), y * g.w + x)
+                        });
+                    match inside {
+                        Some((first, count, pixel)) => {
+                            taps[..first * per_tap].fill(T::default());
+                            taps[(first + count) * per_tap..].fill(T::default());
+                            let run = &image[pixel * c..(pixel + count) * c];
+                            copy(run, &mut taps[first * per_tap..(first + count) * per_tap]);
                         }
+                        None => taps.fill(T::default()),
                     }
                 }
             }

@@ -158,41 +158,50 @@ pub(crate) fn drive(ops: Operands, n: usize, store: Store) -> bool {
     let wanted = 8 * rayon::current_num_threads();
     let block = (tiles * panels / wanted).clamp(1, 16);
     let blocks = tiles.div_ceil(block);
-    (0..blocks * panels).into_par_iter().for_each(|task| {
-        let (first, panel) = ((task / panels) * block, task % panels);
-        let col = panel * NR;
-        for tile in first..(first + block).min(tiles) {
-            let row = tile * MR;
-            let target = Tile {
-                row,
-                rows: (m - row).min(MR),
-                col,
-                cols: (n - col).min(NR),
-            };
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: the units are present (asserted above); the tile lies
-            // inside the (M, N) destination and its pairs, and no other
-            // task writes it (tasks own disjoint (tile, panel) pairs); `a`
-            // and `b_panel` hold `pairs` pairs per row; the epilogue's
-            // vectors are N long (asserted by `matmul_relu`).
-            unsafe {
-                match ops {
-                    Operands::Bf16(a, b, pairs) => {
-                        let b_panel = &b[panel * pairs * NR..(panel + 1) * pairs * NR];
-                        x86::tile(a, b_panel, n, target, store)
+    // Tasks too small to be worth a hand-off to another thread run here.
+    let per_task = block * MR * NR * depth.max(1);
+    let min_len = MIN_FORK_MACS.div_ceil(per_task);
+    (0..blocks * panels)
+        .into_par_iter()
+        .with_min_len(min_len)
+        .for_each(|task| {
+            let (first, panel) = ((task / panels) * block, task % panels);
+            let col = panel * NR;
+            for tile in first..(first + block).min(tiles) {
+                let row = tile * MR;
+                let target = Tile {
+                    row,
+                    rows: (m - row).min(MR),
+                    col,
+                    cols: (n - col).min(NR),
+                };
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the units are present (asserted above); the tile lies
+                // inside the (M, N) destination and its pairs, and no other
+                // task writes it (tasks own disjoint (tile, panel) pairs); `a`
+                // and `b_panel` hold `pairs` pairs per row; the epilogue's
+                // vectors are N long (asserted by `matmul_relu`).
+                unsafe {
+                    match ops {
+                        Operands::Bf16(a, b, pairs) => {
+                            let b_panel = &b[panel * pairs * NR..(panel + 1) * pairs * NR];
+                            x86::tile(a, b_panel, n, target, store)
+                        }
+                        Operands::F32(a, b, k) => {
+                            let b_panel = &b[panel * k * NR..(panel + 1) * k * NR];
+                            x86::tile_f32(a, b_panel, n, target, store)
+                        }
                     }
-                    Operands::F32(a, b, k) => {
-                        let b_panel = &b[panel * k * NR..(panel + 1) * k * NR];
-                        x86::tile_f32(a, b_panel, n, target, store)
-                    }
-                }
-            };
-            #[cfg(not(target_arch = "x86_64"))]
-            let _ = (target, ops, store);
-        }
-    });
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                let _ = (target, ops, store);
+            }
+        });
     true
 }
+
+/// Multiply-adds below which a product is not split across threads.
+const MIN_FORK_MACS: usize = 1 << 17;
 
 /// Where one micro-kernel call writes: rows `row..row + rows`, columns
 /// `col..col + cols`.
