@@ -371,6 +371,36 @@ pub(crate) fn batch_norm_relu_backward_in_place(
     Ok((to_f32(dgamma), to_f32(dbeta)))
 }
 
+/// `best[i] = max(best[i], v[i])`, where a NaN wins and then stays (NaN >
+/// b and b > NaN are both false). Compiled twice: the crate targets every
+/// x86-64 CPU, so its loops vectorise four lanes wide (SSE2); where the
+/// CPU has AVX-512 the same loop runs sixteen wide.
+fn max_into(best: &mut [f32], v: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::tile::available() {
+        // SAFETY: the CPU has AVX-512 (checked just above).
+        return unsafe { max_into_avx512(best, v) };
+    }
+    max_into_any(best, v);
+}
+
+#[inline(always)]
+fn max_into_any(best: &mut [f32], v: &[f32]) {
+    for (b, &v) in best.iter_mut().zip(v) {
+        *b = if (v > *b) | v.is_nan() { v } else { *b };
+    }
+}
+
+/// [`max_into`] compiled for AVX-512.
+///
+/// # Safety
+/// The CPU has AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn max_into_avx512(best: &mut [f32], v: &[f32]) {
+    max_into_any(best, v);
+}
+
 impl Geometry {
     /// For output pixel (oy, ox) of one image, the input pixel index that
     /// wins each channel, written to `best_at` (values to `best`).
@@ -399,18 +429,42 @@ impl Geometry {
 }
 
 impl Geometry {
-    /// [`Geometry::argmax`]'s values alone (inference needs no winners):
-    /// the same maximum, NaN included, at half the work.
-    fn max(&self, image: &[f32], oy: usize, ox: usize, best: &mut [f32]) {
-        let (rows, cols) = (self.window.span(oy, self.h), self.window.span(ox, self.w));
-        best.fill(f32::NEG_INFINITY);
-        for y in rows {
-            for x in cols.clone() {
-                let p = y * self.w + x;
-                let v = &image[p * self.c..(p + 1) * self.c];
-                for (b, &v) in best.iter_mut().zip(v) {
-                    // NaN wins and then stays: NaN > b and b > NaN are both false.
-                    *b = if (v > *b) | v.is_nan() { v } else { *b };
+    /// Output row `oy` of one image (`row`: W' pixels of C) in inference:
+    /// [`Geometry::argmax`]'s values without the winners, NaN included.
+    /// Walked by window tap rather than by output pixel: for a stride of
+    /// 1, one tap of every output pixel in the row is one contiguous run
+    /// of the input line, so the max runs over long vectors instead of one
+    /// pixel's C channels at a time.
+    fn max_row(&self, image: &[f32], oy: usize, row: &mut [f32]) {
+        let (k, s, p, c) = (
+            self.window.kernel,
+            self.window.stride,
+            self.window.padding,
+            self.c,
+        );
+        let ow = row.len() / c;
+        row.fill(f32::NEG_INFINITY);
+        for y in self.window.span(oy, self.h) {
+            let line = &image[y * self.w * c..(y + 1) * self.w * c];
+            for kx in 0..k {
+                // The output pixels whose tap kx lies inside the line:
+                // 0 <= ox * s + kx - p < w.
+                let first = p.saturating_sub(kx).div_ceil(s);
+                let end = (self.w + p).saturating_sub(kx).div_ceil(s).min(ow);
+                if first >= end {
+                    continue;
+                }
+                let x = |ox: usize| ox * s + kx - p;
+                if s == 1 {
+                    let run = &line[x(first) * c..(x(end - 1) + 1) * c];
+                    max_into(&mut row[first * c..end * c], run);
+                } else {
+                    for ox in first..end {
+                        max_into(
+                            &mut row[ox * c..(ox + 1) * c],
+                            &line[x(ox) * c..(x(ox) + 1) * c],
+                        );
+                    }
                 }
             }
         }
@@ -444,9 +498,7 @@ pub(crate) fn max_pool_into(
                 }
             }
             None => {
-                for (ox, out) in row.chunks_mut(c).enumerate() {
-                    g.max(image, oy, ox, out);
-                }
+                g.max_row(image, oy, row);
             }
         }
     };
@@ -547,6 +599,45 @@ mod tests {
             channel(&grad_in, 1),
             [0.0, 0.0, 0.0, 0.0, 4.0, 0.0, 0.0, 0.0, 0.0]
         );
+    }
+
+    /// Inference's max-pool (walked by tap, without winners) gives the
+    /// values training's (by output pixel, with winners) gives, bit for
+    /// bit, over strides, paddings and sizes that leave ragged edges, with
+    /// NaNs and ties in the maps.
+    #[test]
+    fn max_pool_without_winners_matches_with_winners_on_every_geometry() {
+        for (k, stride, padding, side, c) in [
+            (2, 1, 0, 7, 3),
+            (3, 1, 1, 6, 5),
+            (3, 2, 1, 9, 4),
+            (3, 2, 0, 8, 17),
+            (4, 3, 2, 11, 2),
+            (2, 2, 1, 5, 1),
+        ] {
+            let g = Geometry {
+                window: Window::new(k, stride, padding),
+                n: 2,
+                h: side,
+                w: side + 1,
+                c,
+            };
+            let len = g.n * g.h * g.w * c;
+            let src: Vec<f32> = (0..len)
+                .map(|i| match (i * 7919) % 31 {
+                    0 => f32::NAN,
+                    r => (r % 9) as f32 - 4.0,
+                })
+                .collect();
+            let (oh, ow) = g.out_dims().unwrap();
+            let out_len = g.n * oh * ow * c;
+            let (mut with, mut winners) = (vec![0f32; out_len], vec![0u32; out_len]);
+            max_pool_into(&g, &src, &mut with, Some(&mut winners)).unwrap();
+            let mut without = vec![f32::NAN; out_len];
+            max_pool_into(&g, &src, &mut without, None).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&without), bits(&with), "{:?}", g.window);
+        }
     }
 
     #[test]
