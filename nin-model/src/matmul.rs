@@ -1,6 +1,8 @@
-//! The native kernel set's matrix multiplies, in the precision a network
-//! runs in: FP32 through the `gemm` crate (what candle uses), or bf16 with
-//! FP32 accumulation through [`crate::bf16`].
+//! The native kernel set's matrix multiplies in training (inference runs
+//! on [`crate::tile`]): FP32 through the `gemm` crate (what candle uses),
+//! and the forward products of bf16 training, bf16 with FP32 accumulation,
+//! through [`crate::bf16`]. Backward products are FP32 in either precision
+//! (see `ConvRecord::backward` in `tape.rs`).
 //!
 //! Operands are [`Mat`] views over slices, with transposes expressed as
 //! strides, never copied.
@@ -12,7 +14,6 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use crate::bf16::{self, Bf16Rows, PackedB};
-use crate::precision::Precision;
 use crate::tape::{Buf, Buffers};
 
 /// A read-only matrix over a slice: element (i, j) is at
@@ -126,12 +127,12 @@ const ROWS_PER_PARTIAL: usize = 4096;
 /// small (weight gradients): gemm parallelises over the output, which is
 /// small here, so the rows are split into fixed chunks whose products are
 /// computed in parallel and added in order.
-pub(crate) fn matmul_tn(a: Mat, b: Mat, precision: Precision, pool: &Arc<Buffers>) -> Buf<f32> {
+pub(crate) fn matmul_tn(a: Mat, b: Mat, pool: &Arc<Buffers>) -> Buf<f32> {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     let mut out = pool.take(k * n);
     let chunks = m.div_ceil(ROWS_PER_PARTIAL);
     if chunks < 2 * rayon::current_num_threads() {
-        matmul(&mut out, a.t(), b, precision, pool);
+        matmul(&mut out, a.t(), b);
         return out;
     }
     let partials: Vec<Buf<f32>> = (0..chunks)
@@ -140,10 +141,7 @@ pub(crate) fn matmul_tn(a: Mat, b: Mat, precision: Precision, pool: &Arc<Buffers
             let rows = i * ROWS_PER_PARTIAL..((i + 1) * ROWS_PER_PARTIAL).min(m);
             let mut part = pool.take(k * n);
             let (a, b) = (a.rows(rows.clone()), b.rows(rows));
-            match precision {
-                Precision::Fp32 => matmul_f32(&mut part, a.t(), b, false, Parallelism::None),
-                Precision::Bf16 => matmul(&mut part, a.t(), b, precision, pool),
-            }
+            matmul_f32(&mut part, a.t(), b, false, Parallelism::None);
             part
         })
         .collect();
@@ -156,17 +154,9 @@ pub(crate) fn matmul_tn(a: Mat, b: Mat, precision: Precision, pool: &Arc<Buffers
     out
 }
 
-/// `dst` (row-major) = `a` x `b` in `precision`, overwriting `dst`. In bf16
-/// both operands are converted on the way in; see [`matmul_packed`] for a
-/// right operand packed once.
-pub(crate) fn matmul(dst: &mut [f32], a: Mat, b: Mat, precision: Precision, pool: &Arc<Buffers>) {
-    match precision {
-        Precision::Fp32 => matmul_f32(dst, a, b, false, parallelism()),
-        Precision::Bf16 => {
-            let data = pool.take::<u32>(PackedB::<Buf<u32>>::len_for(b.rows, b.cols));
-            matmul_packed(dst, a, &PackedB::new_in(b, data), pool);
-        }
-    }
+/// `dst` (row-major) = `a` x `b` in FP32, overwriting `dst`.
+pub(crate) fn matmul(dst: &mut [f32], a: Mat, b: Mat) {
+    matmul_f32(dst, a, b, false, parallelism());
 }
 
 /// `dst` (row-major) = `a` x `b` in bf16, with `b` packed beforehand (fixed
