@@ -382,11 +382,12 @@ mod x86 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    /// Deterministic values in [-2, 2) with a spread of exponents.
-    fn values(len: usize, seed: u32) -> Vec<f32> {
+    /// Deterministic values in [-2, 2) with a spread of exponents (also
+    /// [`crate::tile`]'s test data).
+    pub(crate) fn values(len: usize, seed: u32) -> Vec<f32> {
         let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
         (0..len)
             .map(|_| {

@@ -380,19 +380,7 @@ pub(crate) mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Deterministic values in [-2, 2).
-    fn values(len: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s as f32 / u32::MAX as f32) * 4.0 - 2.0
-            })
-            .collect()
-    }
+    use crate::bf16::tests::values;
 
     /// The FP32 kernel with its epilogue against relu(A B * scale + shift)
     /// in f64, on ragged sizes (none a multiple of the tile), whole tiles,
