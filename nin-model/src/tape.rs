@@ -545,6 +545,7 @@ fn conv_forward_f32(
     x: &Maps,
     geometry: &Geometry,
     (oh, ow): (usize, usize),
+    next: Next,
     pool: &Arc<Buffers>,
 ) -> Result<Maps> {
     let (c_out, c_in, k, _) = unit.weight.dims4()?;
@@ -567,11 +568,13 @@ fn conv_forward_f32(
         scale: scale.as_deref(),
         shift: &shift,
     };
-    let mut y = pool.take(m * c_out);
-    tile::matmul_relu_f32(&mut y, &rows, &packed, epilogue);
+    let mut y = pool.take(if next.f32 { m * c_out } else { 0 });
+    let mut pairs = next.pairs.then(|| pool.take(m * bf16::pairs(c_out)));
+    let dst = next.f32.then_some(&mut y[..]);
+    tile::matmul_relu_f32(dst, &rows, &packed, epilogue, pairs.as_deref_mut());
     Ok(Maps {
         data: Arc::new(y),
-        pairs: None,
+        pairs: pairs.map(Arc::new),
         n: x.n,
         h: oh,
         w: ow,
@@ -617,11 +620,23 @@ fn conv_forward(
     };
     let (m, row_len) = (x.n * oh * ow, k * k * c_in);
     if precision == Precision::Bf16 && !train {
-        let maps = conv_forward_bf16(unit, x, &geometry, (oh, ow), next, pool)?;
+        // Odd input channels (the first layer, on grey images) cannot be
+        // paired on the way in: the layer, whose K is tiny, runs in FP32
+        // rather than convert its columns, and still hands the next layer
+        // pairs.
+        let maps = if c_in % 2 == 1 && tile::available() {
+            conv_forward_f32(unit, x, &geometry, (oh, ow), next, pool)?
+        } else {
+            conv_forward_bf16(unit, x, &geometry, (oh, ow), next, pool)?
+        };
         return Ok((maps, None));
     }
     if precision == Precision::Fp32 && !train && tile::available() {
-        let maps = conv_forward_f32(unit, x, &geometry, (oh, ow), pool)?;
+        let next = Next {
+            pairs: false,
+            f32: true,
+        };
+        let maps = conv_forward_f32(unit, x, &geometry, (oh, ow), next, pool)?;
         return Ok((maps, None));
     }
     let input = if k == 1 && unit.window.stride == 1 && unit.window.padding == 0 {

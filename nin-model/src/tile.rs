@@ -116,18 +116,33 @@ pub fn available() -> bool {
     }
 }
 
-/// `dst` = `epilogue`(`a` x `b`) in FP32: one layer of FP32 inference.
-pub(crate) fn matmul_relu_f32(dst: &mut [f32], a: &F32Rows, b: &PackedF32, epilogue: Epilogue) {
+/// `dst` = `epilogue`(`a` x `b`) in FP32: one layer of FP32 inference,
+/// or of bf16 inference whose input cannot be paired (see
+/// `conv_forward` in `tape.rs`); like [`crate::bf16::matmul_relu`], it
+/// can also (or only) write the result as bf16 pairs for the next layer.
+pub(crate) fn matmul_relu_f32(
+    dst: Option<&mut [f32]>,
+    a: &F32Rows,
+    b: &PackedF32,
+    epilogue: Epilogue,
+    pairs_out: Option<&mut [u32]>,
+) {
     assert!(available(), "FP32 tile kernel without AVX-512");
     assert_eq!(a.k, b.k, "inner dimensions");
-    assert_eq!(dst.len(), a.rows * b.n, "output size");
+    if let Some(dst) = &dst {
+        assert_eq!(dst.len(), a.rows * b.n, "output size");
+    }
+    if let Some(p) = &pairs_out {
+        assert!(crate::bf16::available(), "bf16 pairs without AVX512-BF16");
+        assert_eq!(p.len(), a.rows * crate::bf16::pairs(b.n), "pairs size");
+    }
     assert!(a.rows == 0 || (a.rows - 1) * a.row_step + a.k <= a.data.len());
     assert!(epilogue.shift.len() == b.n && epilogue.scale.is_none_or(|s| s.len() == b.n));
     let store = Store {
-        c: Some(Out(dst.as_mut_ptr())),
+        c: dst.map(|d| Out(d.as_mut_ptr())),
         accumulate: false,
         epilogue: Some(epilogue),
-        pairs: None,
+        pairs: pairs_out.map(|p| Out(p.as_mut_ptr())),
     };
     drive(Operands::F32(a, &b.data, b.k), b.n, store);
 }
@@ -414,7 +429,20 @@ mod tests {
                 shift: &shift,
             };
             let mut dst = vec![f32::NAN; m * n];
-            matmul_relu_f32(&mut dst, &rows, &packed, epilogue);
+            matmul_relu_f32(Some(&mut dst), &rows, &packed, epilogue, None);
+            if crate::bf16::available() {
+                // The same result as bf16 pairs, alone: what converting it gives.
+                let mut pairs = vec![7u32; m * crate::bf16::pairs(n)];
+                matmul_relu_f32(None, &rows, &packed, epilogue, Some(&mut pairs));
+                let mut converted = vec![0u32; pairs.len()];
+                for (row, out) in dst
+                    .chunks(n.max(1))
+                    .zip(converted.chunks_mut(crate::bf16::pairs(n).max(1)))
+                {
+                    crate::bf16::convert_row(row, out);
+                }
+                assert_eq!(pairs, converted, "({m}, {k}, {n}) pairs");
+            }
             for i in 0..m {
                 for j in 0..n {
                     let (mut want, mut size) = (0f64, 0f64);
