@@ -497,32 +497,48 @@ fn conv_forward_bf16(
     let rows = match given {
         Some(pairs) => Bf16Rows::from_pairs(pairs, m, row_len),
         None if pointwise => Bf16Rows::convert(Mat::new(&x.data, m, row_len), &mut converted),
-        None if c_in.is_multiple_of(2) => {
+        // Odd channels never get here (see `conv_forward`).
+        None => {
             cl::im2col_pairs_into(geometry, &x.data, &mut converted)?;
             Bf16Rows::from_pairs(&converted, m, row_len)
-        }
-        None => {
-            let mut cols = pool.take(m * row_len);
-            cl::im2col_into(geometry, &x.data, &mut cols)?;
-            Bf16Rows::convert(Mat::new(&cols, m, row_len), &mut converted)
         }
     };
     let epilogue = Epilogue {
         scale: scale.as_deref(),
         shift: &shift,
     };
+    Ok(fused_output(
+        x,
+        (oh, ow),
+        c_out,
+        next,
+        pool,
+        |dst, pairs| bf16::matmul_relu(dst, &rows, &packed, epilogue, pairs),
+    ))
+}
+
+/// The output of a fused inference layer: the buffers `next` asks for
+/// (f32 values, bf16 pairs), filled by `product`, as the next maps.
+fn fused_output(
+    x: &Maps,
+    (oh, ow): (usize, usize),
+    c_out: usize,
+    next: Next,
+    pool: &Arc<Buffers>,
+    product: impl FnOnce(Option<&mut [f32]>, Option<&mut [u32]>),
+) -> Maps {
+    let m = x.n * oh * ow;
     let mut y = pool.take(if next.f32 { m * c_out } else { 0 });
     let mut pairs = next.pairs.then(|| pool.take(m * bf16::pairs(c_out)));
-    let dst = next.f32.then_some(&mut y[..]);
-    bf16::matmul_relu(dst, &rows, &packed, epilogue, pairs.as_deref_mut());
-    Ok(Maps {
+    product(next.f32.then_some(&mut y[..]), pairs.as_deref_mut());
+    Maps {
         data: Arc::new(y),
         pairs: pairs.map(Arc::new),
         n: x.n,
         h: oh,
         w: ow,
         c: c_out,
-    })
+    }
 }
 
 /// What inference applies to a unit's product before ReLU, per channel:
@@ -568,18 +584,14 @@ fn conv_forward_f32(
         scale: scale.as_deref(),
         shift: &shift,
     };
-    let mut y = pool.take(if next.f32 { m * c_out } else { 0 });
-    let mut pairs = next.pairs.then(|| pool.take(m * bf16::pairs(c_out)));
-    let dst = next.f32.then_some(&mut y[..]);
-    tile::matmul_relu_f32(dst, &rows, &packed, epilogue, pairs.as_deref_mut());
-    Ok(Maps {
-        data: Arc::new(y),
-        pairs: pairs.map(Arc::new),
-        n: x.n,
-        h: oh,
-        w: ow,
-        c: c_out,
-    })
+    Ok(fused_output(
+        x,
+        (oh, ow),
+        c_out,
+        next,
+        pool,
+        |dst, pairs| tile::matmul_relu_f32(dst, &rows, &packed, epilogue, pairs),
+    ))
 }
 
 /// For each step, whether the next convolution (past layer ends and
