@@ -45,7 +45,7 @@ use crate::config::Window;
 use crate::dropout::Dropout;
 use crate::matmul::{matmul, matmul_packed, matmul_tn, Mat};
 use crate::precision::Precision;
-use crate::tile::{self, Epilogue, F32Rows, PackedF32};
+use crate::tile::{self, Epilogue, F32Rows, Isa, PackedF32};
 
 /// Free buffers kept for the next step: the pool a model's passes draw from.
 #[derive(Debug, Default)]
@@ -152,13 +152,13 @@ fn packed_weights_of(unit: &ConvUnit, matrix: Mat) -> Arc<PackedB> {
         .clone()
 }
 
-/// [`packed_weights_of`] for the FP32 inference kernel.
-fn packed_f32_of(unit: &ConvUnit, matrix: Mat) -> Arc<PackedF32> {
+/// [`packed_weights_of`] for the FP32 inference kernel of `isa`.
+fn packed_f32_of(unit: &ConvUnit, matrix: Mat, isa: Isa) -> Arc<PackedF32> {
     if unit.weight.is_variable() {
-        return Arc::new(PackedF32::new(matrix));
+        return Arc::new(PackedF32::new(matrix, isa));
     }
     unit.packed_f32
-        .get_or_init(|| Arc::new(PackedF32::new(matrix)))
+        .get_or_init(|| Arc::new(PackedF32::new(matrix, isa)))
         .clone()
 }
 
@@ -567,7 +567,10 @@ fn conv_forward_f32(
     let (c_out, c_in, k, _) = unit.weight.dims4()?;
     let (m, row_len) = (x.n * oh * ow, k * k * c_in);
     let weights = weight_matrix_of(unit)?;
-    let packed = packed_f32_of(unit, Mat::new(&weights, row_len, c_out));
+    let Some(isa) = tile::isa() else {
+        bail!("FP32 tile kernel on a CPU without one")
+    };
+    let packed = packed_f32_of(unit, Mat::new(&weights, row_len, c_out), isa);
     let (scale, shift) = affine(unit)?;
     let pointwise = unit.window == Window::new(1, 1, 0);
     let mut cols = pool.take(if pointwise { 0 } else { m * row_len });

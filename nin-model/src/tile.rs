@@ -4,7 +4,8 @@
 //! tile is still in registers.
 //!
 //! The micro-kernel keeps an [`MR`] x [`NR`] tile of C in 16 registers
-//! across the whole of K (K is at most a few thousand in NiN: one panel of
+//! (AVX-512; on AVX2 CPUs, most laptops', 6 x 16 in 12 registers, a half
+//! panel at a time) across the whole of K (K is at most a few thousand in NiN: one panel of
 //! B stays in L2, one strip of A in L1), and writes edges with masked
 //! stores, so M, N and K need no padding by the caller. The right operand
 //! (weights) comes packed in panels of NR columns, once per weight; the
@@ -24,7 +25,12 @@ use crate::matmul::Mat;
 
 /// Rows of C one micro-kernel call computes.
 pub(crate) const MR: usize = 8;
-/// Columns of C one micro-kernel call computes (two vectors of 16 lanes).
+/// Rows and columns of C the AVX2 FP32 kernel computes: 6 x 16, in 12
+/// of the 16 registers, beside the two vectors of B and a broadcast of A.
+const MR_AVX2: usize = 6;
+const NR_AVX2: usize = 16;
+/// Columns of C one micro-kernel call computes (two vectors of 16 lanes);
+/// the AVX2 FP32 kernel's are [`Isa::panel`].
 pub(crate) const NR: usize = 32;
 
 /// A pointer the tasks of one product share; each writes its own tiles.
@@ -73,25 +79,27 @@ pub(crate) struct F32Rows<'a> {
     pub row_step: usize,
 }
 
-/// A (K, N) f32 matrix packed for [`matmul_relu_f32`]: panels of [`NR`]
-/// columns, each K rows of NR values; columns past N are zeros.
+/// A (K, N) f32 matrix packed for [`matmul_relu_f32`] on one kernel:
+/// panels of that kernel's columns ([`Isa::panel`]), each K rows of that
+/// many values; columns past N are zeros.
 #[derive(Debug)]
 pub(crate) struct PackedF32 {
     data: Vec<f32>,
     k: usize,
     n: usize,
+    isa: Isa,
 }
 
 impl PackedF32 {
-    /// Packs `b` (any strides).
-    pub(crate) fn new(b: Mat) -> Self {
-        let (k, n) = (b.rows, b.cols);
-        let mut data = vec![0f32; n.div_ceil(NR) * k * NR];
+    /// Packs `b` (any strides) for the kernel of `isa`.
+    pub(crate) fn new(b: Mat, isa: Isa) -> Self {
+        let (k, n, nr) = (b.rows, b.cols, isa.panel());
+        let mut data = vec![0f32; n.div_ceil(nr) * k * nr];
         if k > 0 {
-            for (panel, values) in data.chunks_mut(k * NR).enumerate() {
-                for (kk, row) in values.chunks_mut(NR).enumerate() {
+            for (panel, values) in data.chunks_mut(k * nr).enumerate() {
+                for (kk, row) in values.chunks_mut(nr).enumerate() {
                     for (jj, v) in row.iter_mut().enumerate() {
-                        let j = panel * NR + jj;
+                        let j = panel * nr + jj;
                         if j < n {
                             *v = b.data[kk * b.row_stride + j * b.col_stride];
                         }
@@ -99,21 +107,67 @@ impl PackedF32 {
                 }
             }
         }
-        Self { data, k, n }
+        Self { data, k, n, isa }
     }
 }
 
-/// Whether this CPU runs [`matmul_relu_f32`] (AVX-512). Checked at run
-/// time; without it, FP32 inference stays on `gemm`.
+/// The vector units an FP32 kernel is compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Isa {
+    /// 16 lanes: servers since Skylake-SP, AMD since Zen 4.
+    Avx512,
+    /// 8 lanes with FMA: every x86-64 laptop and server of the last decade.
+    Avx2,
+}
+
+impl Isa {
+    /// Columns of C the FP32 kernel computes a call, and so the width of
+    /// B's panels: two vectors. On AVX2 a row of a panel is then one cache
+    /// line, all of it used (a wider panel read in halves streamed twice
+    /// the lines through L1 and ran 30% slower than `gemm`).
+    pub(crate) fn panel(self) -> usize {
+        match self {
+            Isa::Avx512 => NR,
+            Isa::Avx2 => NR_AVX2,
+        }
+    }
+
+    /// Rows of C the FP32 kernel computes a call.
+    fn rows(self) -> usize {
+        match self {
+            Isa::Avx512 => MR,
+            Isa::Avx2 => MR_AVX2,
+        }
+    }
+
+    /// Whether this CPU has the units, checked at run time (the crate is
+    /// compiled for baseline x86-64).
+    fn present(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            match self {
+                Isa::Avx512 => is_x86_feature_detected!("avx512f"),
+                Isa::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+}
+
+/// The widest FP32 kernel this CPU runs.
+pub(crate) fn isa() -> Option<Isa> {
+    [Isa::Avx512, Isa::Avx2]
+        .into_iter()
+        .find(|isa| isa.present())
+}
+
+/// Whether this CPU runs [`matmul_relu_f32`] (AVX-512, or AVX2 with FMA).
+/// Without either, FP32 inference stays on `gemm`.
 pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    isa().is_some()
 }
 
 /// `dst` = `epilogue`(`a` x `b`) in FP32: one layer of FP32 inference,
@@ -127,13 +181,20 @@ pub(crate) fn matmul_relu_f32(
     epilogue: Epilogue,
     pairs_out: Option<&mut [u32]>,
 ) {
-    assert!(available(), "FP32 tile kernel without AVX-512");
+    let isa = b.isa;
+    assert!(
+        isa.present(),
+        "FP32 tile kernel for {isa:?} on a CPU without it"
+    );
     assert_eq!(a.k, b.k, "inner dimensions");
     if let Some(dst) = &dst {
         assert_eq!(dst.len(), a.rows * b.n, "output size");
     }
     if let Some(p) = &pairs_out {
-        assert!(crate::bf16::available(), "bf16 pairs without AVX512-BF16");
+        assert!(
+            crate::bf16::available() && isa == Isa::Avx512,
+            "bf16 pairs without AVX512-BF16"
+        );
         assert_eq!(p.len(), a.rows * crate::bf16::pairs(b.n), "pairs size");
     }
     assert!(a.rows == 0 || (a.rows - 1) * a.row_step + a.k <= a.data.len());
@@ -144,22 +205,23 @@ pub(crate) fn matmul_relu_f32(
         epilogue: Some(epilogue),
         pairs: pairs_out.map(|p| Out(p.as_mut_ptr())),
     };
-    drive(Operands::F32(a, &b.data, b.k), b.n, store);
+    drive(Operands::F32(a, &b.data, b.k, isa), b.n, store);
 }
 
 /// The operands of one product, per precision: the left rows, the packed
-/// right panels, and K (pairs of K in bf16).
+/// right panels, and K (pairs of K in bf16); for FP32, also which kernel
+/// runs it.
 #[derive(Clone, Copy)]
 pub(crate) enum Operands<'a> {
     Bf16(&'a Bf16Rows<'a>, &'a [u32], usize),
-    F32(&'a F32Rows<'a>, &'a [f32], usize),
+    F32(&'a F32Rows<'a>, &'a [f32], usize, Isa),
 }
 
 /// Runs the micro-kernel over every (tile, panel) of the (M, `n`) result.
 pub(crate) fn drive(ops: Operands, n: usize, store: Store) -> bool {
     let (m, depth) = match ops {
         Operands::Bf16(a, _, pairs) => (a.rows, pairs),
-        Operands::F32(a, _, k) => (a.rows, k),
+        Operands::F32(a, _, k, _) => (a.rows, k),
     };
     if m == 0 || n == 0 {
         return true;
@@ -167,31 +229,38 @@ pub(crate) fn drive(ops: Operands, n: usize, store: Store) -> bool {
     if depth == 0 && store.epilogue.is_none() {
         return false;
     }
-    let (tiles, panels) = (m.div_ceil(MR), n.div_ceil(NR));
+    // The FP32 kernel on AVX2 computes fewer rows a call; the bf16 one
+    // exists on AVX-512 only.
+    let (mr, nr) = match ops {
+        Operands::Bf16(..) => (MR, NR),
+        Operands::F32(.., isa) => (isa.rows(), isa.panel()),
+    };
+    let (tiles, panels) = (m.div_ceil(mr), n.div_ceil(nr));
     // Enough tasks for every thread to steal a few; a task's tiles share
     // their strip of A, and consecutive tasks share it across panels.
     let wanted = 8 * rayon::current_num_threads();
     let block = (tiles * panels / wanted).clamp(1, 16);
     let blocks = tiles.div_ceil(block);
     // Tasks too small to be worth a hand-off to another thread run here.
-    let per_task = block * MR * NR * depth.max(1);
+    let per_task = block * mr * nr * depth.max(1);
     let min_len = MIN_FORK_MACS.div_ceil(per_task);
     (0..blocks * panels)
         .into_par_iter()
         .with_min_len(min_len)
         .for_each(|task| {
             let (first, panel) = ((task / panels) * block, task % panels);
-            let col = panel * NR;
+            let col = panel * nr;
             for tile in first..(first + block).min(tiles) {
-                let row = tile * MR;
+                let row = tile * mr;
                 let target = Tile {
                     row,
-                    rows: (m - row).min(MR),
+                    rows: (m - row).min(mr),
                     col,
-                    cols: (n - col).min(NR),
+                    cols: (n - col).min(nr),
                 };
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: the units are present (asserted above); the tile lies
+                // SAFETY: the units are present (asserted by the callers);
+                // the tile lies
                 // inside the (M, N) destination and its pairs, and no other
                 // task writes it (tasks own disjoint (tile, panel) pairs); `a`
                 // and `b_panel` hold `pairs` pairs per row; the epilogue's
@@ -202,9 +271,12 @@ pub(crate) fn drive(ops: Operands, n: usize, store: Store) -> bool {
                             let b_panel = &b[panel * pairs * NR..(panel + 1) * pairs * NR];
                             x86::tile(a, b_panel, n, target, store)
                         }
-                        Operands::F32(a, b, k) => {
-                            let b_panel = &b[panel * k * NR..(panel + 1) * k * NR];
-                            x86::tile_f32(a, b_panel, n, target, store)
+                        Operands::F32(a, b, k, isa) => {
+                            let b_panel = &b[panel * k * nr..(panel + 1) * k * nr];
+                            match isa {
+                                Isa::Avx512 => x86::tile_f32(a, b_panel, n, target, store),
+                                Isa::Avx2 => x86::tile_f32_avx2(a, b_panel, n, target, store),
+                            }
                         }
                     }
                 };
@@ -232,7 +304,7 @@ struct Tile {
 pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{F32Rows, Store, Tile, MR, NR};
+    use super::{F32Rows, Store, Tile, MR, MR_AVX2, NR, NR_AVX2};
     use crate::bf16::Bf16Rows;
 
     /// One MR x NR tile of C = A x B over all of K, stored at `target` as
@@ -308,6 +380,165 @@ pub(crate) mod x86 {
         }
         // SAFETY: as this function's.
         unsafe { store_tile(&acc, ldc, target, store) }
+    }
+
+    /// [`tile_f32`] on AVX2 with FMA: a tile of up to [`MR_AVX2`] x
+    /// [`NR_AVX2`] (two vectors of 8 lanes a row) over all of K, stored as
+    /// [`tile`] stores it, but never as pairs (bf16 needs AVX-512).
+    ///
+    /// # Safety
+    /// AVX2 and FMA present; `a` holds rows `target.row..target.row +
+    /// target.rows`, at most [`MR_AVX2`] of them; `b` one panel of `a.k *
+    /// NR_AVX2`; `store` as for [`tile`], without pairs.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile_f32_avx2(
+        a: &F32Rows,
+        b: &[f32],
+        ldc: usize,
+        target: Tile,
+        store: Store,
+    ) {
+        debug_assert!(target.rows <= MR_AVX2 && target.row + target.rows <= a.rows);
+        debug_assert_eq!(b.len(), a.k * NR_AVX2);
+        debug_assert!(store.pairs.is_none(), "bf16 pairs from the AVX2 kernel");
+        let rows: [*const f32; MR_AVX2] = std::array::from_fn(|r| {
+            let i = target.row + r.min(target.rows - 1);
+            // SAFETY: row i of `a` (the last real one for padding rows).
+            unsafe { a.data.as_ptr().add(i * a.row_step) }
+        });
+        let mut acc = [[_mm256_setzero_ps(); 2]; MR_AVX2];
+        let mut bp = b.as_ptr();
+        for kk in 0..a.k {
+            // SAFETY: kk < K, so bp and rows[r] + kk are inside b and a.
+            unsafe {
+                let b0 = _mm256_loadu_ps(bp);
+                let b1 = _mm256_loadu_ps(bp.add(8));
+                for r in 0..MR_AVX2 {
+                    let av = _mm256_broadcast_ss(&*rows[r].add(kk));
+                    acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
+                    acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+                }
+                bp = bp.add(NR_AVX2);
+            }
+        }
+        // SAFETY: as this function's.
+        unsafe { store_tile_avx2(&acc, ldc, target, store) }
+    }
+
+    /// Stores the accumulators of [`tile_f32_avx2`] as `store` says, but
+    /// for pairs.
+    ///
+    /// # Safety
+    /// AVX2 and FMA present; as for [`store_tile`].
+    /// Its helpers are functions with the kernel's features rather than
+    /// closures: a closure is compiled without them, so neither it nor the
+    /// intrinsics in it were inlined.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn store_tile_avx2(
+        acc: &[[__m256; 2]; MR_AVX2],
+        ldc: usize,
+        target: Tile,
+        store: Store,
+    ) {
+        let lanes: [Lanes; 2] = std::array::from_fn(|h| Lanes::new(target.cols, h));
+        let columns = target.cols.div_ceil(8);
+        // Per vector: v -> max(v * scale + shift, 0).
+        let mut affine = [(_mm256_set1_ps(1.0), _mm256_setzero_ps()); 2];
+        if let Some(e) = store.epilogue {
+            for (h, (a, b)) in affine.iter_mut().enumerate().take(columns) {
+                let at = target.col + 8 * h;
+                // SAFETY: the lanes lie inside the tile's columns of the
+                // epilogue's vectors (ldc long).
+                unsafe {
+                    if let Some(scale) = e.scale {
+                        *a = lanes[h].load(scale.as_ptr().add(at));
+                    }
+                    *b = lanes[h].load(e.shift.as_ptr().add(at));
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate().take(target.rows) {
+            for (h, &v) in acc.iter().enumerate().take(columns) {
+                // SAFETY: the lanes lie inside the target tile.
+                unsafe {
+                    let at = (target.row + r) * ldc + target.col + 8 * h;
+                    let mut v = v;
+                    if let (true, Some(c)) = (store.accumulate, store.c) {
+                        v = _mm256_add_ps(v, lanes[h].load(c.get().add(at)));
+                    }
+                    if store.epilogue.is_some() {
+                        let (a, b) = affine[h];
+                        v = _mm256_max_ps(_mm256_fmadd_ps(v, a, b), _mm256_setzero_ps());
+                    }
+                    if let Some(c) = store.c {
+                        lanes[h].store(c.get().add(at), v);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The lanes of vector `h` of a tile row that lie inside its columns:
+    /// lane l when 8h + l < cols. Masked moves only where a vector is
+    /// ragged: on AMD's Zen 2 and 3 a masked store is microcoded, and
+    /// storing every tile with them ran the layers with small K at a third
+    /// of `gemm`'s speed.
+    #[derive(Clone, Copy)]
+    struct Lanes {
+        whole: bool,
+        mask: __m256i,
+    }
+
+    impl Lanes {
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        fn new(cols: usize, h: usize) -> Self {
+            let n = cols.saturating_sub(8 * h).min(8);
+            let mask = _mm256_cmpgt_epi32(
+                _mm256_set1_epi32(n as i32),
+                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+            );
+            Self {
+                whole: n == 8,
+                mask,
+            }
+        }
+
+        /// The lanes at `p`, zeros elsewhere.
+        ///
+        /// # Safety
+        /// AVX2 present; the lanes lie inside one allocation (the rest
+        /// are not touched).
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        unsafe fn load(self, p: *const f32) -> __m256 {
+            // SAFETY: the caller's.
+            unsafe {
+                if self.whole {
+                    _mm256_loadu_ps(p)
+                } else {
+                    _mm256_maskload_ps(p, self.mask)
+                }
+            }
+        }
+
+        /// Stores the lanes of `v` at `p`.
+        ///
+        /// # Safety
+        /// As for [`Lanes::load`], and no one else writes them meanwhile.
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        unsafe fn store(self, p: *mut f32, v: __m256) {
+            // SAFETY: the caller's.
+            unsafe {
+                if self.whole {
+                    _mm256_storeu_ps(p, v)
+                } else {
+                    _mm256_maskstore_ps(p, self.mask, v)
+                }
+            }
+        }
     }
 
     /// Stores a tile's accumulators as `store` says.
@@ -397,20 +628,28 @@ mod tests {
     use super::*;
     use crate::bf16::tests::values;
 
-    /// The FP32 kernel with its epilogue against relu(A B * scale + shift)
-    /// in f64, on ragged sizes (none a multiple of the tile), whole tiles,
-    /// rows read with a stride wider than K, and an empty K (the epilogue
-    /// alone).
+    /// Every FP32 kernel this CPU runs, with its epilogue, against
+    /// relu(A B * scale + shift) in f64, on ragged sizes (none a multiple
+    /// of either kernel's tile), whole tiles, rows read with a stride wider
+    /// than K, and an empty K (the epilogue alone).
     #[test]
     fn the_fp32_layer_matches_the_reference() {
-        if !available() {
-            eprintln!("skipped: this CPU has no AVX-512");
-            return;
+        for isa in [Isa::Avx512, Isa::Avx2] {
+            if isa.present() {
+                fp32_layer_matches_the_reference(isa);
+            } else {
+                eprintln!("skipped: this CPU has no {isa:?}");
+            }
         }
+    }
+
+    fn fp32_layer_matches_the_reference(isa: Isa) {
         for (m, k, n, row_step, scaled) in [
             (1, 1, 1, 1, true),
             (7, 9, 10, 9, false),
             (8, 64, 32, 64, true),
+            (6, 16, 16, 16, false),
+            (13, 3, 17, 3, true),
             (17, 33, 45, 40, true),
             (49, 1152, 192, 1152, false),
             (5, 0, 3, 0, true),
@@ -423,14 +662,14 @@ mod tests {
                 k,
                 row_step,
             };
-            let packed = PackedF32::new(Mat::new(&b, k, n));
+            let packed = PackedF32::new(Mat::new(&b, k, n), isa);
             let epilogue = Epilogue {
                 scale: scaled.then_some(&scale[..]),
                 shift: &shift,
             };
             let mut dst = vec![f32::NAN; m * n];
             matmul_relu_f32(Some(&mut dst), &rows, &packed, epilogue, None);
-            if crate::bf16::available() {
+            if crate::bf16::available() && isa == Isa::Avx512 {
                 // The same result as bf16 pairs, alone: what converting it gives.
                 let mut pairs = vec![7u32; m * crate::bf16::pairs(n)];
                 matmul_relu_f32(None, &rows, &packed, epilogue, Some(&mut pairs));
@@ -457,7 +696,7 @@ mod tests {
                     let got = f64::from(dst[i * n + j]);
                     assert!(
                         (got - want).abs() <= tol,
-                        "({m}, {k}, {n}) [{i}, {j}]: {got} vs {want}"
+                        "{isa:?} ({m}, {k}, {n}) [{i}, {j}]: {got} vs {want}"
                     );
                 }
             }
