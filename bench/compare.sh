@@ -10,7 +10,9 @@
 # it measures; PyTorch builds its twin from the same config and takes the
 # same weights from that file. nin also runs `--precision bf16`, against
 # the peers' own bf16 defaults: PyTorch autocast (channels_last) and
-# OpenVINO without a precision hint (bf16 where the CPU has the units). Installs them from PyPI into bench/.venv on
+# OpenVINO without a precision hint (bf16 where the CPU has the units);
+# on a CPU without AVX512-BF16, where nin's bf16 falls back to FP32, the
+# bf16 rows are left out. Installs them from PyPI into bench/.venv on
 # first use (about 5 GB: PyPI's torch brings CUDA libraries; it runs on the
 # CPU), builds the Rust `throughput` example, then runs every workload on
 # every engine, interleaved round by round (so a noisy neighbour hurts all
@@ -52,6 +54,15 @@ workloads=(
   "shipped train 128"
 )
 export RAYON_NUM_THREADS=$threads
+# nin's bf16 falls back to FP32 (and says so) without the units: then
+# there is no bf16 mode to compare.
+precisions="fp32 bf16"
+bf16_engines="torch-bf16"
+if ./target/release/examples/throughput --precision bf16 "$work/compact.json" forward 1 0.1 2> /dev/null \
+  | grep -q '"precision":"fp32"'; then
+  echo "this CPU has no AVX512-BF16: FP32 rows only" >&2
+  precisions="fp32" bf16_engines=""
+fi
 # Before the rounds: each forward network exported once, as nin holds it.
 for arch in compact shipped; do
   ./target/release/examples/throughput --onnx "$work/$arch.onnx" \
@@ -61,14 +72,14 @@ for round in $(seq "$rounds"); do
   for w in "${workloads[@]}"; do
     set -- $w
     arch=$1 mode=$2 batch=$3
-    for precision in fp32 bf16; do
+    for precision in $precisions; do
       ./target/release/examples/throughput --precision "$precision" \
         "$(network "$arch" "$mode")" "$mode" "$batch" "$seconds" \
         | "$venv/bin/python" -c 'import json,sys; r=json.load(sys.stdin); r["arch"]=sys.argv[1]; r["impl"]="nin-bf16" if r["precision"]=="bf16" else "nin"; print(json.dumps(r))' "$arch" \
         >> "$work/results.jsonl"
     done
-    engines="torch torch-cl torch-bf16"
-    [ "$mode" = forward ] && engines="$engines ort openvino openvino-bf16"
+    engines="torch torch-cl $bf16_engines"
+    [ "$mode" = forward ] && engines="$engines ort openvino ${bf16_engines:+openvino-bf16}"
     for engine in $engines; do
       "$venv/bin/python" bench/peers.py --engine "$engine" --config "$work/$arch.json" \
         --onnx "$work/$arch.onnx" --arch "$arch" --mode "$mode" --batch "$batch" \
@@ -93,9 +104,12 @@ for r in rows:
         workloads.append(k)
 ov = {r["precision"] for r in rows if r["impl"] == "openvino-bf16"}
 print("images/s, medians; ratio = nin / the fastest peer")
-print(f"(OpenVINO default chose: {', '.join(sorted(ov))})")
+if ov:
+    print(f"(OpenVINO default chose: {', '.join(sorted(ov))})")
 for ours, engines in [("nin", ["torch", "torch-cl", "ort", "openvino"]),
                       ("nin-bf16", ["torch-bf16", "openvino-bf16"])]:
+    if not any(r["impl"] == ours for r in rows):
+        continue
     engines = [ours] + engines
     print()
     print("| workload | " + " | ".join(titles[e] for e in engines) + " | ratio |")
