@@ -93,25 +93,24 @@ fn im2col_with<T: Copy + Default + Send>(
         .for_each(|(task, rows)| {
             let (n, oy) = (task / oh, task % oh);
             let image = &src[n * g.h * g.w * c..(n + 1) * g.h * g.w * c];
+            let (stride, padding) = (g.window.stride, g.window.padding);
+            let ys = g.window.span(oy, g.h);
             for (ox, row) in rows.chunks_mut(row_len).enumerate() {
+                // The taps whose pixels lie inside the maps, the same for
+                // every kernel row: kx in first..first + count.
+                let xs = g.window.span(ox, g.w);
+                let (first, count) = (xs.start + padding - ox * stride, xs.len());
                 for (ky, taps) in row.chunks_mut(k * per_tap).enumerate() {
-                    // The taps whose pixels lie inside the maps: kx in inside.
-                    let inside = (0..k)
-                        .find_map(|kx| g.source(oy, ox, ky, kx).map(|at| (kx, at)))
-                        .map(|(first, (y, x))| {
-                            let last =
-                                (first..k).take_while(|&kx| g.source(oy, ox, ky, kx).is_some());
-                            (first, last.count(), y * g.w + x)
-                        });
-                    match inside {
-                        Some((first, count, pixel)) => {
-                            taps[..first * per_tap].fill(T::default());
-                            taps[(first + count) * per_tap..].fill(T::default());
-                            let run = &image[pixel * c..(pixel + count) * c];
-                            copy(run, &mut taps[first * per_tap..(first + count) * per_tap]);
-                        }
-                        None => taps.fill(T::default()),
+                    let y = (oy * stride + ky).wrapping_sub(padding);
+                    if count == 0 || !ys.contains(&y) {
+                        taps.fill(T::default());
+                        continue;
                     }
+                    taps[..first * per_tap].fill(T::default());
+                    taps[(first + count) * per_tap..].fill(T::default());
+                    let pixel = y * g.w + xs.start;
+                    let run = &image[pixel * c..(pixel + count) * c];
+                    copy(run, &mut taps[first * per_tap..(first + count) * per_tap]);
                 }
             }
         });
