@@ -4,12 +4,13 @@
 //! tile is still in registers.
 //!
 //! The micro-kernel keeps an [`MR`] x [`NR`] tile of C in 16 registers
-//! (AVX-512; on AVX2 CPUs, most laptops', 6 x 16 in 12 registers, a half
-//! panel at a time) across the whole of K (K is at most a few thousand in NiN: one panel of
-//! B stays in L2, one strip of A in L1), and writes edges with masked
+//! (AVX-512; on AVX2 CPUs, most laptops', 6 x 16 in 12 registers) across
+//! the whole of K (K is at most a few thousand in NiN: one panel of B
+//! stays in L2, one strip of A in L1), and writes edges with masked
 //! stores, so M, N and K need no padding by the caller. The right operand
-//! (weights) comes packed in panels of NR columns, once per weight; the
-//! left one (activations) is read where it lies, a row per tile row:
+//! (weights) comes packed in panels of the kernel's columns, once per
+//! weight; the left one (activations) is read where it lies, a row per
+//! tile row:
 //!
 //! - FP32: [`F32Rows`] and [`PackedF32`], one FMA per value of K;
 //! - bf16: [`crate::bf16`]'s pairs, one `vdpbf16ps` per pair of K.
