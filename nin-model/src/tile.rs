@@ -80,6 +80,19 @@ pub(crate) struct F32Rows<'a> {
     pub row_step: usize,
 }
 
+impl F32Rows<'_> {
+    /// Where each row of `target` starts, `R` of them: rows past
+    /// `target.rows` repeat its last one (both FP32 kernels compute whole
+    /// tiles and store only the real rows).
+    #[inline(always)]
+    fn tile_rows<const R: usize>(&self, target: Tile) -> [*const f32; R] {
+        std::array::from_fn(|r| {
+            let i = target.row + r.min(target.rows - 1);
+            self.data[i * self.row_step..].as_ptr()
+        })
+    }
+}
+
 /// A (K, N) f32 matrix packed for [`matmul_relu_f32`] on one kernel:
 /// panels of that kernel's columns ([`Isa::panel`]), each K rows of that
 /// many values; columns past N are zeros.
@@ -261,11 +274,11 @@ pub(crate) fn drive(ops: Operands, n: usize, store: Store) -> bool {
                 };
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: the units are present (asserted by the callers);
-                // the tile lies
-                // inside the (M, N) destination and its pairs, and no other
-                // task writes it (tasks own disjoint (tile, panel) pairs); `a`
-                // and `b_panel` hold `pairs` pairs per row; the epilogue's
-                // vectors are N long (asserted by `matmul_relu`).
+                // the tile lies inside the (M, N) destination and its pairs,
+                // and no other task writes it (tasks own disjoint (tile,
+                // panel) pairs); `a` and `b_panel` hold `pairs` pairs per
+                // row; the epilogue's vectors are N long (asserted by the
+                // callers).
                 unsafe {
                     match ops {
                         Operands::Bf16(a, b, pairs) => {
@@ -359,11 +372,7 @@ pub(crate) mod x86 {
     pub(super) unsafe fn tile_f32(a: &F32Rows, b: &[f32], ldc: usize, target: Tile, store: Store) {
         debug_assert!(target.row + target.rows <= a.rows);
         debug_assert_eq!(b.len(), a.k * NR);
-        let rows: [*const f32; MR] = std::array::from_fn(|r| {
-            let i = target.row + r.min(target.rows - 1);
-            // SAFETY: row i of `a` (the last real one for padding rows).
-            unsafe { a.data.as_ptr().add(i * a.row_step) }
-        });
+        let rows: [*const f32; MR] = a.tile_rows(target);
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
         let mut bp = b.as_ptr();
         for kk in 0..a.k {
@@ -402,11 +411,7 @@ pub(crate) mod x86 {
         debug_assert!(target.rows <= MR_AVX2 && target.row + target.rows <= a.rows);
         debug_assert_eq!(b.len(), a.k * NR_AVX2);
         debug_assert!(store.pairs.is_none(), "bf16 pairs from the AVX2 kernel");
-        let rows: [*const f32; MR_AVX2] = std::array::from_fn(|r| {
-            let i = target.row + r.min(target.rows - 1);
-            // SAFETY: row i of `a` (the last real one for padding rows).
-            unsafe { a.data.as_ptr().add(i * a.row_step) }
-        });
+        let rows: [*const f32; MR_AVX2] = a.tile_rows(target);
         let mut acc = [[_mm256_setzero_ps(); 2]; MR_AVX2];
         let mut bp = b.as_ptr();
         for kk in 0..a.k {
