@@ -70,10 +70,7 @@ pub(crate) fn im2col_pairs_into(g: &Geometry, src: &[f32], out: &mut [u32]) -> R
 
 /// The im2col walk: each tap of each output pixel gets `per_tap` values
 /// of `out`, written by `copy` from the input pixel's C channels, or
-/// zeros over the padding. The taps of one kernel row read neighbouring
-/// pixels, which lie side by side in channels-last maps: they are copied
-/// as one run (a call per tap cost more than the copying in the first
-/// layer, one channel wide).
+/// zeros over the padding.
 fn im2col_with<T: Copy + Default + Send>(
     g: &Geometry,
     src: &[f32],
@@ -82,9 +79,8 @@ fn im2col_with<T: Copy + Default + Send>(
     copy: impl Fn(&[f32], &mut [T]) + Sync,
 ) -> Result<()> {
     let (oh, ow) = g.out_dims()?;
-    let (k, c) = (g.window.kernel, g.c);
-    let row_len = k * k * per_tap;
-    if src.len() != g.n * g.h * g.w * c || out.len() != g.n * oh * ow * row_len {
+    let row_len = g.window.kernel * g.window.kernel * per_tap;
+    if src.len() != g.n * g.h * g.w * g.c || out.len() != g.n * oh * ow * row_len {
         bail!("im2col: buffer sizes do not match {g:?}")
     }
     // One task per output image row (n, oy).
@@ -92,29 +88,85 @@ fn im2col_with<T: Copy + Default + Send>(
         .enumerate()
         .for_each(|(task, rows)| {
             let (n, oy) = (task / oh, task % oh);
-            let image = &src[n * g.h * g.w * c..(n + 1) * g.h * g.w * c];
-            let (stride, padding) = (g.window.stride, g.window.padding);
             let ys = g.window.span(oy, g.h);
             for (ox, row) in rows.chunks_mut(row_len).enumerate() {
-                // The taps whose pixels lie inside the maps, the same for
-                // every kernel row: kx in first..first + count.
-                let xs = g.window.span(ox, g.w);
-                let (first, count) = (xs.start + padding - ox * stride, xs.len());
-                for (ky, taps) in row.chunks_mut(k * per_tap).enumerate() {
-                    let y = (oy * stride + ky).wrapping_sub(padding);
-                    if count == 0 || !ys.contains(&y) {
-                        taps.fill(T::default());
-                        continue;
-                    }
-                    taps[..first * per_tap].fill(T::default());
-                    taps[(first + count) * per_tap..].fill(T::default());
-                    let pixel = y * g.w + xs.start;
-                    let run = &image[pixel * c..(pixel + count) * c];
-                    copy(run, &mut taps[first * per_tap..(first + count) * per_tap]);
-                }
+                im2col_pixel(g, src, (n, oy, ox), &ys, row, per_tap, &copy);
             }
         });
     Ok(())
+}
+
+/// [`im2col_into`] for the output pixels `first..` only, as many as `out`
+/// has rows for, on this thread: the columns of one strip of a layer,
+/// which a fused inference task computes and multiplies itself.
+pub(crate) fn im2col_rows_into(
+    g: &Geometry,
+    src: &[f32],
+    first: usize,
+    out: &mut [f32],
+) -> Result<()> {
+    let (oh, ow) = g.out_dims()?;
+    let row_len = g.window.kernel * g.window.kernel * g.c;
+    let rows = out.len() / row_len.max(1);
+    if src.len() != g.n * g.h * g.w * g.c
+        || out.len() != rows * row_len
+        || first + rows > g.n * oh * ow
+    {
+        bail!(
+            "im2col of rows {first}..{}: buffer sizes do not match {g:?}",
+            first + rows
+        )
+    }
+    let copy = |pixel: &[f32], dst: &mut [f32]| dst.copy_from_slice(pixel);
+    let (mut n, mut oy, mut ox) = (first / (oh * ow), first % (oh * ow) / ow, first % ow);
+    let mut ys = g.window.span(oy, g.h);
+    for row in out.chunks_mut(row_len) {
+        im2col_pixel(g, src, (n, oy, ox), &ys, row, g.c, &copy);
+        ox += 1;
+        if ox == ow {
+            (ox, oy) = (0, oy + 1);
+            if oy == oh {
+                (oy, n) = (0, n + 1);
+            }
+            ys = g.window.span(oy, g.h);
+        }
+    }
+    Ok(())
+}
+
+/// One output pixel's row of the im2col walk: pixel (`oy`, `ox`) of image
+/// `n`. The taps of one kernel row read neighbouring pixels, which lie side
+/// by side in channels-last maps: they are copied as one run (a call per
+/// tap cost more than the copying in the first layer, one channel wide).
+#[inline]
+fn im2col_pixel<T: Copy + Default>(
+    g: &Geometry,
+    src: &[f32],
+    (n, oy, ox): (usize, usize, usize),
+    ys: &std::ops::Range<usize>,
+    row: &mut [T],
+    per_tap: usize,
+    copy: &impl Fn(&[f32], &mut [T]),
+) {
+    let (k, c) = (g.window.kernel, g.c);
+    let image = &src[n * g.h * g.w * c..(n + 1) * g.h * g.w * c];
+    let (stride, padding) = (g.window.stride, g.window.padding);
+    // The taps whose pixels lie inside the maps, the same for every
+    // kernel row: kx in first..first + count.
+    let xs = g.window.span(ox, g.w);
+    let (first, count) = (xs.start + padding - ox * stride, xs.len());
+    for (ky, taps) in row.chunks_mut(k * per_tap).enumerate() {
+        let y = (oy * stride + ky).wrapping_sub(padding);
+        if count == 0 || !ys.contains(&y) {
+            taps.fill(T::default());
+            continue;
+        }
+        taps[..first * per_tap].fill(T::default());
+        taps[(first + count) * per_tap..].fill(T::default());
+        let pixel = y * g.w + xs.start;
+        let run = &image[pixel * c..(pixel + count) * c];
+        copy(run, &mut taps[first * per_tap..(first + count) * per_tap]);
+    }
 }
 
 /// col2im on slices, the gradient of [`im2col_into`]: every entry of the
@@ -687,5 +739,29 @@ mod tests {
         assert_eq!(pairs, expected);
         let odd = Geometry { c: 3, ..g };
         assert!(im2col_pairs_into(&odd, &src[..2 * 5 * 4 * 3], &mut pairs).is_err());
+    }
+
+    #[test]
+    fn im2col_of_a_strip_is_those_rows_of_the_whole() {
+        // Two 5x4 images, 3x3 stride 2 over padding 1: 3x2 outputs each.
+        let g = Geometry {
+            window: Window::new(3, 2, 1),
+            n: 2,
+            h: 5,
+            w: 4,
+            c: 3,
+        };
+        let src: Vec<f32> = (0..2 * 5 * 4 * 3).map(|v| v as f32 + 1.0).collect();
+        let row_len = 9 * 3;
+        let mut whole = vec![0f32; 12 * row_len];
+        im2col_into(&g, &src, &mut whole).unwrap();
+        // Strips that start mid-row, cross a row and an image, or are empty.
+        for (first, rows) in [(0, 12), (1, 4), (5, 3), (11, 1), (7, 0)] {
+            let mut strip = vec![f32::NAN; rows * row_len];
+            im2col_rows_into(&g, &src, first, &mut strip).unwrap();
+            assert_eq!(strip, whole[first * row_len..(first + rows) * row_len]);
+        }
+        let mut past_the_end = vec![0f32; 2 * row_len];
+        assert!(im2col_rows_into(&g, &src, 11, &mut past_the_end).is_err());
     }
 }

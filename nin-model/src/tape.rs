@@ -371,8 +371,21 @@ fn forward_here<'a>(
     };
     let mut records = Vec::new();
     let pointwise_next = pointwise_next(steps);
-    for (&step, pointwise_next) in steps.iter().zip(pointwise_next) {
+    // FP32 inference runs a convolution and the 1x1 ones after it as one
+    // pass (see `conv_chain_f32`); a trace wants every layer's maps.
+    let chains = precision == Precision::Fp32 && !train && trace.is_none() && tile::available();
+    let mut skip = 0;
+    for (i, (&step, pointwise_next)) in steps.iter().zip(pointwise_next).enumerate() {
+        if skip > 0 {
+            skip -= 1;
+            continue;
+        }
         maps = match step {
+            Step::Conv(_) if chains => {
+                let (units, steps_taken) = chain(&steps[i..]);
+                skip = steps_taken - 1;
+                conv_chain_f32(&units, &maps, pool)?
+            }
             Step::Conv(unit) => {
                 // Only the next 1x1 convolution reads this output: a bf16
                 // layer can hand it over in bf16 alone, unless traced.
@@ -595,6 +608,126 @@ fn conv_forward_f32(
         pool,
         |dst, pairs| tile::matmul_relu_f32(dst, &rows, &packed, epilogue, pairs),
     ))
+}
+
+/// The convolutions of `steps` that run as one chain, from the first
+/// (a convolution), and how many steps they span: the first and every
+/// 1x1 convolution after it, past the layer ends and dropout between
+/// them (inference skips both when nothing is traced).
+fn chain<'a>(steps: &[Step<'a>]) -> (Vec<&'a ConvUnit>, usize) {
+    let (mut units, mut taken) = (Vec::new(), 0);
+    for (i, step) in steps.iter().enumerate() {
+        match step {
+            Step::Conv(unit) if i == 0 || unit.window == Window::new(1, 1, 0) => {
+                units.push(*unit);
+                taken = i + 1;
+            }
+            Step::End(_) | Step::Dropout(..) if i > 0 => {}
+            _ => break,
+        }
+    }
+    (units, taken)
+}
+
+/// Rows of the output a task of [`conv_chain_f32`] takes at most.
+const CHAIN_ROWS: usize = 64;
+
+/// FP32 inference of a chain of convolutions (see [`chain`]): a k x k
+/// one and the 1x1 ones after it, as one pass. Each task takes a strip of
+/// output pixels through every layer of the chain: its im2col rows, then
+/// each product with its bias or norm and ReLU, the maps between layers
+/// in a buffer of the strip's size, which stays in cache. A 1x1
+/// convolution reads nothing but its own pixel, so a strip needs nothing
+/// from the others: a block forks once instead of once per layer (and
+/// once more for im2col), and writes only its last layer's maps.
+fn conv_chain_f32(units: &[&ConvUnit], x: &Maps, pool: &Arc<Buffers>) -> Result<Maps> {
+    let Some(isa) = tile::isa() else {
+        bail!("FP32 tile kernel on a CPU without one")
+    };
+    let first = units[0];
+    let (_, c_in, k, _) = first.weight.dims4()?;
+    if c_in != x.c {
+        bail!("conv expects {c_in} input channels, got {}", x.c)
+    }
+    let geometry = x.geometry(first.window);
+    let (Some(oh), Some(ow)) = (first.window.output_size(x.h), first.window.output_size(x.w))
+    else {
+        bail!(
+            "conv {:?} does not fit a {}x{} input",
+            first.window,
+            x.h,
+            x.w
+        )
+    };
+    // Each layer's packed weights and epilogue, and its output channels.
+    let mut layers = Vec::with_capacity(units.len());
+    let mut channels = c_in;
+    for unit in units {
+        let (c_out, c_in, k, _) = unit.weight.dims4()?;
+        if c_in != channels {
+            bail!("conv expects {c_in} input channels, got {channels}")
+        }
+        let weights = weight_matrix_of(unit)?;
+        let packed = packed_f32_of(unit, Mat::new(&weights, k * k * c_in, c_out), isa);
+        layers.push((packed, affine(unit)?, c_out));
+        channels = c_out;
+    }
+    let (m, row_len) = (x.n * oh * ow, k * k * c_in);
+    let pointwise = first.window == Window::new(1, 1, 0);
+    let mut out = pool.take(m * channels);
+    // Strips of at most CHAIN_ROWS, as many for every thread.
+    let threads = rayon::current_num_threads();
+    let strip = m
+        .div_ceil(threads * m.div_ceil(threads * CHAIN_ROWS).max(1))
+        .max(1);
+    out.par_chunks_mut(strip * channels)
+        .enumerate()
+        .try_for_each(|(task, out)| -> Result<()> {
+            let (first_row, rows) = (task * strip, out.len() / channels);
+            let mut cols = pool.take(if pointwise { 0 } else { rows * row_len });
+            let input = if pointwise {
+                &x.data[first_row * c_in..(first_row + rows) * c_in]
+            } else {
+                cl::im2col_rows_into(&geometry, &x.data, first_row, &mut cols)?;
+                &cols[..]
+            };
+            let mut a = F32Rows {
+                data: input,
+                rows,
+                k: row_len,
+                row_step: row_len,
+            };
+            // The maps between two layers of the strip.
+            let mut between: Buf<f32>;
+            for (i, (packed, (scale, shift), c_out)) in layers.iter().enumerate() {
+                let epilogue = Epilogue {
+                    scale: scale.as_deref(),
+                    shift,
+                };
+                if i + 1 == layers.len() {
+                    tile::matmul_relu_f32_here(out, &a, packed, epilogue);
+                    break;
+                }
+                let mut y = pool.take(rows * c_out);
+                tile::matmul_relu_f32_here(&mut y, &a, packed, epilogue);
+                between = y;
+                a = F32Rows {
+                    data: &between,
+                    rows,
+                    k: *c_out,
+                    row_step: *c_out,
+                };
+            }
+            Ok(())
+        })?;
+    Ok(Maps {
+        data: Arc::new(out),
+        pairs: None,
+        n: x.n,
+        h: oh,
+        w: ow,
+        c: channels,
+    })
 }
 
 /// For each step, whether the next convolution (past layer ends and

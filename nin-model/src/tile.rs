@@ -24,7 +24,8 @@ use rayon::prelude::*;
 use crate::bf16::Bf16Rows;
 use crate::matmul::Mat;
 
-/// Rows of C one micro-kernel call computes.
+/// Rows of C one micro-kernel call computes at most (a product's rows are
+/// split evenly over its tiles).
 pub(crate) const MR: usize = 8;
 /// Rows and columns of C the AVX2 FP32 kernel computes: 6 x 16, in 12
 /// of the 16 registers, beside the two vectors of B and a broadcast of A.
@@ -81,15 +82,10 @@ pub(crate) struct F32Rows<'a> {
 }
 
 impl F32Rows<'_> {
-    /// Where each row of `target` starts, `R` of them: rows past
-    /// `target.rows` repeat its last one (both FP32 kernels compute whole
-    /// tiles and store only the real rows).
+    /// Where each of the `R` rows of `target` starts.
     #[inline(always)]
     fn tile_rows<const R: usize>(&self, target: Tile) -> [*const f32; R] {
-        std::array::from_fn(|r| {
-            let i = target.row + r.min(target.rows - 1);
-            self.data[i * self.row_step..].as_ptr()
-        })
+        std::array::from_fn(|r| self.data[(target.row + r) * self.row_step..].as_ptr())
     }
 }
 
@@ -195,6 +191,40 @@ pub(crate) fn matmul_relu_f32(
     epilogue: Epilogue,
     pairs_out: Option<&mut [u32]>,
 ) {
+    let store = f32_store(dst, a, b, epilogue, pairs_out);
+    drive(Operands::F32(a, &b.data, b.k, b.isa), b.n, store);
+}
+
+/// [`matmul_relu_f32`] into f32 alone, all of it on this thread: for a
+/// task of a fused inference pass, which owns a strip of rows and runs
+/// several layers on it.
+pub(crate) fn matmul_relu_f32_here(
+    dst: &mut [f32],
+    a: &F32Rows,
+    b: &PackedF32,
+    epilogue: Epilogue,
+) {
+    let store = f32_store(Some(dst), a, b, epilogue, None);
+    let ops = Operands::F32(a, &b.data, b.k, b.isa);
+    let (mr, nr) = (b.isa.rows(), b.isa.panel());
+    let tiles = a.rows.div_ceil(mr);
+    for panel in 0..b.n.div_ceil(nr) {
+        for tile in 0..tiles {
+            // SAFETY: asserted by `f32_store`.
+            unsafe { run_tile(ops, b.n, store, target(a.rows, tiles, tile, panel, nr, b.n)) };
+        }
+    }
+}
+
+/// The store of an FP32 product, once its operands are checked: the units
+/// are present, and every buffer has the size the product writes.
+fn f32_store<'a>(
+    dst: Option<&mut [f32]>,
+    a: &F32Rows,
+    b: &PackedF32,
+    epilogue: Epilogue<'a>,
+    pairs_out: Option<&mut [u32]>,
+) -> Store<'a> {
     let isa = b.isa;
     assert!(
         isa.present(),
@@ -213,13 +243,12 @@ pub(crate) fn matmul_relu_f32(
     }
     assert!(a.rows == 0 || (a.rows - 1) * a.row_step + a.k <= a.data.len());
     assert!(epilogue.shift.len() == b.n && epilogue.scale.is_none_or(|s| s.len() == b.n));
-    let store = Store {
+    Store {
         c: dst.map(|d| Out(d.as_mut_ptr())),
         accumulate: false,
         epilogue: Some(epilogue),
         pairs: pairs_out.map(|p| Out(p.as_mut_ptr())),
-    };
-    drive(Operands::F32(a, &b.data, b.k, isa), b.n, store);
+    }
 }
 
 /// The operands of one product, per precision: the left rows, the packed
@@ -229,6 +258,67 @@ pub(crate) fn matmul_relu_f32(
 pub(crate) enum Operands<'a> {
     Bf16(&'a Bf16Rows<'a>, &'a [u32], usize),
     F32(&'a F32Rows<'a>, &'a [f32], usize, Isa),
+}
+
+/// Calls `x86::$kernel::<R>` for R = `$rows`, one of `[$n ...]`: the
+/// kernels are compiled once per row count, so that a tile computes its
+/// rows and no others.
+macro_rules! with_rows {
+    ($rows:expr, $kernel:ident, [$($n:literal)*], $args:tt) => {
+        match $rows {
+            $($n => x86::$kernel::<$n> $args,)*
+            rows => unreachable!("a tile of {rows} rows"),
+        }
+    };
+}
+
+/// Tile `tile` of `tiles` over M rows, in the panel of `nr` columns from
+/// `panel * nr` (of N). The rows are split evenly over the tiles, each
+/// computed by a kernel of its own row count: M = 49 (7 x 7 maps) runs as
+/// seven tiles of 7 rows, not six of 8 and an eighth that repeats one row
+/// 8 times.
+fn target(m: usize, tiles: usize, tile: usize, panel: usize, nr: usize, n: usize) -> Tile {
+    let row = tile * m / tiles;
+    Tile {
+        row,
+        rows: (tile + 1) * m / tiles - row,
+        col: panel * nr,
+        cols: (n - panel * nr).min(nr),
+    }
+}
+
+/// Runs the micro-kernel on one tile.
+///
+/// # Safety
+/// The units of `ops` are present; the tile lies inside the (M, `n`)
+/// destination and its pairs, and no one else writes it meanwhile; the
+/// operands hold what the product reads (K, or its pairs, per row; the
+/// panels of N); the epilogue's vectors are `n` long.
+unsafe fn run_tile(ops: Operands, n: usize, store: Store, target: Tile) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the caller's.
+    unsafe {
+        match ops {
+            Operands::Bf16(a, b, pairs) => {
+                let panel = target.col / NR;
+                let b_panel = &b[panel * pairs * NR..(panel + 1) * pairs * NR];
+                with_rows!(target.rows, tile, [1 2 3 4 5 6 7 8], (a, b_panel, n, target, store))
+            }
+            Operands::F32(a, b, k, isa) => {
+                let nr = isa.panel();
+                let panel = target.col / nr;
+                let b_panel = &b[panel * k * nr..(panel + 1) * k * nr];
+                match isa {
+                    Isa::Avx512 => with_rows!(target.rows, tile_f32,
+                        [1 2 3 4 5 6 7 8], (a, b_panel, n, target, store)),
+                    Isa::Avx2 => with_rows!(target.rows, tile_f32_avx2,
+                        [1 2 3 4 5 6], (a, b_panel, n, target, store)),
+                }
+            }
+        }
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (target, ops, store, n);
 }
 
 /// Runs the micro-kernel over every (tile, panel) of the (M, `n`) result.
@@ -263,39 +353,14 @@ pub(crate) fn drive(ops: Operands, n: usize, store: Store) -> bool {
         .with_min_len(min_len)
         .for_each(|task| {
             let (first, panel) = ((task / panels) * block, task % panels);
-            let col = panel * nr;
             for tile in first..(first + block).min(tiles) {
-                let row = tile * mr;
-                let target = Tile {
-                    row,
-                    rows: (m - row).min(mr),
-                    col,
-                    cols: (n - col).min(nr),
-                };
-                #[cfg(target_arch = "x86_64")]
                 // SAFETY: the units are present (asserted by the callers);
-                // the tile lies inside the (M, N) destination and its pairs,
-                // and no other task writes it (tasks own disjoint (tile,
-                // panel) pairs); `a` and `b_panel` hold `pairs` pairs per
-                // row; the epilogue's vectors are N long (asserted by the
+                // the tile lies inside the (M, N) destination and its
+                // pairs, and no other task writes it (tasks own disjoint
+                // (tile, panel) pairs); the operands and the epilogue's
+                // vectors have the product's sizes (asserted by the
                 // callers).
-                unsafe {
-                    match ops {
-                        Operands::Bf16(a, b, pairs) => {
-                            let b_panel = &b[panel * pairs * NR..(panel + 1) * pairs * NR];
-                            x86::tile(a, b_panel, n, target, store)
-                        }
-                        Operands::F32(a, b, k, isa) => {
-                            let b_panel = &b[panel * k * nr..(panel + 1) * k * nr];
-                            match isa {
-                                Isa::Avx512 => x86::tile_f32(a, b_panel, n, target, store),
-                                Isa::Avx2 => x86::tile_f32_avx2(a, b_panel, n, target, store),
-                            }
-                        }
-                    }
-                };
-                #[cfg(not(target_arch = "x86_64"))]
-                let _ = (target, ops, store);
+                unsafe { run_tile(ops, n, store, target(m, tiles, tile, panel, nr, n)) };
             }
         });
     true
@@ -318,30 +383,35 @@ struct Tile {
 pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{F32Rows, Store, Tile, MR, MR_AVX2, NR, NR_AVX2};
+    use super::{F32Rows, Store, Tile, MR_AVX2, NR, NR_AVX2};
     use crate::bf16::Bf16Rows;
 
-    /// One MR x NR tile of C = A x B over all of K, stored at `target` as
-    /// `store` says (`ldc` values per row of C). Rows of `target` past M
-    /// reuse the last row of A, and columns past N are B's zero padding
-    /// (and the epilogue's zeros); neither is stored.
+    /// One R x NR tile of C = A x B over all of K (R = `target.rows`, at
+    /// most [`super::MR`]), stored at `target` as `store` says (`ldc` values per
+    /// row of C). Columns past N are B's zero padding (and the epilogue's
+    /// zeros), not stored.
     ///
     /// # Safety
     /// AVX512-BF16 present; `a` holds rows `target.row..target.row +
-    /// target.rows`; `b` one panel of `a.pairs * NR`; `store`'s pointers
+    /// R`; `b` one panel of `a.pairs * NR`; `store`'s pointers
     /// valid for the target tile, written by no one else meanwhile, and
     /// its epilogue's vectors `ldc` long.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn tile(a: &Bf16Rows, b: &[u32], ldc: usize, target: Tile, store: Store) {
+    pub(super) unsafe fn tile<const R: usize>(
+        a: &Bf16Rows,
+        b: &[u32],
+        ldc: usize,
+        target: Tile,
+        store: Store,
+    ) {
         let (pairs, step) = (a.pairs, a.pair_step);
-        debug_assert!(target.row + target.rows <= a.rows);
+        debug_assert!(target.rows == R && target.row + R <= a.rows);
         debug_assert_eq!(b.len(), pairs * NR);
-        let rows: [*const u32; MR] = std::array::from_fn(|r| {
-            let i = target.row + r.min(target.rows - 1);
-            // SAFETY: row i of `a` (the last real one for padding rows).
-            unsafe { a.data.as_ptr().add(i * a.row_step) }
+        let rows: [*const u32; R] = std::array::from_fn(|r| {
+            // SAFETY: row target.row + r of `a`.
+            unsafe { a.data.as_ptr().add((target.row + r) * a.row_step) }
         });
-        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
         let mut bp = b.as_ptr();
         for q in 0..pairs {
             // SAFETY: q < pairs, so bp and rows[r] + q are inside b and a.
@@ -349,7 +419,7 @@ pub(crate) mod x86 {
                 let b0 = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(bp.cast()));
                 let b1 =
                     std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(bp.add(16).cast()));
-                for r in 0..MR {
+                for r in 0..R {
                     let pair = _mm512_set1_epi32(*rows[r].add(q * step) as i32);
                     let av = std::mem::transmute::<__m512i, __m512bh>(pair);
                     acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, b0);
@@ -362,25 +432,30 @@ pub(crate) mod x86 {
         unsafe { store_tile(&acc, ldc, target, store) }
     }
 
-    /// One MR x NR tile of C = A x B in FP32 over all of K, stored as
+    /// One R x NR tile of C = A x B in FP32 over all of K, stored as
     /// [`tile`] stores it.
     ///
     /// # Safety
-    /// AVX-512 present; `a` holds rows `target.row..target.row +
-    /// target.rows`; `b` one panel of `a.k * NR`; `store` as for [`tile`].
+    /// AVX-512 present; `a` holds rows `target.row..target.row + R`; `b` one panel of `a.k * NR`; `store` as for [`tile`].
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn tile_f32(a: &F32Rows, b: &[f32], ldc: usize, target: Tile, store: Store) {
-        debug_assert!(target.row + target.rows <= a.rows);
+    pub(super) unsafe fn tile_f32<const R: usize>(
+        a: &F32Rows,
+        b: &[f32],
+        ldc: usize,
+        target: Tile,
+        store: Store,
+    ) {
+        debug_assert!(target.rows == R && target.row + R <= a.rows);
         debug_assert_eq!(b.len(), a.k * NR);
-        let rows: [*const f32; MR] = a.tile_rows(target);
-        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        let rows: [*const f32; R] = a.tile_rows(target);
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
         let mut bp = b.as_ptr();
         for kk in 0..a.k {
             // SAFETY: kk < K, so bp and rows[r] + kk are inside b and a.
             unsafe {
                 let b0 = _mm512_loadu_ps(bp);
                 let b1 = _mm512_loadu_ps(bp.add(16));
-                for r in 0..MR {
+                for r in 0..R {
                     let av = _mm512_set1_ps(*rows[r].add(kk));
                     acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
                     acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
@@ -401,25 +476,25 @@ pub(crate) mod x86 {
     /// target.rows`, at most [`MR_AVX2`] of them; `b` one panel of `a.k *
     /// NR_AVX2`; `store` as for [`tile`], without pairs.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn tile_f32_avx2(
+    pub(super) unsafe fn tile_f32_avx2<const R: usize>(
         a: &F32Rows,
         b: &[f32],
         ldc: usize,
         target: Tile,
         store: Store,
     ) {
-        debug_assert!(target.rows <= MR_AVX2 && target.row + target.rows <= a.rows);
+        debug_assert!(target.rows == R && R <= MR_AVX2 && target.row + R <= a.rows);
         debug_assert_eq!(b.len(), a.k * NR_AVX2);
         debug_assert!(store.pairs.is_none(), "bf16 pairs from the AVX2 kernel");
-        let rows: [*const f32; MR_AVX2] = a.tile_rows(target);
-        let mut acc = [[_mm256_setzero_ps(); 2]; MR_AVX2];
+        let rows: [*const f32; R] = a.tile_rows(target);
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
         let mut bp = b.as_ptr();
         for kk in 0..a.k {
             // SAFETY: kk < K, so bp and rows[r] + kk are inside b and a.
             unsafe {
                 let b0 = _mm256_loadu_ps(bp);
                 let b1 = _mm256_loadu_ps(bp.add(8));
-                for r in 0..MR_AVX2 {
+                for r in 0..R {
                     let av = _mm256_broadcast_ss(&*rows[r].add(kk));
                     acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
                     acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
@@ -441,8 +516,8 @@ pub(crate) mod x86 {
     /// intrinsics in it were inlined.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn store_tile_avx2(
-        acc: &[[__m256; 2]; MR_AVX2],
+    unsafe fn store_tile_avx2<const R: usize>(
+        acc: &[[__m256; 2]; R],
         ldc: usize,
         target: Tile,
         store: Store,
@@ -556,7 +631,12 @@ pub(crate) mod x86 {
     /// Always inlined into the kernel that calls it (a call would spill
     /// the accumulators), and compiled with that kernel's features.
     #[inline(always)]
-    unsafe fn store_tile(acc: &[[__m512; 2]; MR], ldc: usize, target: Tile, store: Store) {
+    unsafe fn store_tile<const R: usize>(
+        acc: &[[__m512; 2]; R],
+        ldc: usize,
+        target: Tile,
+        store: Store,
+    ) {
         let lanes = |first: usize| -> __mmask16 {
             match target.cols.saturating_sub(first) {
                 0 => 0,
