@@ -525,6 +525,9 @@ impl Geometry {
     }
 }
 
+/// Comparisons a max-pool task makes at least.
+const MIN_POOL_COMPARES: usize = 1 << 15;
+
 /// Max-pool on slices: `src` (N*H*W, C) -> `out` (N*H'*W', C). With
 /// `winners`, also records for each output entry the input pixel (index
 /// within its image) that won, for [`max_pool_backward_into`].
@@ -556,16 +559,22 @@ pub(crate) fn max_pool_into(
             }
         }
     };
-    // One task per output image row (n, oy).
+    // One task per output image row (n, oy), but a few rows together
+    // where rows are small: a batch-1 pool of a 2x2 output is not worth
+    // a hand-off to another thread.
+    let compares = ow * c * g.window.kernel * g.window.kernel;
+    let min_rows = MIN_POOL_COMPARES.div_ceil(compares.max(1));
     match winners {
         Some(winners) => out
             .par_chunks_mut(ow * c)
             .zip(winners.par_chunks_mut(ow * c))
             .enumerate()
+            .with_min_len(min_rows)
             .for_each(|(task, (row, won))| pool_row(task, row, Some(won))),
         None => out
             .par_chunks_mut(ow * c)
             .enumerate()
+            .with_min_len(min_rows)
             .for_each(|(task, row)| pool_row(task, row, None)),
     }
     Ok(())

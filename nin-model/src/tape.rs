@@ -631,6 +631,8 @@ fn chain<'a>(steps: &[Step<'a>]) -> (Vec<&'a ConvUnit>, usize) {
 
 /// Rows of the output a task of [`conv_chain_f32`] takes at most.
 const CHAIN_ROWS: usize = 64;
+/// Multiply-adds a task of [`conv_chain_f32`] takes at least.
+const MIN_STRIP_MACS: usize = 1 << 18;
 
 /// FP32 inference of a chain of convolutions (see [`chain`]): a k x k
 /// one and the 1x1 ones after it, as one pass. Each task takes a strip of
@@ -675,11 +677,19 @@ fn conv_chain_f32(units: &[&ConvUnit], x: &Maps, pool: &Arc<Buffers>) -> Result<
     let (m, row_len) = (x.n * oh * ow, k * k * c_in);
     let pointwise = first.window == Window::new(1, 1, 0);
     let mut out = pool.take(m * channels);
-    // Strips of at most CHAIN_ROWS, as many for every thread.
+    // Strips of at most CHAIN_ROWS, as many for every thread, but none
+    // so small that handing it to another thread costs more than it
+    // saves (the compact network's head at batch 1: 4 pixels).
     let threads = rayon::current_num_threads();
-    let strip = m
-        .div_ceil(threads * m.div_ceil(threads * CHAIN_ROWS).max(1))
-        .max(1);
+    let macs = m * layers
+        .iter()
+        .map(|(packed, ..)| packed.macs_per_row())
+        .sum::<usize>();
+    let mut strips = (threads * m.div_ceil(threads * CHAIN_ROWS)).min(macs / MIN_STRIP_MACS);
+    if strips > threads {
+        strips -= strips % threads;
+    }
+    let strip = m.div_ceil(strips.max(1)).max(1);
     out.par_chunks_mut(strip * channels)
         .enumerate()
         .try_for_each(|(task, out)| -> Result<()> {

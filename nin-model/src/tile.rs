@@ -121,6 +121,13 @@ impl PackedF32 {
     }
 }
 
+impl PackedF32 {
+    /// Multiply-adds per row of the left operand: K x N.
+    pub(crate) fn macs_per_row(&self) -> usize {
+        self.k * self.n
+    }
+}
+
 /// The vector units an FP32 kernel is compiled for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Isa {
