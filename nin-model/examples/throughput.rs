@@ -120,13 +120,18 @@ fn main() -> anyhow::Result<()> {
         }
         Ok(())
     };
-    step()?; // warm-up
-    let start = Instant::now();
-    let mut steps = 0usize;
-    while start.elapsed() < budget || steps < 3 {
-        step()?;
-        steps += 1;
-    }
+    // This thread runs the passes as a worker of their pool, as a
+    // server's model thread does.
+    let (start, steps) = nin_model::threads::as_pool_worker(|| -> anyhow::Result<_> {
+        step()?; // warm-up
+        let start = Instant::now();
+        let mut steps = 0usize;
+        while start.elapsed() < budget || steps < 3 {
+            step()?;
+            steps += 1;
+        }
+        Ok((start, steps))
+    })?;
     device.synchronize()?; // a GPU queues work: count it done
     let elapsed = start.elapsed().as_secs_f64();
     let flops = summary::summarize(&config, batch, summary::OptimizerKind::Sgd)?;

@@ -14,7 +14,9 @@
 //! - [`preprocess`]: the one path from a decoded image to a model input;
 //! - [`device`]: picking CPU, CUDA or Metal from a string;
 //! - [`summary`]: parameters, FLOPs and memory per layer;
-//! - [`onnx`]: the network as an ONNX model, for other engines.
+//! - [`onnx`]: the network as an ONNX model, for other engines;
+//! - [`threads`]: a caller's thread as a worker of the pool its passes
+//!   fork onto.
 
 pub mod bf16;
 pub mod block;
@@ -34,6 +36,7 @@ pub mod precision;
 pub mod preprocess;
 pub mod summary;
 pub mod tape;
+pub mod threads;
 mod tile;
 pub mod weights;
 

@@ -434,18 +434,23 @@ impl Inference {
             stats: stats.clone(),
             alive: alive.clone(),
         };
+        // The model thread is a worker of the pool its passes fork onto,
+        // so a request's pass is not handed to another thread and waited
+        // for (see `nin_model::threads`).
         std::thread::Builder::new()
             .name("nin-model".into())
-            .spawn(move || match load() {
-                Ok((backend, metadata, runtime)) => {
-                    if ready_tx.send(Ok((metadata, runtime))).is_ok() {
-                        worker.run(&backend);
+            .spawn(move || {
+                nin_model::threads::as_pool_worker(move || match load() {
+                    Ok((backend, metadata, runtime)) => {
+                        if ready_tx.send(Ok((metadata, runtime))).is_ok() {
+                            worker.run(&backend);
+                        }
                     }
-                }
-                Err(error) => {
-                    worker.alive.store(false, Ordering::Relaxed);
-                    let _ = ready_tx.send(Err(error));
-                }
+                    Err(error) => {
+                        worker.alive.store(false, Ordering::Relaxed);
+                        let _ = ready_tx.send(Err(error));
+                    }
+                })
             })
             .map_err(|e| Error::Internal(format!("cannot start the model thread: {e}")))?;
         let (metadata, runtime) = ready_rx
