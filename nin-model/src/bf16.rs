@@ -24,7 +24,7 @@ use std::ops::{Deref, DerefMut};
 use rayon::prelude::*;
 
 use crate::matmul::Mat;
-use crate::tile::{self, Epilogue, Operands, Out, Store, NR};
+use crate::tile::{self, Epilogue, Operands, Out, Store, Threads, NR};
 
 /// Whether this CPU has the units [`matmul`] needs (AVX512-BF16). Checked
 /// at run time: one binary serves every x86-64 CPU.
@@ -284,7 +284,7 @@ pub(crate) fn matmul<D: Deref<Target = [u32]>>(
         epilogue: None,
         pairs: None,
     };
-    if !product(a, b, store) && !accumulate {
+    if !product(a, b, store, Threads::Pool) && !accumulate {
         dst.fill(0.0);
     }
 }
@@ -299,6 +299,7 @@ pub(crate) fn matmul_relu(
     b: &PackedB,
     epilogue: Epilogue,
     pairs_out: Option<&mut [u32]>,
+    threads: Threads,
 ) {
     if let Some(dst) = &dst {
         assert_eq!(dst.len(), a.rows * b.n, "output size");
@@ -313,16 +314,21 @@ pub(crate) fn matmul_relu(
         epilogue: Some(epilogue),
         pairs: pairs_out.map(|p| Out(p.as_mut_ptr())),
     };
-    product(a, b, store);
+    product(a, b, store, threads);
 }
 
 /// The product behind [`matmul`] and [`matmul_relu`], stored through
 /// `store`'s pointers (the callers hold the borrows). Returns false, and
 /// stores nothing, for an empty K without an epilogue.
-fn product<D: Deref<Target = [u32]>>(a: &Bf16Rows, b: &PackedB<D>, store: Store) -> bool {
+fn product<D: Deref<Target = [u32]>>(
+    a: &Bf16Rows,
+    b: &PackedB<D>,
+    store: Store,
+    threads: Threads,
+) -> bool {
     assert!(available(), "bf16 matmul without AVX512-BF16");
     assert_eq!(a.pairs, b.pairs, "inner dimensions");
-    tile::drive(Operands::Bf16(a, &b.data, b.pairs), b.n, store)
+    tile::drive(Operands::Bf16(a, &b.data, b.pairs), b.n, store, threads)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -535,6 +541,7 @@ pub(crate) mod tests {
                 &packed,
                 epilogue,
                 Some(&mut out_pairs),
+                Threads::Pool,
             );
             assert_eq!(fused, expected, "({m}, {k}, {n})");
             let mut converted = vec![0u32; m * pairs(n)];
@@ -542,7 +549,14 @@ pub(crate) mod tests {
             assert_eq!(out_pairs, converted, "({m}, {k}, {n}) pairs");
             // Pairs alone: the same pairs.
             let mut alone = vec![7u32; m * pairs(n)];
-            matmul_relu(None, &rows, &packed, epilogue, Some(&mut alone));
+            matmul_relu(
+                None,
+                &rows,
+                &packed,
+                epilogue,
+                Some(&mut alone),
+                Threads::Here,
+            );
             assert_eq!(alone, converted, "({m}, {k}, {n}) pairs alone");
         }
     }

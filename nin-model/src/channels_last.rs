@@ -105,8 +105,36 @@ pub(crate) fn im2col_rows_into(
     first: usize,
     out: &mut [f32],
 ) -> Result<()> {
+    im2col_rows_with(g, src, first, out, g.c, |pixel, dst| {
+        dst.copy_from_slice(pixel)
+    })
+}
+
+/// [`im2col_rows_into`] straight into bf16 pairs, as
+/// [`im2col_pairs_into`] (C must be even).
+pub(crate) fn im2col_pairs_rows_into(
+    g: &Geometry,
+    src: &[f32],
+    first: usize,
+    out: &mut [u32],
+) -> Result<()> {
+    if !g.c.is_multiple_of(2) {
+        bail!("im2col into pairs: {} channels is odd", g.c)
+    }
+    im2col_rows_with(g, src, first, out, g.c / 2, crate::bf16::convert_row)
+}
+
+/// The im2col walk over output pixels `first..`, on this thread.
+fn im2col_rows_with<T: Copy + Default>(
+    g: &Geometry,
+    src: &[f32],
+    first: usize,
+    out: &mut [T],
+    per_tap: usize,
+    copy: impl Fn(&[f32], &mut [T]),
+) -> Result<()> {
     let (oh, ow) = g.out_dims()?;
-    let row_len = g.window.kernel * g.window.kernel * g.c;
+    let row_len = g.window.kernel * g.window.kernel * per_tap;
     let rows = out.len() / row_len.max(1);
     if src.len() != g.n * g.h * g.w * g.c
         || out.len() != rows * row_len
@@ -117,11 +145,10 @@ pub(crate) fn im2col_rows_into(
             first + rows
         )
     }
-    let copy = |pixel: &[f32], dst: &mut [f32]| dst.copy_from_slice(pixel);
     let (mut n, mut oy, mut ox) = (first / (oh * ow), first % (oh * ow) / ow, first % ow);
     let mut ys = g.window.span(oy, g.h);
     for row in out.chunks_mut(row_len) {
-        im2col_pixel(g, src, (n, oy, ox), &ys, row, g.c, &copy);
+        im2col_pixel(g, src, (n, oy, ox), &ys, row, per_tap, &copy);
         ox += 1;
         if ox == ow {
             (ox, oy) = (0, oy + 1);
@@ -772,5 +799,14 @@ mod tests {
         }
         let mut past_the_end = vec![0f32; 2 * row_len];
         assert!(im2col_rows_into(&g, &src, 11, &mut past_the_end).is_err());
+        // Into pairs: the conversion of those rows (two channels a pixel).
+        let even = Geometry { c: 2, ..g };
+        let src = &src[..2 * 5 * 4 * 2];
+        let mut whole = vec![0u32; 12 * 9];
+        im2col_pairs_into(&even, src, &mut whole).unwrap();
+        let mut strip = vec![u32::MAX; 5 * 9];
+        im2col_pairs_rows_into(&even, src, 6, &mut strip).unwrap();
+        assert_eq!(strip, whole[6 * 9..11 * 9]);
+        assert!(im2col_pairs_rows_into(&g, &src[..0], 0, &mut []).is_err());
     }
 }

@@ -45,7 +45,7 @@ use crate::config::Window;
 use crate::dropout::Dropout;
 use crate::matmul::{matmul, matmul_packed, matmul_tn, Mat};
 use crate::precision::Precision;
-use crate::tile::{self, Epilogue, F32Rows, Isa, PackedF32};
+use crate::tile::{self, Epilogue, F32Rows, Isa, PackedF32, Threads};
 
 /// Free buffers kept for the next step: the pool a model's passes draw from.
 #[derive(Debug, Default)]
@@ -371,9 +371,9 @@ fn forward_here<'a>(
     };
     let mut records = Vec::new();
     let pointwise_next = pointwise_next(steps);
-    // FP32 inference runs a convolution and the 1x1 ones after it as one
-    // pass (see `conv_chain_f32`); a trace wants every layer's maps.
-    let chains = precision == Precision::Fp32 && !train && trace.is_none() && tile::available();
+    // Inference runs a convolution and the 1x1 ones after it as one pass
+    // (see `conv_chain`); a trace wants every layer's maps.
+    let chains = !train && trace.is_none() && tile::available();
     let mut skip = 0;
     for (i, (&step, pointwise_next)) in steps.iter().zip(pointwise_next).enumerate() {
         if skip > 0 {
@@ -384,7 +384,7 @@ fn forward_here<'a>(
             Step::Conv(_) if chains => {
                 let (units, steps_taken) = chain(&steps[i..]);
                 skip = steps_taken - 1;
-                conv_chain_f32(&units, &maps, pool)?
+                conv_chain(&units, &maps, precision, pool)?
             }
             Step::Conv(unit) => {
                 // Only the next 1x1 convolution reads this output: a bf16
@@ -526,7 +526,7 @@ fn conv_forward_bf16(
         c_out,
         next,
         pool,
-        |dst, pairs| bf16::matmul_relu(dst, &rows, &packed, epilogue, pairs),
+        |dst, pairs| bf16::matmul_relu(dst, &rows, &packed, epilogue, pairs, Threads::Pool),
     ))
 }
 
@@ -606,7 +606,7 @@ fn conv_forward_f32(
         c_out,
         next,
         pool,
-        |dst, pairs| tile::matmul_relu_f32(dst, &rows, &packed, epilogue, pairs),
+        |dst, pairs| tile::matmul_relu_f32(dst, &rows, &packed, epilogue, pairs, Threads::Pool),
     ))
 }
 
@@ -629,20 +629,26 @@ fn chain<'a>(steps: &[Step<'a>]) -> (Vec<&'a ConvUnit>, usize) {
     (units, taken)
 }
 
-/// Rows of the output a task of [`conv_chain_f32`] takes at most.
+/// Rows of the output a task of [`conv_chain`] takes at most.
 const CHAIN_ROWS: usize = 64;
-/// Multiply-adds a task of [`conv_chain_f32`] takes at least.
+/// Multiply-adds a task of [`conv_chain`] takes at least.
 const MIN_STRIP_MACS: usize = 1 << 18;
 
-/// FP32 inference of a chain of convolutions (see [`chain`]): a k x k
-/// one and the 1x1 ones after it, as one pass. Each task takes a strip of
-/// output pixels through every layer of the chain: its im2col rows, then
-/// each product with its bias or norm and ReLU, the maps between layers
-/// in a buffer of the strip's size, which stays in cache. A 1x1
-/// convolution reads nothing but its own pixel, so a strip needs nothing
-/// from the others: a block forks once instead of once per layer (and
-/// once more for im2col), and writes only its last layer's maps.
-fn conv_chain_f32(units: &[&ConvUnit], x: &Maps, pool: &Arc<Buffers>) -> Result<Maps> {
+/// Inference of a chain of convolutions (see [`chain`]): a k x k one and
+/// the 1x1 ones after it, as one pass. Each task takes a strip of output
+/// pixels through every layer of the chain: its im2col rows, then each
+/// product with its bias or norm and ReLU, the maps between layers in a
+/// buffer of the strip's size (f32, or the bf16 pairs the next layer
+/// reads), which stays in cache. A 1x1 convolution reads nothing but its
+/// own pixel, so a strip needs nothing from the others: a block forks
+/// once instead of once per layer (and once more for im2col), and writes
+/// only its last layer's maps, in f32.
+fn conv_chain(
+    units: &[&ConvUnit],
+    x: &Maps,
+    precision: Precision,
+    pool: &Arc<Buffers>,
+) -> Result<Maps> {
     let Some(isa) = tile::isa() else {
         bail!("FP32 tile kernel on a CPU without one")
     };
@@ -661,8 +667,7 @@ fn conv_chain_f32(units: &[&ConvUnit], x: &Maps, pool: &Arc<Buffers>) -> Result<
             x.w
         )
     };
-    // Each layer's packed weights and epilogue, and its output channels.
-    let mut layers = Vec::with_capacity(units.len());
+    let mut links = Vec::with_capacity(units.len());
     let mut channels = c_in;
     for unit in units {
         let (c_out, c_in, k, _) = unit.weight.dims4()?;
@@ -670,8 +675,20 @@ fn conv_chain_f32(units: &[&ConvUnit], x: &Maps, pool: &Arc<Buffers>) -> Result<
             bail!("conv expects {c_in} input channels, got {channels}")
         }
         let weights = weight_matrix_of(unit)?;
-        let packed = packed_f32_of(unit, Mat::new(&weights, k * k * c_in, c_out), isa);
-        layers.push((packed, affine(unit)?, c_out));
+        let matrix = Mat::new(&weights, k * k * c_in, c_out);
+        // As `conv_forward`: odd input channels cannot be paired on the
+        // way in, so such a bf16 layer runs in FP32.
+        let packed = if precision == Precision::Bf16 && c_in % 2 == 0 {
+            Packed::Bf16(packed_weights_of(unit, matrix))
+        } else {
+            Packed::F32(packed_f32_of(unit, matrix, isa))
+        };
+        links.push(Link {
+            packed,
+            affine: affine(unit)?,
+            c_out,
+            macs: k * k * c_in * c_out,
+        });
         channels = c_out;
     }
     let (m, row_len) = (x.n * oh * ow, k * k * c_in);
@@ -681,10 +698,7 @@ fn conv_chain_f32(units: &[&ConvUnit], x: &Maps, pool: &Arc<Buffers>) -> Result<
     // so small that handing it to another thread costs more than it
     // saves (the compact network's head at batch 1: 4 pixels).
     let threads = rayon::current_num_threads();
-    let macs = m * layers
-        .iter()
-        .map(|(packed, ..)| packed.macs_per_row())
-        .sum::<usize>();
+    let macs = m * links.iter().map(|link| link.macs).sum::<usize>();
     let mut strips = (threads * m.div_ceil(threads * CHAIN_ROWS)).min(macs / MIN_STRIP_MACS);
     if strips > threads {
         strips -= strips % threads;
@@ -694,39 +708,69 @@ fn conv_chain_f32(units: &[&ConvUnit], x: &Maps, pool: &Arc<Buffers>) -> Result<
         .enumerate()
         .try_for_each(|(task, out)| -> Result<()> {
             let (first_row, rows) = (task * strip, out.len() / channels);
-            let mut cols = pool.take(if pointwise { 0 } else { rows * row_len });
-            let input = if pointwise {
-                &x.data[first_row * c_in..(first_row + rows) * c_in]
-            } else {
-                cl::im2col_rows_into(&geometry, &x.data, first_row, &mut cols)?;
-                &cols[..]
-            };
-            let mut a = F32Rows {
-                data: input,
-                rows,
-                k: row_len,
-                row_step: row_len,
+            // The strip's input rows, as the first layer reads them.
+            let (cols, cols_pairs): (Buf<f32>, Buf<u32>);
+            let mut input = match (&links[0].packed, pointwise) {
+                (Packed::F32(_), true) => {
+                    let data = &x.data[first_row * c_in..(first_row + rows) * c_in];
+                    LinkInput::F32(F32Rows {
+                        data,
+                        rows,
+                        k: c_in,
+                        row_step: c_in,
+                    })
+                }
+                (Packed::F32(_), false) => {
+                    let mut taken = pool.take(rows * row_len);
+                    cl::im2col_rows_into(&geometry, &x.data, first_row, &mut taken)?;
+                    cols = taken;
+                    LinkInput::F32(F32Rows {
+                        data: &cols,
+                        rows,
+                        k: row_len,
+                        row_step: row_len,
+                    })
+                }
+                (Packed::Bf16(_), true) => {
+                    let mut taken = pool.take(rows * bf16::pairs(c_in));
+                    let data = &x.data[first_row * c_in..(first_row + rows) * c_in];
+                    for (row, out) in data.chunks(c_in).zip(taken.chunks_mut(bf16::pairs(c_in))) {
+                        bf16::convert_row(row, out);
+                    }
+                    cols_pairs = taken;
+                    LinkInput::Pairs(Bf16Rows::from_pairs(&cols_pairs, rows, c_in))
+                }
+                (Packed::Bf16(_), false) => {
+                    let mut taken = pool.take(rows * bf16::pairs(row_len));
+                    cl::im2col_pairs_rows_into(&geometry, &x.data, first_row, &mut taken)?;
+                    cols_pairs = taken;
+                    LinkInput::Pairs(Bf16Rows::from_pairs(&cols_pairs, rows, row_len))
+                }
             };
             // The maps between two layers of the strip.
-            let mut between: Buf<f32>;
-            for (i, (packed, (scale, shift), c_out)) in layers.iter().enumerate() {
-                let epilogue = Epilogue {
-                    scale: scale.as_deref(),
-                    shift,
-                };
-                if i + 1 == layers.len() {
-                    tile::matmul_relu_f32_here(out, &a, packed, epilogue);
+            let (mut between, mut between_pairs): (Buf<f32>, Buf<u32>);
+            for (i, link) in links.iter().enumerate() {
+                let Some(next) = links.get(i + 1) else {
+                    link.run(&input, Some(out), None)?;
                     break;
-                }
-                let mut y = pool.take(rows * c_out);
-                tile::matmul_relu_f32_here(&mut y, &a, packed, epilogue);
-                between = y;
-                a = F32Rows {
-                    data: &between,
-                    rows,
-                    k: *c_out,
-                    row_step: *c_out,
                 };
+                let c_out = link.c_out;
+                if let Packed::Bf16(_) = next.packed {
+                    let mut pairs = pool.take(rows * bf16::pairs(c_out));
+                    link.run(&input, None, Some(&mut pairs))?;
+                    between_pairs = pairs;
+                    input = LinkInput::Pairs(Bf16Rows::from_pairs(&between_pairs, rows, c_out));
+                } else {
+                    let mut y = pool.take(rows * c_out);
+                    link.run(&input, Some(&mut y), None)?;
+                    between = y;
+                    input = LinkInput::F32(F32Rows {
+                        data: &between,
+                        rows,
+                        k: c_out,
+                        row_step: c_out,
+                    });
+                }
             }
             Ok(())
         })?;
@@ -738,6 +782,53 @@ fn conv_chain_f32(units: &[&ConvUnit], x: &Maps, pool: &Arc<Buffers>) -> Result<
         w: ow,
         c: channels,
     })
+}
+
+/// A layer's weights, packed for the kernel that runs it.
+enum Packed {
+    F32(Arc<PackedF32>),
+    Bf16(Arc<PackedB>),
+}
+
+/// A strip's rows as a layer of a chain reads them.
+enum LinkInput<'a> {
+    F32(F32Rows<'a>),
+    Pairs(Bf16Rows<'a>),
+}
+
+/// One layer of a chain: its weights, the scale and shift before its
+/// ReLU, its output channels and its multiply-adds per pixel.
+struct Link {
+    packed: Packed,
+    affine: (Option<Vec<f32>>, Vec<f32>),
+    c_out: usize,
+    macs: usize,
+}
+
+impl Link {
+    /// The layer on a strip's `input`, on this thread, into `dst` (f32)
+    /// or `pairs` (bf16 pairs for the next layer).
+    fn run(
+        &self,
+        input: &LinkInput,
+        dst: Option<&mut [f32]>,
+        pairs: Option<&mut [u32]>,
+    ) -> Result<()> {
+        let epilogue = Epilogue {
+            scale: self.affine.0.as_deref(),
+            shift: &self.affine.1,
+        };
+        match (&self.packed, input) {
+            (Packed::F32(b), LinkInput::F32(a)) => {
+                tile::matmul_relu_f32(dst, a, b, epilogue, pairs, Threads::Here)
+            }
+            (Packed::Bf16(b), LinkInput::Pairs(a)) => {
+                bf16::matmul_relu(dst, a, b, epilogue, pairs, Threads::Here)
+            }
+            _ => bail!("a chain's layer got its input in the other precision"),
+        }
+        Ok(())
+    }
 }
 
 /// For each step, whether the next convolution (past layer ends and

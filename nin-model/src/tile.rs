@@ -121,13 +121,6 @@ impl PackedF32 {
     }
 }
 
-impl PackedF32 {
-    /// Multiply-adds per row of the left operand: K x N.
-    pub(crate) fn macs_per_row(&self) -> usize {
-        self.k * self.n
-    }
-}
-
 /// The vector units an FP32 kernel is compiled for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Isa {
@@ -197,30 +190,20 @@ pub(crate) fn matmul_relu_f32(
     b: &PackedF32,
     epilogue: Epilogue,
     pairs_out: Option<&mut [u32]>,
+    threads: Threads,
 ) {
     let store = f32_store(dst, a, b, epilogue, pairs_out);
-    drive(Operands::F32(a, &b.data, b.k, b.isa), b.n, store);
+    drive(Operands::F32(a, &b.data, b.k, b.isa), b.n, store, threads);
 }
 
-/// [`matmul_relu_f32`] into f32 alone, all of it on this thread: for a
-/// task of a fused inference pass, which owns a strip of rows and runs
-/// several layers on it.
-pub(crate) fn matmul_relu_f32_here(
-    dst: &mut [f32],
-    a: &F32Rows,
-    b: &PackedF32,
-    epilogue: Epilogue,
-) {
-    let store = f32_store(Some(dst), a, b, epilogue, None);
-    let ops = Operands::F32(a, &b.data, b.k, b.isa);
-    let (mr, nr) = (b.isa.rows(), b.isa.panel());
-    let tiles = a.rows.div_ceil(mr);
-    for panel in 0..b.n.div_ceil(nr) {
-        for tile in 0..tiles {
-            // SAFETY: asserted by `f32_store`.
-            unsafe { run_tile(ops, b.n, store, target(a.rows, tiles, tile, panel, nr, b.n)) };
-        }
-    }
+/// Which threads compute a product's tiles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Threads {
+    /// Split over rayon's pool.
+    Pool,
+    /// All on this thread: a task of a fused inference pass, which owns a
+    /// strip of rows and runs several layers on it.
+    Here,
 }
 
 /// The store of an FP32 product, once its operands are checked: the units
@@ -328,8 +311,9 @@ unsafe fn run_tile(ops: Operands, n: usize, store: Store, target: Tile) {
     let _ = (target, ops, store, n);
 }
 
-/// Runs the micro-kernel over every (tile, panel) of the (M, `n`) result.
-pub(crate) fn drive(ops: Operands, n: usize, store: Store) -> bool {
+/// Runs the micro-kernel over every (tile, panel) of the (M, `n`) result,
+/// on the `threads` given.
+pub(crate) fn drive(ops: Operands, n: usize, store: Store, threads: Threads) -> bool {
     let (m, depth) = match ops {
         Operands::Bf16(a, _, pairs) => (a.rows, pairs),
         Operands::F32(a, _, k, _) => (a.rows, k),
@@ -347,6 +331,15 @@ pub(crate) fn drive(ops: Operands, n: usize, store: Store) -> bool {
         Operands::F32(.., isa) => (isa.rows(), isa.panel()),
     };
     let (tiles, panels) = (m.div_ceil(mr), n.div_ceil(nr));
+    if threads == Threads::Here {
+        for panel in 0..panels {
+            for tile in 0..tiles {
+                // SAFETY: as below; this thread writes every tile.
+                unsafe { run_tile(ops, n, store, target(m, tiles, tile, panel, nr, n)) };
+            }
+        }
+        return true;
+    }
     // Enough tasks for every thread to steal a few; a task's tiles share
     // their strip of A, and consecutive tasks share it across panels.
     let wanted = 8 * rayon::current_num_threads();
@@ -761,11 +754,40 @@ mod tests {
                 shift: &shift,
             };
             let mut dst = vec![f32::NAN; m * n];
-            matmul_relu_f32(Some(&mut dst), &rows, &packed, epilogue, None);
+            matmul_relu_f32(
+                Some(&mut dst),
+                &rows,
+                &packed,
+                epilogue,
+                None,
+                Threads::Pool,
+            );
+            // On one thread, tile by tile: the same values, bit for bit.
+            let mut here = vec![f32::NAN; m * n];
+            matmul_relu_f32(
+                Some(&mut here),
+                &rows,
+                &packed,
+                epilogue,
+                None,
+                Threads::Here,
+            );
+            assert_eq!(
+                here.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                dst.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{isa:?} ({m}, {k}, {n}) on one thread"
+            );
             if crate::bf16::available() && isa == Isa::Avx512 {
                 // The same result as bf16 pairs, alone: what converting it gives.
                 let mut pairs = vec![7u32; m * crate::bf16::pairs(n)];
-                matmul_relu_f32(None, &rows, &packed, epilogue, Some(&mut pairs));
+                matmul_relu_f32(
+                    None,
+                    &rows,
+                    &packed,
+                    epilogue,
+                    Some(&mut pairs),
+                    Threads::Here,
+                );
                 let mut converted = vec![0u32; pairs.len()];
                 for (row, out) in dst
                     .chunks(n.max(1))

@@ -258,3 +258,43 @@ fn a_batch_gives_each_image_the_logits_it_gets_alone() {
         assert_close(&format!("{threads} threads"), &together, &alone);
     }
 }
+
+#[test]
+fn a_chained_pass_equals_the_pass_layer_by_layer_in_either_precision() {
+    // Inference runs each block as one pass over strips of rows; a trace
+    // runs it layer by layer. Same kernels, same sums: the same logits to
+    // the bit, in FP32 and (where the units are) in bf16, with odd
+    // channels (the first layer and a 1x1 one: FP32 inside a bf16 chain)
+    // and a strip count that does not divide the rows.
+    let config = NinConfig {
+        batch_norm: true,
+        blocks: vec![
+            nin_model::BlockConfig {
+                channels: 25,
+                ..NinConfig::compact().blocks[0]
+            },
+            NinConfig::compact().blocks[1],
+        ],
+        ..NinConfig::compact()
+    };
+    let (mut model, _) = Nin::init(&config, 5, &Device::Cpu).unwrap();
+    for precision in [nin_model::Precision::Fp32, nin_model::Precision::Bf16] {
+        if precision == nin_model::Precision::Bf16 && !nin_model::bf16::available() {
+            eprintln!("skipped bf16: this CPU has no AVX512-BF16");
+            continue;
+        }
+        let compute = nin_model::Compute::cpu().with_precision(precision).unwrap();
+        model.set_compute(&compute).unwrap();
+        for n in [1, 7] {
+            let x = batch(n, config.input_size, 13, true);
+            let exact = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let chained = model.forward_t(&x, false).unwrap();
+            let traced = model.forward_trace(&x, false).unwrap();
+            assert_eq!(
+                exact(&traced.last().unwrap().1),
+                exact(&chained),
+                "{precision}, {n} images"
+            );
+        }
+    }
+}
