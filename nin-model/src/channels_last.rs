@@ -90,7 +90,7 @@ fn im2col_with<T: Copy + Default + Send>(
             let (n, oy) = (task / oh, task % oh);
             let ys = g.window.span(oy, g.h);
             for (ox, row) in rows.chunks_mut(row_len).enumerate() {
-                im2col_pixel(g, src, (n, oy, ox), &ys, row, per_tap, &copy);
+                im2col_pixel(g, (src, g.c), (n, oy, ox), &ys, row, per_tap, &copy);
             }
         });
     Ok(())
@@ -105,7 +105,7 @@ pub(crate) fn im2col_rows_into(
     first: usize,
     out: &mut [f32],
 ) -> Result<()> {
-    im2col_rows_with(g, src, first, out, g.c, |pixel, dst| {
+    im2col_rows_with(g, (src, g.c), first, out, g.c, |pixel, dst| {
         dst.copy_from_slice(pixel)
     })
 }
@@ -121,22 +121,40 @@ pub(crate) fn im2col_pairs_rows_into(
     if !g.c.is_multiple_of(2) {
         bail!("im2col into pairs: {} channels is odd", g.c)
     }
-    im2col_rows_with(g, src, first, out, g.c / 2, crate::bf16::convert_row)
+    im2col_rows_with(g, (src, g.c), first, out, g.c / 2, crate::bf16::convert_row)
 }
 
-/// The im2col walk over output pixels `first..`, on this thread.
-fn im2col_rows_with<T: Copy + Default>(
+/// [`im2col_pairs_rows_into`] from maps already in bf16 pairs (`src`:
+/// (N*H*W, C/2) pairs, as a bf16 layer and a max-pool of pairs write
+/// them): the pairs are copied, not converted.
+pub(crate) fn im2col_rows_of_pairs_into(
     g: &Geometry,
-    src: &[f32],
+    src: &[u32],
+    first: usize,
+    out: &mut [u32],
+) -> Result<()> {
+    if !g.c.is_multiple_of(2) {
+        bail!("im2col of pairs: {} channels is odd", g.c)
+    }
+    im2col_rows_with(g, (src, g.c / 2), first, out, g.c / 2, |pixel, dst| {
+        dst.copy_from_slice(pixel)
+    })
+}
+
+/// The im2col walk over output pixels `first..`, on this thread; `src`
+/// holds `src.1` values a pixel (C, or C/2 pairs).
+fn im2col_rows_with<S, T: Copy + Default>(
+    g: &Geometry,
+    src: (&[S], usize),
     first: usize,
     out: &mut [T],
     per_tap: usize,
-    copy: impl Fn(&[f32], &mut [T]),
+    copy: impl Fn(&[S], &mut [T]),
 ) -> Result<()> {
     let (oh, ow) = g.out_dims()?;
     let row_len = g.window.kernel * g.window.kernel * per_tap;
     let rows = out.len() / row_len.max(1);
-    if src.len() != g.n * g.h * g.w * g.c
+    if src.0.len() != g.n * g.h * g.w * src.1
         || out.len() != rows * row_len
         || first + rows > g.n * oh * ow
     {
@@ -166,16 +184,16 @@ fn im2col_rows_with<T: Copy + Default>(
 /// by side in channels-last maps: they are copied as one run (a call per
 /// tap cost more than the copying in the first layer, one channel wide).
 #[inline]
-fn im2col_pixel<T: Copy + Default>(
+fn im2col_pixel<S, T: Copy + Default>(
     g: &Geometry,
-    src: &[f32],
+    (src, c): (&[S], usize),
     (n, oy, ox): (usize, usize, usize),
     ys: &std::ops::Range<usize>,
     row: &mut [T],
     per_tap: usize,
-    copy: &impl Fn(&[f32], &mut [T]),
+    copy: &impl Fn(&[S], &mut [T]),
 ) {
-    let (k, c) = (g.window.kernel, g.c);
+    let k = g.window.kernel;
     let image = &src[n * g.h * g.w * c..(n + 1) * g.h * g.w * c];
     let (stride, padding) = (g.window.stride, g.window.padding);
     // The taps whose pixels lie inside the maps, the same for every
@@ -516,7 +534,7 @@ impl Geometry {
     /// 1, one tap of every output pixel in the row is one contiguous run
     /// of the input line, so the max runs over long vectors instead of one
     /// pixel's C channels at a time.
-    fn max_row(&self, image: &[f32], oy: usize, row: &mut [f32]) {
+    fn max_row<T: Pooled>(&self, image: &[T], oy: usize, row: &mut [T]) {
         let (k, s, p, c) = (
             self.window.kernel,
             self.window.stride,
@@ -524,7 +542,7 @@ impl Geometry {
             self.c,
         );
         let ow = row.len() / c;
-        row.fill(f32::NEG_INFINITY);
+        row.fill(T::LOWEST);
         for y in self.window.span(oy, self.h) {
             let line = &image[y * self.w * c..(y + 1) * self.w * c];
             for kx in 0..k {
@@ -538,10 +556,10 @@ impl Geometry {
                 let x = |ox: usize| ox * s + kx - p;
                 if s == 1 {
                     let run = &line[x(first) * c..(x(end - 1) + 1) * c];
-                    max_into(&mut row[first * c..end * c], run);
+                    T::max_into(&mut row[first * c..end * c], run);
                 } else {
                     for ox in first..end {
-                        max_into(
+                        T::max_into(
                             &mut row[ox * c..(ox + 1) * c],
                             &line[x(ox) * c..(x(ox) + 1) * c],
                         );
@@ -550,6 +568,68 @@ impl Geometry {
             }
         }
     }
+}
+
+/// What an inference max-pool compares: f32, or the halves of bf16 pairs.
+trait Pooled: Copy + Send + Sync {
+    /// What every value beats (the max of an empty window).
+    const LOWEST: Self;
+    /// `best[i] = max(best[i], v[i])`.
+    fn max_into(best: &mut [Self], v: &[Self]);
+}
+
+impl Pooled for f32 {
+    const LOWEST: f32 = f32::NEG_INFINITY;
+    fn max_into(best: &mut [f32], v: &[f32]) {
+        max_into(best, v)
+    }
+}
+
+/// One bf16 value's bits, compared as an i16: for the values a ReLU
+/// writes (+0.0 to +inf; the kernels' ReLU, `max(v, 0)`, turns NaN and
+/// -0.0 into +0.0), that order is the floats' order, so a max-pool of
+/// bf16 pairs picks what the max-pool of the f32 values would, converted
+/// (rounding to bf16 keeps order). One SSE2 instruction per 8 values.
+impl Pooled for i16 {
+    const LOWEST: i16 = i16::MIN;
+    fn max_into(best: &mut [i16], v: &[i16]) {
+        for (b, &v) in best.iter_mut().zip(v) {
+            *b = (*b).max(v);
+        }
+    }
+}
+
+/// Max-pool in inference of maps in bf16 pairs (`src`: (N*H*W, C/2)
+/// pairs, C even) that a ReLU wrote (see the `i16` [`Pooled`]): the pairs
+/// a bf16 layer hands on through the pool to the next one, never written
+/// in f32 nor converted twice.
+pub(crate) fn max_pool_pairs_into(g: &Geometry, src: &[u32], out: &mut [u32]) -> Result<()> {
+    let (oh, ow) = g.out_dims()?;
+    let (image_len, c) = (g.h * g.w * g.c, g.c);
+    if !c.is_multiple_of(2)
+        || 2 * src.len() != g.n * image_len
+        || 2 * out.len() != g.n * oh * ow * c
+    {
+        bail!("max-pool of pairs: buffer sizes do not match {g:?}")
+    }
+    // SAFETY: an i16 has a u32's size halved and no stricter alignment,
+    // and every bit pattern is valid for both: the same memory, viewed as
+    // the pairs' halves (pixel p's C values at p * C, as in f32).
+    let (src, out) = unsafe {
+        (
+            std::slice::from_raw_parts(src.as_ptr().cast::<i16>(), 2 * src.len()),
+            std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<i16>(), 2 * out.len()),
+        )
+    };
+    let min_rows = MIN_POOL_COMPARES.div_ceil((ow * c * g.window.kernel.pow(2)).max(1));
+    out.par_chunks_mut(ow * c)
+        .enumerate()
+        .with_min_len(min_rows)
+        .for_each(|(task, row)| {
+            let (n, oy) = (task / oh, task % oh);
+            g.max_row(&src[n * image_len..(n + 1) * image_len], oy, row);
+        });
+    Ok(())
 }
 
 /// Comparisons a max-pool task makes at least.
@@ -642,6 +722,18 @@ pub(crate) fn max_pool_backward_into(
 mod tests {
     use super::*;
 
+    /// Two images of `side` x `side + 1` pixels of `c` channels under
+    /// `window`: ragged edges for most windows.
+    fn two_images(window: Window, side: usize, c: usize) -> Geometry {
+        Geometry {
+            window,
+            n: 2,
+            h: side,
+            w: side + 1,
+            c,
+        }
+    }
+
     /// One 3x3 image with two channels under a 2x2 window of stride 1.
     fn geometry() -> Geometry {
         Geometry {
@@ -706,13 +798,7 @@ mod tests {
             (4, 3, 2, 11, 2),
             (2, 2, 1, 5, 1),
         ] {
-            let g = Geometry {
-                window: Window::new(k, stride, padding),
-                n: 2,
-                h: side,
-                w: side + 1,
-                c,
-            };
+            let g = two_images(Window::new(k, stride, padding), side, c);
             let len = g.n * g.h * g.w * c;
             let src: Vec<f32> = (0..len)
                 .map(|i| match (i * 7919) % 31 {
@@ -728,6 +814,51 @@ mod tests {
             max_pool_into(&g, &src, &mut without, None).unwrap();
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&without), bits(&with), "{:?}", g.window);
+        }
+    }
+
+    #[test]
+    fn maps_in_bf16_pairs_pool_and_unfold_as_the_f32_maps_converted() {
+        // What a ReLU writes: +0.0 to +inf, values that round to the same
+        // bf16 and ones just apart, as pairs; the max-pool and im2col of
+        // those pairs must give what the f32 ones give, converted.
+        for (k, stride, padding, side, c) in [
+            (3, 2, 1, 7, 4),
+            (2, 1, 0, 5, 2),
+            (3, 2, 0, 8, 18),
+            (3, 1, 1, 5, 6),
+        ] {
+            let g = two_images(Window::new(k, stride, padding), side, c);
+            let src: Vec<f32> = (0..g.n * g.h * g.w * c)
+                .map(|i| match (i * 7919) % 13 {
+                    0 => 0.0,
+                    1 => f32::INFINITY,
+                    2 => 1.0 + f32::EPSILON,
+                    3 => 1.0,
+                    r => r as f32 * 0.37,
+                })
+                .collect();
+            let to_pairs = |v: &[f32]| {
+                let mut pairs = vec![0u32; v.len() / 2];
+                for (row, out) in v.chunks(c).zip(pairs.chunks_mut(c / 2)) {
+                    crate::bf16::convert_row(row, out);
+                }
+                pairs
+            };
+            let src_pairs = to_pairs(&src);
+            let (oh, ow) = g.out_dims().unwrap();
+            let mut pooled = vec![f32::NAN; g.n * oh * ow * c];
+            max_pool_into(&g, &src, &mut pooled, None).unwrap();
+            let mut pooled_pairs = vec![7u32; pooled.len() / 2];
+            max_pool_pairs_into(&g, &src_pairs, &mut pooled_pairs).unwrap();
+            assert_eq!(pooled_pairs, to_pairs(&pooled), "max-pool {:?}", g.window);
+
+            let (rows, row_len) = (g.n * oh * ow - 3, k * k * c / 2);
+            let mut converted = vec![7u32; rows * row_len];
+            im2col_pairs_rows_into(&g, &src, 3, &mut converted).unwrap();
+            let mut copied = vec![9u32; rows * row_len];
+            im2col_rows_of_pairs_into(&g, &src_pairs, 3, &mut copied).unwrap();
+            assert_eq!(copied, converted, "im2col {:?}", g.window);
         }
     }
 

@@ -194,9 +194,12 @@ fn weight_from_matrix(m: &[f32], dims: (usize, usize, usize, usize)) -> Result<T
 
 /// Feature maps in flight: (N*H*W, C) values, channels last.
 struct Maps {
+    /// The values in f32; empty when they are held in `pairs` alone.
     data: Arc<Buf<f32>>,
     /// The same values as bf16 pairs, when a bf16 inference layer wrote
-    /// them for the 1x1 convolution that comes next.
+    /// them for the 1x1 convolution that comes next, or, alone, for the
+    /// max-pool and the bf16 convolution after it (see
+    /// [`pairs_through_pool`]).
     pairs: Option<Arc<Buf<u32>>>,
     n: usize,
     h: usize,
@@ -205,6 +208,15 @@ struct Maps {
 }
 
 impl Maps {
+    /// The values, when they are held in bf16 pairs alone.
+    fn only_pairs(&self) -> Option<&[u32]> {
+        let values = self.n * self.h * self.w * self.c;
+        self.pairs
+            .as_deref()
+            .filter(|_| self.data.len() < values)
+            .map(|p| &p[..])
+    }
+
     fn geometry(&self, window: Window) -> Geometry {
         Geometry {
             window,
@@ -384,7 +396,9 @@ fn forward_here<'a>(
             Step::Conv(_) if chains => {
                 let (units, steps_taken) = chain(&steps[i..]);
                 skip = steps_taken - 1;
-                conv_chain(&units, &maps, precision, pool)?
+                let pairs =
+                    precision == Precision::Bf16 && pairs_through_pool(&steps[i + steps_taken..]);
+                conv_chain(&units, &maps, (precision, pairs), pool)?
             }
             Step::Conv(unit) => {
                 // Only the next 1x1 convolution reads this output: a bf16
@@ -398,6 +412,21 @@ fn forward_here<'a>(
                     records.push(Record::Conv(Box::new(record)));
                 }
                 out
+            }
+            Step::MaxPool(window) if maps.only_pairs().is_some() => {
+                let geometry = maps.geometry(window);
+                let (oh, ow) = geometry.out_dims()?;
+                let mut out = pool.take(n * oh * ow * bf16::pairs(maps.c));
+                if let Some(pairs) = maps.only_pairs() {
+                    cl::max_pool_pairs_into(&geometry, pairs, &mut out)?;
+                }
+                Maps {
+                    data: Arc::new(pool.take(0)),
+                    pairs: Some(Arc::new(out)),
+                    h: oh,
+                    w: ow,
+                    ..maps
+                }
             }
             Step::MaxPool(window) => {
                 let geometry = maps.geometry(window);
@@ -643,10 +672,15 @@ const MIN_STRIP_MACS: usize = 1 << 18;
 /// own pixel, so a strip needs nothing from the others: a block forks
 /// once instead of once per layer (and once more for im2col), and writes
 /// only its last layer's maps, in f32.
+///
+/// With `pairs` (bf16 only), the last layer writes its maps in bf16 pairs
+/// alone, for a max-pool and the bf16 convolution after it (see
+/// [`pairs_through_pool`]); a chain whose input maps are held in pairs
+/// alone reads them as they are.
 fn conv_chain(
     units: &[&ConvUnit],
     x: &Maps,
-    precision: Precision,
+    (precision, pairs_out): (Precision, bool),
     pool: &Arc<Buffers>,
 ) -> Result<Maps> {
     let Some(isa) = tile::isa() else {
@@ -693,7 +727,10 @@ fn conv_chain(
     }
     let (m, row_len) = (x.n * oh * ow, k * k * c_in);
     let pointwise = first.window == Window::new(1, 1, 0);
-    let mut out = pool.take(m * channels);
+    let pairs_per_row = bf16::pairs(channels);
+    let mut out = pool.take(if pairs_out { 0 } else { m * channels });
+    let mut out_pairs = pool.take(if pairs_out { m * pairs_per_row } else { 0 });
+    let x_pairs = x.only_pairs();
     // Strips of at most CHAIN_ROWS, as many for every thread, but none
     // so small that handing it to another thread costs more than it
     // saves (the compact network's head at batch 1: 4 pixels).
@@ -704,14 +741,28 @@ fn conv_chain(
         strips -= strips % threads;
     }
     let strip = m.div_ceil(strips.max(1)).max(1);
-    out.par_chunks_mut(strip * channels)
-        .enumerate()
-        .try_for_each(|(task, out)| -> Result<()> {
-            let (first_row, rows) = (task * strip, out.len() / channels);
+    // Strip `task` of `rows` rows, into `last` (f32 or pairs).
+    let run_strip =
+        |task: usize, rows: usize, last: (Option<&mut [f32]>, Option<&mut [u32]>)| -> Result<()> {
+            let first_row = task * strip;
             // The strip's input rows, as the first layer reads them.
             let (cols, cols_pairs): (Buf<f32>, Buf<u32>);
-            let mut input = match (&links[0].packed, pointwise) {
-                (Packed::F32(_), true) => {
+            let mut input = match (&links[0].packed, pointwise, x_pairs) {
+                (Packed::F32(_), _, Some(_)) => {
+                    bail!("an FP32 layer got its input in bf16 pairs alone")
+                }
+                (Packed::Bf16(_), true, Some(given)) => {
+                    let per_row = bf16::pairs(c_in);
+                    let given = &given[first_row * per_row..(first_row + rows) * per_row];
+                    LinkInput::Pairs(Bf16Rows::from_pairs(given, rows, c_in))
+                }
+                (Packed::Bf16(_), false, Some(given)) => {
+                    let mut taken = pool.take(rows * bf16::pairs(row_len));
+                    cl::im2col_rows_of_pairs_into(&geometry, given, first_row, &mut taken)?;
+                    cols_pairs = taken;
+                    LinkInput::Pairs(Bf16Rows::from_pairs(&cols_pairs, rows, row_len))
+                }
+                (Packed::F32(_), true, None) => {
                     let data = &x.data[first_row * c_in..(first_row + rows) * c_in];
                     LinkInput::F32(F32Rows {
                         data,
@@ -720,7 +771,7 @@ fn conv_chain(
                         row_step: c_in,
                     })
                 }
-                (Packed::F32(_), false) => {
+                (Packed::F32(_), false, None) => {
                     let mut taken = pool.take(rows * row_len);
                     cl::im2col_rows_into(&geometry, &x.data, first_row, &mut taken)?;
                     cols = taken;
@@ -731,7 +782,7 @@ fn conv_chain(
                         row_step: row_len,
                     })
                 }
-                (Packed::Bf16(_), true) => {
+                (Packed::Bf16(_), true, None) => {
                     let mut taken = pool.take(rows * bf16::pairs(c_in));
                     let data = &x.data[first_row * c_in..(first_row + rows) * c_in];
                     for (row, out) in data.chunks(c_in).zip(taken.chunks_mut(bf16::pairs(c_in))) {
@@ -740,7 +791,7 @@ fn conv_chain(
                     cols_pairs = taken;
                     LinkInput::Pairs(Bf16Rows::from_pairs(&cols_pairs, rows, c_in))
                 }
-                (Packed::Bf16(_), false) => {
+                (Packed::Bf16(_), false, None) => {
                     let mut taken = pool.take(rows * bf16::pairs(row_len));
                     cl::im2col_pairs_rows_into(&geometry, &x.data, first_row, &mut taken)?;
                     cols_pairs = taken;
@@ -751,7 +802,7 @@ fn conv_chain(
             let (mut between, mut between_pairs): (Buf<f32>, Buf<u32>);
             for (i, link) in links.iter().enumerate() {
                 let Some(next) = links.get(i + 1) else {
-                    link.run(&input, Some(out), None)?;
+                    link.run(&input, last.0, last.1)?;
                     break;
                 };
                 let c_out = link.c_out;
@@ -773,15 +824,45 @@ fn conv_chain(
                 }
             }
             Ok(())
-        })?;
+        };
+    if pairs_out {
+        out_pairs
+            .par_chunks_mut(strip * pairs_per_row)
+            .enumerate()
+            .try_for_each(|(task, p)| run_strip(task, p.len() / pairs_per_row, (None, Some(p))))?;
+    } else {
+        out.par_chunks_mut(strip * channels)
+            .enumerate()
+            .try_for_each(|(task, o)| run_strip(task, o.len() / channels, (Some(o), None)))?;
+    }
     Ok(Maps {
         data: Arc::new(out),
-        pairs: None,
+        pairs: pairs_out.then(|| Arc::new(out_pairs)),
         n: x.n,
         h: oh,
         w: ow,
         c: channels,
     })
+}
+
+/// Whether a bf16 chain's maps, read by `rest` (the steps after the
+/// chain), can be handed on in bf16 pairs alone: a max-pool reads them,
+/// then a convolution with an even number of input channels (one that
+/// reads pairs), past layer ends and dropout. The pool then compares
+/// pairs (see `channels_last::max_pool_pairs_into`) and the next chain's
+/// im2col copies them: the maps are never written in f32 nor converted
+/// into pairs after the pool.
+fn pairs_through_pool(rest: &[Step]) -> bool {
+    let mut next = rest
+        .iter()
+        .filter(|step| !matches!(step, Step::End(_) | Step::Dropout(..)));
+    match (next.next(), next.next()) {
+        (Some(Step::MaxPool(_)), Some(Step::Conv(unit))) => unit
+            .weight
+            .dims4()
+            .is_ok_and(|(_, c_in, _, _)| c_in % 2 == 0),
+        _ => false,
+    }
 }
 
 /// A layer's weights, packed for the kernel that runs it.
