@@ -39,6 +39,42 @@ pub fn available() -> bool {
     }
 }
 
+/// The units a bf16 product runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Unit {
+    /// AMX tiles ([`crate::amx`]): 16 x 16 x 32 multiply-adds an
+    /// instruction, on Intel Xeons since Sapphire Rapids.
+    Amx,
+    /// AVX512-BF16's `vdpbf16ps` on 16 lanes ([`crate::tile`]'s kernel).
+    Avx512Bf16,
+}
+
+impl Unit {
+    /// Every unit, fastest first.
+    #[cfg(test)]
+    pub(crate) const ALL: [Unit; 2] = [Unit::Amx, Unit::Avx512Bf16];
+
+    /// Whether this CPU (and, for AMX, the operating system) runs it.
+    pub(crate) fn present(self) -> bool {
+        match self {
+            Unit::Amx => crate::amx::available(),
+            Unit::Avx512Bf16 => available(),
+        }
+    }
+
+    /// The fastest unit for a product whose left operand is `a`: AMX
+    /// loads A's rows where they lie, so it needs their pairs contiguous
+    /// (every product but training's weight gradients, whose A is a
+    /// transpose).
+    pub(crate) fn best_for(a: &Bf16Rows) -> Self {
+        if a.pair_step == 1 && Unit::Amx.present() {
+            Unit::Amx
+        } else {
+            Unit::Avx512Bf16
+        }
+    }
+}
+
 /// `x` rounded to bf16 (the top half of its bits) the way the conversion
 /// instructions do it: to nearest, ties to even; NaN stays a (quiet) NaN;
 /// subnormals become zero of the same sign.
@@ -277,6 +313,17 @@ pub(crate) fn matmul<D: Deref<Target = [u32]>>(
     b: &PackedB<D>,
     accumulate: bool,
 ) {
+    matmul_on(Unit::best_for(a), dst, a, b, accumulate)
+}
+
+/// [`matmul`] on the units given.
+fn matmul_on<D: Deref<Target = [u32]>>(
+    unit: Unit,
+    dst: &mut [f32],
+    a: &Bf16Rows,
+    b: &PackedB<D>,
+    accumulate: bool,
+) {
     assert_eq!(dst.len(), a.rows * b.n, "output size");
     let store = Store {
         c: Some(Out(dst.as_mut_ptr())),
@@ -284,7 +331,7 @@ pub(crate) fn matmul<D: Deref<Target = [u32]>>(
         epilogue: None,
         pairs: None,
     };
-    if !product(a, b, store, Threads::Pool) && !accumulate {
+    if !product(unit, a, b, store, Threads::Pool) && !accumulate {
         dst.fill(0.0);
     }
 }
@@ -294,6 +341,20 @@ pub(crate) fn matmul<D: Deref<Target = [u32]>>(
 /// left out: a layer whose output only the next 1x1 convolution reads
 /// needs only its pairs.
 pub(crate) fn matmul_relu(
+    dst: Option<&mut [f32]>,
+    a: &Bf16Rows,
+    b: &PackedB,
+    epilogue: Epilogue,
+    pairs_out: Option<&mut [u32]>,
+    threads: Threads,
+) {
+    let unit = Unit::best_for(a);
+    matmul_relu_on(unit, dst, a, b, epilogue, pairs_out, threads)
+}
+
+/// [`matmul_relu`] on the units given.
+fn matmul_relu_on(
+    unit: Unit,
     dst: Option<&mut [f32]>,
     a: &Bf16Rows,
     b: &PackedB,
@@ -314,21 +375,35 @@ pub(crate) fn matmul_relu(
         epilogue: Some(epilogue),
         pairs: pairs_out.map(|p| Out(p.as_mut_ptr())),
     };
-    product(a, b, store, threads);
+    product(unit, a, b, store, threads);
 }
 
 /// The product behind [`matmul`] and [`matmul_relu`], stored through
 /// `store`'s pointers (the callers hold the borrows). Returns false, and
 /// stores nothing, for an empty K without an epilogue.
 fn product<D: Deref<Target = [u32]>>(
+    unit: Unit,
     a: &Bf16Rows,
     b: &PackedB<D>,
     store: Store,
     threads: Threads,
 ) -> bool {
-    assert!(available(), "bf16 matmul without AVX512-BF16");
+    assert!(
+        unit.present(),
+        "bf16 matmul on {unit:?}, which this CPU lacks"
+    );
+    if unit == Unit::Amx {
+        // Its tiles read whole runs of 16 rows where they lie.
+        assert!(a.pair_step == 1, "AMX reads rows of contiguous pairs");
+        assert!(a.rows == 0 || (a.rows - 1) * a.row_step + a.pairs <= a.data.len());
+    }
     assert_eq!(a.pairs, b.pairs, "inner dimensions");
-    tile::drive(Operands::Bf16(a, &b.data, b.pairs), b.n, store, threads)
+    tile::drive(
+        Operands::Bf16(a, &b.data, b.pairs, unit),
+        b.n,
+        store,
+        threads,
+    )
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -471,15 +546,36 @@ pub(crate) mod tests {
     /// with and without accumulation, against the f64 reference.
     #[test]
     fn matmul_matches_the_reference_on_ragged_and_whole_tiles() {
-        if !available() {
-            eprintln!("skipped: this CPU has no AVX512-BF16");
-            return;
+        for unit in present_units() {
+            matmul_matches_the_reference(unit);
         }
+    }
+
+    /// The units this CPU has; a message for each it lacks.
+    fn present_units() -> Vec<Unit> {
+        Unit::ALL
+            .into_iter()
+            .filter(|unit| {
+                let present = unit.present();
+                if !present {
+                    eprintln!("skipped: this CPU has no {unit:?}");
+                }
+                present
+            })
+            .collect()
+    }
+
+    /// Sizes ragged for both kernels (8 x 32 and 16 x 32 tiles, K in 16s
+    /// of pairs for AMX), whole tiles, a K of whole AMX steps with and
+    /// without a tail, and fewer than 16 rows (AMX copies those).
+    fn matmul_matches_the_reference(unit: Unit) {
         for (m, k, n) in [
             (1, 1, 1),
             (7, 9, 10),
             (8, 64, 32),
+            (16, 32, 32),
             (17, 33, 45),
+            (35, 95, 70),
             (49, 1152, 192),
         ] {
             let (a, b) = (values(m * k, 1), values(k * n, 2));
@@ -489,15 +585,15 @@ pub(crate) mod tests {
             let packed = PackedB::new(Mat::new(&b, k, n));
             assert_eq!(packed.dims(), (k, n));
             let mut dst = vec![f32::NAN; m * n];
-            matmul(&mut dst, &rows, &packed, false);
+            matmul_on(unit, &mut dst, &rows, &packed, false);
             for (i, ((&got, &want), &tol)) in dst.iter().zip(&c).zip(&bound).enumerate() {
                 assert!(
                     (f64::from(got) - want).abs() <= tol,
-                    "({m}, {k}, {n}) entry {i}: {got} vs {want} (tolerance {tol})"
+                    "{unit:?} ({m}, {k}, {n}) entry {i}: {got} vs {want} (tolerance {tol})"
                 );
             }
             let before = dst.clone();
-            matmul(&mut dst, &rows, &packed, true);
+            matmul_on(unit, &mut dst, &rows, &packed, true);
             for ((&twice, &once), &tol) in dst.iter().zip(&before).zip(&bound) {
                 assert!((f64::from(twice) - 2.0 * f64::from(once)).abs() <= 2.0 * tol + 1e-6);
             }
@@ -509,18 +605,25 @@ pub(crate) mod tests {
     /// an odd N pads the last pair with zero.
     #[test]
     fn the_fused_layer_matches_product_then_epilogue() {
-        if !available() {
-            eprintln!("skipped: this CPU has no AVX512-BF16");
-            return;
+        for unit in present_units() {
+            fused_layer_matches_product_then_epilogue(unit);
         }
-        for (m, k, n, scaled) in [(9, 20, 45, true), (33, 64, 64, false), (5, 3, 7, true)] {
+    }
+
+    fn fused_layer_matches_product_then_epilogue(unit: Unit) {
+        for (m, k, n, scaled) in [
+            (9, 20, 45, true),
+            (33, 64, 64, false),
+            (5, 3, 7, true),
+            (40, 70, 33, true),
+        ] {
             let (a, b) = (values(m * k, 5), values(k * n, 6));
             let (scale, shift) = (values(n, 7), values(n, 8));
             let mut rows = vec![0u32; m * pairs(k)];
             let rows = Bf16Rows::convert(Mat::new(&a, m, k), &mut rows);
             let packed = PackedB::new(Mat::new(&b, k, n));
             let mut plain = vec![0f32; m * n];
-            matmul(&mut plain, &rows, &packed, false);
+            matmul_on(unit, &mut plain, &rows, &packed, false);
             let expected: Vec<f32> = plain
                 .iter()
                 .enumerate()
@@ -535,7 +638,8 @@ pub(crate) mod tests {
                 shift: &shift,
             };
             let (mut fused, mut out_pairs) = (vec![f32::NAN; m * n], vec![7u32; m * pairs(n)]);
-            matmul_relu(
+            matmul_relu_on(
+                unit,
                 Some(&mut fused),
                 &rows,
                 &packed,
@@ -543,13 +647,14 @@ pub(crate) mod tests {
                 Some(&mut out_pairs),
                 Threads::Pool,
             );
-            assert_eq!(fused, expected, "({m}, {k}, {n})");
+            assert_eq!(fused, expected, "{unit:?} ({m}, {k}, {n})");
             let mut converted = vec![0u32; m * pairs(n)];
             Bf16Rows::convert(Mat::new(&expected, m, n), &mut converted);
-            assert_eq!(out_pairs, converted, "({m}, {k}, {n}) pairs");
+            assert_eq!(out_pairs, converted, "{unit:?} ({m}, {k}, {n}) pairs");
             // Pairs alone: the same pairs.
             let mut alone = vec![7u32; m * pairs(n)];
-            matmul_relu(
+            matmul_relu_on(
+                unit,
                 None,
                 &rows,
                 &packed,
@@ -557,12 +662,14 @@ pub(crate) mod tests {
                 Some(&mut alone),
                 Threads::Here,
             );
-            assert_eq!(alone, converted, "({m}, {k}, {n}) pairs alone");
+            assert_eq!(alone, converted, "{unit:?} ({m}, {k}, {n}) pairs alone");
         }
     }
 
     /// Transposed operands (what weight gradients multiply) convert and
-    /// pack to the same product as their row-major copies.
+    /// pack to the same product as their row-major copies, on the unit
+    /// transposes run on (AMX sums in another order: equal within the
+    /// bound of the tests above, not bit for bit).
     #[test]
     fn transposed_views_give_the_same_product() {
         if !available() {
@@ -577,8 +684,9 @@ pub(crate) mod tests {
         let product = |a: Mat, b: Mat| {
             let mut rows = vec![0u32; m * pairs(k)];
             let rows = Bf16Rows::convert(a, &mut rows);
+            assert_eq!(rows.pair_step == 1, a.col_stride == 1, "converted in place");
             let mut dst = vec![0f32; m * n];
-            matmul(&mut dst, &rows, &PackedB::new(b), false);
+            matmul_on(Unit::Avx512Bf16, &mut dst, &rows, &PackedB::new(b), false);
             dst
         };
         let direct = product(Mat::new(&a, m, k), Mat::new(&b, k, n));

@@ -102,9 +102,12 @@ impl Compute {
                 reason: "bf16 runs on the native CPU kernels only; use fp32".into(),
             });
         }
-        let (precision, warning) = precision.resolve(Bf16Units::detect());
+        let units = Bf16Units::detect();
+        let (precision, warning) = precision.resolve(units);
         if let Some(warning) = warning {
             tracing::warn!("{warning}");
+        } else if precision == Precision::Bf16 {
+            tracing::info!(?units, "bf16 matrix multiplies");
         }
         Ok(Self { precision, ..self })
     }

@@ -17,23 +17,31 @@ pub enum Precision {
     /// FP32 throughout: the default, and what every device can run.
     #[default]
     Fp32,
-    /// bf16 inputs, FP32 accumulation, on AVX512-BF16.
+    /// bf16 inputs, FP32 accumulation, on AMX or AVX512-BF16.
     Bf16,
 }
 
 /// Whether this CPU can run bf16 kernels; see [`Precision::resolve`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bf16Units {
-    /// AVX512-BF16 (`vdpbf16ps`): what the bf16 kernels use.
+    /// AMX tiles (Intel Xeons since Sapphire Rapids) for the products
+    /// whose left operand lies in rows, AVX512-BF16 for the rest
+    /// (training's weight gradients) and for the conversions.
+    Amx,
+    /// AVX512-BF16 (`vdpbf16ps`) alone: AMD's Zen 4 and 5, Intel's
+    /// Cooper Lake.
     Avx512Bf16,
     /// None: bf16 falls back to FP32.
     Missing,
 }
 
 impl Bf16Units {
-    /// What this CPU has, detected at run time.
+    /// What this CPU has, detected at run time (AMX also needs the
+    /// operating system's leave, asked for here the first time).
     pub fn detect() -> Self {
-        if crate::bf16::available() {
+        if crate::amx::available() {
+            Self::Amx
+        } else if crate::bf16::available() {
             Self::Avx512Bf16
         } else {
             Self::Missing
@@ -106,10 +114,9 @@ mod tests {
         let (p, warning) = Precision::Bf16.resolve(Bf16Units::Missing);
         assert_eq!(p, Precision::Fp32);
         assert!(warning.unwrap().contains("FP32"));
-        assert_eq!(
-            Precision::Bf16.resolve(Bf16Units::Avx512Bf16),
-            (Precision::Bf16, None)
-        );
+        for units in [Bf16Units::Amx, Bf16Units::Avx512Bf16] {
+            assert_eq!(Precision::Bf16.resolve(units), (Precision::Bf16, None));
+        }
         assert_eq!(
             Precision::Fp32.resolve(Bf16Units::Missing),
             (Precision::Fp32, None)

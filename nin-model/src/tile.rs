@@ -21,7 +21,7 @@
 
 use rayon::prelude::*;
 
-use crate::bf16::Bf16Rows;
+use crate::bf16::{Bf16Rows, Unit};
 use crate::matmul::Mat;
 
 /// Rows of C one micro-kernel call computes at most (a product's rows are
@@ -242,11 +242,10 @@ fn f32_store<'a>(
 }
 
 /// The operands of one product, per precision: the left rows, the packed
-/// right panels, and K (pairs of K in bf16); for FP32, also which kernel
-/// runs it.
+/// right panels, K (pairs of K in bf16), and which kernel runs it.
 #[derive(Clone, Copy)]
 pub(crate) enum Operands<'a> {
-    Bf16(&'a Bf16Rows<'a>, &'a [u32], usize),
+    Bf16(&'a Bf16Rows<'a>, &'a [u32], usize, Unit),
     F32(&'a F32Rows<'a>, &'a [f32], usize, Isa),
 }
 
@@ -289,10 +288,14 @@ unsafe fn run_tile(ops: Operands, n: usize, store: Store, target: Tile) {
     // SAFETY: the caller's.
     unsafe {
         match ops {
-            Operands::Bf16(a, b, pairs) => {
+            Operands::Bf16(a, b, pairs, unit) => {
                 let panel = target.col / NR;
                 let b_panel = &b[panel * pairs * NR..(panel + 1) * pairs * NR];
-                with_rows!(target.rows, tile, [1 2 3 4 5 6 7 8], (a, b_panel, n, target, store))
+                match unit {
+                    Unit::Amx => crate::amx::tile(a, b_panel, n, target, store),
+                    Unit::Avx512Bf16 => with_rows!(target.rows, tile,
+                        [1 2 3 4 5 6 7 8], (a, b_panel, n, target, store)),
+                }
             }
             Operands::F32(a, b, k, isa) => {
                 let nr = isa.panel();
@@ -315,7 +318,7 @@ unsafe fn run_tile(ops: Operands, n: usize, store: Store, target: Tile) {
 /// on the `threads` given.
 pub(crate) fn drive(ops: Operands, n: usize, store: Store, threads: Threads) -> bool {
     let (m, depth) = match ops {
-        Operands::Bf16(a, _, pairs) => (a.rows, pairs),
+        Operands::Bf16(a, _, pairs, _) => (a.rows, pairs),
         Operands::F32(a, _, k, _) => (a.rows, k),
     };
     if m == 0 || n == 0 {
@@ -325,9 +328,10 @@ pub(crate) fn drive(ops: Operands, n: usize, store: Store, threads: Threads) -> 
         return false;
     }
     // The FP32 kernel on AVX2 computes fewer rows a call; the bf16 one
-    // exists on AVX-512 only.
+    // exists on AVX-512 only, and AMX's computes a tile of 16 rows.
     let (mr, nr) = match ops {
-        Operands::Bf16(..) => (MR, NR),
+        Operands::Bf16(.., Unit::Amx) => (crate::amx::ROWS, NR),
+        Operands::Bf16(.., Unit::Avx512Bf16) => (MR, NR),
         Operands::F32(.., isa) => (isa.rows(), isa.panel()),
     };
     let (tiles, panels) = (m.div_ceil(mr), n.div_ceil(nr));
@@ -372,11 +376,11 @@ const MIN_FORK_MACS: usize = 1 << 17;
 /// Where one micro-kernel call writes: rows `row..row + rows`, columns
 /// `col..col + cols`.
 #[derive(Clone, Copy, Debug)]
-struct Tile {
-    row: usize,
-    rows: usize,
-    col: usize,
-    cols: usize,
+pub(crate) struct Tile {
+    pub(crate) row: usize,
+    pub(crate) rows: usize,
+    pub(crate) col: usize,
+    pub(crate) cols: usize,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -631,7 +635,7 @@ pub(crate) mod x86 {
     /// Always inlined into the kernel that calls it (a call would spill
     /// the accumulators), and compiled with that kernel's features.
     #[inline(always)]
-    unsafe fn store_tile<const R: usize>(
+    pub(crate) unsafe fn store_tile<const R: usize>(
         acc: &[[__m512; 2]; R],
         ldc: usize,
         target: Tile,
