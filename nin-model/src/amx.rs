@@ -10,10 +10,12 @@
 //! 64 bytes a row of a tile) and B's panels of [`NR`] interleaved pairs
 //! (two tiles side by side, 128 bytes from one pair of K to the next).
 //!
-//! The kernel computes a 16 x [`NR`] block of C in two accumulator tiles
-//! over all of K, stores them to the stack and hands them, eight rows at
-//! a time, to [`crate::tile`]'s store: the same epilogue (bias or batch
-//! norm, ReLU, bf16 pairs for the next layer) as the AVX512-BF16 kernel.
+//! The kernel computes a 32 x [`NR`] block of C in four accumulator tiles
+//! over all of K (each tile of A and of B loaded serves two products: a
+//! 16 x 32 block, with B loaded once per product, was bound by B's
+//! loads), stores them to the stack and hands them, eight rows at a time,
+//! to [`crate::tile`]'s store: the same epilogue (bias or batch norm,
+//! ReLU, bf16 pairs for the next layer) as the AVX512-BF16 kernel.
 //!
 //! Rust has no stable AMX intrinsics, so the tile instructions are
 //! written as inline assembly (stable since Rust 1.59); the compiler never
@@ -24,9 +26,10 @@
 use crate::bf16::Bf16Rows;
 use crate::tile::{Store, Tile, NR};
 
-/// Rows of an A or C tile, and pairs of K in a row of A (64 bytes).
-pub(crate) const ROWS: usize = 16;
-const PAIRS: usize = 16;
+/// Rows of C one kernel call computes: two tiles of 16.
+pub(crate) const ROWS: usize = 32;
+/// Rows of a tile, and pairs of K in a row of a tile of A (64 bytes).
+const TILE: usize = 16;
 
 /// Whether AMX-BF16 can run here: the CPU has it (with AVX512-BF16, which
 /// the store uses), and the kernel lets this process use the tile state.
@@ -43,7 +46,7 @@ pub fn available() -> bool {
     }
 }
 
-/// One [`ROWS`] x [`NR`] tile of C = A x B over all of K (at most
+/// One [`ROWS`] x [`NR`] block of C = A x B over all of K (at most
 /// [`ROWS`] rows, `target.rows`), stored at `target` as `store` says,
 /// like the AVX512-BF16 kernel's (`ldc` values per row of C).
 ///
@@ -63,7 +66,7 @@ mod x86 {
     use std::arch::x86_64::*;
     use std::cell::Cell;
 
-    use super::{Bf16Rows, Store, Tile, NR, PAIRS, ROWS};
+    use super::{Bf16Rows, Store, Tile, NR, ROWS, TILE};
     use crate::tile::x86::store_tile;
 
     /// Asks Linux for the tile data state (`arch_prctl(ARCH_REQ_XCOMP_PERM,
@@ -99,84 +102,100 @@ mod x86 {
         granted == 0
     }
 
-    /// A tile configuration (`ldtilecfg`'s 64 bytes, palette 1): the two
-    /// accumulators of C, one tile of A and two of B for each 16 pairs of
-    /// K, and the same three for the last `tail` pairs when K is not a
-    /// multiple of 16. The rows of a tile of A are whole 64-byte
-    /// runs of a row of A, never past its end, so no value of one row is
-    /// ever multiplied into another's sums.
+    /// The tile configuration (`ldtilecfg`'s 64 bytes, palette 1): eight
+    /// tiles of 16 rows of 64 bytes. Registers 0 to 3 hold C's four
+    /// 16 x 16 quarters, 4 and 5 the two tiles of A (rows 0-15 and 16-31,
+    /// 16 pairs of K), 6 and 7 the two of B (16 pairs of K, columns 0-15
+    /// and 16-31).
     #[repr(C, align(64))]
     struct Config([u8; 64]);
 
-    /// Tile registers: C's two halves, then A and B's two halves, for the
-    /// whole steps of K and for its tail.
-    const C: [u8; 2] = [0, 1];
-    const A: u8 = 2;
-    const B: [u8; 2] = [3, 4];
-    const A_TAIL: u8 = 5;
-    const B_TAIL: [u8; 2] = [6, 7];
-
     impl Config {
-        fn new(tail: usize) -> Self {
+        fn new() -> Self {
             let mut bytes = [0u8; 64];
             bytes[0] = 1;
-            let mut shape = |tile: u8, rows: usize, bytes_per_row: usize| {
-                let t = usize::from(tile);
-                bytes[16 + 2 * t..18 + 2 * t]
-                    .copy_from_slice(&(bytes_per_row as u16).to_le_bytes());
-                bytes[48 + t] = rows as u8;
-            };
-            for t in C.into_iter().chain([A]).chain(B) {
-                shape(t, ROWS, 64);
-            }
-            if tail > 0 {
-                shape(A_TAIL, ROWS, 4 * tail);
-                for t in B_TAIL {
-                    shape(t, tail, 64);
-                }
+            for t in 0..8 {
+                bytes[16 + 2 * t..18 + 2 * t].copy_from_slice(&64u16.to_le_bytes());
+                bytes[48 + t] = TILE as u8;
             }
             Self(bytes)
         }
     }
 
     thread_local! {
-        /// The K tail this thread's tiles are configured for (`usize::MAX`:
-        /// none yet). Nothing else in the process uses the tile registers,
-        /// so a configuration holds until the next product needs another.
-        static CONFIGURED: Cell<usize> = const { Cell::new(usize::MAX) };
+        /// Whether this thread's tiles are configured. Nothing else in the
+        /// process uses the tile registers, so the configuration holds.
+        static CONFIGURED: Cell<bool> = const { Cell::new(false) };
     }
 
-    /// Configures this thread's tiles for a K tail of `tail` pairs, unless
-    /// they already are (`ldtilecfg` also zeroes every tile).
+    /// Configures this thread's tiles, unless they already are.
     ///
     /// # Safety
     /// The process has the tile state ([`request`] granted).
-    unsafe fn configure(tail: usize) {
-        if CONFIGURED.get() != tail {
-            let config = Config::new(tail);
+    unsafe fn configure() {
+        if !CONFIGURED.get() {
+            let config = Config::new();
             // SAFETY: a valid palette-1 configuration, 64 bytes, aligned.
             unsafe {
                 asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly))
             };
-            CONFIGURED.set(tail);
+            CONFIGURED.set(true);
         }
     }
 
-    /// The first tile of A: 16 rows from `target.row`, or, near the end
-    /// of A, the last 16 (a tile's rows past the target are other tiles'
-    /// rows, computed and not stored); A of fewer than 16 rows is copied
-    /// into `copy`, padded with zeros. Returns a row pointer and which row
-    /// of the tile is `target.row`.
-    fn rows_from<'a>(a: &'a Bf16Rows, target: Tile, copy: &'a mut Vec<u32>) -> (*const u32, usize) {
-        if a.rows >= ROWS {
-            let start = target.row.min(a.rows - ROWS);
-            (a.data[start * a.row_step..].as_ptr(), target.row - start)
+    /// C += A x B over 16 pairs of K: A's tiles from `a[0]` and, for the
+    /// second 16 rows of C when `TWO`, `a[1]` (`sa` bytes from row to
+    /// row), B's from `b` (128 bytes from pair to pair).
+    ///
+    /// # Safety
+    /// Tiles configured; 16 rows of 64 bytes readable at each `a` used,
+    /// 16 rows of 128 at `b`.
+    #[inline(always)]
+    unsafe fn step<const TWO: bool>(a: [*const u32; 2], sa: usize, b: *const u32) {
+        // SAFETY: the caller's.
+        unsafe {
+            if TWO {
+                asm!(
+                    "tileloadd tmm4, [{a} + {sa}*1]",
+                    "tileloadd tmm6, [{b} + {sb}*1]",
+                    "tileloadd tmm7, [{b} + {sb}*1 + 64]",
+                    "tileloadd tmm5, [{a1} + {sa}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    a = in(reg) a[0], a1 = in(reg) a[1], sa = in(reg) sa,
+                    b = in(reg) b, sb = in(reg) 4 * NR,
+                    options(nostack, readonly),
+                );
+            } else {
+                asm!(
+                    "tileloadd tmm4, [{a} + {sa}*1]",
+                    "tileloadd tmm6, [{b} + {sb}*1]",
+                    "tileloadd tmm7, [{b} + {sb}*1 + 64]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    a = in(reg) a[0], sa = in(reg) sa,
+                    b = in(reg) b, sb = in(reg) 4 * NR,
+                    options(nostack, readonly),
+                );
+            }
+        }
+    }
+
+    /// Where the two tiles of A start: 16 rows from `target.row` and 16
+    /// from `target.row + 16`, each moved back near the end of A so that
+    /// its 16 rows lie inside A (rows past the target are other blocks',
+    /// computed and not stored). A of fewer than 16 rows is copied into
+    /// `copy`, padded with zeros. Returns each tile's first row.
+    fn tile_rows(a: &Bf16Rows, target: Tile, copy: &mut Vec<u32>) -> [usize; 2] {
+        if a.rows >= TILE {
+            std::array::from_fn(|h| (target.row + TILE * h).min(a.rows - TILE))
         } else {
-            copy.clear();
-            copy.resize(ROWS * a.row_step, 0);
+            copy.resize(TILE * a.row_step, 0);
             let used = (a.rows - 1) * a.row_step + a.pairs;
             copy[..used].copy_from_slice(&a.data[..used]);
-            (copy.as_ptr(), target.row)
+            [0; 2]
         }
     }
 
@@ -189,61 +208,93 @@ mod x86 {
         debug_assert!(a.pair_step == 1 && target.rows <= ROWS);
         debug_assert!(target.row + target.rows <= a.rows && a.pairs <= a.row_step);
         debug_assert_eq!(b.len(), a.pairs * NR);
-        let (whole, tail) = (a.pairs / PAIRS, a.pairs % PAIRS);
+        // A block of up to 16 rows needs one tile of A.
+        let two = target.rows > TILE;
         let mut copy = Vec::new();
-        let (rows, first) = rows_from(a, target, &mut copy);
-        let (a_stride, b_stride) = (4 * a.row_step, 4 * NR);
-        // SAFETY: the process has the tile state (the caller's); every
-        // tile of A reads 16 rows of at most 16 pairs inside A (or its
-        // copy), every tile of B pairs inside the panel (at most `tail`
-        // of them in the last step).
-        let mut c = Sums([[0f32; NR]; ROWS]);
+        let starts = tile_rows(a, target, &mut copy);
+        let data = if copy.is_empty() { a.data } else { &copy[..] };
+        let tiles = starts.map(|start| data[start * a.row_step..].as_ptr());
+        let (whole, tail) = (a.pairs / TILE, a.pairs % TILE);
+        // Written by the tiles' stores before it is read (zeroing 4 KiB
+        // a call showed in profiles of layers with a short K).
+        let mut c = std::mem::MaybeUninit::<Sums>::uninit();
+        // SAFETY: the process has the tile state (the caller's); each whole
+        // step reads 16 rows of 16 pairs inside A (or its copy) per tile
+        // of A and 16 pairs of the panel; the tail reads copies.
         unsafe {
-            configure(tail);
-            asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
-            for step in 0..whole {
-                let ap = rows.add(step * PAIRS);
-                let bp = b.as_ptr().add(step * PAIRS * NR);
-                asm!(
-                    "tileloadd tmm2, [{a} + {sa}*1]",
-                    "tileloadd tmm3, [{b} + {sb}*1]",
-                    "tileloadd tmm4, [{b} + {sb}*1 + 64]",
-                    "tdpbf16ps tmm0, tmm2, tmm3",
-                    "tdpbf16ps tmm1, tmm2, tmm4",
-                    a = in(reg) ap, b = in(reg) bp, sa = in(reg) a_stride, sb = in(reg) b_stride,
-                    options(nostack, readonly),
+            configure();
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            );
+            let sa = 4 * a.row_step;
+            for s in 0..whole {
+                let (at, bt) = (
+                    tiles.map(|t| t.add(s * TILE)),
+                    b.as_ptr().add(s * TILE * NR),
                 );
+                if two {
+                    step::<true>(at, sa, bt);
+                } else {
+                    step::<false>(at, sa, bt);
+                }
             }
             if tail > 0 {
-                let ap = rows.add(whole * PAIRS);
-                let bp = b.as_ptr().add(whole * PAIRS * NR);
-                asm!(
-                    "tileloadd tmm5, [{a} + {sa}*1]",
-                    "tileloadd tmm6, [{b} + {sb}*1]",
-                    "tileloadd tmm7, [{b} + {sb}*1 + 64]",
-                    "tdpbf16ps tmm0, tmm5, tmm6",
-                    "tdpbf16ps tmm1, tmm5, tmm7",
-                    a = in(reg) ap, b = in(reg) bp, sa = in(reg) a_stride, sb = in(reg) b_stride,
-                    options(nostack, readonly),
-                );
+                // The last pairs of K, padded with zeros to a whole step:
+                // a tile never reads past the end of a row, so no value of
+                // one image enters another's sums, nor does a read leave A.
+                let (mut a_tail, mut b_tail) = ([[0u32; TILE]; ROWS], [[0u32; NR]; TILE]);
+                for (r, out) in a_tail
+                    .iter_mut()
+                    .enumerate()
+                    .take(if two { ROWS } else { TILE })
+                {
+                    let row = tiles[r / TILE].add((r % TILE) * a.row_step + whole * TILE);
+                    std::ptr::copy_nonoverlapping(row, out.as_mut_ptr(), tail);
+                }
+                b_tail[..tail]
+                    .as_flattened_mut()
+                    .copy_from_slice(&b[whole * TILE * NR..]);
+                let at = [a_tail.as_ptr().cast(), a_tail[TILE..].as_ptr().cast()];
+                if two {
+                    step::<true>(at, 4 * TILE, b_tail.as_ptr().cast());
+                } else {
+                    step::<false>(at, 4 * TILE, b_tail.as_ptr().cast());
+                }
             }
+            let half = TILE * NR;
             asm!(
                 "tilestored [{c} + {sc}*1], tmm0",
                 "tilestored [{c} + {sc}*1 + 64], tmm1",
-                c = in(reg) c.0.as_mut_ptr(), sc = in(reg) 4 * NR,
+                c = in(reg) c.as_mut_ptr(), sc = in(reg) 4 * NR,
                 options(nostack),
             );
+            if two {
+                asm!(
+                    "tilestored [{c1} + {sc}*1], tmm2",
+                    "tilestored [{c1} + {sc}*1 + 64], tmm3",
+                    c1 = in(reg) c.as_mut_ptr().cast::<f32>().add(half), sc = in(reg) 4 * NR,
+                    options(nostack),
+                );
+            }
         }
-        // The rows of the target, eight at a time, through the store.
+        // The tiles stored C's rows 0-15, and 16-31 when `two`: the only
+        // rows read below.
+        let c = c.as_ptr().cast::<[f32; NR]>();
+        // The rows of the target, eight at a time, through the store; row
+        // r of the target is row r % 16 of its tile of C, whose tile of A
+        // started `target.row + r - start` rows before it.
         for (part, first_row) in (0..target.rows).step_by(8).enumerate() {
             let acc: [[__m512; 2]; 8] = std::array::from_fn(|r| {
-                let row = &c.0[(first + first_row + r).min(ROWS - 1)];
-                // SAFETY: a whole row of `c`, NR = 32 values.
+                let r = (first_row + r).min(target.rows - 1);
+                let h = r / TILE;
+                // SAFETY: a whole row of `c` that a tile stored.
                 unsafe {
-                    [
-                        _mm512_loadu_ps(row.as_ptr()),
-                        _mm512_loadu_ps(row.as_ptr().add(16)),
-                    ]
+                    let row = c.add(TILE * h + (target.row + r - starts[h])).cast::<f32>();
+                    [_mm512_loadu_ps(row), _mm512_loadu_ps(row.add(16))]
                 }
             });
             let part = Tile {
@@ -256,7 +307,7 @@ mod x86 {
         }
     }
 
-    /// C's block as the tiles store it: 16 rows of [`NR`] sums.
+    /// C's block as the tiles store it: 32 rows of [`NR`] sums.
     #[repr(C, align(64))]
     struct Sums([[f32; NR]; ROWS]);
 }
