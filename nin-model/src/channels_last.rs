@@ -589,14 +589,36 @@ impl Pooled for f32 {
 /// writes (+0.0 to +inf; the kernels' ReLU, `max(v, 0)`, turns NaN and
 /// -0.0 into +0.0), that order is the floats' order, so a max-pool of
 /// bf16 pairs picks what the max-pool of the f32 values would, converted
-/// (rounding to bf16 keeps order). One SSE2 instruction per 8 values.
+/// (rounding to bf16 keeps order). One instruction per 32 values with
+/// AVX-512BW (`vpmaxsw`; it was 7% of a bf16 pass on SSE2's 8), per 8
+/// without.
 impl Pooled for i16 {
     const LOWEST: i16 = i16::MIN;
     fn max_into(best: &mut [i16], v: &[i16]) {
-        for (b, &v) in best.iter_mut().zip(v) {
-            *b = (*b).max(v);
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512bw") {
+            // SAFETY: the CPU has AVX-512BW (checked just above).
+            return unsafe { max_i16_avx512(best, v) };
         }
+        max_i16_any(best, v);
     }
+}
+
+#[inline(always)]
+fn max_i16_any(best: &mut [i16], v: &[i16]) {
+    for (b, &v) in best.iter_mut().zip(v) {
+        *b = (*b).max(v);
+    }
+}
+
+/// The `i16` [`Pooled::max_into`] compiled for AVX-512BW.
+///
+/// # Safety
+/// The CPU has AVX-512BW.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512bw")]
+unsafe fn max_i16_avx512(best: &mut [i16], v: &[i16]) {
+    max_i16_any(best, v);
 }
 
 /// Max-pool in inference of maps in bf16 pairs (`src`: (N*H*W, C/2)

@@ -302,6 +302,8 @@ unsafe fn run_tile(ops: Operands, n: usize, store: Store, target: Tile) {
                 let panel = target.col / nr;
                 let b_panel = &b[panel * k * nr..(panel + 1) * k * nr];
                 match isa {
+                    Isa::Avx512 if store.pairs.is_some() => with_rows!(target.rows,
+                        tile_f32_to_pairs, [1 2 3 4 5 6 7 8], (a, b_panel, n, target, store)),
                     Isa::Avx512 => with_rows!(target.rows, tile_f32,
                         [1 2 3 4 5 6 7 8], (a, b_panel, n, target, store)),
                     Isa::Avx2 => with_rows!(target.rows, tile_f32_avx2,
@@ -443,6 +445,38 @@ pub(crate) mod x86 {
     /// AVX-512 present; `a` holds rows `target.row..target.row + R`; `b` one panel of `a.k * NR`; `store` as for [`tile`].
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn tile_f32<const R: usize>(
+        a: &F32Rows,
+        b: &[f32],
+        ldc: usize,
+        target: Tile,
+        store: Store,
+    ) {
+        // SAFETY: the caller's.
+        unsafe { tile_f32_body::<R>(a, b, ldc, target, store) }
+    }
+
+    /// [`tile_f32`] compiled with AVX512-BF16 too, for a store that
+    /// writes bf16 pairs: without it, the conversion in the store is a
+    /// function call per row instead of one instruction (seen in
+    /// profiles).
+    ///
+    /// # Safety
+    /// As for [`tile_f32`], and AVX512-BF16 present.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn tile_f32_to_pairs<const R: usize>(
+        a: &F32Rows,
+        b: &[f32],
+        ldc: usize,
+        target: Tile,
+        store: Store,
+    ) {
+        // SAFETY: the caller's.
+        unsafe { tile_f32_body::<R>(a, b, ldc, target, store) }
+    }
+
+    /// The body of [`tile_f32`], inlined into each of its compilations.
+    #[inline(always)]
+    unsafe fn tile_f32_body<const R: usize>(
         a: &F32Rows,
         b: &[f32],
         ldc: usize,
