@@ -198,8 +198,7 @@ struct Maps {
     data: Arc<Buf<f32>>,
     /// The same values as bf16 pairs, when a bf16 inference layer wrote
     /// them for the 1x1 convolution that comes next, or, alone, for the
-    /// max-pool and the bf16 convolution after it (see
-    /// [`pairs_through_pool`]).
+    /// bf16 convolution after it, max-pool or not (see [`pairs_suffice`]).
     pairs: Option<Arc<Buf<u32>>>,
     n: usize,
     h: usize,
@@ -397,7 +396,7 @@ fn forward_here<'a>(
                 let (units, steps_taken) = chain(&steps[i..]);
                 skip = steps_taken - 1;
                 let pairs =
-                    precision == Precision::Bf16 && pairs_through_pool(&steps[i + steps_taken..]);
+                    precision == Precision::Bf16 && pairs_suffice(&steps[i + steps_taken..]);
                 conv_chain(&units, &maps, (precision, pairs), pool)?
             }
             Step::Conv(unit) => {
@@ -674,9 +673,9 @@ const MIN_STRIP_MACS: usize = 1 << 18;
 /// only its last layer's maps, in f32.
 ///
 /// With `pairs` (bf16 only), the last layer writes its maps in bf16 pairs
-/// alone, for a max-pool and the bf16 convolution after it (see
-/// [`pairs_through_pool`]); a chain whose input maps are held in pairs
-/// alone reads them as they are.
+/// alone, for the bf16 convolution after it, max-pool or not (see
+/// [`pairs_suffice`]); a chain whose input maps are held in pairs alone
+/// reads them as they are.
 fn conv_chain(
     units: &[&ConvUnit],
     x: &Maps,
@@ -846,21 +845,25 @@ fn conv_chain(
 }
 
 /// Whether a bf16 chain's maps, read by `rest` (the steps after the
-/// chain), can be handed on in bf16 pairs alone: a max-pool reads them,
-/// then a convolution with an even number of input channels (one that
-/// reads pairs), past layer ends and dropout. The pool then compares
-/// pairs (see `channels_last::max_pool_pairs_into`) and the next chain's
-/// im2col copies them: the maps are never written in f32 nor converted
-/// into pairs after the pool.
-fn pairs_through_pool(rest: &[Step]) -> bool {
+/// chain), can be handed on in bf16 pairs alone: past layer ends and
+/// dropout (nothing in inference), a convolution with an even number of
+/// input channels (one that reads pairs) reads them, directly or after a
+/// max-pool. The pool then compares pairs (see
+/// `channels_last::max_pool_pairs_into`) and the next chain's im2col
+/// copies them: the maps are never written in f32 nor converted into
+/// pairs again.
+fn pairs_suffice(rest: &[Step]) -> bool {
     let mut next = rest
         .iter()
         .filter(|step| !matches!(step, Step::End(_) | Step::Dropout(..)));
-    match (next.next(), next.next()) {
-        (Some(Step::MaxPool(_)), Some(Step::Conv(unit))) => unit
-            .weight
+    let reads_pairs = |unit: &ConvUnit| {
+        unit.weight
             .dims4()
-            .is_ok_and(|(_, c_in, _, _)| c_in % 2 == 0),
+            .is_ok_and(|(_, c_in, _, _)| c_in % 2 == 0)
+    };
+    match (next.next(), next.next()) {
+        (Some(Step::Conv(unit)), _) => reads_pairs(unit),
+        (Some(Step::MaxPool(_)), Some(Step::Conv(unit))) => reads_pairs(unit),
         _ => false,
     }
 }
