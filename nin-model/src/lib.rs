@@ -7,7 +7,7 @@
 //!   pass ([`Nin::forward_train`]) and no autograd graph;
 //! - [`tape`]: the native set's pass over [`channels_last`]'s kernels;
 //! - [`Precision`]: FP32, or bf16 matrix multiplies ([`bf16`]) on CPUs
-//!   with AVX512-BF16;
+//!   with AMX-BF16 tiles or AVX512-BF16;
 //! - [`pool`]: overlapping max-pool with a gradient on every device;
 //! - [`weights`]: self-describing safetensors files (config, classes,
 //!   preprocessing and provenance travel with the tensors);
