@@ -23,6 +23,7 @@ use std::ops::{Deref, DerefMut};
 
 use rayon::prelude::*;
 
+use crate::aligned::Aligned;
 use crate::matmul::Mat;
 use crate::tile::{self, Epilogue, Operands, Out, Store, Threads, NR};
 
@@ -217,10 +218,10 @@ fn interleave(lo: &[f32], hi: Option<&[f32]>, out: &mut [u32]) {
 
 /// A (K, N) matrix packed for [`matmul`]: panels of [`NR`] columns, each
 /// [`pairs`]`(K)` rows of NR pairs. Columns past N and the pad of an odd K
-/// are zeros. Owned (`Vec`, what a fixed weight keeps) or in a buffer
+/// are zeros. Owned ([`Aligned`], what a fixed weight keeps) or in a buffer
 /// lent for one call (training packs operands on every step).
 #[derive(Debug)]
-pub(crate) struct PackedB<D = Vec<u32>> {
+pub(crate) struct PackedB<D = Aligned<u32>> {
     data: D,
     k: usize,
     n: usize,
@@ -230,7 +231,7 @@ pub(crate) struct PackedB<D = Vec<u32>> {
 impl PackedB {
     /// Packs `b` (any strides).
     pub(crate) fn new(b: Mat) -> Self {
-        Self::new_in(b, vec![0u32; Self::len_for(b.rows, b.cols)])
+        Self::new_in(b, Aligned::zeroed(Self::len_for(b.rows, b.cols)))
     }
 }
 

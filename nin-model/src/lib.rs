@@ -18,6 +18,7 @@
 //! - [`threads`]: a caller's thread as a worker of the pool its passes
 //!   fork onto.
 
+mod aligned;
 mod amx;
 pub mod bf16;
 pub mod block;

@@ -38,6 +38,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{bail, Device, Result, Tensor, Var};
 use rayon::prelude::*;
 
+use crate::aligned::Aligned;
 use crate::bf16::{self, Bf16Rows, PackedB};
 use crate::block::{BiasOrNorm, ConvUnit, BN_EPS};
 use crate::channels_last::{self as cl, Geometry, NormStats};
@@ -50,23 +51,23 @@ use crate::tile::{self, Epilogue, F32Rows, Isa, PackedF32, Threads};
 /// Free buffers kept for the next step: the pool a model's passes draw from.
 #[derive(Debug, Default)]
 pub(crate) struct Buffers {
-    f32s: Mutex<Vec<Vec<f32>>>,
-    u32s: Mutex<Vec<Vec<u32>>>,
+    f32s: Mutex<Vec<Aligned<f32>>>,
+    u32s: Mutex<Vec<Aligned<u32>>>,
 }
 
 /// Element types the pool keeps.
-pub(crate) trait Pooled: Copy + Default + Send + Sync + 'static {
-    fn free(buffers: &Buffers) -> &Mutex<Vec<Vec<Self>>>;
+pub(crate) trait Pooled: bytemuck::Pod + Send + Sync {
+    fn free(buffers: &Buffers) -> &Mutex<Vec<Aligned<Self>>>;
 }
 
 impl Pooled for f32 {
-    fn free(buffers: &Buffers) -> &Mutex<Vec<Vec<f32>>> {
+    fn free(buffers: &Buffers) -> &Mutex<Vec<Aligned<f32>>> {
         &buffers.f32s
     }
 }
 
 impl Pooled for u32 {
-    fn free(buffers: &Buffers) -> &Mutex<Vec<Vec<u32>>> {
+    fn free(buffers: &Buffers) -> &Mutex<Vec<Aligned<u32>>> {
         &buffers.u32s
     }
 }
@@ -87,7 +88,7 @@ impl Buffers {
                 .unwrap_or_default()
         };
         if data.len() < len {
-            data.resize(len, T::default());
+            data.resize(len);
         }
         Buf {
             data,
@@ -99,7 +100,7 @@ impl Buffers {
 
 /// A buffer on loan from [`Buffers`]; it goes back when dropped.
 pub(crate) struct Buf<T: Pooled> {
-    data: Vec<T>,
+    data: Aligned<T>,
     len: usize,
     pool: Arc<Buffers>,
 }

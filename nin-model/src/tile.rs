@@ -21,6 +21,7 @@
 
 use rayon::prelude::*;
 
+use crate::aligned::Aligned;
 use crate::bf16::{Bf16Rows, Unit};
 use crate::matmul::Mat;
 
@@ -94,7 +95,7 @@ impl F32Rows<'_> {
 /// many values; columns past N are zeros.
 #[derive(Debug)]
 pub(crate) struct PackedF32 {
-    data: Vec<f32>,
+    data: Aligned<f32>,
     k: usize,
     n: usize,
     isa: Isa,
@@ -104,7 +105,7 @@ impl PackedF32 {
     /// Packs `b` (any strides) for the kernel of `isa`.
     pub(crate) fn new(b: Mat, isa: Isa) -> Self {
         let (k, n, nr) = (b.rows, b.cols, isa.panel());
-        let mut data = vec![0f32; n.div_ceil(nr) * k * nr];
+        let mut data = Aligned::zeroed(n.div_ceil(nr) * k * nr);
         if k > 0 {
             for (panel, values) in data.chunks_mut(k * nr).enumerate() {
                 for (kk, row) in values.chunks_mut(nr).enumerate() {
