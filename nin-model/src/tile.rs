@@ -664,9 +664,7 @@ pub(crate) mod x86 {
     /// Stores a tile's accumulators as `store` says.
     ///
     /// # Safety
-    /// AVX-512 present, and AVX512-BF16 if `store` wants pairs; `store`'s
-    /// pointers valid for `target`, written by no one else meanwhile; its
-    /// epilogue's vectors `ldc` long.
+    /// As for [`Rows::new`] and [`Rows::store`]; `target.rows` is at most R.
     /// Always inlined into the kernel that calls it (a call would spill
     /// the accumulators), and compiled with that kernel's features.
     #[inline(always)]
@@ -676,61 +674,165 @@ pub(crate) mod x86 {
         target: Tile,
         store: Store,
     ) {
-        let lanes = |first: usize| -> __mmask16 {
-            match target.cols.saturating_sub(first) {
-                0 => 0,
+        debug_assert!(target.rows <= R);
+        // SAFETY: the caller's.
+        unsafe { Rows::new(ldc, target, store).store(target.rows, |r| acc[r]) }
+    }
+
+    /// A tile's destinations and epilogue, worked out once per tile
+    /// (lane masks, the epilogue's vectors): [`Rows::store`] then stores
+    /// its rows of sums, wherever the kernel holds them (the FP32 and
+    /// AVX512-BF16 kernels in registers, AMX's in memory).
+    #[derive(Clone, Copy)]
+    pub(crate) struct Rows<'a> {
+        /// The lanes of each half of a row inside the target's columns.
+        masks: [__mmask16; 2],
+        /// Per half: v -> max(v * scale + shift, 0); zeros past N.
+        affine: [(__m512, __m512); 2],
+        /// The pairs of a row inside the target's columns.
+        pair_mask: __mmask16,
+        ldc: usize,
+        target: Tile,
+        store: Store<'a>,
+    }
+
+    impl<'a> Rows<'a> {
+        /// # Safety
+        /// AVX-512 present; the epilogue's vectors `ldc` long.
+        #[inline(always)]
+        pub(crate) unsafe fn new(ldc: usize, target: Tile, store: Store<'a>) -> Self {
+            let lanes = |first: usize| -> __mmask16 {
+                match target.cols.saturating_sub(first) {
+                    0 => 0,
+                    l if l >= 16 => !0,
+                    l => (1 << l) - 1,
+                }
+            };
+            let masks = [lanes(0), lanes(16)];
+            let columns = |v: &[f32], h: usize| {
+                // SAFETY: masked-off lanes are not read (fault
+                // suppression), and the rest lie inside `v` (ldc long).
+                unsafe {
+                    _mm512_maskz_loadu_ps(masks[h], v.as_ptr().wrapping_add(target.col + 16 * h))
+                }
+            };
+            let affine =
+                store
+                    .epilogue
+                    .map_or([(_mm512_setzero_ps(), _mm512_setzero_ps()); 2], |e| {
+                        let half = |h| match e.scale {
+                            Some(scale) => (columns(scale, h), columns(e.shift, h)),
+                            None => (_mm512_set1_ps(1.0), columns(e.shift, h)),
+                        };
+                        [half(0), half(1)]
+                    });
+            let pair_mask: __mmask16 = match target.cols.div_ceil(2) {
                 l if l >= 16 => !0,
                 l => (1 << l) - 1,
-            }
-        };
-        let masks = [lanes(0), lanes(16)];
-        let columns = |v: &[f32], h: usize| {
-            // SAFETY: masked-off lanes are not read (fault suppression),
-            // and the rest lie inside `v` (ldc long).
-            unsafe { _mm512_maskz_loadu_ps(masks[h], v.as_ptr().wrapping_add(target.col + 16 * h)) }
-        };
-        // Per half: v -> max(v * scale + shift, 0); zeros past N.
-        let affine = store.epilogue.map(|e| {
-            let half = |h| match e.scale {
-                Some(scale) => (columns(scale, h), columns(e.shift, h)),
-                None => (_mm512_set1_ps(1.0), columns(e.shift, h)),
             };
-            [half(0), half(1)]
-        });
-        let pair_mask: __mmask16 = match target.cols.div_ceil(2) {
-            l if l >= 16 => !0,
-            l => (1 << l) - 1,
-        };
-        for (r, acc) in acc.iter().enumerate().take(target.rows) {
-            let mut out = *acc;
-            for (h, v) in out.iter_mut().enumerate() {
-                if masks[h] == 0 {
-                    continue;
-                }
-                // SAFETY: the masked lanes lie inside the target tile.
-                unsafe {
-                    let at = (target.row + r) * ldc + target.col + 16 * h;
-                    if let (true, Some(c)) = (store.accumulate, store.c) {
-                        *v = _mm512_add_ps(*v, _mm512_maskz_loadu_ps(masks[h], c.get().add(at)));
-                    }
-                    if let Some(affine) = affine {
-                        let (a, b) = affine[h];
-                        *v = _mm512_max_ps(_mm512_fmadd_ps(*v, a, b), _mm512_setzero_ps());
-                    }
-                    if let Some(c) = store.c {
-                        _mm512_mask_storeu_ps(c.get().add(at), masks[h], *v);
-                    }
-                }
+            Self {
+                masks,
+                affine,
+                pair_mask,
+                ldc,
+                target,
+                store,
             }
-            if let Some(pairs) = store.pairs {
-                // Columns 2j and 2j + 1 of the row: pair j of the next
-                // layer's input. Lanes past N hold zeros, the pad.
-                let per_row = ldc.div_ceil(2);
-                // SAFETY: the pair lanes lie inside this row's pairs; the
-                // caller has the units when it asks for pairs.
-                unsafe {
-                    let p = pairs.get().add((target.row + r) * per_row + target.col / 2);
-                    store_pairs(out, p, pair_mask);
+        }
+
+        /// Stores the first `rows` rows of the target, row r's two vectors
+        /// of sums from `fetch(r)`. The kind of store is settled once, not
+        /// tested for every row: with those tests in the loop, AMX's blocks
+        /// at K = 64 spent 40% longer in their epilogue.
+        ///
+        /// # Safety
+        /// AVX-512 present, and AVX512-BF16 if the store wants pairs; the
+        /// rows are the target's; the store's pointers valid for them,
+        /// written by no one else meanwhile.
+        #[inline(always)]
+        pub(crate) unsafe fn store(&self, rows: usize, fetch: impl Fn(usize) -> [__m512; 2]) {
+            let store = self.store;
+            let kind = (
+                store.accumulate && store.c.is_some(),
+                store.c.is_some(),
+                store.pairs.is_some(),
+                store.epilogue.is_some(),
+            );
+            macro_rules! kinds {
+                ($(($acc:literal, $c:literal, $pairs:literal, $affine:literal)),*) => {
+                    match kind {
+                        // SAFETY: the caller's.
+                        $(($acc, $c, $pairs, $affine) => unsafe {
+                            self.store_as::<$acc, $c, $pairs, $affine>(rows, fetch)
+                        },)*
+                        // Neither f32 nor pairs wanted: nothing to store.
+                        _ => {}
+                    }
+                };
+            }
+            kinds!(
+                (false, false, true, false),
+                (false, false, true, true),
+                (false, true, false, false),
+                (false, true, false, true),
+                (false, true, true, false),
+                (false, true, true, true),
+                (true, true, false, false),
+                (true, true, false, true),
+                (true, true, true, false),
+                (true, true, true, true)
+            );
+        }
+
+        /// [`Rows::store`] for one kind: add C's values (`ACC`), apply the
+        /// epilogue (`AFFINE`), write f32 (`C`), write bf16 pairs (`PAIRS`).
+        #[inline(always)]
+        unsafe fn store_as<
+            const ACC: bool,
+            const C: bool,
+            const PAIRS: bool,
+            const AFFINE: bool,
+        >(
+            &self,
+            rows: usize,
+            fetch: impl Fn(usize) -> [__m512; 2],
+        ) {
+            let (masks, target) = (self.masks, self.target);
+            let c = self.store.c.map_or(std::ptr::null_mut(), |c| c.get());
+            let pairs = self.store.pairs.map_or(std::ptr::null_mut(), |p| p.get());
+            let per_row = self.ldc.div_ceil(2);
+            for r in 0..rows {
+                let mut out = fetch(r);
+                // A half with no lanes in the target goes through too:
+                // its masked loads and stores touch nothing (a test to
+                // skip it cost more than it saved).
+                for (h, v) in out.iter_mut().enumerate() {
+                    let at = (target.row + r) * self.ldc + target.col + 16 * h;
+                    // SAFETY: the masked lanes lie inside the target tile
+                    // of C (when `C`, `c` is C).
+                    unsafe {
+                        if ACC {
+                            *v = _mm512_add_ps(*v, _mm512_maskz_loadu_ps(masks[h], c.add(at)));
+                        }
+                        if AFFINE {
+                            let (a, b) = self.affine[h];
+                            *v = _mm512_max_ps(_mm512_fmadd_ps(*v, a, b), _mm512_setzero_ps());
+                        }
+                        if C {
+                            _mm512_mask_storeu_ps(c.add(at), masks[h], *v);
+                        }
+                    }
+                }
+                if PAIRS {
+                    // Columns 2j and 2j + 1 of the row: pair j of the next
+                    // layer's input. Lanes past N hold zeros, the pad.
+                    // SAFETY: the pair lanes lie inside this row's pairs
+                    // (`pairs` is the store's); the caller has the units
+                    // when it asks for pairs.
+                    unsafe {
+                        let p = pairs.add((target.row + r) * per_row + target.col / 2);
+                        store_pairs(out, p, self.pair_mask);
+                    }
                 }
             }
         }
