@@ -468,36 +468,18 @@ pub(crate) fn batch_norm_relu_backward_in_place(
 }
 
 /// `best[i] = max(best[i], v[i])`, where a NaN wins and then stays (NaN >
-/// b and b > NaN are both false). Compiled twice: the crate targets every
-/// x86-64 CPU, so its loops vectorise four lanes wide (SSE2); where the
-/// CPU has AVX-512 the same loop runs sixteen wide. Not on AVX2: there
-/// LLVM turns the select stored in place into masked stores, microcoded
-/// on AMD's Zen 3 (a third of SSE2's speed), and written out with
-/// intrinsics it either did the same or lost a NaN's exact bits.
-fn max_into(best: &mut [f32], v: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if crate::tile::isa() == Some(crate::tile::Isa::Avx512) {
-        // SAFETY: the CPU has AVX-512 (checked just above).
-        return unsafe { max_into_avx512(best, v) };
-    }
-    max_into_any(best, v);
-}
-
+/// b and b > NaN are both false). Compiled twice, inlined into
+/// [`Pooled::max_row`]'s two versions: the crate targets every x86-64
+/// CPU, so its loops vectorise four lanes wide (SSE2); where the CPU has
+/// AVX-512 the same loop runs sixteen wide. Not on AVX2: there LLVM turns
+/// the select stored in place into masked stores, microcoded on AMD's Zen
+/// 3 (a third of SSE2's speed), and written out with intrinsics it either
+/// did the same or lost a NaN's exact bits.
 #[inline(always)]
 fn max_into_any(best: &mut [f32], v: &[f32]) {
     for (b, &v) in best.iter_mut().zip(v) {
         *b = if (v > *b) | v.is_nan() { v } else { *b };
     }
-}
-
-/// [`max_into`] compiled for AVX-512.
-///
-/// # Safety
-/// The CPU has AVX-512.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn max_into_avx512(best: &mut [f32], v: &[f32]) {
-    max_into_any(best, v);
 }
 
 impl Geometry {
@@ -533,7 +515,9 @@ impl Geometry {
     /// Walked by window tap rather than by output pixel: for a stride of
     /// 1, one tap of every output pixel in the row is one contiguous run
     /// of the input line, so the max runs over long vectors instead of one
-    /// pixel's C channels at a time.
+    /// pixel's C channels at a time. Always inlined, into the callers
+    /// [`Pooled::max_row`] compiles for each vector width.
+    #[inline(always)]
     fn max_row<T: Pooled>(&self, image: &[T], oy: usize, row: &mut [T]) {
         let (k, s, p, c) = (
             self.window.kernel,
@@ -574,15 +558,40 @@ impl Geometry {
 trait Pooled: Copy + Send + Sync {
     /// What every value beats (the max of an empty window).
     const LOWEST: Self;
-    /// `best[i] = max(best[i], v[i])`.
+    /// `best[i] = max(best[i], v[i])`, as wide as the function it is
+    /// inlined into is compiled for.
     fn max_into(best: &mut [Self], v: &[Self]);
+    /// [`Geometry::max_row`] compiled for the widest vectors this CPU has
+    /// for these values: the CPU is asked once a row, not once a window
+    /// tap (with pools of stride 2, a call per tap of one pixel's C
+    /// values, the test and the call cost as much as the compares).
+    fn max_row(g: &Geometry, image: &[Self], oy: usize, row: &mut [Self]);
 }
 
 impl Pooled for f32 {
     const LOWEST: f32 = f32::NEG_INFINITY;
+    #[inline(always)]
     fn max_into(best: &mut [f32], v: &[f32]) {
-        max_into(best, v)
+        max_into_any(best, v)
     }
+    fn max_row(g: &Geometry, image: &[f32], oy: usize, row: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if crate::tile::isa() == Some(crate::tile::Isa::Avx512) {
+            // SAFETY: the CPU has AVX-512 (checked just above).
+            return unsafe { max_row_f32_avx512(g, image, oy, row) };
+        }
+        g.max_row(image, oy, row);
+    }
+}
+
+/// The f32 [`Pooled::max_row`] compiled for AVX-512 (see [`max_into_any`]).
+///
+/// # Safety
+/// The CPU has AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn max_row_f32_avx512(g: &Geometry, image: &[f32], oy: usize, row: &mut [f32]) {
+    g.max_row(image, oy, row);
 }
 
 /// One bf16 value's bits, compared as an i16: for the values a ReLU
@@ -594,31 +603,40 @@ impl Pooled for f32 {
 /// without.
 impl Pooled for i16 {
     const LOWEST: i16 = i16::MIN;
+    /// In runs of 32, one 512-bit vector: a pool's run is one pixel's C
+    /// values (64 or 128 for the shipped network), and the loop as LLVM
+    /// vectorises it unrolled does 128 at a time and the rest 8 at a time.
+    #[inline(always)]
     fn max_into(best: &mut [i16], v: &[i16]) {
+        let mut best = best.chunks_exact_mut(32);
+        let mut v = v.chunks_exact(32);
+        for (b, v) in (&mut best).zip(&mut v) {
+            for (b, &v) in b.iter_mut().zip(v) {
+                *b = (*b).max(v);
+            }
+        }
+        for (b, &v) in best.into_remainder().iter_mut().zip(v.remainder()) {
+            *b = (*b).max(v);
+        }
+    }
+    fn max_row(g: &Geometry, image: &[i16], oy: usize, row: &mut [i16]) {
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx512bw") {
             // SAFETY: the CPU has AVX-512BW (checked just above).
-            return unsafe { max_i16_avx512(best, v) };
+            return unsafe { max_row_i16_avx512(g, image, oy, row) };
         }
-        max_i16_any(best, v);
+        g.max_row(image, oy, row);
     }
 }
 
-#[inline(always)]
-fn max_i16_any(best: &mut [i16], v: &[i16]) {
-    for (b, &v) in best.iter_mut().zip(v) {
-        *b = (*b).max(v);
-    }
-}
-
-/// The `i16` [`Pooled::max_into`] compiled for AVX-512BW.
+/// The `i16` [`Pooled::max_row`] compiled for AVX-512BW.
 ///
 /// # Safety
 /// The CPU has AVX-512BW.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512bw")]
-unsafe fn max_i16_avx512(best: &mut [i16], v: &[i16]) {
-    max_i16_any(best, v);
+unsafe fn max_row_i16_avx512(g: &Geometry, image: &[i16], oy: usize, row: &mut [i16]) {
+    g.max_row(image, oy, row);
 }
 
 /// Max-pool in inference of maps in bf16 pairs (`src`: (N*H*W, C/2)
@@ -649,7 +667,7 @@ pub(crate) fn max_pool_pairs_into(g: &Geometry, src: &[u32], out: &mut [u32]) ->
         .with_min_len(min_rows)
         .for_each(|(task, row)| {
             let (n, oy) = (task / oh, task % oh);
-            g.max_row(&src[n * image_len..(n + 1) * image_len], oy, row);
+            i16::max_row(g, &src[n * image_len..(n + 1) * image_len], oy, row);
         });
     Ok(())
 }
@@ -684,7 +702,7 @@ pub(crate) fn max_pool_into(
                 }
             }
             None => {
-                g.max_row(image, oy, row);
+                f32::max_row(g, image, oy, row);
             }
         }
     };
