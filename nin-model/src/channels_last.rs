@@ -213,9 +213,15 @@ fn im2col_pixel<S, T: Copy + Default>(
     if xs.len() == k && ys.len() == k {
         // The whole window inside the maps (most pixels): each kernel
         // row is one run, with no padding to fill around it.
-        for (y, taps) in ys.clone().zip(row.chunks_mut(k * per_tap)) {
+        // (Indexed, not zipped with `chunks_mut`: the zip's length is a
+        // division a pixel, a seventh of the first layer's im2col.)
+        let run = k * per_tap;
+        for (ky, y) in ys.clone().enumerate() {
             let pixel = y * g.w + xs.start;
-            copy(&image[pixel * c..(pixel + k) * c], taps);
+            copy(
+                &image[pixel * c..(pixel + k) * c],
+                &mut row[ky * run..(ky + 1) * run],
+            );
         }
         return;
     }
