@@ -6,8 +6,8 @@
 //! out large blocks 16 bytes past a page, so with it a bf16 product ran
 //! 2.4 times slower than on the same operands 64 bytes aligned (the
 //! shipped network's 3 x 3 convolutions, 288 pairs of K: 1,794 against
-//! 749 ns per 32 x 32 block). jemalloc, which `nin-serve` links, happens
-//! to align large blocks to pages; `nin-train`, the tests and a program
+//! 749 ns per 32 x 32 block). jemalloc, which `nin-serve` and `nin-train`
+//! link, happens to align large blocks to pages; the tests and a program
 //! that uses this crate as a library get whatever their allocator gives,
 //! so the alignment is asked for here instead.
 

