@@ -45,14 +45,16 @@ impl<T: Pod> Aligned<T> {
     /// cuts to `len`.
     pub(crate) fn resize(&mut self, len: usize) {
         let old = self.len;
+        // Values the lines held before: past the old length, zeros or
+        // values a cut left behind. New lines come zeroed.
+        let held = self.lines.len() * LINE / size_of::<T>();
         let lines = (len * size_of::<T>()).div_ceil(LINE);
         if lines > self.lines.len() {
             self.lines.resize(lines, Line::zeroed());
         }
         self.len = len;
         if len > old {
-            // Past the old length lie zeros or values a cut left behind.
-            self[old..].fill(T::zeroed());
+            self[old..len.min(held)].fill(T::zeroed());
         }
     }
 }
