@@ -94,15 +94,26 @@ impl Compute {
 
     /// The same, computing in `precision`. bf16 needs the native kernels
     /// (refused otherwise) and falls back to FP32 with a warning on a CPU
-    /// without bf16 units ([`Precision::resolve`]).
+    /// without bf16 units, or with units slower than its FP32 ones
+    /// ([`Precision::resolve`]).
     pub fn with_precision(self, precision: Precision) -> crate::Result<Self> {
+        self.on_units(precision, Bf16Units::detect())
+    }
+
+    /// [`Compute::with_precision`], but bf16 runs on any bf16 unit the CPU
+    /// has, even one slower than FP32: for tests and benchmarks of the
+    /// bf16 kernels themselves.
+    pub fn with_precision_on_any_unit(self, precision: Precision) -> crate::Result<Self> {
+        self.on_units(precision, Bf16Units::present())
+    }
+
+    fn on_units(self, precision: Precision, units: Bf16Units) -> crate::Result<Self> {
         if precision == Precision::Bf16 && self.kernels != Kernels::Native {
             return Err(crate::Error::Device {
                 requested: format!("{precision} on the {} kernels", self.kernels),
                 reason: "bf16 runs on the native CPU kernels only; use fp32".into(),
             });
         }
-        let units = Bf16Units::detect();
         let (precision, warning) = precision.resolve(units);
         if let Some(warning) = warning {
             tracing::warn!("{warning}");
@@ -174,6 +185,15 @@ mod tests {
         let bf16 = Compute::cpu().with_precision(Precision::Bf16).unwrap();
         let expected = Precision::Bf16.resolve(Bf16Units::detect()).0;
         assert_eq!(bf16.precision, expected);
+        let any_unit = Compute::cpu()
+            .with_precision_on_any_unit(Precision::Bf16)
+            .unwrap();
+        let present = if crate::bf16::available() {
+            Precision::Bf16
+        } else {
+            Precision::Fp32
+        };
+        assert_eq!(any_unit.precision, present);
     }
 
     #[test]

@@ -139,8 +139,11 @@ impl Nin {
     /// or dtype are refused, as is bf16 on the generic set.
     pub fn set_compute(&mut self, compute: &Compute) -> crate::Result<()> {
         // Checked again: the fields are public, so `compute` may not have
-        // come from `with_precision`.
-        let compute = compute.clone().with_precision(compute.precision)?;
+        // come from `with_precision`. Whether bf16 pays on this CPU was
+        // settled there; here only that its units are present.
+        let compute = compute
+            .clone()
+            .with_precision_on_any_unit(compute.precision)?;
         self.set_kernels(compute.kernels)?;
         self.precision = compute.precision;
         Ok(())

@@ -28,26 +28,49 @@ pub enum Bf16Units {
     /// whose left operand lies in rows, AVX512-BF16 for the rest
     /// (training's weight gradients) and for the conversions.
     Amx,
-    /// AVX512-BF16 (`vdpbf16ps`) alone: AMD's Zen 4 and 5, Intel's
-    /// Cooper Lake.
+    /// AVX512-BF16 (`vdpbf16ps`) alone, faster than the FP32 FMAs
+    /// ([`crate::bf16::speed_against_fp32`]): AMD's Zen 4 and 5.
     Avx512Bf16,
+    /// AVX512-BF16 alone, but measured no faster than FP32 (an Intel Xeon
+    /// whose AMX a hypervisor hides): bf16 falls back to FP32, which is
+    /// then both faster and exact.
+    SlowAvx512Bf16,
     /// None: bf16 falls back to FP32.
     Missing,
 }
 
 impl Bf16Units {
     /// What this CPU has, detected at run time (AMX also needs the
-    /// operating system's leave, asked for here the first time).
+    /// operating system's leave, asked for here the first time; how fast
+    /// AVX512-BF16 is, measured here the first time).
     pub fn detect() -> Self {
         if crate::amx::available() {
             Self::Amx
-        } else if crate::bf16::available() {
-            Self::Avx512Bf16
         } else {
-            Self::Missing
+            match crate::bf16::speed_against_fp32() {
+                Some(speed) if speed >= BF16_PAYS_FROM => Self::Avx512Bf16,
+                Some(_) => Self::SlowAvx512Bf16,
+                None => Self::Missing,
+            }
+        }
+    }
+
+    /// The units bf16 runs on even where FP32 would be faster: to test
+    /// the bf16 kernels, or measure them, on every CPU that has them.
+    pub fn present() -> Self {
+        match Self::detect() {
+            Self::SlowAvx512Bf16 => Self::Avx512Bf16,
+            units => units,
         }
     }
 }
+
+/// How much faster than the FP32 FMAs (multiply-adds per second) AVX512-BF16
+/// must be for bf16 to run on it. Above 1, because bf16 also converts
+/// every layer's input to pairs: at 2x (Zen 5) bf16 served the compact
+/// network 1.76x faster than FP32 at batch 64, at 0.49x (Emerald Rapids
+/// without AMX) 0.86x as fast, and the shipped one 0.60x.
+const BF16_PAYS_FROM: f64 = 1.25;
 
 impl Precision {
     /// What `--precision` accepts.
@@ -63,6 +86,14 @@ impl Precision {
                 Self::Fp32,
                 Some(
                     "bf16 needs a CPU with AVX512-BF16, which this one lacks: computing in FP32"
+                        .to_string(),
+                ),
+            ),
+            (Self::Bf16, Bf16Units::SlowAvx512Bf16) => (
+                Self::Fp32,
+                Some(
+                    "this CPU's AVX512-BF16 computes fewer multiply-adds a second than its FP32 \
+                     FMAs (measured), and it has no AMX: computing in FP32, faster and exact here"
                         .to_string(),
                 ),
             ),
@@ -111,9 +142,11 @@ mod tests {
 
     #[test]
     fn bf16_falls_back_to_fp32_with_a_warning_where_units_are_missing() {
-        let (p, warning) = Precision::Bf16.resolve(Bf16Units::Missing);
-        assert_eq!(p, Precision::Fp32);
-        assert!(warning.unwrap().contains("FP32"));
+        for units in [Bf16Units::Missing, Bf16Units::SlowAvx512Bf16] {
+            let (p, warning) = Precision::Bf16.resolve(units);
+            assert_eq!(p, Precision::Fp32);
+            assert!(warning.unwrap().contains("FP32"));
+        }
         for units in [Bf16Units::Amx, Bf16Units::Avx512Bf16] {
             assert_eq!(Precision::Bf16.resolve(units), (Precision::Bf16, None));
         }
@@ -121,5 +154,23 @@ mod tests {
             Precision::Fp32.resolve(Bf16Units::Missing),
             (Precision::Fp32, None)
         );
+    }
+
+    #[test]
+    fn detection_measures_avx512_bf16_against_fp32() {
+        let Some(speed) = crate::bf16::speed_against_fp32() else {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            assert_eq!(Bf16Units::detect(), Bf16Units::Missing);
+            return;
+        };
+        assert!(speed.is_finite() && (0.1..10.0).contains(&speed), "{speed}");
+        eprintln!("AVX512-BF16 multiply-adds at {speed:.2}x the FP32 FMAs'");
+        match Bf16Units::detect() {
+            Bf16Units::Amx => {}
+            Bf16Units::Avx512Bf16 => assert!(speed >= BF16_PAYS_FROM, "{speed}"),
+            Bf16Units::SlowAvx512Bf16 => assert!(speed < BF16_PAYS_FROM, "{speed}"),
+            Bf16Units::Missing => panic!("AVX512-BF16 measured but not detected"),
+        }
+        assert_ne!(Bf16Units::present(), Bf16Units::SlowAvx512Bf16);
     }
 }

@@ -288,7 +288,9 @@ fn a_chained_pass_equals_the_pass_layer_by_layer_in_either_precision() {
             eprintln!("skipped bf16: this CPU has no AVX512-BF16");
             continue;
         }
-        let compute = nin_model::Compute::cpu().with_precision(precision).unwrap();
+        let compute = nin_model::Compute::cpu()
+            .with_precision_on_any_unit(precision)
+            .unwrap();
         model.set_compute(&compute).unwrap();
         for n in [1, 7] {
             let x = batch(n, config.input_size, 13, true);

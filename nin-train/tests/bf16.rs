@@ -33,7 +33,9 @@ fn shipped(precision: Precision) -> (Nin, VarMap, weights::WeightsMetadata) {
     for (name, var) in varmap.data().lock().unwrap().iter() {
         var.set(&tensors[name]).unwrap();
     }
-    let compute = Compute::cpu().with_precision(precision).unwrap();
+    let compute = Compute::cpu()
+        .with_precision_on_any_unit(precision)
+        .unwrap();
     model.set_compute(&compute).unwrap();
     assert_eq!(model.precision(), precision);
     (model, varmap, metadata)

@@ -68,7 +68,11 @@ fn in_bf16() -> Option<Compute> {
         eprintln!("skipped: this CPU has no AVX512-BF16");
         return None;
     }
-    Some(Compute::cpu().with_precision(Precision::Bf16).unwrap())
+    Some(
+        Compute::cpu()
+            .with_precision_on_any_unit(Precision::Bf16)
+            .unwrap(),
+    )
 }
 
 #[test]
