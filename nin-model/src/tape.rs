@@ -294,7 +294,10 @@ pub(crate) type Trace = Vec<(String, Tensor)>;
 /// and returns the (N, classes) logits; with `train`, batch norm uses and
 /// updates batch statistics, dropout draws masks, and the returned tape
 /// holds what [`Tape::backward`] needs. With `trace`, every layer's
-/// output is pushed there, the logits under `gap`'s name last.
+/// output is pushed there, the logits under `gap`'s name last. Inference
+/// keeps the pool's other workers awake meanwhile (see
+/// [`crate::threads::with_workers_awake`]); a training step forks over
+/// batches large enough not to need it.
 pub(crate) fn forward<'a>(
     steps: (Vec<Step<'a>>, &str),
     x: &Tensor,
@@ -304,6 +307,25 @@ pub(crate) fn forward<'a>(
     trace: Option<&mut Trace>,
 ) -> Result<(Tensor, Option<Tape>)> {
     on_worker(|| {
+        if train {
+            return forward_on_worker(steps, x, train, precision, pool, trace);
+        }
+        crate::threads::with_workers_awake(|| {
+            forward_on_worker(steps, x, train, precision, pool, trace)
+        })
+    })
+}
+
+/// [`forward`] on one of rayon's workers.
+fn forward_on_worker<'a>(
+    steps: (Vec<Step<'a>>, &str),
+    x: &Tensor,
+    train: bool,
+    precision: Precision,
+    pool: &Arc<Buffers>,
+    trace: Option<&mut Trace>,
+) -> Result<(Tensor, Option<Tape>)> {
+    {
         let (steps, gap) = (&steps.0[..], steps.1);
         let n = x.dim(0)?;
         // At least a pass per thread.
@@ -321,7 +343,7 @@ pub(crate) fn forward<'a>(
             })
             .collect::<Result<Vec<_>>>()?;
         Ok((Tensor::cat(&logits, 0)?, None))
-    })
+    }
 }
 
 /// Bytes of the widest layer's (f32) maps that an inference pass keeps
