@@ -1,5 +1,6 @@
 //! Which threads run a caller's passes: the caller's own, as one of a
-//! pool's workers.
+//! pool's workers ([`as_pool_worker`]), with the pool's other workers
+//! kept awake while inference passes run (`with_workers_awake`).
 //!
 //! A CPU pass forks onto rayon's workers several times a layer. Forked
 //! from a worker, a fork goes on that worker's own deque and an idle
