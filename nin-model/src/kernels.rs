@@ -116,7 +116,14 @@ impl Compute {
         }
         let (precision, warning) = precision.resolve(units);
         if let Some(warning) = warning {
-            tracing::warn!("{warning}");
+            // The measured ratio, where there is a unit to measure.
+            match crate::bf16::speed_against_fp32() {
+                Some(speed) => tracing::warn!(
+                    avx512_bf16_against_fp32 = %format!("{speed:.2}x"),
+                    "{warning}"
+                ),
+                None => tracing::warn!("{warning}"),
+            }
         } else if precision == Precision::Bf16 {
             tracing::info!(?units, "bf16 matrix multiplies");
         }
