@@ -97,23 +97,29 @@ impl Compute {
     /// without bf16 units, or with units slower than its FP32 ones
     /// ([`Precision::resolve`]).
     pub fn with_precision(self, precision: Precision) -> crate::Result<Self> {
-        self.on_units(precision, Bf16Units::detect())
+        self.on_units(precision, Bf16Units::detect)
     }
 
     /// [`Compute::with_precision`], but bf16 runs on any bf16 unit the CPU
     /// has, even one slower than FP32: for tests and benchmarks of the
     /// bf16 kernels themselves.
     pub fn with_precision_on_any_unit(self, precision: Precision) -> crate::Result<Self> {
-        self.on_units(precision, Bf16Units::present())
+        self.on_units(precision, Bf16Units::present)
     }
 
-    fn on_units(self, precision: Precision, units: Bf16Units) -> crate::Result<Self> {
-        if precision == Precision::Bf16 && self.kernels != Kernels::Native {
+    /// `precision` on the bf16 units `units` finds: looked for (AMX
+    /// permission asked, AVX512-BF16 measured) only when bf16 is asked for.
+    fn on_units(self, precision: Precision, units: fn() -> Bf16Units) -> crate::Result<Self> {
+        if precision == Precision::Fp32 {
+            return Ok(Self { precision, ..self });
+        }
+        if self.kernels != Kernels::Native {
             return Err(crate::Error::Device {
                 requested: format!("{precision} on the {} kernels", self.kernels),
                 reason: "bf16 runs on the native CPU kernels only; use fp32".into(),
             });
         }
+        let units = units();
         let (precision, warning) = precision.resolve(units);
         if let Some(warning) = warning {
             // The measured ratio, where there is a unit to measure.
