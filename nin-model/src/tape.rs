@@ -307,41 +307,31 @@ pub(crate) fn forward<'a>(
     trace: Option<&mut Trace>,
 ) -> Result<(Tensor, Option<Tape>)> {
     on_worker(|| {
+        let pass = || {
+            let (steps, gap) = (&steps.0[..], steps.1);
+            let n = x.dim(0)?;
+            // At least a pass per thread.
+            let chunk = inference_chunk(steps, x)?.min(n.div_ceil(rayon::current_num_threads()));
+            if train || trace.is_some() || n <= chunk {
+                return forward_here((steps, gap), x, train, precision, pool, trace);
+            }
+            let logits = (0..n)
+                .step_by(chunk)
+                .collect::<Vec<_>>()
+                .into_par_iter()
+                .map(|start| {
+                    let part = x.narrow(0, start, chunk.min(n - start))?;
+                    Ok(forward_here((steps, gap), &part, false, precision, pool, None)?.0)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok((Tensor::cat(&logits, 0)?, None))
+        };
         if train {
-            return forward_on_worker(steps, x, train, precision, pool, trace);
+            pass()
+        } else {
+            crate::threads::with_workers_awake(pass)
         }
-        crate::threads::with_workers_awake(|| {
-            forward_on_worker(steps, x, train, precision, pool, trace)
-        })
     })
-}
-
-/// [`forward`] on one of rayon's workers.
-fn forward_on_worker<'a>(
-    steps: (Vec<Step<'a>>, &str),
-    x: &Tensor,
-    train: bool,
-    precision: Precision,
-    pool: &Arc<Buffers>,
-    trace: Option<&mut Trace>,
-) -> Result<(Tensor, Option<Tape>)> {
-    let (steps, gap) = (&steps.0[..], steps.1);
-    let n = x.dim(0)?;
-    // At least a pass per thread.
-    let chunk = inference_chunk(steps, x)?.min(n.div_ceil(rayon::current_num_threads()));
-    if train || trace.is_some() || n <= chunk {
-        return forward_here((steps, gap), x, train, precision, pool, trace);
-    }
-    let logits = (0..n)
-        .step_by(chunk)
-        .collect::<Vec<_>>()
-        .into_par_iter()
-        .map(|start| {
-            let part = x.narrow(0, start, chunk.min(n - start))?;
-            Ok(forward_here((steps, gap), &part, false, precision, pool, None)?.0)
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok((Tensor::cat(&logits, 0)?, None))
 }
 
 /// Bytes of the widest layer's (f32) maps that an inference pass keeps
