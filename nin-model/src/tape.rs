@@ -39,7 +39,7 @@ use candle_core::{bail, Device, Result, Tensor, Var};
 use rayon::prelude::*;
 
 use crate::aligned::Aligned;
-use crate::bf16::{self, Bf16Rows, PackedB};
+use crate::bf16::{self, Bf16Rows, PackedB, Unit};
 use crate::block::{BiasOrNorm, ConvUnit, BN_EPS};
 use crate::channels_last::{self as cl, Geometry, NormStats};
 use crate::config::Window;
@@ -250,6 +250,8 @@ struct ConvRecord {
     /// Batch norm's input and statistics, and gamma.
     norm: Option<(Buf<f32>, NormStats, Vec<f32>)>,
     out: Arc<Buf<f32>>,
+    /// What the forward product computed in (see [`ConvRecord::backward`]).
+    precision: Precision,
 }
 
 enum Input {
@@ -1049,6 +1051,7 @@ fn conv_forward(
         weights,
         norm,
         out,
+        precision,
     });
     Ok((maps, record))
 }
@@ -1118,12 +1121,17 @@ impl Tape {
 
 impl ConvRecord {
     /// Parameter gradients from `grad` (of this unit's output); the input's
-    /// gradient when `input_grad`. In FP32 whatever the forward pass's
-    /// precision: in bf16 both operands of a backward product had to be
-    /// converted on every step (the weight gradient's along the batch), and
-    /// the conversions cost more than bf16 saved. One interleaved run,
-    /// bf16 training at batch 128, medians: shipped 650 -> 800 images/s,
-    /// compact 2,280 -> 3,180.
+    /// gradient when `input_grad`. The weight gradient is FP32 whatever
+    /// the forward pass's precision: in bf16 both its operands would be
+    /// converted on every step, the input along the batch (a transpose),
+    /// and the conversions cost what bf16 saves. The input's gradient
+    /// follows the pass on AVX512-BF16, where its left operand (`grad`)
+    /// converts row by row and the weights pack once a step; on AMX it
+    /// stays FP32. Measured, bf16 training at batch 128, interleaved,
+    /// medians (images/s): on Zen 4, the input's gradient in bf16 took
+    /// shipped 525 -> 609 and compact 2,264 -> 2,476, and then the
+    /// weight's too (another run) 578 -> 568 and 2,186 -> 2,306; on a Xeon with AMX (2af3bd1),
+    /// shipped 800 in FP32, 733 with the input's in bf16, 650 with both.
     fn backward(
         self,
         mut grad: Buf<f32>,
@@ -1165,7 +1173,12 @@ impl ConvRecord {
         }
         let mut grad_input = pool.take(m * row_len);
         let weights = Mat::new(&self.weights, row_len, c_out);
-        matmul(&mut grad_input, grad_mat, weights.t());
+        if self.precision == Precision::Bf16 && !Unit::Amx.present() {
+            let packed = PackedB::new(weights.t());
+            matmul_packed(&mut grad_input, grad_mat, &packed, pool);
+        } else {
+            matmul(&mut grad_input, grad_mat, weights.t());
+        }
         if let Input::Maps(_) = self.input {
             return Ok(Some(grad_input));
         }
