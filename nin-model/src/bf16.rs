@@ -620,7 +620,13 @@ pub(crate) mod tests {
 
     /// C = A x B in f64 from the bf16-rounded inputs, and a bound on the
     /// error FP32 accumulation may add: K * 2^-23 * sum |a| |b| per entry.
-    fn reference(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> (Vec<f64>, Vec<f64>) {
+    pub(crate) fn reference(
+        a: &[f32],
+        b: &[f32],
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> (Vec<f64>, Vec<f64>) {
         let r = |x: f32| f64::from(widen(round(x)));
         let mut c = vec![0f64; m * n];
         let mut bound = vec![0f64; m * n];

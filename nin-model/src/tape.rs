@@ -1121,17 +1121,18 @@ impl Tape {
 
 impl ConvRecord {
     /// Parameter gradients from `grad` (of this unit's output); the input's
-    /// gradient when `input_grad`. The weight gradient is FP32 whatever
-    /// the forward pass's precision: in bf16 both its operands would be
-    /// converted on every step, the input along the batch (a transpose),
-    /// and the conversions cost what bf16 saves. The input's gradient
-    /// follows the pass on AVX512-BF16, where its left operand (`grad`)
-    /// converts row by row and the weights pack once a step; on AMX it
-    /// stays FP32. Measured, bf16 training at batch 128, interleaved,
-    /// medians (images/s): on Zen 4, the input's gradient in bf16 took
-    /// shipped 525 -> 609 and compact 2,264 -> 2,476, and then the
-    /// weight's too (another run) 578 -> 568 and 2,186 -> 2,306; on a Xeon with AMX (2af3bd1),
-    /// shipped 800 in FP32, 733 with the input's in bf16, 650 with both.
+    /// gradient when `input_grad`. The backward products follow the
+    /// forward pass's precision where bf16 runs on AVX512-BF16 (it runs
+    /// there only where measured faster than FP32, see
+    /// [`crate::precision::Bf16Units`]), and are FP32 on AMX CPUs, whose
+    /// AVX512-BF16 measured slower than their FP32 (0.50x on Emerald
+    /// Rapids) and whose tiles would need the weight gradient's left
+    /// operand with contiguous pairs, a transpose: there bf16
+    /// training went from 650 to 800 images/s (shipped, batch 128) when
+    /// they moved to FP32 (2af3bd1). On Zen 4, bf16 training at batch
+    /// 128, interleaved, medians (images/s): the input's gradient in bf16
+    /// took shipped 525 -> 609 and compact 2,264 -> 2,476, then the
+    /// weight's (see [`matmul_tn`]) shipped 621 -> 672, compact level.
     fn backward(
         self,
         mut grad: Buf<f32>,
@@ -1161,8 +1162,12 @@ impl ConvRecord {
             }
             (BiasOrNorm::Norm(_), None) => bail!("batch norm recorded without statistics"),
         }
+        let precision = match self.precision {
+            Precision::Bf16 if !Unit::Amx.present() => Precision::Bf16,
+            _ => Precision::Fp32,
+        };
         let grad_mat = Mat::new(&grad, m, c_out);
-        let grad_weights = matmul_tn(Mat::new(&self.input, m, row_len), grad_mat, pool);
+        let grad_weights = matmul_tn(Mat::new(&self.input, m, row_len), grad_mat, precision, pool);
         accumulate(
             grads,
             &self.unit.weight,
@@ -1173,11 +1178,12 @@ impl ConvRecord {
         }
         let mut grad_input = pool.take(m * row_len);
         let weights = Mat::new(&self.weights, row_len, c_out);
-        if self.precision == Precision::Bf16 && !Unit::Amx.present() {
-            let packed = PackedB::new(weights.t());
-            matmul_packed(&mut grad_input, grad_mat, &packed, pool);
-        } else {
-            matmul(&mut grad_input, grad_mat, weights.t());
+        match precision {
+            Precision::Fp32 => matmul(&mut grad_input, grad_mat, weights.t()),
+            Precision::Bf16 => {
+                let packed = PackedB::new(weights.t());
+                matmul_packed(&mut grad_input, grad_mat, &packed, pool);
+            }
         }
         if let Input::Maps(_) = self.input {
             return Ok(Some(grad_input));
