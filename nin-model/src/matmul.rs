@@ -177,6 +177,9 @@ const ROWS_PER_STEP: usize = 256;
 /// rows at a time.
 fn partial_tn_bf16(dst: &mut [f32], a: Mat, b: Mat, pool: &Arc<Buffers>) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
+    if m == 0 {
+        dst.fill(0.0);
+    }
     for (i, start) in (0..m).step_by(ROWS_PER_STEP).enumerate() {
         let rows = start..(start + ROWS_PER_STEP).min(m);
         let (a, b) = (a.rows(rows.clone()), b.rows(rows.clone()));
@@ -216,9 +219,10 @@ mod tests {
     use crate::bf16::tests::{reference, values};
 
     /// The weight-gradient product in bf16 against the f64 reference of
-    /// the bf16-rounded operands: a few rows (one ragged step of
-    /// [`ROWS_PER_STEP`], odd, so the last pair is padded) and enough
-    /// rows for partial products, whose last chunk is ragged too.
+    /// the bf16-rounded operands, into a buffer left full of NaN: no rows
+    /// (zeros), a few rows (one ragged step of [`ROWS_PER_STEP`], odd, so
+    /// the last pair is padded) and enough rows for partial products,
+    /// whose last chunk is ragged too.
     #[test]
     fn matmul_tn_in_bf16_matches_the_reference() {
         if !bf16::available() {
@@ -227,10 +231,12 @@ mod tests {
         }
         let pool = Arc::new(Buffers::default());
         let partials = (2 * rayon::current_num_threads() + 1) * ROWS_PER_PARTIAL + 301;
-        for (m, k, n) in [(3, 5, 7), (513, 9, 64), (partials, 13, 37)] {
+        for (m, k, n) in [(0, 3, 4), (3, 5, 7), (513, 9, 64), (partials, 13, 37)] {
             let (a, b) = (values(m * k, 3), values(m * n, 4));
             let a_t: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
             let (want, bound) = reference(&a_t, &b, k, m, n);
+            // What an earlier user left in the buffer the result will take.
+            pool.take::<f32>(k * n).fill(f32::NAN);
             let got = matmul_tn(
                 Mat::new(&a, m, k),
                 Mat::new(&b, m, n),
