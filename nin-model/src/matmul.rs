@@ -176,7 +176,7 @@ const ROWS_PER_STEP: usize = 256;
 /// `dst` = `a^T x b` in bf16 for row-major `a` and `b`, [`ROWS_PER_STEP`]
 /// rows at a time.
 fn partial_tn_bf16(dst: &mut [f32], a: Mat, b: Mat, pool: &Arc<Buffers>) {
-    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let (m, k) = (a.rows, a.cols);
     if m == 0 {
         dst.fill(0.0);
     }
@@ -185,12 +185,15 @@ fn partial_tn_bf16(dst: &mut [f32], a: Mat, b: Mat, pool: &Arc<Buffers>) {
         let (a, b) = (a.rows(rows.clone()), b.rows(rows.clone()));
         let mut pairs = pool.take::<u32>(k * bf16::pairs(rows.len()));
         let a_t = Bf16Rows::convert(a.t(), &mut pairs);
-        let packed = PackedB::new_in(
-            b,
-            pool.take::<u32>(PackedB::<Buf<u32>>::len_for(rows.len(), n)),
-        );
-        bf16::matmul(dst, &a_t, &packed, i > 0);
+        bf16::matmul(dst, &a_t, &packed_in(b, pool), i > 0);
     }
+}
+
+/// `b` packed for the bf16 kernels in a buffer from `pool`: an operand
+/// packed on every training step, which a fresh allocation would fault in
+/// page by page each time.
+pub(crate) fn packed_in(b: Mat, pool: &Arc<Buffers>) -> PackedB<Buf<u32>> {
+    PackedB::new_in(b, pool.take(PackedB::<Buf<u32>>::len_for(b.rows, b.cols)))
 }
 
 /// `dst` (row-major) = `a` x `b` in FP32, overwriting `dst`.

@@ -44,7 +44,7 @@ use crate::block::{BiasOrNorm, ConvUnit, BN_EPS};
 use crate::channels_last::{self as cl, Geometry, NormStats};
 use crate::config::Window;
 use crate::dropout::Dropout;
-use crate::matmul::{matmul, matmul_packed, matmul_tn, Mat};
+use crate::matmul::{matmul, matmul_packed, matmul_tn, packed_in, Mat};
 use crate::precision::Precision;
 use crate::tile::{self, Epilogue, F32Rows, Isa, PackedF32, Threads};
 
@@ -1181,7 +1181,7 @@ impl ConvRecord {
         match precision {
             Precision::Fp32 => matmul(&mut grad_input, grad_mat, weights.t()),
             Precision::Bf16 => {
-                let packed = PackedB::new(weights.t());
+                let packed = packed_in(weights.t(), pool);
                 matmul_packed(&mut grad_input, grad_mat, &packed, pool);
             }
         }
