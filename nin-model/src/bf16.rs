@@ -19,7 +19,7 @@
 //!
 //! The products themselves run on [`crate::tile`]'s micro-kernel.
 
-use std::ops::{Deref, DerefMut};
+use std::ops::{Deref, DerefMut, Range};
 
 use rayon::prelude::*;
 
@@ -157,6 +157,7 @@ pub(crate) fn pairs(k: usize) -> usize {
 /// an odd K): the left operand of [`matmul`]. Pair q of row i is at
 /// `i * row_step + q * pair_step`: row by row for a row-major source, pair
 /// by pair for a transposed one, so that both convert in contiguous runs.
+#[derive(Clone, Copy)]
 pub(crate) struct Bf16Rows<'a> {
     pub(crate) data: &'a [u32],
     pub(crate) rows: usize,
@@ -232,6 +233,69 @@ impl<'a> Bf16Rows<'a> {
             row_step,
             pair_step,
         }
+    }
+
+    /// Rows `range` of row-by-row pairs.
+    pub(crate) fn rows(&self, range: Range<usize>) -> Bf16Rows<'a> {
+        assert_eq!(self.pair_step, 1, "row slices of rows stored row by row");
+        Self {
+            data: &self.data[range.start * self.row_step..range.end * self.row_step],
+            rows: range.len(),
+            ..*self
+        }
+    }
+
+    /// The transpose of `a`, row-by-row pairs of a (M, `k`) matrix, into
+    /// `out` (`k * pairs(M)` long): what [`Bf16Rows::convert`] makes of
+    /// the f32 matrix's transpose, built from values already rounded (half
+    /// the bytes to read, no conversion). Pairs along M interleave the
+    /// 16-bit halves of two rows' pairs along K.
+    pub(crate) fn transpose(a: &Bf16Rows, k: usize, out: &'a mut [u32]) -> Self {
+        assert!(
+            a.pair_step == 1 && a.pairs == pairs(k),
+            "row-by-row pairs of K"
+        );
+        let p = pairs(a.rows);
+        assert_eq!(out.len(), k * p, "bf16 rows size");
+        out.par_chunks_mut(k.max(1))
+            .enumerate()
+            .for_each(|(q, out)| {
+                let row = |i: usize| (i < a.rows).then(|| &a.data[i * a.row_step..][..a.pairs]);
+                halves_across(row(2 * q).expect("pair inside M"), row(2 * q + 1), out);
+            });
+        Self {
+            data: out,
+            rows: k,
+            pairs: p,
+            row_step: 1,
+            pair_step: k,
+        }
+    }
+}
+
+/// Pairs across two rows of pairs: `out[2j]` takes the low halves of
+/// `lo[j]` and `hi[j]` (`hi` zeros when `None`), `out[2j + 1]` their high
+/// halves, as many as `out` holds (one fewer than `2 * lo.len()` for an
+/// odd K, whose last pair pads a zero).
+fn halves_across(lo: &[u32], hi: Option<&[u32]>, out: &mut [u32]) {
+    assert!(lo.len() >= pairs(out.len()) && hi.is_none_or(|hi| hi.len() >= pairs(out.len())));
+    let across = |a: u32, b: u32| [(a & 0xffff) | (b << 16), (a >> 16) | (b & 0xffff_0000)];
+    let j = out.len() / 2;
+    let mut pairs = out.chunks_exact_mut(2);
+    match hi {
+        Some(hi) => {
+            for ((out, &a), &b) in (&mut pairs).zip(lo).zip(hi) {
+                out.copy_from_slice(&across(a, b));
+            }
+        }
+        None => {
+            for (out, &a) in (&mut pairs).zip(lo) {
+                out.copy_from_slice(&across(a, 0));
+            }
+        }
+    }
+    if let [last] = pairs.into_remainder() {
+        *last = across(lo[j], hi.map_or(0, |hi| hi[j]))[0];
     }
 }
 
@@ -336,6 +400,45 @@ impl<D: Deref<Target = [u32]>> PackedB<D> {
                                 0
                             };
                         }
+                    }
+                });
+        }
+        Self {
+            data,
+            k,
+            n,
+            pairs: p,
+        }
+    }
+
+    /// [`PackedB::new_in`] of a (K, `n`) matrix already in row-by-row
+    /// pairs along N (`b`): the pairs along K interleave the 16-bit halves
+    /// of two rows' pairs, as [`Bf16Rows::transpose`] does.
+    pub(crate) fn from_pairs_in(b: &Bf16Rows, n: usize, mut data: D) -> Self
+    where
+        D: DerefMut,
+    {
+        assert!(
+            b.pair_step == 1 && b.pairs == pairs(n),
+            "row-by-row pairs of N"
+        );
+        let (k, p) = (b.rows, pairs(b.rows));
+        assert_eq!(data.len(), Self::len_for(k, n), "packed size");
+        if p > 0 {
+            data.par_chunks_mut(p * NR)
+                .enumerate()
+                .for_each(|(panel, values)| {
+                    // NR is even: a panel starts on a pair.
+                    let cols = panel * NR..((panel + 1) * NR).min(n);
+                    let width = cols.len();
+                    for (q, out) in values.chunks_mut(NR).enumerate() {
+                        let row = |i: usize| {
+                            (i < k)
+                                .then(|| &b.data[i * b.row_step + cols.start / 2..][..pairs(width)])
+                        };
+                        let lo = row(2 * q).expect("pair inside K");
+                        halves_across(lo, row(2 * q + 1), &mut out[..width]);
+                        out[width..].fill(0);
                     }
                 });
         }
@@ -616,6 +719,37 @@ pub(crate) mod tests {
             }
         }
         assert_eq!(out[49] >> 16, 0, "the pad of an odd row");
+    }
+
+    /// Pairs across two rows of pairs hold the halves the definition
+    /// says, at every length around the vector runs (odd ones end on a
+    /// lone low half), with a second row and without; the tail of a
+    /// longer buffer stays untouched.
+    #[test]
+    fn halves_across_pairs_the_halves_of_two_rows() {
+        let row = |seed: u32| -> Vec<u32> {
+            (0..40u32)
+                .map(|i| (i + seed).wrapping_mul(0x9e37_79b9))
+                .collect()
+        };
+        let (lo, hi) = (row(1), row(2));
+        for len in 0..=70 {
+            for hi in [Some(&hi[..]), None] {
+                let mut out = vec![0x5555_5555; len + 1];
+                halves_across(&lo, hi, &mut out[..len]);
+                for (t, &got) in out[..len].iter().enumerate() {
+                    let half = |w: u32| if t % 2 == 0 { w & 0xffff } else { w >> 16 };
+                    let want = half(lo[t / 2]) | (half(hi.map_or(0, |hi| hi[t / 2])) << 16);
+                    assert_eq!(
+                        got,
+                        want,
+                        "length {len}, entry {t}, second row {}",
+                        hi.is_some()
+                    );
+                }
+                assert_eq!(out[len], 0x5555_5555, "length {len}: past the end");
+            }
+        }
     }
 
     /// C = A x B in f64 from the bf16-rounded inputs, and a bound on the

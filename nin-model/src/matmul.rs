@@ -1,8 +1,8 @@
 //! The native kernel set's matrix multiplies in training (inference runs
 //! on [`crate::tile`]): FP32 through the `gemm` crate (what candle uses),
-//! and the forward products of bf16 training, bf16 with FP32 accumulation,
-//! through [`crate::bf16`]. Backward products are FP32 in either precision
-//! (see `ConvRecord::backward` in `tape.rs`).
+//! and the products of bf16 training, bf16 with FP32 accumulation,
+//! through [`crate::bf16`] (backward products in bf16 only where
+//! `ConvRecord::backward` in `tape.rs` says).
 //!
 //! Operands are [`Mat`] views over slices, with transposes expressed as
 //! strides, never copied.
@@ -124,21 +124,47 @@ fn matmul_f32(dst: &mut [f32], a: Mat, b: Mat, accumulate: bool, parallelism: Pa
 /// Rows per partial product of [`matmul_tn`].
 const ROWS_PER_PARTIAL: usize = 4096;
 
-/// `a^T x b` for row-major `a` (M, K) and `b` (M, N) with M large and K, N
-/// small (weight gradients): gemm parallelises over the output, which is
-/// small here, so the rows are split into fixed chunks whose products are
-/// computed in parallel and added in order. In bf16 (FP32 accumulation)
-/// on AVX512-BF16 (AMX needs `a^T`'s pairs contiguous; it has them
-/// interleaved from two rows of `a`).
-pub(crate) fn matmul_tn(a: Mat, b: Mat, precision: Precision, pool: &Arc<Buffers>) -> Buf<f32> {
-    let (m, k, n) = (a.rows, a.cols, b.cols);
+/// An operand of [`matmul_tn`]: (M, K), row-major.
+#[derive(Clone, Copy)]
+pub(crate) enum Tall<'a> {
+    /// f32 values.
+    F32(Mat<'a>),
+    /// Row-by-row bf16 pairs of K values (what bf16 training's products
+    /// multiplied already): multiplied in bf16 only.
+    Pairs(Bf16Rows<'a>, usize),
+}
+
+impl<'a> Tall<'a> {
+    /// (M, K).
+    fn dims(&self) -> (usize, usize) {
+        match self {
+            Tall::F32(a) => (a.rows, a.cols),
+            Tall::Pairs(a, k) => (a.rows, *k),
+        }
+    }
+
+    fn rows(&self, range: Range<usize>) -> Self {
+        match *self {
+            Tall::F32(a) => Tall::F32(a.rows(range)),
+            Tall::Pairs(a, k) => Tall::Pairs(a.rows(range), k),
+        }
+    }
+}
+
+/// `a^T x b` for `a` (M, K) and `b` (M, N) with M large and K, N small
+/// (weight gradients), in `precision` (FP32 takes f32 operands only):
+/// gemm parallelises over the output, which is small here, so the rows
+/// are split into fixed chunks whose products are computed in parallel
+/// and added in order. In bf16 (FP32 accumulation) on AVX512-BF16 (AMX
+/// needs `a^T`'s pairs contiguous; it has them interleaved from two rows
+/// of `a`).
+pub(crate) fn matmul_tn(a: Tall, b: Tall, precision: Precision, pool: &Arc<Buffers>) -> Buf<f32> {
+    let ((m, k), (rows_b, n)) = (a.dims(), b.dims());
+    assert_eq!(rows_b, m, "rows of both operands");
     let mut out = pool.take(k * n);
     let chunks = m.div_ceil(ROWS_PER_PARTIAL);
     if chunks < 2 * rayon::current_num_threads() {
-        match precision {
-            Precision::Fp32 => matmul(&mut out, a.t(), b),
-            Precision::Bf16 => partial_tn_bf16(&mut out, a, b, pool),
-        }
+        partial_tn(&mut out, (a, b), precision, parallelism(), pool);
         return out;
     }
     let partials: Vec<Buf<f32>> = (0..chunks)
@@ -146,11 +172,8 @@ pub(crate) fn matmul_tn(a: Mat, b: Mat, precision: Precision, pool: &Arc<Buffers
         .map(|i| {
             let rows = i * ROWS_PER_PARTIAL..((i + 1) * ROWS_PER_PARTIAL).min(m);
             let mut part = pool.take(k * n);
-            let (a, b) = (a.rows(rows.clone()), b.rows(rows));
-            match precision {
-                Precision::Fp32 => matmul_f32(&mut part, a.t(), b, false, Parallelism::None),
-                Precision::Bf16 => partial_tn_bf16(&mut part, a, b, pool),
-            }
+            let operands = (a.rows(rows.clone()), b.rows(rows));
+            partial_tn(&mut part, operands, precision, Parallelism::None, pool);
             part
         })
         .collect();
@@ -163,6 +186,23 @@ pub(crate) fn matmul_tn(a: Mat, b: Mat, precision: Precision, pool: &Arc<Buffers
     out
 }
 
+/// `dst` = `a^T x b`, overwriting `dst`; gemm's FP32 with `parallelism`.
+fn partial_tn(
+    dst: &mut [f32],
+    (a, b): (Tall, Tall),
+    precision: Precision,
+    parallelism: Parallelism,
+    pool: &Arc<Buffers>,
+) {
+    match (precision, a, b) {
+        (Precision::Fp32, Tall::F32(a), Tall::F32(b)) => {
+            matmul_f32(dst, a.t(), b, false, parallelism)
+        }
+        (Precision::Fp32, _, _) => panic!("an FP32 product of bf16 pairs"),
+        (Precision::Bf16, ..) => partial_tn_bf16(dst, a, b, pool),
+    }
+}
+
 /// Rows of `a` and `b` that [`partial_tn_bf16`] converts at a time.
 /// Their pairs stay in cache until multiplied: converted all at once,
 /// `a`'s pairs (the input's im2col rows, tens of MB) went to memory and
@@ -173,19 +213,27 @@ pub(crate) fn matmul_tn(a: Mat, b: Mat, precision: Precision, pool: &Arc<Buffers
 /// rows measured level with 256.
 const ROWS_PER_STEP: usize = 256;
 
-/// `dst` = `a^T x b` in bf16 for row-major `a` and `b`, [`ROWS_PER_STEP`]
-/// rows at a time.
-fn partial_tn_bf16(dst: &mut [f32], a: Mat, b: Mat, pool: &Arc<Buffers>) {
-    let (m, k) = (a.rows, a.cols);
+/// `dst` = `a^T x b` in bf16, [`ROWS_PER_STEP`] rows at a time.
+fn partial_tn_bf16(dst: &mut [f32], a: Tall, b: Tall, pool: &Arc<Buffers>) {
+    let (m, k) = a.dims();
     if m == 0 {
         dst.fill(0.0);
     }
     for (i, start) in (0..m).step_by(ROWS_PER_STEP).enumerate() {
         let rows = start..(start + ROWS_PER_STEP).min(m);
-        let (a, b) = (a.rows(rows.clone()), b.rows(rows.clone()));
         let mut pairs = pool.take::<u32>(k * bf16::pairs(rows.len()));
-        let a_t = Bf16Rows::convert(a.t(), &mut pairs);
-        bf16::matmul(dst, &a_t, &packed_in(b, pool), i > 0);
+        let a_t = match a.rows(rows.clone()) {
+            Tall::F32(a) => Bf16Rows::convert(a.t(), &mut pairs),
+            Tall::Pairs(a, k) => Bf16Rows::transpose(&a, k, &mut pairs),
+        };
+        let b = match b.rows(rows) {
+            Tall::F32(b) => packed_in(b, pool),
+            Tall::Pairs(b, n) => {
+                let packed = pool.take(PackedB::<Buf<u32>>::len_for(b.rows, n));
+                PackedB::from_pairs_in(&b, n, packed)
+            }
+        };
+        bf16::matmul(dst, &a_t, &b, i > 0);
     }
 }
 
@@ -225,7 +273,9 @@ mod tests {
     /// the bf16-rounded operands, into a buffer left full of NaN: no rows
     /// (zeros), a few rows (one ragged step of [`ROWS_PER_STEP`], odd, so
     /// the last pair is padded) and enough rows for partial products,
-    /// whose last chunk is ragged too.
+    /// whose last chunk is ragged too. The left operand given as f32 and
+    /// and either operand or both as bf16 pairs (odd K or N: a padded last
+    /// pair) give the same bits.
     #[test]
     fn matmul_tn_in_bf16_matches_the_reference() {
         if !bf16::available() {
@@ -234,22 +284,43 @@ mod tests {
         }
         let pool = Arc::new(Buffers::default());
         let partials = (2 * rayon::current_num_threads() + 1) * ROWS_PER_PARTIAL + 301;
-        for (m, k, n) in [(0, 3, 4), (3, 5, 7), (513, 9, 64), (partials, 13, 37)] {
+        for (m, k, n) in [
+            (0, 3, 4),
+            (3, 5, 7),
+            (513, 9, 64),
+            (514, 8, 5),
+            (partials, 13, 37),
+        ] {
             let (a, b) = (values(m * k, 3), values(m * n, 4));
             let a_t: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
             let (want, bound) = reference(&a_t, &b, k, m, n);
             // What an earlier user left in the buffer the result will take.
             pool.take::<f32>(k * n).fill(f32::NAN);
-            let got = matmul_tn(
-                Mat::new(&a, m, k),
-                Mat::new(&b, m, n),
-                Precision::Bf16,
-                &pool,
-            );
+            let a_f32 = Mat::new(&a, m, k);
+            let b = Mat::new(&b, m, n);
+            let got = matmul_tn(Tall::F32(a_f32), Tall::F32(b), Precision::Bf16, &pool);
             for (i, ((&got, &want), &tol)) in got.iter().zip(&want).zip(&bound).enumerate() {
                 assert!(
                     (f64::from(got) - want).abs() <= tol,
                     "({m}, {k}, {n}) entry {i}: {got} vs {want} (tolerance {tol})"
+                );
+            }
+            let (mut a_pairs, mut b_pairs) =
+                (vec![0; m * bf16::pairs(k)], vec![0; m * bf16::pairs(n)]);
+            let a_pairs = Tall::Pairs(Bf16Rows::convert(a_f32, &mut a_pairs), k);
+            let b_pairs = Tall::Pairs(Bf16Rows::convert(b, &mut b_pairs), n);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            for (a, b, given) in [
+                (a_pairs, Tall::F32(b), "a"),
+                (Tall::F32(a_f32), b_pairs, "b"),
+                (a_pairs, b_pairs, "both"),
+            ] {
+                pool.take::<f32>(k * n).fill(f32::NAN);
+                let from_pairs = matmul_tn(a, b, Precision::Bf16, &pool);
+                assert_eq!(
+                    bits(&from_pairs),
+                    bits(&got),
+                    "({m}, {k}, {n}), {given} in pairs"
                 );
             }
         }

@@ -44,7 +44,7 @@ use crate::block::{BiasOrNorm, ConvUnit, BN_EPS};
 use crate::channels_last::{self as cl, Geometry, NormStats};
 use crate::config::Window;
 use crate::dropout::Dropout;
-use crate::matmul::{matmul, matmul_packed, matmul_tn, packed_in, Mat};
+use crate::matmul::{matmul, matmul_packed, matmul_tn, packed_in, Mat, Tall};
 use crate::precision::Precision;
 use crate::tile::{self, Epilogue, F32Rows, Isa, PackedF32, Threads};
 
@@ -250,21 +250,29 @@ struct ConvRecord {
     /// Batch norm's input and statistics, and gamma.
     norm: Option<(Buf<f32>, NormStats, Vec<f32>)>,
     out: Arc<Buf<f32>>,
-    /// What the forward product computed in (see [`ConvRecord::backward`]).
+    /// What the backward products compute in ([`backward_precision`]).
     precision: Precision,
 }
 
+/// What multiplied a layer's weight in a training step.
 enum Input {
+    /// The input maps themselves (a 1x1 convolution), shared with the
+    /// layer before.
     Maps(Arc<Buf<f32>>),
+    /// The input's im2col rows.
     Cols(Buf<f32>),
+    /// Either in row-by-row bf16 pairs, as the forward product multiplied
+    /// them: what the weight gradient's bf16 product transposes.
+    Pairs(Buf<u32>),
 }
 
-impl Deref for Input {
-    type Target = [f32];
-    fn deref(&self) -> &[f32] {
+impl Input {
+    /// The values as an (M, K) matrix.
+    fn tall(&self, (m, k): (usize, usize)) -> Tall<'_> {
         match self {
-            Input::Maps(maps) => maps,
-            Input::Cols(cols) => cols,
+            Input::Maps(values) => Tall::F32(Mat::new(values, m, k)),
+            Input::Cols(values) => Tall::F32(Mat::new(values, m, k)),
+            Input::Pairs(pairs) => Tall::Pairs(Bf16Rows::from_pairs(pairs, m, k), k),
         }
     }
 }
@@ -985,7 +993,19 @@ fn conv_forward(
         let maps = conv_forward_f32(unit, x, &geometry, (oh, ow), next, pool)?;
         return Ok((maps, None));
     }
-    let input = if k == 1 && unit.window.stride == 1 && unit.window.padding == 0 {
+    let pointwise = unit.window == Window::new(1, 1, 0);
+    let backward = backward_precision(precision);
+    // A bf16 step whose backward is bf16 too rounds the input once, into
+    // the pairs both products read (odd channels cannot be paired by tap).
+    let input = if backward == Precision::Bf16 && c_in % 2 == 0 {
+        let mut pairs = pool.take::<u32>(m * bf16::pairs(row_len));
+        if pointwise {
+            Bf16Rows::convert(Mat::new(&x.data, m, row_len), &mut pairs);
+        } else {
+            cl::im2col_pairs_into(&geometry, &x.data, &mut pairs)?;
+        }
+        Input::Pairs(pairs)
+    } else if pointwise {
         Input::Maps(x.data.clone())
     } else {
         let mut cols = pool.take(m * row_len);
@@ -994,15 +1014,15 @@ fn conv_forward(
     };
     let weights = weight_matrix_of(unit)?;
     let mut y = pool.take(m * c_out);
-    let (input_mat, weight_mat) = (
-        Mat::new(&input, m, row_len),
-        Mat::new(&weights, row_len, c_out),
-    );
-    match precision {
-        Precision::Fp32 => matmul(&mut y, input_mat, weight_mat),
-        Precision::Bf16 => {
+    let weight_mat = Mat::new(&weights, row_len, c_out);
+    match (input.tall((m, row_len)), precision) {
+        (Tall::F32(input_mat), Precision::Fp32) => matmul(&mut y, input_mat, weight_mat),
+        (Tall::F32(input_mat), Precision::Bf16) => {
             let packed = packed_weights_of(unit, weight_mat);
             matmul_packed(&mut y, input_mat, &packed, pool);
+        }
+        (Tall::Pairs(rows, _), _) => {
+            bf16::matmul(&mut y, &rows, &packed_weights_of(unit, weight_mat), false);
         }
     }
     let (out, norm) = match &unit.after {
@@ -1051,7 +1071,7 @@ fn conv_forward(
         weights,
         norm,
         out,
-        precision,
+        precision: backward,
     });
     Ok((maps, record))
 }
@@ -1119,20 +1139,28 @@ impl Tape {
     }
 }
 
+/// What the backward products of a layer whose forward product computed
+/// in `precision` compute in: the same where bf16 runs on AVX512-BF16 (it
+/// runs there only where measured faster than FP32, see
+/// [`crate::precision::Bf16Units`]), FP32 on AMX CPUs, whose AVX512-BF16
+/// measured slower than their FP32 (0.50x on Emerald Rapids) and whose
+/// tiles would need the weight gradient's left operand with contiguous
+/// pairs, a transpose: there bf16 training went from 650 to 800 images/s
+/// (shipped, batch 128) when they moved to FP32 (2af3bd1). On Zen 4, bf16
+/// training at batch 128, interleaved, medians (images/s): the input's
+/// gradient in bf16 took shipped 525 -> 609 and compact 2,264 -> 2,476,
+/// then the weight's (see [`matmul_tn`]) shipped 621 -> 672, compact level.
+fn backward_precision(precision: Precision) -> Precision {
+    match precision {
+        Precision::Bf16 if !Unit::Amx.present() => Precision::Bf16,
+        _ => Precision::Fp32,
+    }
+}
+
 impl ConvRecord {
     /// Parameter gradients from `grad` (of this unit's output); the input's
-    /// gradient when `input_grad`. The backward products follow the
-    /// forward pass's precision where bf16 runs on AVX512-BF16 (it runs
-    /// there only where measured faster than FP32, see
-    /// [`crate::precision::Bf16Units`]), and are FP32 on AMX CPUs, whose
-    /// AVX512-BF16 measured slower than their FP32 (0.50x on Emerald
-    /// Rapids) and whose tiles would need the weight gradient's left
-    /// operand with contiguous pairs, a transpose: there bf16
-    /// training went from 650 to 800 images/s (shipped, batch 128) when
-    /// they moved to FP32 (2af3bd1). On Zen 4, bf16 training at batch
-    /// 128, interleaved, medians (images/s): the input's gradient in bf16
-    /// took shipped 525 -> 609 and compact 2,264 -> 2,476, then the
-    /// weight's (see [`matmul_tn`]) shipped 621 -> 672, compact level.
+    /// gradient when `input_grad`. The products compute in
+    /// [`backward_precision`].
     fn backward(
         self,
         mut grad: Buf<f32>,
@@ -1162,12 +1190,18 @@ impl ConvRecord {
             }
             (BiasOrNorm::Norm(_), None) => bail!("batch norm recorded without statistics"),
         }
-        let precision = match self.precision {
-            Precision::Bf16 if !Unit::Amx.present() => Precision::Bf16,
-            _ => Precision::Fp32,
-        };
+        let input = self.input.tall((m, row_len));
         let grad_mat = Mat::new(&grad, m, c_out);
-        let grad_weights = matmul_tn(Mat::new(&self.input, m, row_len), grad_mat, precision, pool);
+        // In bf16, the output gradient is rounded once, for both products.
+        let mut grad_pairs = pool.take::<u32>(match self.precision {
+            Precision::Fp32 => 0,
+            Precision::Bf16 => m * bf16::pairs(c_out),
+        });
+        let grad_out = match self.precision {
+            Precision::Fp32 => Tall::F32(grad_mat),
+            Precision::Bf16 => Tall::Pairs(Bf16Rows::convert(grad_mat, &mut grad_pairs), c_out),
+        };
+        let grad_weights = matmul_tn(input, grad_out, self.precision, pool);
         accumulate(
             grads,
             &self.unit.weight,
@@ -1178,14 +1212,18 @@ impl ConvRecord {
         }
         let mut grad_input = pool.take(m * row_len);
         let weights = Mat::new(&self.weights, row_len, c_out);
-        match precision {
-            Precision::Fp32 => matmul(&mut grad_input, grad_mat, weights.t()),
-            Precision::Bf16 => {
-                let packed = packed_in(weights.t(), pool);
-                matmul_packed(&mut grad_input, grad_mat, &packed, pool);
+        match grad_out {
+            Tall::F32(grad_mat) => matmul(&mut grad_input, grad_mat, weights.t()),
+            Tall::Pairs(grad_rows, _) => {
+                bf16::matmul(
+                    &mut grad_input,
+                    &grad_rows,
+                    &packed_in(weights.t(), pool),
+                    false,
+                );
             }
         }
-        if let Input::Maps(_) = self.input {
+        if self.unit.window == Window::new(1, 1, 0) {
             return Ok(Some(grad_input));
         }
         let g = &self.geometry;
