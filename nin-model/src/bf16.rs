@@ -279,6 +279,11 @@ impl<'a> Bf16Rows<'a> {
 /// odd K, whose last pair pads a zero).
 fn halves_across(lo: &[u32], hi: Option<&[u32]>, out: &mut [u32]) {
     assert!(lo.len() >= pairs(out.len()) && hi.is_none_or(|hi| hi.len() >= pairs(out.len())));
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512bw") {
+        // SAFETY: AVX-512BW is present (checked above).
+        return unsafe { x86::halves_across(lo, hi, out) };
+    }
     let across = |a: u32, b: u32| [(a & 0xffff) | (b << 16), (a >> 16) | (b & 0xffff_0000)];
     let j = out.len() / 2;
     let mut pairs = out.chunks_exact_mut(2);
@@ -632,6 +637,51 @@ mod x86 {
                 let hi = _mm512_maskz_loadu_ps(lanes(left.saturating_sub(16)), p.wrapping_add(16));
                 let bf = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
                 _mm512_mask_storeu_epi32(pairs.as_mut_ptr().cast(), lanes(pairs.len()), bf);
+            }
+        }
+    }
+
+    /// [`super::halves_across`], 16 pairs of each row (32 of `out`) at a
+    /// time, the last run masked: one word permute per 16 of `out`.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn halves_across(lo: &[u32], hi: Option<&[u32]>, out: &mut [u32]) {
+        debug_assert!(lo.len() >= out.len().div_ceil(2));
+        // Word t of an output vector: word t/2 of `lo` (t even) or of `hi`
+        // (t odd, indices from 32), from the first 16 or last 16 words.
+        let words = |first: u16| {
+            let mut idx = [0u16; 32];
+            for (t, i) in idx.iter_mut().enumerate() {
+                *i = first + (t / 2) as u16 + 32 * (t % 2) as u16;
+            }
+            // SAFETY: 32 u16 are 64 bytes; an unaligned load.
+            unsafe { _mm512_loadu_si512(idx.as_ptr().cast()) }
+        };
+        let (front, back) = (words(0), words(16));
+        for (j, out) in (0..out.len().div_ceil(2))
+            .step_by(16)
+            .zip(out.chunks_mut(32))
+        {
+            let mask = lanes(out.len().div_ceil(2));
+            // SAFETY: masked lanes stay inside the rows and `out`.
+            unsafe {
+                let l = _mm512_maskz_loadu_epi32(mask, lo.as_ptr().add(j).cast());
+                let h = hi.map_or(_mm512_setzero_si512(), |hi| {
+                    _mm512_maskz_loadu_epi32(mask, hi.as_ptr().add(j).cast())
+                });
+                let p = out.as_mut_ptr();
+                _mm512_mask_storeu_epi32(
+                    p.cast(),
+                    lanes(out.len()),
+                    _mm512_permutex2var_epi16(l, front, h),
+                );
+                if out.len() > 16 {
+                    let rest = lanes(out.len() - 16);
+                    _mm512_mask_storeu_epi32(
+                        p.add(16).cast(),
+                        rest,
+                        _mm512_permutex2var_epi16(l, back, h),
+                    );
+                }
             }
         }
     }
