@@ -373,40 +373,20 @@ impl<D: Deref<Target = [u32]>> PackedB<D> {
                 0.0
             }
         };
-        if p > 0 && b.col_stride == 1 {
+        if b.col_stride == 1 {
             // Row-major: each pair of rows interleaves over the panel.
-            data.par_chunks_mut(p * NR)
-                .enumerate()
-                .for_each(|(panel, values)| {
-                    let cols = panel * NR..((panel + 1) * NR).min(n);
-                    let width = cols.len();
-                    for (q, out) in values.chunks_mut(NR).enumerate() {
-                        let row = |kk: usize| {
-                            (kk < k).then(|| {
-                                let start = kk * b.row_stride + cols.start;
-                                &b.data[start..start + width]
-                            })
-                        };
-                        let lo = row(2 * q).expect("pair inside K");
-                        interleave(lo, row(2 * q + 1), &mut out[..width]);
-                        out[width..].fill(0);
-                    }
-                });
-        } else if p > 0 {
-            data.par_chunks_mut(p * NR)
-                .enumerate()
-                .for_each(|(panel, values)| {
-                    for (q, row) in values.chunks_mut(NR).enumerate() {
-                        for (jj, v) in row.iter_mut().enumerate() {
-                            let j = panel * NR + jj;
-                            *v = if j < n {
-                                pair(at(2 * q, j), at(2 * q + 1, j))
-                            } else {
-                                0
-                            };
-                        }
-                    }
-                });
+            fill_panels(&mut data, k, n, |q, cols, out| {
+                let row = |kk: usize| {
+                    (kk < k).then(|| &b.data[kk * b.row_stride + cols.start..][..cols.len()])
+                };
+                interleave(row(2 * q).expect("pair inside K"), row(2 * q + 1), out);
+            });
+        } else {
+            fill_panels(&mut data, k, n, |q, cols, out| {
+                for (j, v) in cols.zip(out.iter_mut()) {
+                    *v = pair(at(2 * q, j), at(2 * q + 1, j));
+                }
+            });
         }
         Self {
             data,
@@ -429,24 +409,13 @@ impl<D: Deref<Target = [u32]>> PackedB<D> {
         );
         let (k, p) = (b.rows, pairs(b.rows));
         assert_eq!(data.len(), Self::len_for(k, n), "packed size");
-        if p > 0 {
-            data.par_chunks_mut(p * NR)
-                .enumerate()
-                .for_each(|(panel, values)| {
-                    // NR is even: a panel starts on a pair.
-                    let cols = panel * NR..((panel + 1) * NR).min(n);
-                    let width = cols.len();
-                    for (q, out) in values.chunks_mut(NR).enumerate() {
-                        let row = |i: usize| {
-                            (i < k)
-                                .then(|| &b.data[i * b.row_step + cols.start / 2..][..pairs(width)])
-                        };
-                        let lo = row(2 * q).expect("pair inside K");
-                        halves_across(lo, row(2 * q + 1), &mut out[..width]);
-                        out[width..].fill(0);
-                    }
-                });
-        }
+        // NR is even: a panel starts on a pair.
+        fill_panels(&mut data, k, n, |q, cols, out| {
+            let row = |i: usize| {
+                (i < k).then(|| &b.data[i * b.row_step + cols.start / 2..][..pairs(cols.len())])
+            };
+            halves_across(row(2 * q).expect("pair inside K"), row(2 * q + 1), out);
+        });
         Self {
             data,
             k,
@@ -459,6 +428,31 @@ impl<D: Deref<Target = [u32]>> PackedB<D> {
     pub(crate) fn dims(&self) -> (usize, usize) {
         (self.k, self.n)
     }
+}
+
+/// Fills the panels of a packed (`k`, `n`) matrix in `data`, in
+/// parallel: `fill(q, cols, out)` writes pair `q` of rows over the
+/// columns `cols` of N into `out`, and the columns past N are zeroed.
+fn fill_panels(
+    data: &mut [u32],
+    k: usize,
+    n: usize,
+    fill: impl Fn(usize, Range<usize>, &mut [u32]) + Sync,
+) {
+    let p = pairs(k);
+    if p == 0 {
+        return;
+    }
+    data.par_chunks_mut(p * NR)
+        .enumerate()
+        .for_each(|(panel, values)| {
+            let cols = panel * NR..((panel + 1) * NR).min(n);
+            for (q, out) in values.chunks_mut(NR).enumerate() {
+                let (out, past) = out.split_at_mut(cols.len());
+                fill(q, cols.clone(), out);
+                past.fill(0);
+            }
+        });
 }
 
 /// `dst` (row-major (M, N)) = `a` x `b`, or `dst += a x b` when
