@@ -2,7 +2,7 @@
 //! on [`crate::tile`]): FP32 through the `gemm` crate (what candle uses),
 //! and the products of bf16 training, bf16 with FP32 accumulation,
 //! through [`crate::bf16`] (backward products in bf16 only where
-//! `ConvRecord::backward` in `tape.rs` says).
+//! `backward_precision` in `tape.rs` says).
 //!
 //! Operands are [`Mat`] views over slices, with transposes expressed as
 //! strides, never copied.
@@ -143,6 +143,7 @@ impl<'a> Tall<'a> {
         }
     }
 
+    /// Rows `range`.
     fn rows(&self, range: Range<usize>) -> Self {
         match *self {
             Tall::F32(a) => Tall::F32(a.rows(range)),
