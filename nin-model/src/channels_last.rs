@@ -42,6 +42,18 @@ impl Geometry {
         crate::pool::output_dims(self.window, self.h, self.w)
     }
 
+    /// These maps once [`pad_into`] framed them: the padding is in the
+    /// maps, none left in the window, and the same output.
+    pub fn framed(&self) -> Self {
+        let p = self.window.padding;
+        Self {
+            window: Window::new(self.window.kernel, self.window.stride, 0),
+            h: self.h + 2 * p,
+            w: self.w + 2 * p,
+            ..*self
+        }
+    }
+
     /// Input pixel (y, x) under kernel tap (ky, kx) of output (oy, ox), if inside.
     #[inline]
     fn source(&self, oy: usize, ox: usize, ky: usize, kx: usize) -> Option<(usize, usize)> {
@@ -135,6 +147,38 @@ pub(crate) fn im2col_rows_of_pairs_into(
         bail!("im2col of pairs: {} channels is odd", g.c)
     }
     im2col_rows_with(g, (src, g.c / 2), first, out, g.c / 2, copy_run)
+}
+
+/// The maps of `g` framed by `g.window.padding` zeros, and the
+/// geometry of the framed maps (the same window, with no padding left):
+/// what [`crate::tile::ConvRows`] reads a convolution's windows from.
+/// `out` holds N*(H+2p)*(W+2p)*C values, all written. One copy of the
+/// maps, where im2col writes each value up to k x k times.
+pub(crate) fn pad_into(g: &Geometry, src: &[f32], out: &mut [f32]) -> Result<Geometry> {
+    let framed = g.framed();
+    let (p, c) = (g.window.padding, g.c);
+    let (map, framed_map) = (g.h * g.w * c, framed.h * framed.w * c);
+    if src.len() != g.n * map || out.len() != g.n * framed_map {
+        bail!("padding of {g:?}: buffer sizes do not match")
+    }
+    if g.n == 0 {
+        return Ok(framed);
+    }
+    let row = framed.w * c;
+    out.par_chunks_mut(framed_map)
+        .zip(src.par_chunks(map))
+        .for_each(|(out, src)| {
+            let (top, rest) = out.split_at_mut(p * row);
+            top.fill(0.0);
+            let (middle, bottom) = rest.split_at_mut(g.h * row);
+            bottom.fill(0.0);
+            for (out, src) in middle.chunks_mut(row).zip(src.chunks(g.w * c)) {
+                out[..p * c].fill(0.0);
+                out[p * c..(p + g.w) * c].copy_from_slice(src);
+                out[(p + g.w) * c..].fill(0.0);
+            }
+        });
+    Ok(framed)
 }
 
 /// `dst.copy_from_slice(src)`, without a call for the few values of a

@@ -46,7 +46,7 @@ use crate::config::Window;
 use crate::dropout::Dropout;
 use crate::matmul::{matmul, matmul_packed, matmul_tn, packed_in, Mat, Tall};
 use crate::precision::Precision;
-use crate::tile::{self, Epilogue, F32Rows, Isa, PackedF32, Threads};
+use crate::tile::{self, ConvRows, Epilogue, F32Rows, Isa, Left, PackedF32, Threads};
 
 /// Free buffers kept for the next step: the pool a model's passes draw from.
 #[derive(Debug, Default)]
@@ -637,15 +637,25 @@ fn conv_forward_f32(
     let packed = packed_f32_of(unit, Mat::new(&weights, row_len, c_out), isa);
     let (scale, shift) = affine(unit)?;
     let pointwise = unit.window == Window::new(1, 1, 0);
-    let mut cols = pool.take(if pointwise { 0 } else { m * row_len });
-    if !pointwise {
+    let windows = !pointwise && ConvRows::pay(c_in);
+    let mut cols = pool.take(if pointwise || windows { 0 } else { m * row_len });
+    if !pointwise && !windows {
         cl::im2col_into(geometry, &x.data, &mut cols)?;
     }
-    let rows = F32Rows {
-        data: if pointwise { &x.data } else { &cols },
-        rows: m,
-        k: row_len,
-        row_step: row_len,
+    let framed = if windows {
+        Some(framed_maps(x, geometry, pool)?)
+    } else {
+        None
+    };
+    let rows = if let Some((maps, framed)) = &framed {
+        Left::Conv(conv_rows(maps.as_deref().unwrap_or(&x.data), framed, 0, m)?)
+    } else {
+        Left::Rows(F32Rows {
+            data: if pointwise { &x.data } else { &cols },
+            rows: m,
+            k: row_len,
+            row_step: row_len,
+        })
     };
     let epilogue = Epilogue {
         scale: scale.as_deref(),
@@ -659,6 +669,37 @@ fn conv_forward_f32(
         pool,
         |dst, pairs| tile::matmul_relu_f32(dst, &rows, &packed, epilogue, pairs, Threads::Pool),
     ))
+}
+
+/// Output pixels `first..first + rows` of the convolution `framed` over
+/// the framed maps `src`, read in place (see [`ConvRows`]).
+fn conv_rows<'a>(
+    src: &'a [f32],
+    framed: &Geometry,
+    first: usize,
+    rows: usize,
+) -> Result<ConvRows<'a>> {
+    match ConvRows::new(src, *framed, first, rows) {
+        Some(rows) => Ok(rows),
+        None => bail!("windows {first}..{} do not fit {framed:?}", first + rows),
+    }
+}
+
+/// `x` framed by `geometry`'s padding (see [`cl::pad_into`]), or `None`
+/// where there is none (the maps are read as they are), and the framed
+/// maps' geometry.
+fn framed_maps(
+    x: &Maps,
+    geometry: &Geometry,
+    pool: &Arc<Buffers>,
+) -> Result<(Option<Buf<f32>>, Geometry)> {
+    let framed = geometry.framed();
+    if geometry.window.padding == 0 {
+        return Ok((None, framed));
+    }
+    let mut maps = pool.take(framed.n * framed.h * framed.w * framed.c);
+    cl::pad_into(geometry, &x.data, &mut maps)?;
+    Ok((Some(maps), framed))
 }
 
 /// The convolutions of `steps` that run as one chain, from the first
@@ -753,6 +794,14 @@ fn conv_chain(
     let mut out = pool.take(if pairs_out { 0 } else { m * channels });
     let mut out_pairs = pool.take(if pairs_out { m * pairs_per_row } else { 0 });
     let x_pairs = x.only_pairs();
+    // An FP32 chain's maps framed by its padding, to read its windows
+    // from (see `ConvRows`).
+    let framed = match (&links[0].packed, pointwise, x_pairs) {
+        (Packed::F32(_), false, None) if ConvRows::pay(c_in) => {
+            Some(framed_maps(x, &geometry, pool)?)
+        }
+        _ => None,
+    };
     // Strips of at most CHAIN_ROWS, as many for every thread, but none
     // so small that handing it to another thread costs more than it
     // saves (the compact network's head at batch 1: 4 pixels).
@@ -786,24 +835,30 @@ fn conv_chain(
                 }
                 (Packed::F32(_), true, None) => {
                     let data = &x.data[first_row * c_in..(first_row + rows) * c_in];
-                    LinkInput::F32(F32Rows {
+                    LinkInput::F32(Left::Rows(F32Rows {
                         data,
                         rows,
                         k: c_in,
                         row_step: c_in,
-                    })
+                    }))
                 }
-                (Packed::F32(_), false, None) => {
-                    let mut taken = pool.take(rows * row_len);
-                    cl::im2col_rows_into(&geometry, &x.data, first_row, &mut taken)?;
-                    cols = taken;
-                    LinkInput::F32(F32Rows {
-                        data: &cols,
-                        rows,
-                        k: row_len,
-                        row_step: row_len,
-                    })
-                }
+                (Packed::F32(_), false, None) => match &framed {
+                    Some((maps, framed)) => {
+                        let maps = maps.as_deref().unwrap_or(&x.data);
+                        LinkInput::F32(Left::Conv(conv_rows(maps, framed, first_row, rows)?))
+                    }
+                    None => {
+                        let mut taken = pool.take(rows * row_len);
+                        cl::im2col_rows_into(&geometry, &x.data, first_row, &mut taken)?;
+                        cols = taken;
+                        LinkInput::F32(Left::Rows(F32Rows {
+                            data: &cols,
+                            rows,
+                            k: row_len,
+                            row_step: row_len,
+                        }))
+                    }
+                },
                 (Packed::Bf16(_), true, None) => {
                     let mut taken = pool.take(rows * bf16::pairs(c_in));
                     let data = &x.data[first_row * c_in..(first_row + rows) * c_in];
@@ -837,12 +892,12 @@ fn conv_chain(
                     let mut y = pool.take(rows * c_out);
                     link.run(&input, Some(&mut y), None)?;
                     between = y;
-                    input = LinkInput::F32(F32Rows {
+                    input = LinkInput::F32(Left::Rows(F32Rows {
                         data: &between,
                         rows,
                         k: c_out,
                         row_step: c_out,
-                    });
+                    }));
                 }
             }
             Ok(())
@@ -899,7 +954,7 @@ enum Packed {
 
 /// A strip's rows as a layer of a chain reads them.
 enum LinkInput<'a> {
-    F32(F32Rows<'a>),
+    F32(Left<'a>),
     Pairs(Bf16Rows<'a>),
 }
 

@@ -12,7 +12,8 @@
 //! weight; the left one (activations) is read where it lies, a row per
 //! tile row:
 //!
-//! - FP32: [`F32Rows`] and [`PackedF32`], one FMA per value of K;
+//! - FP32: [`F32Rows`] (or a convolution's windows, [`ConvRows`]) and
+//!   [`PackedF32`], one FMA per value of K;
 //! - bf16: [`crate::bf16`]'s pairs, one `vdpbf16ps` per pair of K.
 //!
 //! FP32 here replaces `gemm` for inference only: `gemm` packs both
@@ -23,6 +24,7 @@ use rayon::prelude::*;
 
 use crate::aligned::Aligned;
 use crate::bf16::{Bf16Rows, Unit};
+use crate::channels_last::Geometry;
 use crate::matmul::Mat;
 
 /// Rows of C one micro-kernel call computes at most (a product's rows are
@@ -87,6 +89,181 @@ impl F32Rows<'_> {
     #[inline(always)]
     fn tile_rows<const R: usize>(&self, target: Tile) -> [*const f32; R] {
         std::array::from_fn(|r| self.data[(target.row + r) * self.row_step..].as_ptr())
+    }
+}
+
+/// The left operand of a k x k convolution read where its input maps
+/// lie, instead of copied out first by im2col: row i is output pixel
+/// `first + i`'s window, K ordered (ky, kx, c) as
+/// [`crate::channels_last::im2col_into`] writes it. The maps come
+/// padded ([`crate::channels_last::pad_into`]), so that the k taps of a
+/// kernel row are k neighbouring pixels, one stretch of k x C values,
+/// with no test for the border in the kernel. The im2col copy this saves
+/// (nine times the maps, written then read again) was 8% of the shipped
+/// network's FP32 pass.
+#[derive(Clone, Copy)]
+pub(crate) struct ConvRows<'a> {
+    /// The input maps, (N*H*W, C) channels-last, padding included.
+    src: &'a [f32],
+    geometry: Geometry,
+    /// Output columns: rows run over output pixels in (n, y, x) order.
+    ow: usize,
+    /// Output pixels a map.
+    per_map: usize,
+    first: usize,
+    rows: usize,
+}
+
+impl<'a> ConvRows<'a> {
+    /// Whether a convolution of `c` input channels is better read in
+    /// place than copied out: a kernel row is a stretch of k x C values,
+    /// so a few channels (the first layer's one) would make stretches
+    /// too short for the kernel's loop.
+    pub(crate) fn pay(c: usize) -> bool {
+        c >= 16
+    }
+
+    /// Output pixels `first..first + rows` of the convolution `geometry`
+    /// over `src`, maps whose padding is already in them (the window's
+    /// is 0), or `None` when the sizes do not match.
+    pub(crate) fn new(
+        src: &'a [f32],
+        geometry: Geometry,
+        first: usize,
+        rows: usize,
+    ) -> Option<Self> {
+        let g = geometry;
+        let (oh, ow) = g.out_dims().ok()?;
+        (g.window.padding == 0
+            && src.len() == g.n * g.h * g.w * g.c
+            && first + rows <= g.n * oh * ow)
+            .then_some(Self {
+                src,
+                geometry,
+                ow,
+                per_map: oh * ow,
+                first,
+                rows,
+            })
+    }
+
+    /// Where each of the `R` windows of `target` starts, in pixels of
+    /// `src`: its top-left tap.
+    #[inline(always)]
+    fn windows<const R: usize>(&self, target: Tile) -> [usize; R] {
+        let (g, stride) = (&self.geometry, self.geometry.window.stride);
+        std::array::from_fn(|r| {
+            let pixel = self.first + target.row + r;
+            let (map, at) = (pixel / self.per_map, pixel % self.per_map);
+            let (oy, ox) = (at / self.ow, at % self.ow);
+            (map * g.h + oy * stride) * g.w + ox * stride
+        })
+    }
+
+    /// Where kernel row `ky` of each window lies.
+    #[inline(always)]
+    fn kernel_rows<const R: usize>(&self, windows: &[usize; R], ky: usize) -> [*const f32; R] {
+        let g = &self.geometry;
+        // SAFETY: `new` checked that every window of rows first..first +
+        // rows lies inside `src`: kernel row ky of a window starts
+        // inside it, and its k x C values too.
+        std::array::from_fn(|r| unsafe { self.src.as_ptr().add((windows[r] + ky * g.w) * g.c) })
+    }
+}
+
+/// The FP32 kernel's left operand: rows that lie in memory, or a
+/// convolution's windows over its input maps.
+#[derive(Clone, Copy)]
+pub(crate) enum Left<'a> {
+    Rows(F32Rows<'a>),
+    Conv(ConvRows<'a>),
+}
+
+impl<'a> Left<'a> {
+    /// Rows of the product (M).
+    pub(crate) fn rows(&self) -> usize {
+        match self {
+            Left::Rows(a) => a.rows,
+            Left::Conv(a) => a.rows,
+        }
+    }
+
+    /// Values a row (K).
+    pub(crate) fn k(&self) -> usize {
+        match self {
+            Left::Rows(a) => a.k,
+            Left::Conv(a) => {
+                let g = &a.geometry;
+                g.window.kernel * g.window.kernel * g.c
+            }
+        }
+    }
+
+    /// Whether every row it claims lies inside its data (a [`ConvRows`]
+    /// was checked when made).
+    fn fits(&self) -> bool {
+        match self {
+            Left::Rows(a) => a.rows == 0 || (a.rows - 1) * a.row_step + a.k <= a.data.len(),
+            Left::Conv(_) => true,
+        }
+    }
+
+    /// The stretches of K that the rows of `target` hold side by side,
+    /// as (where each row's lies, K index of its first value, length):
+    /// rows in memory are one stretch of all of K, a convolution's
+    /// windows one per kernel row, of k x C values each.
+    #[inline(always)]
+    fn stretches<const R: usize>(&self, target: Tile) -> Stretches<'a, R> {
+        match *self {
+            Left::Rows(a) => Stretches {
+                conv: None,
+                windows: [0; R],
+                first: Some(a.tile_rows(target)),
+                ky: 0,
+                len: a.k,
+            },
+            Left::Conv(a) => Stretches {
+                conv: Some(a),
+                windows: a.windows(target),
+                first: None,
+                ky: 0,
+                len: a.geometry.window.kernel * a.geometry.c,
+            },
+        }
+    }
+}
+
+/// What [`Left::stretches`] walks.
+struct Stretches<'a, const R: usize> {
+    conv: Option<ConvRows<'a>>,
+    windows: [usize; R],
+    /// Rows in memory: their one stretch, until taken.
+    first: Option<[*const f32; R]>,
+    /// A convolution's next kernel row.
+    ky: usize,
+    len: usize,
+}
+
+impl<const R: usize> Iterator for Stretches<'_, R> {
+    type Item = ([*const f32; R], usize, usize);
+
+    #[inline(always)]
+    fn next(&mut self) -> Option<Self::Item> {
+        let Some(conv) = &self.conv else {
+            return self.first.take().map(|rows| (rows, 0, self.len));
+        };
+        let ky = self.ky;
+        if ky == conv.geometry.window.kernel {
+            return None;
+        }
+        self.ky += 1;
+        Some((conv.kernel_rows(&self.windows, ky), ky * self.len, self.len))
+    }
+}
+
+impl<'a> From<F32Rows<'a>> for Left<'a> {
+    fn from(rows: F32Rows<'a>) -> Self {
+        Left::Rows(rows)
     }
 }
 
@@ -187,7 +364,7 @@ pub fn available() -> bool {
 /// can also (or only) write the result as bf16 pairs for the next layer.
 pub(crate) fn matmul_relu_f32(
     dst: Option<&mut [f32]>,
-    a: &F32Rows,
+    a: &Left,
     b: &PackedF32,
     epilogue: Epilogue,
     pairs_out: Option<&mut [u32]>,
@@ -211,7 +388,7 @@ pub(crate) enum Threads {
 /// are present, and every buffer has the size the product writes.
 fn f32_store<'a>(
     dst: Option<&mut [f32]>,
-    a: &F32Rows,
+    a: &Left,
     b: &PackedF32,
     epilogue: Epilogue<'a>,
     pairs_out: Option<&mut [u32]>,
@@ -221,18 +398,18 @@ fn f32_store<'a>(
         isa.present(),
         "FP32 tile kernel for {isa:?} on a CPU without it"
     );
-    assert_eq!(a.k, b.k, "inner dimensions");
+    assert_eq!(a.k(), b.k, "inner dimensions");
     if let Some(dst) = &dst {
-        assert_eq!(dst.len(), a.rows * b.n, "output size");
+        assert_eq!(dst.len(), a.rows() * b.n, "output size");
     }
     if let Some(p) = &pairs_out {
         assert!(
             crate::bf16::available() && isa == Isa::Avx512,
             "bf16 pairs without AVX512-BF16"
         );
-        assert_eq!(p.len(), a.rows * crate::bf16::pairs(b.n), "pairs size");
+        assert_eq!(p.len(), a.rows() * crate::bf16::pairs(b.n), "pairs size");
     }
-    assert!(a.rows == 0 || (a.rows - 1) * a.row_step + a.k <= a.data.len());
+    assert!(a.fits(), "left rows past their data");
     assert!(epilogue.shift.len() == b.n && epilogue.scale.is_none_or(|s| s.len() == b.n));
     Store {
         c: dst.map(|d| Out(d.as_mut_ptr())),
@@ -247,7 +424,7 @@ fn f32_store<'a>(
 #[derive(Clone, Copy)]
 pub(crate) enum Operands<'a> {
     Bf16(&'a Bf16Rows<'a>, &'a [u32], usize, Unit),
-    F32(&'a F32Rows<'a>, &'a [f32], usize, Isa),
+    F32(&'a Left<'a>, &'a [f32], usize, Isa),
 }
 
 /// Calls `x86::$kernel::<R>` for R = `$rows`, one of `[$n ...]`: the
@@ -322,7 +499,7 @@ unsafe fn run_tile(ops: Operands, n: usize, store: Store, target: Tile) {
 pub(crate) fn drive(ops: Operands, n: usize, store: Store, threads: Threads) -> bool {
     let (m, depth) = match ops {
         Operands::Bf16(a, _, pairs, _) => (a.rows, pairs),
-        Operands::F32(a, _, k, _) => (a.rows, k),
+        Operands::F32(a, _, k, _) => (a.rows(), k),
     };
     if m == 0 || n == 0 {
         return true;
@@ -390,7 +567,7 @@ pub(crate) struct Tile {
 pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{F32Rows, Store, Tile, MR_AVX2, NR, NR_AVX2};
+    use super::{Left, Store, Tile, MR_AVX2, NR, NR_AVX2};
     use crate::bf16::Bf16Rows;
 
     /// One R x NR tile of C = A x B over all of K (R = `target.rows`, at
@@ -446,7 +623,7 @@ pub(crate) mod x86 {
     /// AVX-512 present; `a` holds rows `target.row..target.row + R`; `b` one panel of `a.k * NR`; `store` as for [`tile`].
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn tile_f32<const R: usize>(
-        a: &F32Rows,
+        a: &Left,
         b: &[f32],
         ldc: usize,
         target: Tile,
@@ -465,7 +642,7 @@ pub(crate) mod x86 {
     /// As for [`tile_f32`], and AVX512-BF16 present.
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub(super) unsafe fn tile_f32_to_pairs<const R: usize>(
-        a: &F32Rows,
+        a: &Left,
         b: &[f32],
         ldc: usize,
         target: Tile,
@@ -475,22 +652,23 @@ pub(crate) mod x86 {
         unsafe { tile_f32_body::<R>(a, b, ldc, target, store) }
     }
 
-    /// The body of [`tile_f32`], inlined into each of its compilations.
+    /// `acc[r] += rows[r][kk] * b[kk]` over `len` values of K: the FP32
+    /// kernel's inner loop, one broadcast of A per row and two vectors of
+    /// B per value.
+    ///
+    /// # Safety
+    /// AVX-512 present; each of `rows` holds `len` values, `b` `len`
+    /// rows of [`NR`].
     #[inline(always)]
-    unsafe fn tile_f32_body<const R: usize>(
-        a: &F32Rows,
-        b: &[f32],
-        ldc: usize,
-        target: Tile,
-        store: Store,
+    unsafe fn fma_run<const R: usize>(
+        acc: &mut [[__m512; 2]; R],
+        rows: [*const f32; R],
+        b: *const f32,
+        len: usize,
     ) {
-        debug_assert!(target.rows == R && target.row + R <= a.rows);
-        debug_assert_eq!(b.len(), a.k * NR);
-        let rows: [*const f32; R] = a.tile_rows(target);
-        let mut acc = [[_mm512_setzero_ps(); 2]; R];
-        let mut bp = b.as_ptr();
-        for kk in 0..a.k {
-            // SAFETY: kk < K, so bp and rows[r] + kk are inside b and a.
+        let mut bp = b;
+        for kk in 0..len {
+            // SAFETY: kk < len, so bp and rows[r] + kk are inside b and a.
             unsafe {
                 let b0 = _mm512_loadu_ps(bp);
                 let b1 = _mm512_loadu_ps(bp.add(16));
@@ -501,6 +679,53 @@ pub(crate) mod x86 {
                 }
                 bp = bp.add(NR);
             }
+        }
+    }
+
+    /// [`fma_run`] on AVX2: two vectors of 8 lanes a row.
+    ///
+    /// # Safety
+    /// AVX2 and FMA present; as for [`fma_run`], `b` in rows of
+    /// [`NR_AVX2`].
+    #[inline(always)]
+    unsafe fn fma_run_avx2<const R: usize>(
+        acc: &mut [[__m256; 2]; R],
+        rows: [*const f32; R],
+        b: *const f32,
+        len: usize,
+    ) {
+        let mut bp = b;
+        for kk in 0..len {
+            // SAFETY: kk < len, so bp and rows[r] + kk are inside b and a.
+            unsafe {
+                let b0 = _mm256_loadu_ps(bp);
+                let b1 = _mm256_loadu_ps(bp.add(8));
+                for r in 0..R {
+                    let av = _mm256_broadcast_ss(&*rows[r].add(kk));
+                    acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
+                    acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+                }
+                bp = bp.add(NR_AVX2);
+            }
+        }
+    }
+
+    /// The body of [`tile_f32`], inlined into each of its compilations.
+    #[inline(always)]
+    unsafe fn tile_f32_body<const R: usize>(
+        a: &Left,
+        b: &[f32],
+        ldc: usize,
+        target: Tile,
+        store: Store,
+    ) {
+        debug_assert!(target.rows == R && target.row + R <= a.rows());
+        debug_assert_eq!(b.len(), a.k() * NR);
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        for (rows, at, len) in a.stretches::<R>(target) {
+            // SAFETY: `rows[r]` holds `len` values (the caller's), and
+            // the panel K rows from `at` on.
+            unsafe { fma_run(&mut acc, rows, b.as_ptr().add(at * NR), len) }
         }
         // SAFETY: as this function's.
         unsafe { store_tile(&acc, ldc, target, store) }
@@ -516,30 +741,19 @@ pub(crate) mod x86 {
     /// NR_AVX2`; `store` as for [`tile`], without pairs.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn tile_f32_avx2<const R: usize>(
-        a: &F32Rows,
+        a: &Left,
         b: &[f32],
         ldc: usize,
         target: Tile,
         store: Store,
     ) {
-        debug_assert!(target.rows == R && R <= MR_AVX2 && target.row + R <= a.rows);
-        debug_assert_eq!(b.len(), a.k * NR_AVX2);
+        debug_assert!(target.rows == R && R <= MR_AVX2 && target.row + R <= a.rows());
+        debug_assert_eq!(b.len(), a.k() * NR_AVX2);
         debug_assert!(store.pairs.is_none(), "bf16 pairs from the AVX2 kernel");
-        let rows: [*const f32; R] = a.tile_rows(target);
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
-        let mut bp = b.as_ptr();
-        for kk in 0..a.k {
-            // SAFETY: kk < K, so bp and rows[r] + kk are inside b and a.
-            unsafe {
-                let b0 = _mm256_loadu_ps(bp);
-                let b1 = _mm256_loadu_ps(bp.add(8));
-                for r in 0..R {
-                    let av = _mm256_broadcast_ss(&*rows[r].add(kk));
-                    acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
-                    acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
-                }
-                bp = bp.add(NR_AVX2);
-            }
+        for (rows, at, len) in a.stretches::<R>(target) {
+            // SAFETY: as in `tile_f32_body`.
+            unsafe { fma_run_avx2(&mut acc, rows, b.as_ptr().add(at * NR_AVX2), len) }
         }
         // SAFETY: as this function's.
         unsafe { store_tile_avx2(&acc, ldc, target, store) }
@@ -883,12 +1097,12 @@ mod tests {
         ] {
             let a = values(m * row_step.max(1), 1);
             let (b, scale, shift) = (values(k * n, 2), values(n, 3), values(n, 4));
-            let rows = F32Rows {
+            let rows = Left::Rows(F32Rows {
                 data: &a,
                 rows: m,
                 k,
                 row_step,
-            };
+            });
             let packed = PackedF32::new(Mat::new(&b, k, n), isa);
             let epilogue = Epilogue {
                 scale: scaled.then_some(&scale[..]),
@@ -955,6 +1169,89 @@ mod tests {
                         "{isa:?} ({m}, {k}, {n}) [{i}, {j}]: {got} vs {want}"
                     );
                 }
+            }
+        }
+    }
+
+    /// A convolution read in place from its framed maps gives what im2col
+    /// then the product give, bit for bit (the same sums in the same
+    /// order), for strips of output pixels, with padding, strides and
+    /// ragged tiles.
+    #[test]
+    fn windows_read_in_place_match_im2col() {
+        for isa in [Isa::Avx512, Isa::Avx2] {
+            if !isa.present() {
+                eprintln!("skipped: this CPU has no {isa:?}");
+                continue;
+            }
+            for (n, h, w, c, kernel, stride, padding, c_out) in [
+                (2, 7, 7, 16, 3, 1, 1, 10),
+                (1, 6, 5, 24, 3, 2, 0, 40),
+                (3, 4, 4, 16, 5, 1, 2, 33),
+                (1, 9, 9, 32, 3, 1, 1, 64),
+            ] {
+                let g = Geometry {
+                    window: crate::config::Window::new(kernel, stride, padding),
+                    n,
+                    h,
+                    w,
+                    c,
+                };
+                let (oh, ow) = g.out_dims().unwrap();
+                let (m, k) = (n * oh * ow, kernel * kernel * c);
+                let src = values(n * h * w * c, 5);
+                let mut cols = vec![f32::NAN; m * k];
+                crate::channels_last::im2col_into(&g, &src, &mut cols).unwrap();
+                let b = values(k * c_out, 6);
+                let packed = PackedF32::new(Mat::new(&b, k, c_out), isa);
+                let shift = values(c_out, 7);
+                let epilogue = Epilogue {
+                    scale: None,
+                    shift: &shift,
+                };
+                let framed = g.framed();
+                let mut maps = vec![f32::NAN; n * framed.h * framed.w * c];
+                crate::channels_last::pad_into(&g, &src, &mut maps).unwrap();
+                for (first, rows) in [(0, m), (1, m - 1), (m / 3, m / 2)] {
+                    let copied = Left::Rows(F32Rows {
+                        data: &cols[first * k..],
+                        rows,
+                        k,
+                        row_step: k,
+                    });
+                    let mut want = vec![f32::NAN; rows * c_out];
+                    matmul_relu_f32(
+                        Some(&mut want),
+                        &copied,
+                        &packed,
+                        epilogue,
+                        None,
+                        Threads::Here,
+                    );
+                    let in_place = Left::Conv(ConvRows::new(&maps, framed, first, rows).unwrap());
+                    for threads in [Threads::Here, Threads::Pool] {
+                        let mut got = vec![f32::NAN; rows * c_out];
+                        matmul_relu_f32(
+                            Some(&mut got),
+                            &in_place,
+                            &packed,
+                            epilogue,
+                            None,
+                            threads,
+                        );
+                        assert_eq!(
+                            got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                            want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                            "{isa:?} {g:?} rows {first}..{}",
+                            first + rows
+                        );
+                    }
+                }
+                // Windows past the output, maps of another size, or a
+                // window with padding left, are refused.
+                assert!(ConvRows::new(&maps, framed, 1, m).is_none());
+                assert!(ConvRows::new(&maps[1..], framed, 0, m).is_none());
+                assert_eq!(ConvRows::new(&src, g, 0, m).is_none(), padding > 0);
             }
         }
     }
