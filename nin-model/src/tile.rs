@@ -37,6 +37,13 @@ const NR_AVX2: usize = 16;
 /// Columns of C one micro-kernel call computes (two vectors of 16 lanes);
 /// the AVX2 FP32 kernel's are [`Isa::panel`].
 pub(crate) const NR: usize = 32;
+/// Columns of C the narrow AVX-512 FP32 kernel computes ([`MR`] rows of
+/// one vector): for products of at most 16 columns (a network's head,
+/// 10 classes), where the 32-column kernel spends two thirds of its
+/// multiply-adds on padding. (Not more rows: 12 or 16 row pointers do
+/// not fit the general registers, and their spills made it slower than
+/// the wide kernel.)
+const NR_NARROW: usize = 16;
 
 /// A pointer the tasks of one product share; each writes its own tiles.
 #[derive(Clone, Copy)]
@@ -268,20 +275,27 @@ impl<'a> From<F32Rows<'a>> for Left<'a> {
 }
 
 /// A (K, N) f32 matrix packed for [`matmul_relu_f32`] on one kernel:
-/// panels of that kernel's columns ([`Isa::panel`]), each K rows of that
-/// many values; columns past N are zeros.
+/// panels of that kernel's columns (`nr`), each K rows of that many
+/// values; columns past N are zeros.
 #[derive(Debug)]
 pub(crate) struct PackedF32 {
     data: Aligned<f32>,
     k: usize,
     n: usize,
     isa: Isa,
+    /// Columns a panel: [`Isa::panel`], or [`NR_NARROW`] for a narrow
+    /// product on AVX-512.
+    nr: usize,
 }
 
 impl PackedF32 {
-    /// Packs `b` (any strides) for the kernel of `isa`.
+    /// Packs `b` (any strides) for the kernel of `isa` that suits its
+    /// width.
     pub(crate) fn new(b: Mat, isa: Isa) -> Self {
-        let (k, n, nr) = (b.rows, b.cols, isa.panel());
+        let narrow = isa == Isa::Avx512 && b.cols <= NR_NARROW;
+        let nr = if narrow { NR_NARROW } else { isa.panel() };
+        let k = b.rows;
+        let n = b.cols;
         let mut data = Aligned::zeroed(n.div_ceil(nr) * k * nr);
         if k > 0 {
             for (panel, values) in data.chunks_mut(k * nr).enumerate() {
@@ -295,7 +309,13 @@ impl PackedF32 {
                 }
             }
         }
-        Self { data, k, n, isa }
+        Self {
+            data,
+            k,
+            n,
+            isa,
+            nr,
+        }
     }
 }
 
@@ -371,7 +391,7 @@ pub(crate) fn matmul_relu_f32(
     threads: Threads,
 ) {
     let store = f32_store(dst, a, b, epilogue, pairs_out);
-    drive(Operands::F32(a, &b.data, b.k, b.isa), b.n, store, threads);
+    drive(Operands::F32(a, b), b.n, store, threads);
 }
 
 /// Which threads compute a product's tiles.
@@ -424,7 +444,7 @@ fn f32_store<'a>(
 #[derive(Clone, Copy)]
 pub(crate) enum Operands<'a> {
     Bf16(&'a Bf16Rows<'a>, &'a [u32], usize, Unit),
-    F32(&'a Left<'a>, &'a [f32], usize, Isa),
+    F32(&'a Left<'a>, &'a PackedF32),
 }
 
 /// Calls `x86::$kernel::<R>` for R = `$rows`, one of `[$n ...]`: the
@@ -475,16 +495,20 @@ unsafe fn run_tile(ops: Operands, n: usize, store: Store, target: Tile) {
                         [1 2 3 4 5 6 7 8], (a, b_panel, n, target, store)),
                 }
             }
-            Operands::F32(a, b, k, isa) => {
-                let nr = isa.panel();
+            Operands::F32(a, b) => {
+                let (k, nr) = (b.k, b.nr);
                 let panel = target.col / nr;
-                let b_panel = &b[panel * k * nr..(panel + 1) * k * nr];
-                match isa {
-                    Isa::Avx512 if store.pairs.is_some() => with_rows!(target.rows,
-                        tile_f32_to_pairs, [1 2 3 4 5 6 7 8], (a, b_panel, n, target, store)),
-                    Isa::Avx512 => with_rows!(target.rows, tile_f32,
+                let b_panel = &b.data[panel * k * nr..(panel + 1) * k * nr];
+                match (b.isa, nr == NR_NARROW) {
+                    (Isa::Avx512, true) if store.pairs.is_some() => with_rows!(target.rows,
+                        tile_f32_narrow_to_pairs, [1 2 3 4 5 6 7 8], (a, b_panel, n, target, store)),
+                    (Isa::Avx512, true) => with_rows!(target.rows, tile_f32_narrow,
                         [1 2 3 4 5 6 7 8], (a, b_panel, n, target, store)),
-                    Isa::Avx2 => with_rows!(target.rows, tile_f32_avx2,
+                    (Isa::Avx512, false) if store.pairs.is_some() => with_rows!(target.rows,
+                        tile_f32_to_pairs, [1 2 3 4 5 6 7 8], (a, b_panel, n, target, store)),
+                    (Isa::Avx512, false) => with_rows!(target.rows, tile_f32,
+                        [1 2 3 4 5 6 7 8], (a, b_panel, n, target, store)),
+                    (Isa::Avx2, _) => with_rows!(target.rows, tile_f32_avx2,
                         [1 2 3 4 5 6], (a, b_panel, n, target, store)),
                 }
             }
@@ -499,7 +523,7 @@ unsafe fn run_tile(ops: Operands, n: usize, store: Store, target: Tile) {
 pub(crate) fn drive(ops: Operands, n: usize, store: Store, threads: Threads) -> bool {
     let (m, depth) = match ops {
         Operands::Bf16(a, _, pairs, _) => (a.rows, pairs),
-        Operands::F32(a, _, k, _) => (a.rows(), k),
+        Operands::F32(a, b) => (a.rows(), b.k),
     };
     if m == 0 || n == 0 {
         return true;
@@ -512,7 +536,7 @@ pub(crate) fn drive(ops: Operands, n: usize, store: Store, threads: Threads) -> 
     let (mr, nr) = match ops {
         Operands::Bf16(.., Unit::Amx) => (crate::amx::ROWS, NR),
         Operands::Bf16(.., Unit::Avx512Bf16) => (MR, NR),
-        Operands::F32(.., isa) => (isa.rows(), isa.panel()),
+        Operands::F32(_, b) => (b.isa.rows(), b.nr),
     };
     let (tiles, panels) = (m.div_ceil(mr), n.div_ceil(nr));
     if threads == Threads::Here {
@@ -567,7 +591,7 @@ pub(crate) struct Tile {
 pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Left, Store, Tile, MR_AVX2, NR, NR_AVX2};
+    use super::{Left, Store, Tile, MR_AVX2, NR, NR_AVX2, NR_NARROW};
     use crate::bf16::Bf16Rows;
 
     /// One R x NR tile of C = A x B over all of K (R = `target.rows`, at
@@ -708,6 +732,77 @@ pub(crate) mod x86 {
                 bp = bp.add(NR_AVX2);
             }
         }
+    }
+
+    /// One R x [`NR_NARROW`] tile of C = A x B in FP32 over all of K (R
+    /// at most [`super::MR`]), stored as [`tile`] stores it: one vector a
+    /// row, for products of at most 16 columns.
+    ///
+    /// # Safety
+    /// AVX-512 present; `a` holds rows `target.row..target.row + R`; `b`
+    /// one panel of `a.k * NR_NARROW`; `store` as for [`tile`].
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tile_f32_narrow<const R: usize>(
+        a: &Left,
+        b: &[f32],
+        ldc: usize,
+        target: Tile,
+        store: Store,
+    ) {
+        // SAFETY: the caller's.
+        unsafe { tile_f32_narrow_body::<R>(a, b, ldc, target, store) }
+    }
+
+    /// [`tile_f32_narrow`] compiled with AVX512-BF16 too, as
+    /// [`tile_f32_to_pairs`] is.
+    ///
+    /// # Safety
+    /// As for [`tile_f32_narrow`], and AVX512-BF16 present.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn tile_f32_narrow_to_pairs<const R: usize>(
+        a: &Left,
+        b: &[f32],
+        ldc: usize,
+        target: Tile,
+        store: Store,
+    ) {
+        // SAFETY: the caller's.
+        unsafe { tile_f32_narrow_body::<R>(a, b, ldc, target, store) }
+    }
+
+    /// The body of [`tile_f32_narrow`], inlined into each of its
+    /// compilations.
+    #[inline(always)]
+    unsafe fn tile_f32_narrow_body<const R: usize>(
+        a: &Left,
+        b: &[f32],
+        ldc: usize,
+        target: Tile,
+        store: Store,
+    ) {
+        debug_assert!(target.rows == R && target.row + R <= a.rows());
+        debug_assert!(target.cols <= NR_NARROW && b.len() == a.k() * NR_NARROW);
+        let mut acc = [_mm512_setzero_ps(); R];
+        for (rows, at, len) in a.stretches::<R>(target) {
+            let mut bp = b[at * NR_NARROW..].as_ptr();
+            for kk in 0..len {
+                // SAFETY: kk < len, so bp and rows[r] + kk are inside b
+                // and a (the caller's).
+                unsafe {
+                    let bv = _mm512_loadu_ps(bp);
+                    for r in 0..R {
+                        let av = _mm512_set1_ps(*rows[r].add(kk));
+                        acc[r] = _mm512_fmadd_ps(av, bv, acc[r]);
+                    }
+                    bp = bp.add(NR_NARROW);
+                }
+            }
+        }
+        // The store's second vector of a row lies past the tile's
+        // columns: masked off, never written.
+        let acc: [[__m512; 2]; R] = std::array::from_fn(|r| [acc[r], _mm512_setzero_ps()]);
+        // SAFETY: as this function's.
+        unsafe { store_tile(&acc, ldc, target, store) }
     }
 
     /// The body of [`tile_f32`], inlined into each of its compilations.
@@ -1093,6 +1188,8 @@ mod tests {
             (13, 3, 17, 3, true),
             (17, 33, 45, 40, true),
             (49, 1152, 192, 1152, false),
+            (49, 1728, 10, 1728, true),
+            (37, 40, 16, 41, false),
             (5, 0, 3, 0, true),
         ] {
             let a = values(m * row_step.max(1), 1);
