@@ -161,21 +161,25 @@ pub(crate) fn pad_into(g: &Geometry, src: &[f32], out: &mut [f32]) -> Result<Geo
     if src.len() != g.n * map || out.len() != g.n * framed_map {
         bail!("padding of {g:?}: buffer sizes do not match")
     }
-    if g.n == 0 {
+    if out.is_empty() {
         return Ok(framed);
     }
+    // One task per framed row, a few together: at batch 1 the maps are
+    // one image, which a task per image would copy on one thread.
     let row = framed.w * c;
-    out.par_chunks_mut(framed_map)
-        .zip(src.par_chunks(map))
-        .for_each(|(out, src)| {
-            let (top, rest) = out.split_at_mut(p * row);
-            top.fill(0.0);
-            let (middle, bottom) = rest.split_at_mut(g.h * row);
-            bottom.fill(0.0);
-            for (out, src) in middle.chunks_mut(row).zip(src.chunks(g.w * c)) {
-                out[..p * c].fill(0.0);
-                out[p * c..(p + g.w) * c].copy_from_slice(src);
-                out[(p + g.w) * c..].fill(0.0);
+    out.par_chunks_mut(row)
+        .enumerate()
+        .with_min_len(ROWS_PER_TASK.div_ceil(framed.w))
+        .for_each(|(at, out)| {
+            let (n, y) = (at / framed.h, at % framed.h);
+            match y.checked_sub(p).filter(|&y| y < g.h) {
+                Some(y) => {
+                    let src = &src[n * map + y * g.w * c..n * map + (y + 1) * g.w * c];
+                    out[..p * c].fill(0.0);
+                    out[p * c..(p + g.w) * c].copy_from_slice(src);
+                    out[(p + g.w) * c..].fill(0.0);
+                }
+                None => out.fill(0.0),
             }
         });
     Ok(framed)
