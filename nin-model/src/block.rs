@@ -52,6 +52,19 @@ pub(crate) struct ConvUnit {
     pub(crate) packed: Arc<OnceLock<Arc<PackedB>>>,
     /// That matrix packed for the FP32 inference kernel, under the same rule.
     pub(crate) packed_f32: Arc<OnceLock<Arc<PackedF32>>>,
+    /// What inference applies after the product, under the same rule: a
+    /// batch norm's scale and shift cost a dozen candle operations to
+    /// work out, more than a small layer's product at batch 1.
+    pub(crate) affine: Arc<OnceLock<Arc<Affine>>>,
+}
+
+/// What inference applies to a unit's product before its ReLU, per
+/// output channel: `v * scale + shift` (scale 1 when `None`), a conv's
+/// bias or evaluation-mode batch norm.
+#[derive(Debug)]
+pub(crate) struct Affine {
+    pub(crate) scale: Option<Vec<f32>>,
+    pub(crate) shift: Vec<f32>,
 }
 
 /// What follows a unit's convolution, before its ReLU.
@@ -176,6 +189,7 @@ impl ConvUnit {
             matrix: Arc::default(),
             packed: Arc::default(),
             packed_f32: Arc::default(),
+            affine: Arc::default(),
         })
     }
 

@@ -40,7 +40,7 @@ use rayon::prelude::*;
 
 use crate::aligned::Aligned;
 use crate::bf16::{self, Bf16Rows, PackedB, Unit};
-use crate::block::{BiasOrNorm, ConvUnit, BN_EPS};
+use crate::block::{Affine, BiasOrNorm, ConvUnit, BN_EPS};
 use crate::channels_last::{self as cl, Geometry, NormStats};
 use crate::config::Window;
 use crate::dropout::Dropout;
@@ -550,7 +550,7 @@ fn conv_forward_bf16(
     let (m, row_len) = (x.n * oh * ow, k * k * c_in);
     let weights = weight_matrix_of(unit)?;
     let packed = packed_weights_of(unit, Mat::new(&weights, row_len, c_out));
-    let (scale, shift) = affine(unit)?;
+    let affine = affine_of(unit)?;
     let pointwise = unit.window == Window::new(1, 1, 0);
     let given = x.pairs.as_deref().filter(|_| pointwise);
     let mut converted = pool.take::<u32>(if given.is_some() {
@@ -568,8 +568,8 @@ fn conv_forward_bf16(
         }
     };
     let epilogue = Epilogue {
-        scale: scale.as_deref(),
-        shift: &shift,
+        scale: affine.scale.as_deref(),
+        shift: &affine.shift,
     };
     Ok(fused_output(
         x,
@@ -605,16 +605,33 @@ fn fused_output(
     }
 }
 
-/// What inference applies to a unit's product before ReLU, per channel:
-/// `v * scale + shift` (scale 1 when `None`).
-fn affine(unit: &ConvUnit) -> Result<(Option<Vec<f32>>, Vec<f32>)> {
-    Ok(match &unit.after {
-        BiasOrNorm::Bias(bias) => (None, bias.to_vec1::<f32>()?),
-        BiasOrNorm::Norm(norm) => {
-            let (scale, shift) = norm.eval_affine()?;
-            (Some(scale.to_vec1::<f32>()?), shift.to_vec1::<f32>()?)
-        }
-    })
+/// What inference applies to a unit's product before its ReLU: worked
+/// out once when the unit's weight is not a variable (as
+/// [`weight_matrix_of`]), every time otherwise.
+fn affine_of(unit: &ConvUnit) -> Result<Arc<Affine>> {
+    let work_out = || -> Result<Affine> {
+        Ok(match &unit.after {
+            BiasOrNorm::Bias(bias) => Affine {
+                scale: None,
+                shift: bias.to_vec1::<f32>()?,
+            },
+            BiasOrNorm::Norm(norm) => {
+                let (scale, shift) = norm.eval_affine()?;
+                Affine {
+                    scale: Some(scale.to_vec1::<f32>()?),
+                    shift: shift.to_vec1::<f32>()?,
+                }
+            }
+        })
+    };
+    if unit.weight.is_variable() {
+        return Ok(Arc::new(work_out()?));
+    }
+    if let Some(affine) = unit.affine.get() {
+        return Ok(affine.clone());
+    }
+    let affine = Arc::new(work_out()?);
+    Ok(unit.affine.get_or_init(|| affine).clone())
 }
 
 /// [`conv_forward`] for FP32 inference: one fused pass per layer (product,
@@ -635,7 +652,7 @@ fn conv_forward_f32(
         bail!("FP32 tile kernel on a CPU without one")
     };
     let packed = packed_f32_of(unit, Mat::new(&weights, row_len, c_out), isa);
-    let (scale, shift) = affine(unit)?;
+    let affine = affine_of(unit)?;
     let pointwise = unit.window == Window::new(1, 1, 0);
     let windows = !pointwise && ConvRows::pay(c_in);
     let mut cols = pool.take(if pointwise || windows { 0 } else { m * row_len });
@@ -658,8 +675,8 @@ fn conv_forward_f32(
         })
     };
     let epilogue = Epilogue {
-        scale: scale.as_deref(),
-        shift: &shift,
+        scale: affine.scale.as_deref(),
+        shift: &affine.shift,
     };
     Ok(fused_output(
         x,
@@ -782,7 +799,7 @@ fn conv_chain(
         };
         links.push(Link {
             packed,
-            affine: affine(unit)?,
+            affine: affine_of(unit)?,
             c_out,
             macs: k * k * c_in * c_out,
         });
@@ -962,7 +979,7 @@ enum LinkInput<'a> {
 /// ReLU, its output channels and its multiply-adds per pixel.
 struct Link {
     packed: Packed,
-    affine: (Option<Vec<f32>>, Vec<f32>),
+    affine: Arc<Affine>,
     c_out: usize,
     macs: usize,
 }
@@ -977,8 +994,8 @@ impl Link {
         pairs: Option<&mut [u32]>,
     ) -> Result<()> {
         let epilogue = Epilogue {
-            scale: self.affine.0.as_deref(),
-            shift: &self.affine.1,
+            scale: self.affine.scale.as_deref(),
+            shift: &self.affine.shift,
         };
         match (&self.packed, input) {
             (Packed::F32(b), LinkInput::F32(a)) => {
