@@ -149,12 +149,12 @@ pub(crate) fn im2col_rows_of_pairs_into(
     im2col_rows_with(g, (src, g.c / 2), first, out, g.c / 2, copy_run)
 }
 
-/// The maps of `g` framed by `g.window.padding` zeros, and the
-/// geometry of the framed maps (the same window, with no padding left):
-/// what [`crate::tile::ConvRows`] reads a convolution's windows from.
-/// `out` holds N*(H+2p)*(W+2p)*C values, all written. One copy of the
+/// The maps of `g` framed by `g.window.padding` zeros, laid out as
+/// [`Geometry::framed`] says: what [`crate::tile::ConvRows`] reads a
+/// convolution's windows from. `out` holds N*(H+2p)*(W+2p)*C values,
+/// all written. One copy of the
 /// maps, where im2col writes each value up to k x k times.
-pub(crate) fn pad_into(g: &Geometry, src: &[f32], out: &mut [f32]) -> Result<Geometry> {
+pub(crate) fn pad_into(g: &Geometry, src: &[f32], out: &mut [f32]) -> Result<()> {
     let framed = g.framed();
     let (p, c) = (g.window.padding, g.c);
     let (map, framed_map) = (g.h * g.w * c, framed.h * framed.w * c);
@@ -162,7 +162,7 @@ pub(crate) fn pad_into(g: &Geometry, src: &[f32], out: &mut [f32]) -> Result<Geo
         bail!("padding of {g:?}: buffer sizes do not match")
     }
     if out.is_empty() {
-        return Ok(framed);
+        return Ok(());
     }
     // One task per framed row, a few together: at batch 1 the maps are
     // one image, which a task per image would copy on one thread.
@@ -182,7 +182,7 @@ pub(crate) fn pad_into(g: &Geometry, src: &[f32], out: &mut [f32]) -> Result<Geo
                 None => out.fill(0.0),
             }
         });
-    Ok(framed)
+    Ok(())
 }
 
 /// `dst.copy_from_slice(src)`, without a call for the few values of a

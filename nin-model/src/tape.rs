@@ -32,7 +32,7 @@
 //! path.
 
 use std::ops::{Deref, DerefMut};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::backprop::GradStore;
 use candle_core::{bail, Device, Result, Tensor, Var};
@@ -127,40 +127,38 @@ impl<T: Pooled> Drop for Buf<T> {
     }
 }
 
-/// A unit's [`weight_matrix`]: computed once for a weight that is not a
-/// variable (it cannot change), every time for one that is (an optimizer
-/// may have changed it).
-fn weight_matrix_of(unit: &ConvUnit) -> Result<Arc<Vec<f32>>> {
+/// What `make` works out from `unit`'s weight, kept in `cell` once for a
+/// weight that is not a variable (it cannot change, as in a loaded
+/// model), worked out every time for one that is (an optimizer may have
+/// changed it). Every derived form of a unit's weight follows this rule.
+fn kept<T>(
+    unit: &ConvUnit,
+    cell: &OnceLock<Arc<T>>,
+    make: impl FnOnce() -> Result<T>,
+) -> Result<Arc<T>> {
     if unit.weight.is_variable() {
-        return Ok(Arc::new(weight_matrix(&unit.weight)?));
+        return Ok(Arc::new(make()?));
     }
-    if let Some(matrix) = unit.matrix.get() {
-        return Ok(matrix.clone());
+    if let Some(kept) = cell.get() {
+        return Ok(kept.clone());
     }
-    let matrix = Arc::new(weight_matrix(&unit.weight)?);
-    Ok(unit.matrix.get_or_init(|| matrix).clone())
+    let made = Arc::new(make()?);
+    Ok(cell.get_or_init(|| made).clone())
 }
 
-/// A unit's weight matrix `matrix` packed for the bf16 kernels: once for
-/// a weight that is not a variable, every time for one that is (as
-/// [`weight_matrix_of`]).
-fn packed_weights_of(unit: &ConvUnit, matrix: Mat) -> Arc<PackedB> {
-    if unit.weight.is_variable() {
-        return Arc::new(PackedB::new(matrix));
-    }
-    unit.packed
-        .get_or_init(|| Arc::new(PackedB::new(matrix)))
-        .clone()
+/// A unit's [`weight_matrix`], [`kept`].
+fn weight_matrix_of(unit: &ConvUnit) -> Result<Arc<Vec<f32>>> {
+    kept(unit, &unit.matrix, || weight_matrix(&unit.weight))
+}
+
+/// A unit's weight matrix `matrix` packed for the bf16 kernels, [`kept`].
+fn packed_weights_of(unit: &ConvUnit, matrix: Mat) -> Result<Arc<PackedB>> {
+    kept(unit, &unit.packed, || Ok(PackedB::new(matrix)))
 }
 
 /// [`packed_weights_of`] for the FP32 inference kernel of `isa`.
-fn packed_f32_of(unit: &ConvUnit, matrix: Mat, isa: Isa) -> Arc<PackedF32> {
-    if unit.weight.is_variable() {
-        return Arc::new(PackedF32::new(matrix, isa));
-    }
-    unit.packed_f32
-        .get_or_init(|| Arc::new(PackedF32::new(matrix, isa)))
-        .clone()
+fn packed_f32_of(unit: &ConvUnit, matrix: Mat, isa: Isa) -> Result<Arc<PackedF32>> {
+    kept(unit, &unit.packed_f32, || Ok(PackedF32::new(matrix, isa)))
 }
 
 /// A (C_out, C_in, k, k) weight as the (k*k*C_in, C_out) matrix that
@@ -549,7 +547,7 @@ fn conv_forward_bf16(
     let (c_out, c_in, k, _) = unit.weight.dims4()?;
     let (m, row_len) = (x.n * oh * ow, k * k * c_in);
     let weights = weight_matrix_of(unit)?;
-    let packed = packed_weights_of(unit, Mat::new(&weights, row_len, c_out));
+    let packed = packed_weights_of(unit, Mat::new(&weights, row_len, c_out))?;
     let affine = affine_of(unit)?;
     let pointwise = unit.window == Window::new(1, 1, 0);
     let given = x.pairs.as_deref().filter(|_| pointwise);
@@ -605,11 +603,9 @@ fn fused_output(
     }
 }
 
-/// What inference applies to a unit's product before its ReLU: worked
-/// out once when the unit's weight is not a variable (as
-/// [`weight_matrix_of`]), every time otherwise.
+/// What inference applies to a unit's product before its ReLU, [`kept`].
 fn affine_of(unit: &ConvUnit) -> Result<Arc<Affine>> {
-    let work_out = || -> Result<Affine> {
+    kept(unit, &unit.affine, || {
         Ok(match &unit.after {
             BiasOrNorm::Bias(bias) => Affine {
                 scale: None,
@@ -623,15 +619,7 @@ fn affine_of(unit: &ConvUnit) -> Result<Arc<Affine>> {
                 }
             }
         })
-    };
-    if unit.weight.is_variable() {
-        return Ok(Arc::new(work_out()?));
-    }
-    if let Some(affine) = unit.affine.get() {
-        return Ok(affine.clone());
-    }
-    let affine = Arc::new(work_out()?);
-    Ok(unit.affine.get_or_init(|| affine).clone())
+    })
 }
 
 /// [`conv_forward`] for FP32 inference: one fused pass per layer (product,
@@ -651,7 +639,7 @@ fn conv_forward_f32(
     let Some(isa) = tile::isa() else {
         bail!("FP32 tile kernel on a CPU without one")
     };
-    let packed = packed_f32_of(unit, Mat::new(&weights, row_len, c_out), isa);
+    let packed = packed_f32_of(unit, Mat::new(&weights, row_len, c_out), isa)?;
     let affine = affine_of(unit)?;
     let pointwise = unit.window == Window::new(1, 1, 0);
     let windows = !pointwise && ConvRows::pay(c_in);
@@ -793,9 +781,9 @@ fn conv_chain(
         // As `conv_forward`: odd input channels cannot be paired on the
         // way in, so such a bf16 layer runs in FP32.
         let packed = if precision == Precision::Bf16 && c_in % 2 == 0 {
-            Packed::Bf16(packed_weights_of(unit, matrix))
+            Packed::Bf16(packed_weights_of(unit, matrix)?)
         } else {
-            Packed::F32(packed_f32_of(unit, matrix, isa))
+            Packed::F32(packed_f32_of(unit, matrix, isa)?)
         };
         links.push(Link {
             packed,
@@ -1092,11 +1080,12 @@ fn conv_forward(
     match (input.tall((m, row_len)), precision) {
         (Tall::F32(input_mat), Precision::Fp32) => matmul(&mut y, input_mat, weight_mat),
         (Tall::F32(input_mat), Precision::Bf16) => {
-            let packed = packed_weights_of(unit, weight_mat);
+            let packed = packed_weights_of(unit, weight_mat)?;
             matmul_packed(&mut y, input_mat, &packed, pool);
         }
         (Tall::Pairs(rows, _), _) => {
-            bf16::matmul(&mut y, &rows, &packed_weights_of(unit, weight_mat), false);
+            let packed = packed_weights_of(unit, weight_mat)?;
+            bf16::matmul(&mut y, &rows, &packed, false);
         }
     }
     let (out, norm) = match &unit.after {
