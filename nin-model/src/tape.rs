@@ -16,9 +16,9 @@
 //! - Training's matrix multiplies go through `matmul.rs`: the `gemm`
 //!   crate (what candle uses) in FP32, or [`crate::bf16`]'s kernel in
 //!   bf16, with transposes expressed as strides, never copied.
-//! - Inference runs each layer as one fused pass on [`crate::tile`]'s
-//!   kernel, in either precision: product, bias or batch norm and ReLU
-//!   (see `conv_forward_f32` and `conv_forward_bf16`).
+//! - Inference runs each convolution and the 1x1 ones after it as one
+//!   fused pass on [`crate::tile`]'s kernels, in either precision:
+//!   product, bias or batch norm and ReLU (see `conv_chain`).
 //! - Buffers come from a [`Buffers`] pool that lives with the model and gets
 //!   them back when a tape or a forward pass is done: after the first step
 //!   nothing is allocated or zero-filled that is about to be overwritten.
@@ -402,12 +402,11 @@ fn forward_here<'a>(
         c,
     };
     let mut records = Vec::new();
-    let pointwise_next = pointwise_next(steps);
     // Inference runs a convolution and the 1x1 ones after it as one pass
     // (see `conv_chain`); a trace wants every layer's maps.
     let chains = !train && trace.is_none() && tile::available();
     let mut skip = 0;
-    for (i, (&step, pointwise_next)) in steps.iter().zip(pointwise_next).enumerate() {
+    for (i, &step) in steps.iter().enumerate() {
         if skip > 0 {
             skip -= 1;
             continue;
@@ -420,14 +419,13 @@ fn forward_here<'a>(
                     precision == Precision::Bf16 && pairs_suffice(&steps[i + steps_taken..]);
                 conv_chain(&units, &maps, (precision, pairs), pool)?
             }
+            // A trace wants every layer's maps, in f32: each convolution
+            // a chain of its own.
+            Step::Conv(unit) if !train && tile::available() => {
+                conv_chain(&[unit], &maps, (precision, false), pool)?
+            }
             Step::Conv(unit) => {
-                // Only the next 1x1 convolution reads this output: a bf16
-                // layer can hand it over in bf16 alone, unless traced.
-                let next = Next {
-                    pairs: pointwise_next,
-                    f32: !pointwise_next || trace.is_some(),
-                };
-                let (out, record) = conv_forward(unit, &maps, train, (precision, next), pool)?;
+                let (out, record) = conv_forward(unit, &maps, train, precision, pool)?;
                 if let Some(record) = record {
                     records.push(Record::Conv(Box::new(record)));
                 }
@@ -523,86 +521,6 @@ fn forward_here<'a>(
     Ok((logits, tape))
 }
 
-/// What a bf16 inference layer's output is written as.
-#[derive(Clone, Copy)]
-struct Next {
-    /// bf16 pairs, for a 1x1 convolution next.
-    pairs: bool,
-    /// f32, for anything else (pooling, im2col, a trace, the logits).
-    f32: bool,
-}
-
-/// [`conv_forward`] for bf16 inference: one fused pass per layer (product,
-/// bias or norm, ReLU, written as `next` says), and the input taken as
-/// bf16 pairs where it can be: the pairs the layer before wrote, or im2col
-/// straight into pairs.
-fn conv_forward_bf16(
-    unit: &ConvUnit,
-    x: &Maps,
-    geometry: &Geometry,
-    (oh, ow): (usize, usize),
-    next: Next,
-    pool: &Arc<Buffers>,
-) -> Result<Maps> {
-    let (c_out, c_in, k, _) = unit.weight.dims4()?;
-    let (m, row_len) = (x.n * oh * ow, k * k * c_in);
-    let weights = weight_matrix_of(unit)?;
-    let packed = packed_weights_of(unit, Mat::new(&weights, row_len, c_out))?;
-    let affine = affine_of(unit)?;
-    let pointwise = unit.window == Window::new(1, 1, 0);
-    let given = x.pairs.as_deref().filter(|_| pointwise);
-    let mut converted = pool.take::<u32>(if given.is_some() {
-        0
-    } else {
-        m * bf16::pairs(row_len)
-    });
-    let rows = match given {
-        Some(pairs) => Bf16Rows::from_pairs(pairs, m, row_len),
-        None if pointwise => Bf16Rows::convert(Mat::new(&x.data, m, row_len), &mut converted),
-        // Odd channels never get here (see `conv_forward`).
-        None => {
-            cl::im2col_pairs_into(geometry, &x.data, &mut converted)?;
-            Bf16Rows::from_pairs(&converted, m, row_len)
-        }
-    };
-    let epilogue = Epilogue {
-        scale: affine.scale.as_deref(),
-        shift: &affine.shift,
-    };
-    Ok(fused_output(
-        x,
-        (oh, ow),
-        c_out,
-        next,
-        pool,
-        |dst, pairs| bf16::matmul_relu(dst, &rows, &packed, epilogue, pairs, Threads::Pool),
-    ))
-}
-
-/// The output of a fused inference layer: the buffers `next` asks for
-/// (f32 values, bf16 pairs), filled by `product`, as the next maps.
-fn fused_output(
-    x: &Maps,
-    (oh, ow): (usize, usize),
-    c_out: usize,
-    next: Next,
-    pool: &Arc<Buffers>,
-    product: impl FnOnce(Option<&mut [f32]>, Option<&mut [u32]>),
-) -> Maps {
-    let m = x.n * oh * ow;
-    let mut y = pool.take(if next.f32 { m * c_out } else { 0 });
-    let mut pairs = next.pairs.then(|| pool.take(m * bf16::pairs(c_out)));
-    product(next.f32.then_some(&mut y[..]), pairs.as_deref_mut());
-    Maps {
-        data: Arc::new(y),
-        pairs: pairs.map(Arc::new),
-        n: x.n,
-        h: oh,
-        w: ow,
-        c: c_out,
-    }
-}
-
 /// What inference applies to a unit's product before its ReLU, [`kept`].
 fn affine_of(unit: &ConvUnit) -> Result<Arc<Affine>> {
     kept(unit, &unit.affine, || {
@@ -620,60 +538,6 @@ fn affine_of(unit: &ConvUnit) -> Result<Arc<Affine>> {
             }
         })
     })
-}
-
-/// [`conv_forward`] for FP32 inference: one fused pass per layer (product,
-/// bias or norm, ReLU) on the AVX-512 tile kernel, the input read where
-/// it lies for a 1x1 convolution.
-fn conv_forward_f32(
-    unit: &ConvUnit,
-    x: &Maps,
-    geometry: &Geometry,
-    (oh, ow): (usize, usize),
-    next: Next,
-    pool: &Arc<Buffers>,
-) -> Result<Maps> {
-    let (c_out, c_in, k, _) = unit.weight.dims4()?;
-    let (m, row_len) = (x.n * oh * ow, k * k * c_in);
-    let weights = weight_matrix_of(unit)?;
-    let Some(isa) = tile::isa() else {
-        bail!("FP32 tile kernel on a CPU without one")
-    };
-    let packed = packed_f32_of(unit, Mat::new(&weights, row_len, c_out), isa)?;
-    let affine = affine_of(unit)?;
-    let pointwise = unit.window == Window::new(1, 1, 0);
-    let windows = !pointwise && ConvRows::pay(c_in);
-    let mut cols = pool.take(if pointwise || windows { 0 } else { m * row_len });
-    if !pointwise && !windows {
-        cl::im2col_into(geometry, &x.data, &mut cols)?;
-    }
-    let framed = if windows {
-        Some(framed_maps(x, geometry, pool)?)
-    } else {
-        None
-    };
-    let rows = if let Some((maps, framed)) = &framed {
-        Left::Conv(conv_rows(maps.as_deref().unwrap_or(&x.data), framed, 0, m)?)
-    } else {
-        Left::Rows(F32Rows {
-            data: if pointwise { &x.data } else { &cols },
-            rows: m,
-            k: row_len,
-            row_step: row_len,
-        })
-    };
-    let epilogue = Epilogue {
-        scale: affine.scale.as_deref(),
-        shift: &affine.shift,
-    };
-    Ok(fused_output(
-        x,
-        (oh, ow),
-        c_out,
-        next,
-        pool,
-        |dst, pairs| tile::matmul_relu_f32(dst, &rows, &packed, epilogue, pairs, Threads::Pool),
-    ))
 }
 
 /// Output pixels `first..first + rows` of the convolution `framed` over
@@ -778,8 +642,9 @@ fn conv_chain(
         }
         let weights = weight_matrix_of(unit)?;
         let matrix = Mat::new(&weights, k * k * c_in, c_out);
-        // As `conv_forward`: odd input channels cannot be paired on the
-        // way in, so such a bf16 layer runs in FP32.
+        // Odd input channels (the first layer, on grey images) cannot be
+        // paired on the way in: such a bf16 layer, whose K is tiny, runs in
+        // FP32 rather than convert its columns.
         let packed = if precision == Precision::Bf16 && c_in % 2 == 0 {
             Packed::Bf16(packed_weights_of(unit, matrix)?)
         } else {
@@ -998,27 +863,12 @@ impl Link {
     }
 }
 
-/// For each step, whether the next convolution (past layer ends and
-/// dropout, which inference skips) is a 1x1 one that reads its input maps
-/// as they are: what a bf16 inference layer writes bf16 pairs for.
-fn pointwise_next(steps: &[Step]) -> Vec<bool> {
-    (0..steps.len())
-        .map(|i| {
-            let next = steps[i + 1..]
-                .iter()
-                .find(|s| !matches!(s, Step::End(_) | Step::Dropout(..)));
-            matches!(next, Some(Step::Conv(unit))
-                if unit.window == Window::new(1, 1, 0))
-        })
-        .collect()
-}
-
 /// conv -> bias or batch norm -> ReLU on channels-last maps.
 fn conv_forward(
     unit: &ConvUnit,
     x: &Maps,
     train: bool,
-    (precision, next): (Precision, Next),
+    precision: Precision,
     pool: &Arc<Buffers>,
 ) -> Result<(Maps, Option<ConvRecord>)> {
     let (c_out, c_in, k, _) = unit.weight.dims4()?;
@@ -1035,26 +885,6 @@ fn conv_forward(
         )
     };
     let (m, row_len) = (x.n * oh * ow, k * k * c_in);
-    if precision == Precision::Bf16 && !train {
-        // Odd input channels (the first layer, on grey images) cannot be
-        // paired on the way in: the layer, whose K is tiny, runs in FP32
-        // rather than convert its columns, and still hands the next layer
-        // pairs.
-        let maps = if c_in % 2 == 1 && tile::available() {
-            conv_forward_f32(unit, x, &geometry, (oh, ow), next, pool)?
-        } else {
-            conv_forward_bf16(unit, x, &geometry, (oh, ow), next, pool)?
-        };
-        return Ok((maps, None));
-    }
-    if precision == Precision::Fp32 && !train && tile::available() {
-        let next = Next {
-            pairs: false,
-            f32: true,
-        };
-        let maps = conv_forward_f32(unit, x, &geometry, (oh, ow), next, pool)?;
-        return Ok((maps, None));
-    }
     let pointwise = unit.window == Window::new(1, 1, 0);
     let backward = backward_precision(precision);
     // A bf16 step whose backward is bf16 too rounds the input once, into

@@ -379,8 +379,8 @@ pub fn available() -> bool {
 }
 
 /// `dst` = `epilogue`(`a` x `b`) in FP32: one layer of FP32 inference,
-/// or of bf16 inference whose input cannot be paired (see
-/// `conv_forward` in `tape.rs`); like [`crate::bf16::matmul_relu`], it
+/// or of bf16 inference whose input cannot be paired (see `conv_chain`
+/// in `tape.rs`); like [`crate::bf16::matmul_relu`], it
 /// can also (or only) write the result as bf16 pairs for the next layer.
 pub(crate) fn matmul_relu_f32(
     dst: Option<&mut [f32]>,
