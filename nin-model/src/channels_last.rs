@@ -547,13 +547,55 @@ pub(crate) fn batch_norm_relu_backward_in_place(
 /// CPU, so its loops vectorise four lanes wide (SSE2); where the CPU has
 /// AVX-512 the same loop runs sixteen wide. Not on AVX2: there LLVM turns
 /// the select stored in place into masked stores, microcoded on AMD's Zen
-/// 3 (a third of SSE2's speed), and written out with intrinsics it either
-/// did the same or lost a NaN's exact bits.
+/// 3 (a third of SSE2's speed); [`max_into_avx2`] writes it out.
 #[inline(always)]
 fn max_into_any(best: &mut [f32], v: &[f32]) {
     for (b, &v) in best.iter_mut().zip(v) {
         *b = if (v > *b) | v.is_nan() { v } else { *b };
     }
+}
+
+/// [`max_into_any`] eight lanes at a time on AVX2: the same select, as
+/// two compares and a blend, and a plain store. The max-pools ran at a
+/// fifth of a compact pass at batch 64 on SSE2 on a Zen 3 (8% of the time
+/// for 1% of the work).
+///
+/// # Safety
+/// The CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn max_into_avx2(best: &mut [f32], v: &[f32]) {
+    use std::arch::x86_64::*;
+    let n = best.len().min(v.len());
+    let whole = n - n % 8;
+    for i in (0..whole).step_by(8) {
+        // SAFETY: i + 8 <= n, inside both slices.
+        unsafe {
+            let (b, x) = (best.as_mut_ptr().add(i), v.as_ptr().add(i));
+            let (old, new) = (_mm256_loadu_ps(b), _mm256_loadu_ps(x));
+            // As `max_into_any`: the new value wins where it is greater
+            // (false against a NaN, which stays) or a NaN itself.
+            let wins = _mm256_or_ps(
+                _mm256_cmp_ps::<_CMP_GT_OQ>(new, old),
+                _mm256_cmp_ps::<_CMP_UNORD_Q>(new, new),
+            );
+            // The blend in `asm!`: LLVM reads `_mm256_blendv_ps` as a
+            // select, and a select stored over one of its own operands'
+            // address becomes the masked store this function avoids.
+            let max: __m256;
+            std::arch::asm!(
+                "vblendvps {max}, {old}, {new}, {wins}",
+                max = lateout(ymm_reg) max,
+                old = in(ymm_reg) old,
+                new = in(ymm_reg) new,
+                wins = in(ymm_reg) wins,
+                options(pure, nomem, nostack, preserves_flags),
+            );
+            _mm256_storeu_ps(b, max);
+        }
+    }
+    max_into_any(&mut best[whole..n], &v[whole..n]);
 }
 
 impl Geometry {
@@ -592,7 +634,13 @@ impl Geometry {
     /// pixel's C channels at a time. Always inlined, into the callers
     /// [`Pooled::max_row`] compiles for each vector width.
     #[inline(always)]
-    fn max_row<T: Pooled>(&self, image: &[T], oy: usize, row: &mut [T]) {
+    fn max_row<T: Pooled>(
+        &self,
+        image: &[T],
+        oy: usize,
+        row: &mut [T],
+        max_into: impl Fn(&mut [T], &[T]),
+    ) {
         let (k, s, p, c) = (
             self.window.kernel,
             self.window.stride,
@@ -614,10 +662,10 @@ impl Geometry {
                 let x = |ox: usize| ox * s + kx - p;
                 if s == 1 {
                     let run = &line[x(first) * c..(x(end - 1) + 1) * c];
-                    T::max_into(&mut row[first * c..end * c], run);
+                    max_into(&mut row[first * c..end * c], run);
                 } else {
                     for ox in first..end {
-                        T::max_into(
+                        max_into(
                             &mut row[ox * c..(ox + 1) * c],
                             &line[x(ox) * c..(x(ox) + 1) * c],
                         );
@@ -650,12 +698,27 @@ impl Pooled for f32 {
     }
     fn max_row(g: &Geometry, image: &[f32], oy: usize, row: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if crate::tile::isa() == Some(crate::tile::Isa::Avx512) {
-            // SAFETY: the CPU has AVX-512 (checked just above).
-            return unsafe { max_row_f32_avx512(g, image, oy, row) };
+        match crate::tile::isa() {
+            // SAFETY: the CPU has the units `isa` found.
+            Some(crate::tile::Isa::Avx512) => unsafe { max_row_f32_avx512(g, image, oy, row) },
+            // SAFETY: as above.
+            Some(crate::tile::Isa::Avx2) => unsafe { max_row_f32_avx2(g, image, oy, row) },
+            None => g.max_row(image, oy, row, f32::max_into),
         }
-        g.max_row(image, oy, row);
+        #[cfg(not(target_arch = "x86_64"))]
+        g.max_row(image, oy, row, f32::max_into);
     }
+}
+
+/// The f32 [`Pooled::max_row`] on AVX2 (see [`max_into_avx2`]).
+///
+/// # Safety
+/// The CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn max_row_f32_avx2(g: &Geometry, image: &[f32], oy: usize, row: &mut [f32]) {
+    // SAFETY: the CPU has AVX2 (this function's contract).
+    g.max_row(image, oy, row, |best, v| unsafe { max_into_avx2(best, v) });
 }
 
 /// The f32 [`Pooled::max_row`] compiled for AVX-512 (see [`max_into_any`]).
@@ -665,7 +728,7 @@ impl Pooled for f32 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn max_row_f32_avx512(g: &Geometry, image: &[f32], oy: usize, row: &mut [f32]) {
-    g.max_row(image, oy, row);
+    g.max_row(image, oy, row, f32::max_into);
 }
 
 /// One bf16 value's bits, compared as an i16: for the values a ReLU
@@ -699,7 +762,7 @@ impl Pooled for i16 {
             // SAFETY: the CPU has AVX-512BW (checked just above).
             return unsafe { max_row_i16_avx512(g, image, oy, row) };
         }
-        g.max_row(image, oy, row);
+        g.max_row(image, oy, row, i16::max_into);
     }
 }
 
@@ -710,7 +773,7 @@ impl Pooled for i16 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512bw")]
 unsafe fn max_row_i16_avx512(g: &Geometry, image: &[i16], oy: usize, row: &mut [i16]) {
-    g.max_row(image, oy, row);
+    g.max_row(image, oy, row, i16::max_into);
 }
 
 /// Max-pool in inference of maps in bf16 pairs (`src`: (N*H*W, C/2)
