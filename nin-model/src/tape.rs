@@ -195,9 +195,9 @@ fn weight_from_matrix(m: &[f32], dims: (usize, usize, usize, usize)) -> Result<T
 struct Maps {
     /// The values in f32; empty when they are held in `pairs` alone.
     data: Arc<Buf<f32>>,
-    /// The same values as bf16 pairs, when a bf16 inference layer wrote
-    /// them for the 1x1 convolution that comes next, or, alone, for the
-    /// bf16 convolution after it, max-pool or not (see [`pairs_suffice`]).
+    /// The values as bf16 pairs instead (`data` is then empty), as a
+    /// bf16 chain writes them for the bf16 convolution after it, max-pool
+    /// or not (see [`pairs_suffice`]).
     pairs: Option<Arc<Buf<u32>>>,
     n: usize,
     h: usize,
@@ -863,7 +863,9 @@ impl Link {
     }
 }
 
-/// conv -> bias or batch norm -> ReLU on channels-last maps.
+/// conv -> bias or batch norm -> ReLU on channels-last maps, one layer
+/// at a time: a training step's (with what its backward needs), or
+/// inference's where the tile kernels cannot run (else `conv_chain`).
 fn conv_forward(
     unit: &ConvUnit,
     x: &Maps,
