@@ -591,7 +591,7 @@ pub(crate) struct Tile {
 pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Left, Store, Tile, MR_AVX2, NR, NR_AVX2, NR_NARROW};
+    use super::{Left, Store, Tile, MR_AVX2, NR, NR_AVX2};
     use crate::bf16::Bf16Rows;
 
     /// One R x NR tile of C = A x B over all of K (R = `target.rows`, at
@@ -654,7 +654,7 @@ pub(crate) mod x86 {
         store: Store,
     ) {
         // SAFETY: the caller's.
-        unsafe { tile_f32_body::<R>(a, b, ldc, target, store) }
+        unsafe { tile_f32_body::<R, 2>(a, b, ldc, target, store) }
     }
 
     /// [`tile_f32`] compiled with AVX512-BF16 too, for a store that
@@ -673,19 +673,19 @@ pub(crate) mod x86 {
         store: Store,
     ) {
         // SAFETY: the caller's.
-        unsafe { tile_f32_body::<R>(a, b, ldc, target, store) }
+        unsafe { tile_f32_body::<R, 2>(a, b, ldc, target, store) }
     }
 
     /// `acc[r] += rows[r][kk] * b[kk]` over `len` values of K: the FP32
-    /// kernel's inner loop, one broadcast of A per row and two vectors of
-    /// B per value.
+    /// kernel's inner loop, one broadcast of A per row and `V` vectors
+    /// of B per value (two for the wide kernel, one for the narrow).
     ///
     /// # Safety
     /// AVX-512 present; each of `rows` holds `len` values, `b` `len`
-    /// rows of [`NR`].
+    /// rows of `16 * V`.
     #[inline(always)]
-    unsafe fn fma_run<const R: usize>(
-        acc: &mut [[__m512; 2]; R],
+    unsafe fn fma_run<const R: usize, const V: usize>(
+        acc: &mut [[__m512; V]; R],
         rows: [*const f32; R],
         b: *const f32,
         len: usize,
@@ -694,14 +694,14 @@ pub(crate) mod x86 {
         for kk in 0..len {
             // SAFETY: kk < len, so bp and rows[r] + kk are inside b and a.
             unsafe {
-                let b0 = _mm512_loadu_ps(bp);
-                let b1 = _mm512_loadu_ps(bp.add(16));
+                let bv: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(bp.add(16 * v)));
                 for r in 0..R {
                     let av = _mm512_set1_ps(*rows[r].add(kk));
-                    acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
-                    acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
+                    for v in 0..V {
+                        acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
+                    }
                 }
-                bp = bp.add(NR);
+                bp = bp.add(16 * V);
             }
         }
     }
@@ -750,7 +750,7 @@ pub(crate) mod x86 {
         store: Store,
     ) {
         // SAFETY: the caller's.
-        unsafe { tile_f32_narrow_body::<R>(a, b, ldc, target, store) }
+        unsafe { tile_f32_body::<R, 1>(a, b, ldc, target, store) }
     }
 
     /// [`tile_f32_narrow`] compiled with AVX512-BF16 too, as
@@ -767,61 +767,34 @@ pub(crate) mod x86 {
         store: Store,
     ) {
         // SAFETY: the caller's.
-        unsafe { tile_f32_narrow_body::<R>(a, b, ldc, target, store) }
+        unsafe { tile_f32_body::<R, 1>(a, b, ldc, target, store) }
     }
 
-    /// The body of [`tile_f32_narrow`], inlined into each of its
-    /// compilations.
+    /// The body of [`tile_f32`] (`V` = 2, [`NR`] columns) and of
+    /// [`tile_f32_narrow`] (`V` = 1, [`super::NR_NARROW`]), inlined into
+    /// each of their compilations.
     #[inline(always)]
-    unsafe fn tile_f32_narrow_body<const R: usize>(
+    unsafe fn tile_f32_body<const R: usize, const V: usize>(
         a: &Left,
         b: &[f32],
         ldc: usize,
         target: Tile,
         store: Store,
     ) {
+        let nr = 16 * V;
         debug_assert!(target.rows == R && target.row + R <= a.rows());
-        debug_assert!(target.cols <= NR_NARROW && b.len() == a.k() * NR_NARROW);
-        let mut acc = [_mm512_setzero_ps(); R];
-        for (rows, at, len) in a.stretches::<R>(target) {
-            let mut bp = b[at * NR_NARROW..].as_ptr();
-            for kk in 0..len {
-                // SAFETY: kk < len, so bp and rows[r] + kk are inside b
-                // and a (the caller's).
-                unsafe {
-                    let bv = _mm512_loadu_ps(bp);
-                    for r in 0..R {
-                        let av = _mm512_set1_ps(*rows[r].add(kk));
-                        acc[r] = _mm512_fmadd_ps(av, bv, acc[r]);
-                    }
-                    bp = bp.add(NR_NARROW);
-                }
-            }
-        }
-        // The store's second vector of a row lies past the tile's
-        // columns: masked off, never written.
-        let acc: [[__m512; 2]; R] = std::array::from_fn(|r| [acc[r], _mm512_setzero_ps()]);
-        // SAFETY: as this function's.
-        unsafe { store_tile(&acc, ldc, target, store) }
-    }
-
-    /// The body of [`tile_f32`], inlined into each of its compilations.
-    #[inline(always)]
-    unsafe fn tile_f32_body<const R: usize>(
-        a: &Left,
-        b: &[f32],
-        ldc: usize,
-        target: Tile,
-        store: Store,
-    ) {
-        debug_assert!(target.rows == R && target.row + R <= a.rows());
-        debug_assert_eq!(b.len(), a.k() * NR);
-        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        debug_assert!(target.cols <= nr && b.len() == a.k() * nr);
+        let mut acc = [[_mm512_setzero_ps(); V]; R];
         for (rows, at, len) in a.stretches::<R>(target) {
             // SAFETY: `rows[r]` holds `len` values (the caller's), and
             // the panel K rows from `at` on.
-            unsafe { fma_run(&mut acc, rows, b.as_ptr().add(at * NR), len) }
+            unsafe { fma_run(&mut acc, rows, b.as_ptr().add(at * nr), len) }
         }
+        // A narrow tile's second vector of a row lies past its columns:
+        // masked off by the store, never written.
+        let acc: [[__m512; 2]; R] = std::array::from_fn(|r| {
+            std::array::from_fn(|v| acc[r].get(v).copied().unwrap_or(_mm512_setzero_ps()))
+        });
         // SAFETY: as this function's.
         unsafe { store_tile(&acc, ldc, target, store) }
     }
