@@ -14,7 +14,8 @@
 //!   that the kernel broadcasts to all lanes;
 //! - the right matrix B (weights) is packed into [`PackedB`]: panels of
 //!   [`NR`] columns, each K/2 rows of [`NR`] interleaved pairs, two vector
-//!   loads per pair of K. Fixed weights are packed once (see
+//!   loads per pair of K (one, in panels of [`NR_NARROW`], for a narrow
+//!   matrix: see [`panel_width`]). Fixed weights are packed once (see
 //!   [`crate::block::ConvUnit`]).
 //!
 //! The products themselves run on [`crate::tile`]'s micro-kernel.
@@ -25,7 +26,7 @@ use rayon::prelude::*;
 
 use crate::aligned::Aligned;
 use crate::matmul::Mat;
-use crate::tile::{self, Epilogue, Operands, Out, Store, Threads, NR};
+use crate::tile::{self, Epilogue, Operands, Out, Store, Threads, NR, NR_NARROW};
 
 /// Whether this CPU has the units [`matmul`] needs (AVX512-BF16). Checked
 /// at run time: one binary serves every x86-64 CPU.
@@ -332,16 +333,33 @@ fn interleave(lo: &[f32], hi: Option<&[f32]>, out: &mut [u32]) {
     }
 }
 
-/// A (K, N) matrix packed for [`matmul`]: panels of [`NR`] columns, each
-/// [`pairs`]`(K)` rows of NR pairs. Columns past N and the pad of an odd K
-/// are zeros. Owned ([`Aligned`], what a fixed weight keeps) or in a buffer
-/// lent for one call (training packs operands on every step).
+/// Columns a panel of a packed matrix of `n` columns: [`NR`], or
+/// [`NR_NARROW`] for at most that many where products run on AVX512-BF16
+/// (a network's head, 10 classes, on which the 32-column kernel spends
+/// two thirds of its dot products on padding: 3% of the shipped
+/// network's bf16 pass). AMX's tiles take panels of [`NR`] alone, so with
+/// AMX every panel is that wide.
+pub(crate) fn panel_width(n: usize) -> usize {
+    if n <= NR_NARROW && !Unit::Amx.present() {
+        NR_NARROW
+    } else {
+        NR
+    }
+}
+
+/// A (K, N) matrix packed for [`matmul`]: panels of [`panel_width`]`(N)`
+/// columns, each [`pairs`]`(K)` rows of that many pairs. Columns past N and
+/// the pad of an odd K are zeros. Owned ([`Aligned`], what a fixed weight
+/// keeps) or in a buffer lent for one call (training packs operands on
+/// every step).
 #[derive(Debug)]
 pub(crate) struct PackedB<D = Aligned<u32>> {
     data: D,
     k: usize,
     n: usize,
     pairs: usize,
+    /// Columns a panel.
+    nr: usize,
 }
 
 impl PackedB {
@@ -354,7 +372,8 @@ impl PackedB {
 impl<D: Deref<Target = [u32]>> PackedB<D> {
     /// Values a packed (K, N) matrix takes.
     pub(crate) fn len_for(k: usize, n: usize) -> usize {
-        n.div_ceil(NR) * pairs(k) * NR
+        let nr = panel_width(n);
+        n.div_ceil(nr) * pairs(k) * nr
     }
 
     /// Packs `b` (any strides) into `data` ([`PackedB::len_for`] long; its
@@ -393,6 +412,7 @@ impl<D: Deref<Target = [u32]>> PackedB<D> {
             k,
             n,
             pairs: p,
+            nr: panel_width(n),
         }
     }
 
@@ -409,7 +429,7 @@ impl<D: Deref<Target = [u32]>> PackedB<D> {
         );
         let (k, p) = (b.rows, pairs(b.rows));
         assert_eq!(data.len(), Self::len_for(k, n), "packed size");
-        // NR is even: a panel starts on a pair.
+        // Panels are of an even number of columns: each starts on a pair.
         fill_panels(&mut data, k, n, |q, cols, out| {
             let row = |i: usize| {
                 (i < k).then(|| &b.data[i * b.row_step + cols.start / 2..][..pairs(cols.len())])
@@ -421,6 +441,7 @@ impl<D: Deref<Target = [u32]>> PackedB<D> {
             k,
             n,
             pairs: p,
+            nr: panel_width(n),
         }
     }
 
@@ -439,15 +460,15 @@ fn fill_panels(
     n: usize,
     fill: impl Fn(usize, Range<usize>, &mut [u32]) + Sync,
 ) {
-    let p = pairs(k);
+    let (p, nr) = (pairs(k), panel_width(n));
     if p == 0 {
         return;
     }
-    data.par_chunks_mut(p * NR)
+    data.par_chunks_mut(p * nr)
         .enumerate()
         .for_each(|(panel, values)| {
-            let cols = panel * NR..((panel + 1) * NR).min(n);
-            for (q, out) in values.chunks_mut(NR).enumerate() {
+            let cols = panel * nr..((panel + 1) * nr).min(n);
+            for (q, out) in values.chunks_mut(nr).enumerate() {
                 let (out, past) = out.split_at_mut(cols.len());
                 fill(q, cols.clone(), out);
                 past.fill(0);
@@ -548,8 +569,9 @@ fn product<D: Deref<Target = [u32]>>(
         assert!(a.rows == 0 || (a.rows - 1) * a.row_step + a.pairs <= a.data.len());
     }
     assert_eq!(a.pairs, b.pairs, "inner dimensions");
+    assert!(unit != Unit::Amx || b.nr == NR, "AMX on narrow panels");
     tile::drive(
-        Operands::Bf16(a, &b.data, b.pairs, unit),
+        Operands::Bf16(a, &b.data, b.pairs, b.nr, unit),
         b.n,
         store,
         threads,

@@ -37,13 +37,13 @@ const NR_AVX2: usize = 16;
 /// Columns of C one micro-kernel call computes (two vectors of 16 lanes);
 /// the AVX2 FP32 kernel's are [`Isa::panel`].
 pub(crate) const NR: usize = 32;
-/// Columns of C the narrow AVX-512 FP32 kernel computes ([`MR`] rows of
-/// one vector): for products of at most 16 columns (a network's head,
-/// 10 classes), where the 32-column kernel spends two thirds of its
-/// multiply-adds on padding. (Not more rows: 12 or 16 row pointers do
-/// not fit the general registers, and their spills made it slower than
-/// the wide kernel.)
-const NR_NARROW: usize = 16;
+/// Columns of C the narrow AVX-512 kernels compute ([`MR`] rows of one
+/// vector), FP32 and bf16: for products of at most 16 columns (a
+/// network's head, 10 classes), where the 32-column kernel spends two
+/// thirds of its multiply-adds on padding. (Not more rows: 12 or 16 row
+/// pointers do not fit the general registers, and their spills made it
+/// slower than the wide kernel.)
+pub(crate) const NR_NARROW: usize = 16;
 
 /// A pointer the tasks of one product share; each writes its own tiles.
 #[derive(Clone, Copy)]
@@ -440,10 +440,11 @@ fn f32_store<'a>(
 }
 
 /// The operands of one product, per precision: the left rows, the packed
-/// right panels, K (pairs of K in bf16), and which kernel runs it.
+/// right panels (in bf16: their pairs of K and columns a panel), and
+/// which kernel runs it.
 #[derive(Clone, Copy)]
 pub(crate) enum Operands<'a> {
-    Bf16(&'a Bf16Rows<'a>, &'a [u32], usize, Unit),
+    Bf16(&'a Bf16Rows<'a>, &'a [u32], usize, usize, Unit),
     F32(&'a Left<'a>, &'a PackedF32),
 }
 
@@ -486,12 +487,14 @@ unsafe fn run_tile(ops: Operands, n: usize, store: Store, target: Tile) {
     // SAFETY: the caller's.
     unsafe {
         match ops {
-            Operands::Bf16(a, b, pairs, unit) => {
-                let panel = target.col / NR;
-                let b_panel = &b[panel * pairs * NR..(panel + 1) * pairs * NR];
-                match unit {
-                    Unit::Amx => crate::amx::tile(a, b_panel, n, target, store),
-                    Unit::Avx512Bf16 => with_rows!(target.rows, tile,
+            Operands::Bf16(a, b, pairs, nr, unit) => {
+                let panel = target.col / nr;
+                let b_panel = &b[panel * pairs * nr..(panel + 1) * pairs * nr];
+                match (unit, nr == NR_NARROW) {
+                    (Unit::Amx, _) => crate::amx::tile(a, b_panel, n, target, store),
+                    (Unit::Avx512Bf16, true) => with_rows!(target.rows, tile_narrow,
+                        [1 2 3 4 5 6 7 8], (a, b_panel, n, target, store)),
+                    (Unit::Avx512Bf16, false) => with_rows!(target.rows, tile,
                         [1 2 3 4 5 6 7 8], (a, b_panel, n, target, store)),
                 }
             }
@@ -522,7 +525,7 @@ unsafe fn run_tile(ops: Operands, n: usize, store: Store, target: Tile) {
 /// on the `threads` given.
 pub(crate) fn drive(ops: Operands, n: usize, store: Store, threads: Threads) -> bool {
     let (m, depth) = match ops {
-        Operands::Bf16(a, _, pairs, _) => (a.rows, pairs),
+        Operands::Bf16(a, _, pairs, ..) => (a.rows, pairs),
         Operands::F32(a, b) => (a.rows(), b.k),
     };
     if m == 0 || n == 0 {
@@ -535,7 +538,7 @@ pub(crate) fn drive(ops: Operands, n: usize, store: Store, threads: Threads) -> 
     // exists on AVX-512 only, and AMX's computes a tile of 16 rows.
     let (mr, nr) = match ops {
         Operands::Bf16(.., Unit::Amx) => (crate::amx::ROWS, NR),
-        Operands::Bf16(.., Unit::Avx512Bf16) => (MR, NR),
+        Operands::Bf16(.., nr, Unit::Avx512Bf16) => (MR, nr),
         Operands::F32(_, b) => (b.isa.rows(), b.nr),
     };
     let (tiles, panels) = (m.div_ceil(mr), n.div_ceil(nr));
@@ -591,7 +594,7 @@ pub(crate) struct Tile {
 pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Left, Store, Tile, MR_AVX2, NR, NR_AVX2};
+    use super::{Left, Store, Tile, MR_AVX2, NR_AVX2};
     use crate::bf16::Bf16Rows;
 
     /// One R x NR tile of C = A x B over all of K (R = `target.rows`, at
@@ -612,32 +615,77 @@ pub(crate) mod x86 {
         target: Tile,
         store: Store,
     ) {
-        let (pairs, step) = (a.pairs, a.pair_step);
+        // SAFETY: the caller's.
+        unsafe { tile_body::<R, 2>(a, b, ldc, target, store) }
+    }
+
+    /// [`tile`] one vector wide: an R x [`super::NR_NARROW`] tile, `b`
+    /// one panel of `a.pairs * NR_NARROW`.
+    ///
+    /// # Safety
+    /// As for [`tile`], with that panel.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn tile_narrow<const R: usize>(
+        a: &Bf16Rows,
+        b: &[u32],
+        ldc: usize,
+        target: Tile,
+        store: Store,
+    ) {
+        // SAFETY: the caller's.
+        unsafe { tile_body::<R, 1>(a, b, ldc, target, store) }
+    }
+
+    /// The body of [`tile`] (`V` = 2 vectors of 16 columns) and of
+    /// [`tile_narrow`] (`V` = 1), inlined into each: one broadcast pair of
+    /// A per row and `V` vectors of B's pairs per pair of K.
+    #[inline(always)]
+    unsafe fn tile_body<const R: usize, const V: usize>(
+        a: &Bf16Rows,
+        b: &[u32],
+        ldc: usize,
+        target: Tile,
+        store: Store,
+    ) {
+        let (pairs, step, nr) = (a.pairs, a.pair_step, 16 * V);
         debug_assert!(target.rows == R && target.row + R <= a.rows);
-        debug_assert_eq!(b.len(), pairs * NR);
+        debug_assert!(target.cols <= nr && b.len() == pairs * nr);
         let rows: [*const u32; R] = std::array::from_fn(|r| {
             // SAFETY: row target.row + r of `a`.
             unsafe { a.data.as_ptr().add((target.row + r) * a.row_step) }
         });
-        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        let mut acc = [[_mm512_setzero_ps(); V]; R];
         let mut bp = b.as_ptr();
         for q in 0..pairs {
             // SAFETY: q < pairs, so bp and rows[r] + q are inside b and a.
             unsafe {
-                let b0 = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(bp.cast()));
-                let b1 =
-                    std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(bp.add(16).cast()));
+                let bv: [__m512bh; V] = std::array::from_fn(|v| {
+                    std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                        bp.add(16 * v).cast(),
+                    ))
+                });
                 for r in 0..R {
                     let pair = _mm512_set1_epi32(*rows[r].add(q * step) as i32);
                     let av = std::mem::transmute::<__m512i, __m512bh>(pair);
-                    acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, b0);
-                    acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, b1);
+                    for v in 0..V {
+                        acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
+                    }
                 }
-                bp = bp.add(NR);
+                bp = bp.add(nr);
             }
         }
         // SAFETY: as this function's.
-        unsafe { store_tile(&acc, ldc, target, store) }
+        unsafe { store_tile(&two_vectors(acc), ldc, target, store) }
+    }
+
+    /// A tile's accumulators as [`store_tile`] takes them, two vectors a
+    /// row: a narrow tile's second vector lies past its columns, masked
+    /// off by the store and never written.
+    #[inline(always)]
+    fn two_vectors<const R: usize, const V: usize>(acc: [[__m512; V]; R]) -> [[__m512; 2]; R] {
+        // SAFETY: all-zero bits are a valid __m512 (0.0 in every lane).
+        let zero = unsafe { std::mem::zeroed::<__m512>() };
+        std::array::from_fn(|r| std::array::from_fn(|v| acc[r].get(v).copied().unwrap_or(zero)))
     }
 
     /// One R x NR tile of C = A x B in FP32 over all of K, stored as
@@ -770,7 +818,7 @@ pub(crate) mod x86 {
         unsafe { tile_f32_body::<R, 1>(a, b, ldc, target, store) }
     }
 
-    /// The body of [`tile_f32`] (`V` = 2, [`NR`] columns) and of
+    /// The body of [`tile_f32`] (`V` = 2, [`super::NR`] columns) and of
     /// [`tile_f32_narrow`] (`V` = 1, [`super::NR_NARROW`]), inlined into
     /// each of their compilations.
     #[inline(always)]
@@ -790,13 +838,8 @@ pub(crate) mod x86 {
             // the panel K rows from `at` on.
             unsafe { fma_run(&mut acc, rows, b.as_ptr().add(at * nr), len) }
         }
-        // A narrow tile's second vector of a row lies past its columns:
-        // masked off by the store, never written.
-        let acc: [[__m512; 2]; R] = std::array::from_fn(|r| {
-            std::array::from_fn(|v| acc[r].get(v).copied().unwrap_or(_mm512_setzero_ps()))
-        });
         // SAFETY: as this function's.
-        unsafe { store_tile(&acc, ldc, target, store) }
+        unsafe { store_tile(&two_vectors(acc), ldc, target, store) }
     }
 
     /// [`tile_f32`] on AVX2 with FMA: a tile of up to [`MR_AVX2`] x
