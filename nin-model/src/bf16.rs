@@ -26,7 +26,7 @@ use rayon::prelude::*;
 
 use crate::aligned::Aligned;
 use crate::matmul::Mat;
-use crate::tile::{self, Epilogue, Operands, Out, Store, Threads, NR, NR_NARROW};
+use crate::tile::{self, Bf16Left, Epilogue, Operands, Out, Store, Threads, NR, NR_NARROW};
 
 /// Whether this CPU has the units [`matmul`] needs (AVX512-BF16). Checked
 /// at run time: one binary serves every x86-64 CPU.
@@ -87,6 +87,13 @@ pub fn speed_against_fp32() -> Option<f64> {
 /// times: about 20 and 80 µs at the rates above.
 #[cfg(target_arch = "x86_64")]
 const RATE_ROUNDS: usize = 4096;
+
+/// Whether bf16 products read a convolution's windows where its maps
+/// lie ([`Bf16Left::Conv`]) rather than im2col rows: on AVX512-BF16 alone,
+/// since AMX's tiles load whole rows of pairs.
+pub(crate) fn reads_windows() -> bool {
+    !Unit::Amx.present()
+}
 
 /// The units a bf16 product runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -502,7 +509,7 @@ fn matmul_on<D: Deref<Target = [u32]>>(
         epilogue: None,
         pairs: None,
     };
-    if !product(unit, a, b, store, Threads::Pool) && !accumulate {
+    if !product(unit, &Bf16Left::Rows(*a), b, store, Threads::Pool) && !accumulate {
         dst.fill(0.0);
     }
 }
@@ -513,13 +520,16 @@ fn matmul_on<D: Deref<Target = [u32]>>(
 /// needs only its pairs.
 pub(crate) fn matmul_relu(
     dst: Option<&mut [f32]>,
-    a: &Bf16Rows,
+    a: &Bf16Left,
     b: &PackedB,
     epilogue: Epilogue,
     pairs_out: Option<&mut [u32]>,
     threads: Threads,
 ) {
-    let unit = Unit::best_for(a);
+    let unit = match a {
+        Bf16Left::Rows(rows) => Unit::best_for(rows),
+        Bf16Left::Conv(_) => Unit::Avx512Bf16,
+    };
     matmul_relu_on(unit, dst, a, b, epilogue, pairs_out, threads)
 }
 
@@ -527,18 +537,18 @@ pub(crate) fn matmul_relu(
 fn matmul_relu_on(
     unit: Unit,
     dst: Option<&mut [f32]>,
-    a: &Bf16Rows,
+    a: &Bf16Left,
     b: &PackedB,
     epilogue: Epilogue,
     pairs_out: Option<&mut [u32]>,
     threads: Threads,
 ) {
     if let Some(dst) = &dst {
-        assert_eq!(dst.len(), a.rows * b.n, "output size");
+        assert_eq!(dst.len(), a.rows() * b.n, "output size");
     }
     assert!(epilogue.shift.len() == b.n && epilogue.scale.is_none_or(|s| s.len() == b.n));
     if let Some(p) = &pairs_out {
-        assert_eq!(p.len(), a.rows * pairs(b.n), "pairs size");
+        assert_eq!(p.len(), a.rows() * pairs(b.n), "pairs size");
     }
     let store = Store {
         c: dst.map(|d| Out(d.as_mut_ptr())),
@@ -554,7 +564,7 @@ fn matmul_relu_on(
 /// stores nothing, for an empty K without an epilogue.
 fn product<D: Deref<Target = [u32]>>(
     unit: Unit,
-    a: &Bf16Rows,
+    a: &Bf16Left,
     b: &PackedB<D>,
     store: Store,
     threads: Threads,
@@ -565,10 +575,13 @@ fn product<D: Deref<Target = [u32]>>(
     );
     if unit == Unit::Amx {
         // Its tiles read whole runs of 16 rows where they lie.
+        let Bf16Left::Rows(a) = a else {
+            panic!("AMX reads rows of pairs, not a convolution's windows")
+        };
         assert!(a.pair_step == 1, "AMX reads rows of contiguous pairs");
         assert!(a.rows == 0 || (a.rows - 1) * a.row_step + a.pairs <= a.data.len());
     }
-    assert_eq!(a.pairs, b.pairs, "inner dimensions");
+    assert_eq!(a.pairs(), b.pairs, "inner dimensions");
     assert!(unit != Unit::Amx || b.nr == NR, "AMX on narrow panels");
     tile::drive(
         Operands::Bf16(a, &b.data, b.pairs, b.nr, unit),
@@ -942,7 +955,7 @@ pub(crate) mod tests {
             matmul_relu_on(
                 unit,
                 Some(&mut fused),
-                &rows,
+                &Bf16Left::Rows(rows),
                 &packed,
                 epilogue,
                 Some(&mut out_pairs),
@@ -957,13 +970,79 @@ pub(crate) mod tests {
             matmul_relu_on(
                 unit,
                 None,
-                &rows,
+                &Bf16Left::Rows(rows),
                 &packed,
                 epilogue,
                 Some(&mut alone),
                 Threads::Here,
             );
             assert_eq!(alone, converted, "{unit:?} ({m}, {k}, {n}) pairs alone");
+        }
+    }
+
+    /// A convolution read in place from its framed maps of pairs gives
+    /// what im2col of those pairs then the product give, bit for bit (the
+    /// same sums in the same order), for strips of output pixels, with
+    /// padding, strides, ragged tiles and narrow and wide panels.
+    #[test]
+    fn windows_of_pairs_read_in_place_match_im2col() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        use crate::channels_last::{im2col_rows_of_pairs_into, pad_into, Geometry};
+        use crate::tile::ConvRows;
+        for (n, h, w, c, kernel, stride, padding, c_out) in [
+            (2, 7, 7, 16, 3, 1, 1, 10),
+            (1, 6, 5, 24, 3, 2, 0, 40),
+            (3, 4, 4, 16, 5, 1, 2, 33),
+            (1, 9, 9, 32, 3, 1, 1, 64),
+            (1, 13, 13, 64, 4, 2, 1, 96),
+        ] {
+            let g = Geometry {
+                window: crate::config::Window::new(kernel, stride, padding),
+                n,
+                h,
+                w,
+                c,
+            };
+            let (oh, ow) = g.out_dims().unwrap();
+            let (m, k) = (n * oh * ow, kernel * kernel * c);
+            let src = values(n * h * w * c, 5);
+            let mut src_pairs = vec![0u32; n * h * w * pairs(c)];
+            Bf16Rows::convert(Mat::new(&src, n * h * w, c), &mut src_pairs);
+            let packed = PackedB::new(Mat::new(&values(k * c_out, 6), k, c_out));
+            let shift = values(c_out, 7);
+            let epilogue = Epilogue {
+                scale: None,
+                shift: &shift,
+            };
+            // The maps as pairs: a pixel holds C/2 of them.
+            let in_pairs = Geometry { c: c / 2, ..g };
+            let framed = in_pairs.framed();
+            let mut maps = vec![u32::MAX; n * framed.h * framed.w * framed.c];
+            pad_into(&in_pairs, &src_pairs, &mut maps).unwrap();
+            for (first, rows) in [(0, m), (1, m - 1), (m / 3, m / 2)] {
+                let mut cols = vec![u32::MAX; rows * pairs(k)];
+                im2col_rows_of_pairs_into(&g, &src_pairs, first, &mut cols).unwrap();
+                let copied = Bf16Left::Rows(Bf16Rows::from_pairs(&cols, rows, k));
+                let mut want = vec![f32::NAN; rows * c_out];
+                let unit = Unit::Avx512Bf16;
+                let (want_ref, threads) = (Some(&mut want[..]), Threads::Here);
+                matmul_relu_on(unit, want_ref, &copied, &packed, epilogue, None, threads);
+                let in_place = Bf16Left::Conv(ConvRows::new(&maps, framed, first, rows).unwrap());
+                assert_eq!(in_place.pairs(), pairs(k));
+                for threads in [Threads::Here, Threads::Pool] {
+                    let mut got = vec![f32::NAN; rows * c_out];
+                    matmul_relu(Some(&mut got), &in_place, &packed, epilogue, None, threads);
+                    assert_eq!(
+                        got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        "{g:?} rows {first}..{}",
+                        first + rows
+                    );
+                }
+            }
         }
     }
 

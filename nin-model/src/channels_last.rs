@@ -154,7 +154,11 @@ pub(crate) fn im2col_rows_of_pairs_into(
 /// convolution's windows from. `out` holds N*(H+2p)*(W+2p)*C values,
 /// all written. One copy of the maps, where im2col writes each value up
 /// to k x k times.
-pub(crate) fn pad_into(g: &Geometry, src: &[f32], out: &mut [f32]) -> Result<()> {
+pub(crate) fn pad_into<T: Copy + Default + Send + Sync>(
+    g: &Geometry,
+    src: &[T],
+    out: &mut [T],
+) -> Result<()> {
     let framed = g.framed();
     let (p, c) = (g.window.padding, g.c);
     let (map, framed_map) = (g.h * g.w * c, framed.h * framed.w * c);
@@ -175,11 +179,11 @@ pub(crate) fn pad_into(g: &Geometry, src: &[f32], out: &mut [f32]) -> Result<()>
             match y.checked_sub(p).filter(|&y| y < g.h) {
                 Some(y) => {
                     let src = &src[n * map + y * g.w * c..n * map + (y + 1) * g.w * c];
-                    out[..p * c].fill(0.0);
+                    out[..p * c].fill(T::default());
                     out[p * c..(p + g.w) * c].copy_from_slice(src);
-                    out[(p + g.w) * c..].fill(0.0);
+                    out[(p + g.w) * c..].fill(T::default());
                 }
-                None => out.fill(0.0),
+                None => out.fill(T::default()),
             }
         });
     Ok(())

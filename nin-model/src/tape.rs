@@ -46,7 +46,7 @@ use crate::config::Window;
 use crate::dropout::Dropout;
 use crate::matmul::{matmul, matmul_packed, matmul_tn, packed_in, Mat, Tall};
 use crate::precision::Precision;
-use crate::tile::{self, ConvRows, Epilogue, F32Rows, Isa, Left, PackedF32, Threads};
+use crate::tile::{self, Bf16Left, ConvRows, Epilogue, F32Rows, Isa, Left, PackedF32, Threads};
 
 /// Free buffers kept for the next step: the pool a model's passes draw from.
 #[derive(Debug, Default)]
@@ -541,33 +541,35 @@ fn affine_of(unit: &ConvUnit) -> Result<Arc<Affine>> {
 }
 
 /// Output pixels `first..first + rows` of the convolution `framed` over
-/// the framed maps `src`, read in place (see [`ConvRows`]).
-fn conv_rows<'a>(
-    src: &'a [f32],
+/// the framed maps `src` (f32 values or bf16 pairs), read in place (see
+/// [`ConvRows`]).
+fn conv_rows<'a, T>(
+    src: &'a [T],
     framed: &Geometry,
     first: usize,
     rows: usize,
-) -> Result<ConvRows<'a>> {
+) -> Result<ConvRows<'a, T>> {
     match ConvRows::new(src, *framed, first, rows) {
         Some(rows) => Ok(rows),
         None => bail!("windows {first}..{} do not fit {framed:?}", first + rows),
     }
 }
 
-/// `x` framed by `geometry`'s padding (see [`cl::pad_into`]), or `None`
+/// The maps `data` (`geometry.c` values a pixel: channels, or pairs of
+/// them) framed by `geometry`'s padding (see [`cl::pad_into`]), or `None`
 /// where there is none (the maps are read as they are), and the framed
 /// maps' geometry.
-fn framed_maps(
-    x: &Maps,
+fn framed_maps<T: Pooled + Default>(
+    data: &[T],
     geometry: &Geometry,
     pool: &Arc<Buffers>,
-) -> Result<(Option<Buf<f32>>, Geometry)> {
+) -> Result<(Option<Buf<T>>, Geometry)> {
     let framed = geometry.framed();
     if geometry.window.padding == 0 {
         return Ok((None, framed));
     }
     let mut maps = pool.take(framed.n * framed.h * framed.w * framed.c);
-    cl::pad_into(geometry, &x.data, &mut maps)?;
+    cl::pad_into(geometry, data, &mut maps)?;
     Ok((Some(maps), framed))
 }
 
@@ -664,11 +666,22 @@ fn conv_chain(
     let mut out = pool.take(if pairs_out { 0 } else { m * channels });
     let mut out_pairs = pool.take(if pairs_out { m * pairs_per_row } else { 0 });
     let x_pairs = x.only_pairs();
-    // An FP32 chain's maps framed by its padding, to read its windows
-    // from (see `ConvRows`).
+    // The chain's input maps framed by its padding, to read its windows
+    // from (see `ConvRows`): f32 maps for an FP32 chain, pairs for a bf16
+    // one where its products read windows (not on AMX).
     let framed = match (&links[0].packed, pointwise, x_pairs) {
         (Packed::F32(_), false, None) if ConvRows::pay(c_in) => {
-            Some(framed_maps(x, &geometry, pool)?)
+            Some(framed_maps(&x.data, &geometry, pool)?)
+        }
+        _ => None,
+    };
+    let framed_pairs = match (&links[0].packed, pointwise, x_pairs) {
+        (Packed::Bf16(_), false, Some(given)) if ConvRows::pay(c_in) && bf16::reads_windows() => {
+            let in_pairs = Geometry {
+                c: c_in / 2,
+                ..geometry
+            };
+            Some(framed_maps(given, &in_pairs, pool)?)
         }
         _ => None,
     };
@@ -695,14 +708,24 @@ fn conv_chain(
                 (Packed::Bf16(_), true, Some(given)) => {
                     let per_row = bf16::pairs(c_in);
                     let given = &given[first_row * per_row..(first_row + rows) * per_row];
-                    LinkInput::Pairs(Bf16Rows::from_pairs(given, rows, c_in))
+                    LinkInput::Pairs(Bf16Left::Rows(Bf16Rows::from_pairs(given, rows, c_in)))
                 }
-                (Packed::Bf16(_), false, Some(given)) => {
-                    let mut taken = pool.take(rows * bf16::pairs(row_len));
-                    cl::im2col_rows_of_pairs_into(&geometry, given, first_row, &mut taken)?;
-                    cols_pairs = taken;
-                    LinkInput::Pairs(Bf16Rows::from_pairs(&cols_pairs, rows, row_len))
-                }
+                (Packed::Bf16(_), false, Some(given)) => match &framed_pairs {
+                    Some((maps, framed)) => {
+                        let maps = maps.as_deref().unwrap_or(given);
+                        LinkInput::Pairs(Bf16Left::Conv(conv_rows(maps, framed, first_row, rows)?))
+                    }
+                    None => {
+                        let mut taken = pool.take(rows * bf16::pairs(row_len));
+                        cl::im2col_rows_of_pairs_into(&geometry, given, first_row, &mut taken)?;
+                        cols_pairs = taken;
+                        LinkInput::Pairs(Bf16Left::Rows(Bf16Rows::from_pairs(
+                            &cols_pairs,
+                            rows,
+                            row_len,
+                        )))
+                    }
+                },
                 (Packed::F32(_), true, None) => {
                     let data = &x.data[first_row * c_in..(first_row + rows) * c_in];
                     LinkInput::F32(Left::Rows(F32Rows {
@@ -736,13 +759,21 @@ fn conv_chain(
                         bf16::convert_row(row, out);
                     }
                     cols_pairs = taken;
-                    LinkInput::Pairs(Bf16Rows::from_pairs(&cols_pairs, rows, c_in))
+                    LinkInput::Pairs(Bf16Left::Rows(Bf16Rows::from_pairs(
+                        &cols_pairs,
+                        rows,
+                        c_in,
+                    )))
                 }
                 (Packed::Bf16(_), false, None) => {
                     let mut taken = pool.take(rows * bf16::pairs(row_len));
                     cl::im2col_pairs_rows_into(&geometry, &x.data, first_row, &mut taken)?;
                     cols_pairs = taken;
-                    LinkInput::Pairs(Bf16Rows::from_pairs(&cols_pairs, rows, row_len))
+                    LinkInput::Pairs(Bf16Left::Rows(Bf16Rows::from_pairs(
+                        &cols_pairs,
+                        rows,
+                        row_len,
+                    )))
                 }
             };
             // The maps between two layers of the strip.
@@ -757,7 +788,11 @@ fn conv_chain(
                     let mut pairs = pool.take(rows * bf16::pairs(c_out));
                     link.run(&input, None, Some(&mut pairs))?;
                     between_pairs = pairs;
-                    input = LinkInput::Pairs(Bf16Rows::from_pairs(&between_pairs, rows, c_out));
+                    input = LinkInput::Pairs(Bf16Left::Rows(Bf16Rows::from_pairs(
+                        &between_pairs,
+                        rows,
+                        c_out,
+                    )));
                 } else {
                     let mut y = pool.take(rows * c_out);
                     link.run(&input, Some(&mut y), None)?;
@@ -825,7 +860,7 @@ enum Packed {
 /// A strip's rows as a layer of a chain reads them.
 enum LinkInput<'a> {
     F32(Left<'a>),
-    Pairs(Bf16Rows<'a>),
+    Pairs(Bf16Left<'a>),
 }
 
 /// One layer of a chain: its weights, the scale and shift before its

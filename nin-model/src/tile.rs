@@ -108,10 +108,14 @@ impl F32Rows<'_> {
 /// with no test for the border in the kernel. The im2col copy this saves
 /// (nine times the maps, written then read again) was 8% of the shipped
 /// network's FP32 pass.
+///
+/// `T` is what a pixel holds C of: f32 values for the FP32 kernel, or
+/// bf16 pairs (`u32`, C/2 a pixel) for the bf16 one, whose K then
+/// counts pairs.
 #[derive(Clone, Copy)]
-pub(crate) struct ConvRows<'a> {
+pub(crate) struct ConvRows<'a, T = f32> {
     /// The input maps, (N*H*W, C) channels-last, padding included.
-    src: &'a [f32],
+    src: &'a [T],
     geometry: Geometry,
     /// Output columns: rows run over output pixels in (n, y, x) order.
     ow: usize,
@@ -121,7 +125,7 @@ pub(crate) struct ConvRows<'a> {
     rows: usize,
 }
 
-impl<'a> ConvRows<'a> {
+impl ConvRows<'_> {
     /// Whether a convolution of `c` input channels is better read in
     /// place than copied out: a kernel row is a stretch of k x C values,
     /// so a few channels (the first layer's one) would make stretches
@@ -129,16 +133,13 @@ impl<'a> ConvRows<'a> {
     pub(crate) fn pay(c: usize) -> bool {
         c >= 16
     }
+}
 
+impl<'a, T> ConvRows<'a, T> {
     /// Output pixels `first..first + rows` of the convolution `geometry`
     /// over `src`, maps whose padding is already in them (the window's
     /// is 0), or `None` when the sizes do not match.
-    pub(crate) fn new(
-        src: &'a [f32],
-        geometry: Geometry,
-        first: usize,
-        rows: usize,
-    ) -> Option<Self> {
+    pub(crate) fn new(src: &'a [T], geometry: Geometry, first: usize, rows: usize) -> Option<Self> {
         let g = geometry;
         let (oh, ow) = g.out_dims().ok()?;
         (g.window.padding == 0
@@ -169,7 +170,7 @@ impl<'a> ConvRows<'a> {
 
     /// Where kernel row `ky` of each window lies.
     #[inline(always)]
-    fn kernel_rows<const R: usize>(&self, windows: &[usize; R], ky: usize) -> [*const f32; R] {
+    fn kernel_rows<const R: usize>(&self, windows: &[usize; R], ky: usize) -> [*const T; R] {
         let g = &self.geometry;
         // SAFETY: `new` checked that every window of rows first..first +
         // rows lies inside `src`: kernel row ky of a window starts
@@ -220,39 +221,104 @@ impl<'a> Left<'a> {
     /// rows in memory are one stretch of all of K, a convolution's
     /// windows one per kernel row, of k x C values each.
     #[inline(always)]
-    fn stretches<const R: usize>(&self, target: Tile) -> Stretches<'a, R> {
+    fn stretches<const R: usize>(&self, target: Tile) -> Stretches<'a, f32, R> {
         match *self {
-            Left::Rows(a) => Stretches {
-                conv: None,
-                windows: [0; R],
-                first: Some(a.tile_rows(target)),
-                ky: 0,
-                len: a.k,
-            },
-            Left::Conv(a) => Stretches {
-                conv: Some(a),
-                windows: a.windows(target),
-                first: None,
-                ky: 0,
-                len: a.geometry.window.kernel * a.geometry.c,
-            },
+            Left::Rows(a) => Stretches::whole(a.tile_rows(target), a.k),
+            Left::Conv(a) => Stretches::windows(a, target),
         }
     }
 }
 
-/// What [`Left::stretches`] walks.
-struct Stretches<'a, const R: usize> {
-    conv: Option<ConvRows<'a>>,
+/// The bf16 kernel's left operand: rows of pairs that lie in memory, or
+/// a convolution's windows over its input maps in pairs (as [`Left`] is
+/// FP32's). AMX reads whole rows of pairs, so windows run on AVX512-BF16.
+#[derive(Clone, Copy)]
+pub(crate) enum Bf16Left<'a> {
+    Rows(Bf16Rows<'a>),
+    Conv(ConvRows<'a, u32>),
+}
+
+impl<'a> Bf16Left<'a> {
+    /// Rows of the product (M).
+    pub(crate) fn rows(&self) -> usize {
+        match self {
+            Bf16Left::Rows(a) => a.rows,
+            Bf16Left::Conv(a) => a.rows,
+        }
+    }
+
+    /// Pairs of K a row.
+    pub(crate) fn pairs(&self) -> usize {
+        match self {
+            Bf16Left::Rows(a) => a.pairs,
+            Bf16Left::Conv(a) => {
+                let g = &a.geometry;
+                g.window.kernel * g.window.kernel * g.c
+            }
+        }
+    }
+
+    /// Pairs from one pair of K to the next within a row: 1 but for
+    /// transposed rows (training's weight gradients).
+    fn pair_step(&self) -> usize {
+        match self {
+            Bf16Left::Rows(a) => a.pair_step,
+            Bf16Left::Conv(_) => 1,
+        }
+    }
+
+    /// As [`Left::stretches`], in pairs of K.
+    #[inline(always)]
+    fn stretches<const R: usize>(&self, target: Tile) -> Stretches<'a, u32, R> {
+        match *self {
+            Bf16Left::Rows(a) => Stretches::whole(
+                std::array::from_fn(|r| a.data[(target.row + r) * a.row_step..].as_ptr()),
+                a.pairs,
+            ),
+            Bf16Left::Conv(a) => Stretches::windows(a, target),
+        }
+    }
+}
+
+/// What [`Left::stretches`] and [`Bf16Left::stretches`] walk.
+struct Stretches<'a, T, const R: usize> {
+    conv: Option<ConvRows<'a, T>>,
     windows: [usize; R],
     /// Rows in memory: their one stretch, until taken.
-    first: Option<[*const f32; R]>,
+    first: Option<[*const T; R]>,
     /// A convolution's next kernel row.
     ky: usize,
     len: usize,
 }
 
-impl<const R: usize> Iterator for Stretches<'_, R> {
-    type Item = ([*const f32; R], usize, usize);
+impl<'a, T, const R: usize> Stretches<'a, T, R> {
+    /// Rows in memory: one stretch of `len`.
+    #[inline(always)]
+    fn whole(rows: [*const T; R], len: usize) -> Self {
+        Self {
+            conv: None,
+            windows: [0; R],
+            first: Some(rows),
+            ky: 0,
+            len,
+        }
+    }
+
+    /// A convolution's windows: a stretch per kernel row.
+    #[inline(always)]
+    fn windows(conv: ConvRows<'a, T>, target: Tile) -> Self {
+        Self {
+            windows: conv.windows(target),
+            first: None,
+            ky: 0,
+            len: conv.geometry.window.kernel * conv.geometry.c,
+            conv: Some(conv),
+        }
+    }
+}
+
+impl<T, const R: usize> Iterator for Stretches<'_, T, R> {
+    type Item = ([*const T; R], usize, usize);
 
     #[inline(always)]
     fn next(&mut self) -> Option<Self::Item> {
@@ -444,7 +510,7 @@ fn f32_store<'a>(
 /// which kernel runs it.
 #[derive(Clone, Copy)]
 pub(crate) enum Operands<'a> {
-    Bf16(&'a Bf16Rows<'a>, &'a [u32], usize, usize, Unit),
+    Bf16(&'a Bf16Left<'a>, &'a [u32], usize, usize, Unit),
     F32(&'a Left<'a>, &'a PackedF32),
 }
 
@@ -491,7 +557,10 @@ unsafe fn run_tile(ops: Operands, n: usize, store: Store, target: Tile) {
                 let panel = target.col / nr;
                 let b_panel = &b[panel * pairs * nr..(panel + 1) * pairs * nr];
                 match (unit, nr == NR_NARROW) {
-                    (Unit::Amx, _) => crate::amx::tile(a, b_panel, n, target, store),
+                    (Unit::Amx, _) => match a {
+                        Bf16Left::Rows(a) => crate::amx::tile(a, b_panel, n, target, store),
+                        Bf16Left::Conv(_) => unreachable!("windows on AMX"),
+                    },
                     (Unit::Avx512Bf16, true) => with_rows!(target.rows, tile_narrow,
                         [1 2 3 4 5 6 7 8], (a, b_panel, n, target, store)),
                     (Unit::Avx512Bf16, false) => with_rows!(target.rows, tile,
@@ -525,7 +594,7 @@ unsafe fn run_tile(ops: Operands, n: usize, store: Store, target: Tile) {
 /// on the `threads` given.
 pub(crate) fn drive(ops: Operands, n: usize, store: Store, threads: Threads) -> bool {
     let (m, depth) = match ops {
-        Operands::Bf16(a, _, pairs, ..) => (a.rows, pairs),
+        Operands::Bf16(a, _, pairs, ..) => (a.rows(), pairs),
         Operands::F32(a, b) => (a.rows(), b.k),
     };
     if m == 0 || n == 0 {
@@ -594,8 +663,7 @@ pub(crate) struct Tile {
 pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Left, Store, Tile, MR_AVX2, NR_AVX2};
-    use crate::bf16::Bf16Rows;
+    use super::{Bf16Left, Left, Store, Tile, MR_AVX2, NR_AVX2};
 
     /// One R x NR tile of C = A x B over all of K (R = `target.rows`, at
     /// most [`super::MR`]), stored at `target` as `store` says (`ldc` values per
@@ -609,7 +677,7 @@ pub(crate) mod x86 {
     /// its epilogue's vectors `ldc` long.
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub(super) unsafe fn tile<const R: usize>(
-        a: &Bf16Rows,
+        a: &Bf16Left,
         b: &[u32],
         ldc: usize,
         target: Tile,
@@ -626,7 +694,7 @@ pub(crate) mod x86 {
     /// As for [`tile`], with that panel.
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub(super) unsafe fn tile_narrow<const R: usize>(
-        a: &Bf16Rows,
+        a: &Bf16Left,
         b: &[u32],
         ldc: usize,
         target: Tile,
@@ -641,37 +709,37 @@ pub(crate) mod x86 {
     /// A per row and `V` vectors of B's pairs per pair of K.
     #[inline(always)]
     unsafe fn tile_body<const R: usize, const V: usize>(
-        a: &Bf16Rows,
+        a: &Bf16Left,
         b: &[u32],
         ldc: usize,
         target: Tile,
         store: Store,
     ) {
-        let (pairs, step, nr) = (a.pairs, a.pair_step, 16 * V);
-        debug_assert!(target.rows == R && target.row + R <= a.rows);
-        debug_assert!(target.cols <= nr && b.len() == pairs * nr);
-        let rows: [*const u32; R] = std::array::from_fn(|r| {
-            // SAFETY: row target.row + r of `a`.
-            unsafe { a.data.as_ptr().add((target.row + r) * a.row_step) }
-        });
+        let (step, nr) = (a.pair_step(), 16 * V);
+        debug_assert!(target.rows == R && target.row + R <= a.rows());
+        debug_assert!(target.cols <= nr && b.len() == a.pairs() * nr);
         let mut acc = [[_mm512_setzero_ps(); V]; R];
-        let mut bp = b.as_ptr();
-        for q in 0..pairs {
-            // SAFETY: q < pairs, so bp and rows[r] + q are inside b and a.
-            unsafe {
-                let bv: [__m512bh; V] = std::array::from_fn(|v| {
-                    std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
-                        bp.add(16 * v).cast(),
-                    ))
-                });
-                for r in 0..R {
-                    let pair = _mm512_set1_epi32(*rows[r].add(q * step) as i32);
-                    let av = std::mem::transmute::<__m512i, __m512bh>(pair);
-                    for v in 0..V {
-                        acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
+        for (rows, at, len) in a.stretches::<R>(target) {
+            // SAFETY: the panel's pairs of K from `at` on.
+            let mut bp = unsafe { b.as_ptr().add(at * nr) };
+            for q in 0..len {
+                // SAFETY: q < len, so bp and rows[r] + q * step are inside
+                // b and a (the caller's).
+                unsafe {
+                    let bv: [__m512bh; V] = std::array::from_fn(|v| {
+                        std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                            bp.add(16 * v).cast(),
+                        ))
+                    });
+                    for r in 0..R {
+                        let pair = _mm512_set1_epi32(*rows[r].add(q * step) as i32);
+                        let av = std::mem::transmute::<__m512i, __m512bh>(pair);
+                        for v in 0..V {
+                            acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
+                        }
                     }
+                    bp = bp.add(nr);
                 }
-                bp = bp.add(nr);
             }
         }
         // SAFETY: as this function's.
