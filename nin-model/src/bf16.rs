@@ -992,20 +992,8 @@ pub(crate) mod tests {
         }
         use crate::channels_last::{im2col_rows_of_pairs_into, pad_into, Geometry};
         use crate::tile::ConvRows;
-        for (n, h, w, c, kernel, stride, padding, c_out) in [
-            (2, 7, 7, 16, 3, 1, 1, 10),
-            (1, 6, 5, 24, 3, 2, 0, 40),
-            (3, 4, 4, 16, 5, 1, 2, 33),
-            (1, 9, 9, 32, 3, 1, 1, 64),
-            (1, 13, 13, 64, 4, 2, 1, 96),
-        ] {
-            let g = Geometry {
-                window: crate::config::Window::new(kernel, stride, padding),
-                n,
-                h,
-                w,
-                c,
-            };
+        for (g, c_out) in crate::tile::tests::window_cases() {
+            let (n, h, w, c, kernel) = (g.n, g.h, g.w, g.c, g.window.kernel);
             let (oh, ow) = g.out_dims().unwrap();
             let (m, k) = (n * oh * ow, kernel * kernel * c);
             let src = values(n * h * w * c, 5);

@@ -1244,9 +1244,28 @@ pub(crate) mod x86 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::bf16::tests::values;
+
+    /// The convolutions the in-place window tests run, as (geometry,
+    /// output channels): padding, strides, ragged tiles, narrow and wide
+    /// panels.
+    pub(crate) fn window_cases() -> Vec<(Geometry, usize)> {
+        [
+            (2, 7, 7, 16, 3, 1, 1, 10),
+            (1, 6, 5, 24, 3, 2, 0, 40),
+            (3, 4, 4, 16, 5, 1, 2, 33),
+            (1, 9, 9, 32, 3, 1, 1, 64),
+            (1, 13, 13, 64, 4, 2, 1, 96),
+        ]
+        .into_iter()
+        .map(|(n, h, w, c, kernel, stride, padding, c_out)| {
+            let window = crate::config::Window::new(kernel, stride, padding);
+            (Geometry { window, n, h, w, c }, c_out)
+        })
+        .collect()
+    }
 
     /// Every FP32 kernel this CPU runs, with its epilogue, against
     /// relu(A B * scale + shift) in f64, on ragged sizes (none a multiple
@@ -1365,19 +1384,8 @@ mod tests {
                 eprintln!("skipped: this CPU has no {isa:?}");
                 continue;
             }
-            for (n, h, w, c, kernel, stride, padding, c_out) in [
-                (2, 7, 7, 16, 3, 1, 1, 10),
-                (1, 6, 5, 24, 3, 2, 0, 40),
-                (3, 4, 4, 16, 5, 1, 2, 33),
-                (1, 9, 9, 32, 3, 1, 1, 64),
-            ] {
-                let g = Geometry {
-                    window: crate::config::Window::new(kernel, stride, padding),
-                    n,
-                    h,
-                    w,
-                    c,
-                };
+            for (g, c_out) in window_cases() {
+                let (n, h, w, c, kernel) = (g.n, g.h, g.w, g.c, g.window.kernel);
                 let (oh, ow) = g.out_dims().unwrap();
                 let (m, k) = (n * oh * ow, kernel * kernel * c);
                 let src = values(n * h * w * c, 5);
@@ -1432,7 +1440,7 @@ mod tests {
                 // window with padding left, are refused.
                 assert!(ConvRows::new(&maps, framed, 1, m).is_none());
                 assert!(ConvRows::new(&maps[1..], framed, 0, m).is_none());
-                assert_eq!(ConvRows::new(&src, g, 0, m).is_none(), padding > 0);
+                assert_eq!(ConvRows::new(&src, g, 0, m).is_none(), g.window.padding > 0);
             }
         }
     }
