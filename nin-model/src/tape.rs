@@ -599,13 +599,15 @@ const MIN_STRIP_MACS: usize = 1 << 18;
 
 /// Inference of a chain of convolutions (see [`chain`]): a k x k one and
 /// the 1x1 ones after it, as one pass. Each task takes a strip of output
-/// pixels through every layer of the chain: its im2col rows, then each
-/// product with its bias or norm and ReLU, the maps between layers in a
-/// buffer of the strip's size (f32, or the bf16 pairs the next layer
-/// reads), which stays in cache. A 1x1 convolution reads nothing but its
-/// own pixel, so a strip needs nothing from the others: a block forks
-/// once instead of once per layer (and once more for im2col), and writes
-/// only its last layer's maps, in f32.
+/// pixels through every layer of the chain: its windows (read where the
+/// framed maps lie, see [`ConvRows`], or copied out as im2col rows for
+/// few channels and under AMX), then each product with its bias or norm
+/// and ReLU, the maps between layers in a buffer of the strip's size
+/// (f32, or the bf16 pairs the next layer reads), which stays in cache.
+/// A 1x1 convolution reads nothing but its own pixel, so a strip needs
+/// nothing from the others: a block forks once instead of once per layer
+/// (and once more for im2col), and writes only its last layer's maps, in
+/// f32.
 ///
 /// With `pairs` (bf16 only), the last layer writes its maps in bf16 pairs
 /// alone, for the bf16 convolution after it, max-pool or not (see
@@ -832,9 +834,9 @@ fn conv_chain(
 /// dropout (nothing in inference), a convolution with an even number of
 /// input channels (one that reads pairs) reads them, directly or after a
 /// max-pool. The pool then compares pairs (see
-/// `channels_last::max_pool_pairs_into`) and the next chain's im2col
-/// copies them: the maps are never written in f32 nor converted into
-/// pairs again.
+/// `channels_last::max_pool_pairs_into`) and the next chain reads its
+/// windows of them (see [`conv_chain`]): the maps are never written in
+/// f32 nor converted into pairs again.
 fn pairs_suffice(rest: &[Step]) -> bool {
     let mut next = rest
         .iter()

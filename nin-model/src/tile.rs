@@ -14,7 +14,8 @@
 //!
 //! - FP32: [`F32Rows`] (or a convolution's windows, [`ConvRows`]) and
 //!   [`PackedF32`], one FMA per value of K;
-//! - bf16: [`crate::bf16`]'s pairs, one `vdpbf16ps` per pair of K.
+//! - bf16: [`crate::bf16`]'s pairs (or a convolution's windows of pairs:
+//!   [`Bf16Left`]), one `vdpbf16ps` per pair of K.
 //!
 //! FP32 here replaces `gemm` for inference only: `gemm` packs both
 //! operands on every call and knows nothing of the layer after the
