@@ -119,11 +119,12 @@ impl Unit {
     }
 
     /// The fastest unit for a product whose left operand is `a`: AMX
-    /// loads A's rows where they lie, so it needs their pairs contiguous
-    /// (every product but training's weight gradients, whose A is a
-    /// transpose).
-    pub(crate) fn best_for(a: &Bf16Rows) -> Self {
-        if a.pair_step == 1 && Unit::Amx.present() {
+    /// loads A's rows where they lie, so it needs rows (not a
+    /// convolution's windows) whose pairs are contiguous (every product
+    /// but training's weight gradients, whose A is a transpose).
+    pub(crate) fn best_for(a: &Bf16Left) -> Self {
+        let contiguous_rows = matches!(a, Bf16Left::Rows(rows) if rows.pair_step == 1);
+        if contiguous_rows && Unit::Amx.present() {
             Unit::Amx
         } else {
             Unit::Avx512Bf16
@@ -491,7 +492,7 @@ pub(crate) fn matmul<D: Deref<Target = [u32]>>(
     b: &PackedB<D>,
     accumulate: bool,
 ) {
-    matmul_on(Unit::best_for(a), dst, a, b, accumulate)
+    matmul_on(Unit::best_for(&Bf16Left::Rows(*a)), dst, a, b, accumulate)
 }
 
 /// [`matmul`] on the units given.
@@ -526,11 +527,7 @@ pub(crate) fn matmul_relu(
     pairs_out: Option<&mut [u32]>,
     threads: Threads,
 ) {
-    let unit = match a {
-        Bf16Left::Rows(rows) => Unit::best_for(rows),
-        Bf16Left::Conv(_) => Unit::Avx512Bf16,
-    };
-    matmul_relu_on(unit, dst, a, b, epilogue, pairs_out, threads)
+    matmul_relu_on(Unit::best_for(a), dst, a, b, epilogue, pairs_out, threads)
 }
 
 /// [`matmul_relu`] on the units given.

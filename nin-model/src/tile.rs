@@ -156,6 +156,12 @@ impl<'a, T> ConvRows<'a, T> {
             })
     }
 
+    /// Values (or pairs) a window holds: the product's K.
+    fn k(&self) -> usize {
+        let g = &self.geometry;
+        g.window.kernel * g.window.kernel * g.c
+    }
+
     /// Where each of the `R` windows of `target` starts, in pixels of
     /// `src`: its top-left tap.
     #[inline(always)]
@@ -201,10 +207,7 @@ impl<'a> Left<'a> {
     pub(crate) fn k(&self) -> usize {
         match self {
             Left::Rows(a) => a.k,
-            Left::Conv(a) => {
-                let g = &a.geometry;
-                g.window.kernel * g.window.kernel * g.c
-            }
+            Left::Conv(a) => a.k(),
         }
     }
 
@@ -252,10 +255,7 @@ impl<'a> Bf16Left<'a> {
     pub(crate) fn pairs(&self) -> usize {
         match self {
             Bf16Left::Rows(a) => a.pairs,
-            Bf16Left::Conv(a) => {
-                let g = &a.geometry;
-                g.window.kernel * g.window.kernel * g.c
-            }
+            Bf16Left::Conv(a) => a.k(),
         }
     }
 
