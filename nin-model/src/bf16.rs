@@ -254,6 +254,38 @@ impl<'a> Bf16Rows<'a> {
         }
     }
 
+    /// The same rows with each row's pairs side by side (`pair_step` 1),
+    /// gathered into `out` (`rows * pairs` long): what AMX's tiles load,
+    /// from a layout the AVX512-BF16 kernel reads in place (pairs a
+    /// column apart, as [`Bf16Rows::transpose`] and the transposes of
+    /// [`Bf16Rows::convert`] leave them). Copied in blocks of 16 x 16, so
+    /// both the reads and the writes stay within a few cache lines.
+    pub(crate) fn contiguous<'b>(&self, out: &'b mut [u32]) -> Bf16Rows<'b> {
+        const BLOCK: usize = 16;
+        let (rows, p) = (self.rows, self.pairs);
+        assert_eq!(out.len(), rows * p, "bf16 rows size");
+        out.par_chunks_mut(BLOCK * p.max(1))
+            .enumerate()
+            .for_each(|(block, out)| {
+                let first = block * BLOCK;
+                for q0 in (0..p).step_by(BLOCK) {
+                    for (r, out) in out.chunks_mut(p).enumerate() {
+                        let row = (first + r) * self.row_step;
+                        for (q, o) in out.iter_mut().enumerate().skip(q0).take(BLOCK) {
+                            *o = self.data[row + q * self.pair_step];
+                        }
+                    }
+                }
+            });
+        Bf16Rows {
+            data: out,
+            rows,
+            pairs: p,
+            row_step: p,
+            pair_step: 1,
+        }
+    }
+
     /// The transpose of `a`, row-by-row pairs of a (M, `k`) matrix, into
     /// `out` (`k * pairs(M)` long): what [`Bf16Rows::convert`] makes of
     /// the f32 matrix's transpose, built from values already rounded (half

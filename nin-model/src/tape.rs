@@ -39,7 +39,7 @@ use candle_core::{bail, Device, Result, Tensor, Var};
 use rayon::prelude::*;
 
 use crate::aligned::Aligned;
-use crate::bf16::{self, Bf16Rows, PackedB, Unit};
+use crate::bf16::{self, Bf16Rows, PackedB};
 use crate::block::{Affine, BiasOrNorm, ConvUnit, BN_EPS};
 use crate::channels_last::{self as cl, Geometry, NormStats};
 use crate::config::Window;
@@ -248,7 +248,7 @@ struct ConvRecord {
     /// Batch norm's input and statistics, and gamma.
     norm: Option<(Buf<f32>, NormStats, Vec<f32>)>,
     out: Arc<Buf<f32>>,
-    /// What the backward products compute in ([`backward_precision`]).
+    /// What the products computed in, forward and backward.
     precision: Precision,
 }
 
@@ -925,10 +925,9 @@ fn conv_forward(
     };
     let (m, row_len) = (x.n * oh * ow, k * k * c_in);
     let pointwise = unit.window == Window::new(1, 1, 0);
-    let backward = backward_precision(precision);
-    // A bf16 step whose backward is bf16 too rounds the input once, into
-    // the pairs both products read (odd channels cannot be paired by tap).
-    let input = if backward == Precision::Bf16 && c_in % 2 == 0 {
+    // A bf16 step rounds the input once, into the pairs both products
+    // read (odd channels cannot be paired by tap).
+    let input = if precision == Precision::Bf16 && c_in % 2 == 0 {
         let mut pairs = pool.take::<u32>(m * bf16::pairs(row_len));
         if pointwise {
             Bf16Rows::convert(Mat::new(&x.data, m, row_len), &mut pairs);
@@ -1003,7 +1002,7 @@ fn conv_forward(
         weights,
         norm,
         out,
-        precision: backward,
+        precision,
     });
     Ok((maps, record))
 }
@@ -1071,28 +1070,19 @@ impl Tape {
     }
 }
 
-/// What the backward products of a layer whose forward product computed
-/// in `precision` compute in: the same where bf16 runs on AVX512-BF16 (it
-/// runs there only where measured faster than FP32, see
-/// [`crate::precision::Bf16Units`]), FP32 on AMX CPUs, whose AVX512-BF16
-/// measured slower than their FP32 (0.50x on Emerald Rapids) and whose
-/// tiles would need the weight gradient's left operand with contiguous
-/// pairs, a transpose: there bf16 training went from 650 to 800 images/s
-/// (shipped, batch 128) when they moved to FP32 (2af3bd1). On Zen 4, bf16
-/// training at batch 128, interleaved, medians (images/s): the input's
-/// gradient in bf16 took shipped 525 -> 609 and compact 2,264 -> 2,476,
-/// then the weight's (see [`matmul_tn`]) shipped 621 -> 672, compact level.
-fn backward_precision(precision: Precision) -> Precision {
-    match precision {
-        Precision::Bf16 if !Unit::Amx.present() => Precision::Bf16,
-        _ => Precision::Fp32,
-    }
-}
-
 impl ConvRecord {
     /// Parameter gradients from `grad` (of this unit's output); the input's
-    /// gradient when `input_grad`. The products compute in
-    /// [`backward_precision`].
+    /// gradient when `input_grad`. The products compute in the forward's
+    /// precision; in bf16 on AMX where the CPU has it (the weight
+    /// gradient's turned around, see [`matmul_tn`]), else on AVX512-BF16
+    /// (where bf16 runs only if measured faster than FP32, see
+    /// [`crate::precision::Bf16Units`]). bf16 training at batch 128,
+    /// interleaved, medians (images/s): on Zen 4, the input's gradient in
+    /// bf16 took shipped 525 -> 609 and compact 2,264 -> 2,476, then the
+    /// weight's shipped 621 -> 672, compact level; on a Xeon with AMX,
+    /// against both on gemm in FP32 (2af3bd1's choice, while the weight
+    /// gradient could not run on tiles), shipped 599 -> 722 and compact
+    /// 2,254 -> 2,596.
     fn backward(
         self,
         mut grad: Buf<f32>,
