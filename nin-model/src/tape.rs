@@ -74,8 +74,10 @@ const SHARDS: usize = 8;
 /// Buffers up to this size go to the per-thread lists.
 const SMALL_BYTES: usize = 1 << 20;
 
-/// Free buffers of each type.
+/// Free buffers of each type. Aligned to two cache lines, so that no
+/// two threads' lists share one (or a pair the CPU fetches together).
 #[derive(Debug, Default)]
+#[repr(align(128))]
 pub(crate) struct Shard {
     f32s: Mutex<Vec<Aligned<f32>>>,
     u32s: Mutex<Vec<Aligned<u32>>>,
