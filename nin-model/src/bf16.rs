@@ -1021,7 +1021,8 @@ pub(crate) mod tests {
         }
         use crate::channels_last::{im2col_rows_of_pairs_into, pad_into, Geometry};
         use crate::tile::ConvRows;
-        for (g, c_out) in crate::tile::tests::window_cases() {
+        let cases = crate::tile::tests::window_cases().into_iter();
+        for (g, c_out) in cases.filter(|(g, _)| g.c % 2 == 0) {
             let (n, h, w, c, kernel) = (g.n, g.h, g.w, g.c, g.window.kernel);
             let (oh, ow) = g.out_dims().unwrap();
             let (m, k) = (n * oh * ow, kernel * kernel * c);

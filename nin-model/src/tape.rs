@@ -727,13 +727,15 @@ fn conv_chain(
     // from (see `ConvRows`): f32 maps for an FP32 chain, pairs for a bf16
     // one where its products read windows (not on AMX).
     let framed = match (&links[0].packed, pointwise, x_pairs) {
-        (Packed::F32(_), false, None) if ConvRows::pay(c_in) => {
+        (Packed::F32(_), false, None) if ConvRows::pay(c_in, isa) => {
             Some(framed_maps(&x.data, &geometry, pool)?)
         }
         _ => None,
     };
     let framed_pairs = match (&links[0].packed, pointwise, x_pairs) {
-        (Packed::Bf16(_), false, Some(given)) if ConvRows::pay(c_in) && bf16::reads_windows() => {
+        (Packed::Bf16(_), false, Some(given))
+            if ConvRows::pay(c_in, isa) && bf16::reads_windows() =>
+        {
             let in_pairs = Geometry {
                 c: c_in / 2,
                 ..geometry
