@@ -107,9 +107,10 @@ impl Buffers {
     /// a small one from this thread's list first, then the others'.
     pub(crate) fn take<T: Pooled>(self: &Arc<Self>, len: usize) -> Buf<T> {
         // The calling thread's list and then the others, or the large one.
-        let (first, shards) = match Self::small::<T>(len) {
-            true => (self.own(), SHARDS),
-            false => (0, 0),
+        let (first, shards) = if Self::small::<T>(len) {
+            (self.own(), SHARDS)
+        } else {
+            (0, 0)
         };
         let lists = (0..shards)
             .map(|i| &self.shards[(first + i) % SHARDS])
