@@ -121,7 +121,8 @@ impl Unit {
     /// The fastest unit for a product whose left operand is `a`: AMX
     /// loads A's rows where they lie, so it needs rows (not a
     /// convolution's windows) whose pairs are contiguous (every product
-    /// but training's weight gradients, whose A is a transpose).
+    /// but a weight gradient taken as given, whose A is a transpose; on
+    /// AMX it is turned around, see `matmul::partial_tn_bf16`).
     pub(crate) fn best_for(a: &Bf16Left) -> Self {
         let contiguous_rows = matches!(a, Bf16Left::Rows(rows) if rows.pair_step == 1);
         if contiguous_rows && Unit::Amx.present() {
