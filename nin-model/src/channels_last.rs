@@ -433,13 +433,17 @@ pub struct NormStats {
     pub var: Vec<f64>,
     /// Rows (M = N*H*W) the statistics were taken over.
     pub count: usize,
+    /// The per-channel scale and shift the output was computed with,
+    /// `relu(x * scale + shift)`: the backward pass recomputes where the
+    /// ReLU let the gradient through from `x` with them, bit for bit,
+    /// instead of reading the output too.
+    scale: Vec<f32>,
+    shift: Vec<f32>,
 }
 
-impl NormStats {
-    /// Per-channel 1 / sqrt(var + eps).
-    fn inv_std(&self, eps: f64) -> Vec<f64> {
-        self.var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect()
-    }
+/// Per-channel 1 / sqrt(var + eps).
+fn inv_std(var: &[f64], eps: f64) -> Vec<f64> {
+    var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect()
 }
 
 /// Training-mode batch norm + ReLU on slices: `out` (M, C) gets
@@ -454,18 +458,13 @@ pub(crate) fn batch_norm_relu_into(
 ) -> NormStats {
     let c = gamma.len();
     let (mean, var) = moments(x, c);
-    let stats = NormStats {
-        mean,
-        var,
-        count: x.len() / c,
-    };
-    let inv_std = stats.inv_std(eps);
+    let inv_std = inv_std(&var, eps);
     // y = relu(x * a + b) with a = gamma / std, b = beta - mean * a.
     let a: Vec<f32> = (0..c)
         .map(|j| (f64::from(gamma[j]) * inv_std[j]) as f32)
         .collect();
     let b: Vec<f32> = (0..c)
-        .map(|j| (f64::from(beta[j]) - stats.mean[j] * f64::from(a[j])) as f32)
+        .map(|j| (f64::from(beta[j]) - mean[j] * f64::from(a[j])) as f32)
         .collect();
     out.par_chunks_mut(c * ROWS_PER_TASK)
         .zip(x.par_chunks(c * ROWS_PER_TASK))
@@ -476,15 +475,22 @@ pub(crate) fn batch_norm_relu_into(
                 }
             }
         });
-    stats
+    NormStats {
+        mean,
+        var,
+        count: x.len() / c,
+        scale: a,
+        shift: b,
+    }
 }
 
 /// The gradient of [`batch_norm_relu_into`]: `grad` (the gradient of its
-/// output `res`) becomes the gradient of its input `x`; returns the
-/// gradients of gamma and beta. `stats` are the forward pass's.
+/// output) becomes the gradient of its input `x`; returns the gradients
+/// of gamma and beta. `stats` are the forward pass's. Where the ReLU let
+/// the gradient through is recomputed from `x` (two passes over two
+/// matrices, not three: these passes are memory-bound).
 pub(crate) fn batch_norm_relu_backward_in_place(
     x: &[f32],
-    res: &[f32],
     grad: &mut [f32],
     gamma: &[f32],
     stats: &NormStats,
@@ -492,23 +498,23 @@ pub(crate) fn batch_norm_relu_backward_in_place(
 ) -> Result<(Vec<f32>, Vec<f32>)> {
     let c = gamma.len();
     let m = x.len() / c;
-    if res.len() != x.len() || grad.len() != x.len() || stats.mean.len() != c || m == 0 {
+    if grad.len() != x.len() || stats.mean.len() != c || stats.scale.len() != c || m == 0 {
         bail!("batch norm backward: buffer sizes do not match")
     }
-    let inv_std = stats.inv_std(eps);
+    let inv_std = inv_std(&stats.var, eps);
     let chunk = c * ROWS_PER_TASK;
+    let affine = || stats.scale.iter().zip(&stats.shift);
     // Pass 1: per channel, sums of g and g * x, with g the incoming gradient
     // where the ReLU let it through.
     let partials: Vec<(Vec<f32>, Vec<f32>)> = x
         .par_chunks(chunk)
-        .zip(res.par_chunks(chunk))
         .zip(grad.par_chunks(chunk))
-        .map(|((x, r), g)| {
+        .map(|(x, g)| {
             let (mut sg, mut sgx) = (vec![0f32; c], vec![0f32; c]);
-            for ((x, r), g) in x.chunks(c).zip(r.chunks(c)).zip(g.chunks(c)) {
+            for (x, g) in x.chunks(c).zip(g.chunks(c)) {
                 let sums = sg.iter_mut().zip(sgx.iter_mut());
-                for ((&x, (&r, &g)), (sg, sgx)) in x.iter().zip(r.iter().zip(g)).zip(sums) {
-                    let g = if r > 0.0 { g } else { 0.0 };
+                for (((&x, &g), (&a, &b)), (sg, sgx)) in x.iter().zip(g).zip(affine()).zip(sums) {
+                    let g = if x * a + b > 0.0 { g } else { 0.0 };
                     *sg += g;
                     *sgx += g * x;
                 }
@@ -535,14 +541,14 @@ pub(crate) fn batch_norm_relu_backward_in_place(
     }
     // Pass 2.
     grad.par_chunks_mut(chunk)
-        .zip(x.par_chunks(chunk).zip(res.par_chunks(chunk)))
-        .for_each(|(g, (x, r))| {
-            for ((g, x), r) in g.chunks_mut(c).zip(x.chunks(c)).zip(r.chunks(c)) {
-                let coefficients = a.iter().zip(&b).zip(&k);
-                for ((g, (&x, &r)), ((&a, &b), &k)) in
-                    g.iter_mut().zip(x.iter().zip(r)).zip(coefficients)
+        .zip(x.par_chunks(chunk))
+        .for_each(|(g, x)| {
+            for (g, x) in g.chunks_mut(c).zip(x.chunks(c)) {
+                let coefficients = a.iter().zip(&b).zip(&k).zip(affine());
+                for ((g, &x), (((&a, &b), &k), (&scale, &shift))) in
+                    g.iter_mut().zip(x).zip(coefficients)
                 {
-                    let v = if r > 0.0 { *g } else { 0.0 };
+                    let v = if x * scale + shift > 0.0 { *g } else { 0.0 };
                     *g = a * v + b + k * x;
                 }
             }

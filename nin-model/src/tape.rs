@@ -1161,9 +1161,8 @@ impl ConvRecord {
                 )?;
             }
             (BiasOrNorm::Norm(norm), Some((pre, stats, gamma))) => {
-                let (grad_gamma, grad_beta) = cl::batch_norm_relu_backward_in_place(
-                    pre, &self.out, &mut grad, gamma, stats, BN_EPS,
-                )?;
+                let (grad_gamma, grad_beta) =
+                    cl::batch_norm_relu_backward_in_place(pre, &mut grad, gamma, stats, BN_EPS)?;
                 let as_tensor = |v: Vec<f32>| Tensor::from_vec(v, c_out, &Device::Cpu);
                 accumulate(grads, &norm.gamma, as_tensor(grad_gamma)?)?;
                 accumulate(grads, &norm.beta, as_tensor(grad_beta)?)?;
