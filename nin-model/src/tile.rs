@@ -536,6 +536,19 @@ pub(crate) enum Operands<'a> {
     F32(&'a Left<'a>, &'a PackedF32),
 }
 
+impl Operands<'_> {
+    /// The rows and columns of a kernel's tile at most. The FP32 kernel on
+    /// AVX2 computes fewer rows a call; the bf16 one exists on AVX-512
+    /// only, and AMX's computes a tile of 16 rows.
+    fn tile(&self) -> (usize, usize) {
+        match *self {
+            Operands::Bf16(.., Unit::Amx) => (crate::amx::ROWS, NR),
+            Operands::Bf16(.., nr, Unit::Avx512Bf16) => (MR, nr),
+            Operands::F32(_, b) => (b.isa.rows(), b.nr),
+        }
+    }
+}
+
 /// Calls `x86::$kernel::<R>` for R = `$rows`, one of `[$n ...]`: the
 /// kernels are compiled once per row count, so that a tile computes its
 /// rows and no others.
@@ -548,18 +561,91 @@ macro_rules! with_rows {
     };
 }
 
-/// Tile `tile` of `tiles` over M rows, in the panel of `nr` columns from
-/// `panel * nr` (of N). The rows are split evenly over the tiles, each
-/// computed by a kernel of its own row count: M = 49 (7 x 7 maps) runs as
-/// seven tiles of 7 rows, not six of 8 and an eighth that repeats one row
-/// 8 times.
-fn target(m: usize, tiles: usize, tile: usize, panel: usize, nr: usize, n: usize) -> Tile {
-    let row = tile * m / tiles;
+/// The tiles `first..first + count` of `tiles` over M rows, each as
+/// `(row, rows)`. The rows are split evenly over the tiles (tile t starts
+/// at row t x M / `tiles`), each computed by a kernel of its own row
+/// count: M = 49 (7 x 7 maps) runs as seven tiles of 7 rows, not six of
+/// 8 and an eighth that repeats one row 8 times. Walked without a
+/// division a tile (a 64-bit division takes up to 45 cycles on Zen 1,
+/// and a tile of K = 9 about a hundred).
+#[derive(Clone, Copy, Debug)]
+struct TileRows {
+    row: usize,
+    /// M / tiles, and what is left over: M % tiles.
+    step: usize,
+    rem: usize,
+    tiles: usize,
+    /// (tile x rem) % tiles: a tile takes one row more where it wraps.
+    acc: usize,
+    left: usize,
+}
+
+impl TileRows {
+    fn new(m: usize, tiles: usize, first: usize, count: usize) -> Self {
+        let (step, rem) = (m / tiles, m % tiles);
+        Self {
+            row: first * m / tiles,
+            step,
+            rem,
+            tiles,
+            acc: first * rem % tiles,
+            left: count,
+        }
+    }
+}
+
+impl Iterator for TileRows {
+    type Item = (usize, usize);
+
+    #[inline(always)]
+    fn next(&mut self) -> Option<(usize, usize)> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        self.acc += self.rem;
+        let mut rows = self.step;
+        if self.acc >= self.tiles {
+            self.acc -= self.tiles;
+            rows += 1;
+        }
+        let row = self.row;
+        self.row += rows;
+        Some((row, rows))
+    }
+}
+
+/// The tile of rows `(row, rows)` in the panel of `nr` columns from
+/// `panel * nr` (of N).
+fn target((row, rows): (usize, usize), panel: usize, nr: usize, n: usize) -> Tile {
     Tile {
         row,
-        rows: (tile + 1) * m / tiles - row,
+        rows,
         col: panel * nr,
         cols: (n - panel * nr).min(nr),
+    }
+}
+
+/// Runs the micro-kernel on `tiles` of one panel: the AVX2 FP32 kernel
+/// takes them all in one call, the others one call a tile.
+///
+/// # Safety
+/// As for [`run_tile`], for every tile.
+unsafe fn run_tiles(ops: Operands, n: usize, store: Store, tiles: TileRows, panel: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if let Operands::F32(a, b) = ops {
+        if b.isa == Isa::Avx2 {
+            let (k, nr) = (b.k, b.nr);
+            let b_panel = &b.data[panel * k * nr..(panel + 1) * k * nr];
+            let first = target((0, 0), panel, nr, n);
+            // SAFETY: the caller's.
+            unsafe { x86::tiles_f32_avx2(a, b_panel, n, tiles, first, store) };
+            return;
+        }
+    }
+    for rows in tiles {
+        // SAFETY: the caller's.
+        unsafe { run_tile(ops, n, store, target(rows, panel, ops.tile().1, n)) };
     }
 }
 
@@ -602,8 +688,7 @@ unsafe fn run_tile(ops: Operands, n: usize, store: Store, target: Tile) {
                         tile_f32_to_pairs, [1 2 3 4 5 6 7 8], (a, b_panel, n, target, store)),
                     (Isa::Avx512, false) => with_rows!(target.rows, tile_f32,
                         [1 2 3 4 5 6 7 8], (a, b_panel, n, target, store)),
-                    (Isa::Avx2, _) => with_rows!(target.rows, tile_f32_avx2,
-                        [1 2 3 4 5 6], (a, b_panel, n, target, store)),
+                    (Isa::Avx2, _) => unreachable!("AVX2 tiles run by the panel"),
                 }
             }
         }
@@ -625,20 +710,12 @@ pub(crate) fn drive(ops: Operands, n: usize, store: Store, threads: Threads) -> 
     if depth == 0 && store.epilogue.is_none() {
         return false;
     }
-    // The FP32 kernel on AVX2 computes fewer rows a call; the bf16 one
-    // exists on AVX-512 only, and AMX's computes a tile of 16 rows.
-    let (mr, nr) = match ops {
-        Operands::Bf16(.., Unit::Amx) => (crate::amx::ROWS, NR),
-        Operands::Bf16(.., nr, Unit::Avx512Bf16) => (MR, nr),
-        Operands::F32(_, b) => (b.isa.rows(), b.nr),
-    };
+    let (mr, nr) = ops.tile();
     let (tiles, panels) = (m.div_ceil(mr), n.div_ceil(nr));
     if threads == Threads::Here {
         for panel in 0..panels {
-            for tile in 0..tiles {
-                // SAFETY: as below; this thread writes every tile.
-                unsafe { run_tile(ops, n, store, target(m, tiles, tile, panel, nr, n)) };
-            }
+            // SAFETY: as below; this thread writes every tile.
+            unsafe { run_tiles(ops, n, store, TileRows::new(m, tiles, 0, tiles), panel) };
         }
         return true;
     }
@@ -655,15 +732,13 @@ pub(crate) fn drive(ops: Operands, n: usize, store: Store, threads: Threads) -> 
         .with_min_len(min_len)
         .for_each(|task| {
             let (first, panel) = ((task / panels) * block, task % panels);
-            for tile in first..(first + block).min(tiles) {
-                // SAFETY: the units are present (asserted by the callers);
-                // the tile lies inside the (M, N) destination and its
-                // pairs, and no other task writes it (tasks own disjoint
-                // (tile, panel) pairs); the operands and the epilogue's
-                // vectors have the product's sizes (asserted by the
-                // callers).
-                unsafe { run_tile(ops, n, store, target(m, tiles, tile, panel, nr, n)) };
-            }
+            let rows = TileRows::new(m, tiles, first, block.min(tiles - first));
+            // SAFETY: the units are present (asserted by the callers);
+            // the tiles lie inside the (M, N) destination and its pairs,
+            // and no other task writes them (tasks own disjoint (tile,
+            // panel) pairs); the operands and the epilogue's vectors have
+            // the product's sizes (asserted by the callers).
+            unsafe { run_tiles(ops, n, store, rows, panel) };
         });
     true
 }
@@ -685,7 +760,7 @@ pub(crate) struct Tile {
 pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Bf16Left, Left, Store, Tile, MR_AVX2, NR_AVX2};
+    use super::{Bf16Left, Left, Store, Tile, TileRows, MR_AVX2, NR_AVX2};
 
     /// One R x NR tile of C = A x B over all of K (R = `target.rows`, at
     /// most [`super::MR`]), stored at `target` as `store` says (`ldc` values per
@@ -932,82 +1007,132 @@ pub(crate) mod x86 {
         unsafe { store_tile(&two_vectors(acc), ldc, target, store) }
     }
 
-    /// [`tile_f32`] on AVX2 with FMA: a tile of up to [`MR_AVX2`] x
-    /// [`NR_AVX2`] (two vectors of 8 lanes a row) over all of K, stored as
-    /// [`tile`] stores it, but never as pairs (bf16 needs AVX-512).
+    /// [`tile_f32`] on AVX2 with FMA, for a run of `tiles` of one panel
+    /// (each of up to [`MR_AVX2`] x [`NR_AVX2`], two vectors of 8 lanes a
+    /// row, over all of K), stored as [`tile`] stores them, but never as
+    /// pairs (bf16 needs AVX-512). One call takes the tiles of a panel:
+    /// what a call costs besides its multiply-adds (the dispatch, the
+    /// lane masks and the epilogue's vectors) is paid once, not per tile
+    /// of K = 64 to 192, the 1x1 layers.
     ///
     /// # Safety
-    /// AVX2 and FMA present; `a` holds rows `target.row..target.row +
-    /// target.rows`, at most [`MR_AVX2`] of them; `b` one panel of `a.k *
-    /// NR_AVX2`; `store` as for [`tile`], without pairs.
+    /// AVX2 and FMA present; `a` holds the rows of every tile; `b` one
+    /// panel of `a.k * NR_AVX2`, the one of `first.col`, whose columns
+    /// `first.cols` are; `store` as for [`tile`], without pairs, valid
+    /// for every tile.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn tile_f32_avx2<const R: usize>(
+    pub(super) unsafe fn tiles_f32_avx2(
         a: &Left,
         b: &[f32],
         ldc: usize,
-        target: Tile,
+        tiles: TileRows,
+        first: Tile,
         store: Store,
     ) {
-        debug_assert!(target.rows == R && R <= MR_AVX2 && target.row + R <= a.rows());
         debug_assert_eq!(b.len(), a.k() * NR_AVX2);
         debug_assert!(store.pairs.is_none(), "bf16 pairs from the AVX2 kernel");
+        // SAFETY: the caller's.
+        let stores = unsafe { StoreAvx2::new(ldc, first, store) };
+        for (row, rows) in tiles {
+            let target = Tile { row, rows, ..first };
+            debug_assert!(rows <= MR_AVX2 && row + rows <= a.rows());
+            macro_rules! rows {
+                ($($r:literal)*) => {
+                    match rows {
+                        // SAFETY: the caller's, for this tile.
+                        $($r => unsafe { tile_avx2::<$r>(a, b, target, &stores) },)*
+                        rows => unreachable!("a tile of {rows} rows"),
+                    }
+                };
+            }
+            rows!(1 2 3 4 5 6);
+        }
+    }
+
+    /// One tile of [`tiles_f32_avx2`], R rows.
+    ///
+    /// # Safety
+    /// As for [`tiles_f32_avx2`], for this tile.
+    #[inline(always)]
+    unsafe fn tile_avx2<const R: usize>(a: &Left, b: &[f32], target: Tile, stores: &StoreAvx2) {
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         for (rows, at, len) in a.stretches::<R>(target) {
             // SAFETY: as in `tile_f32_body`.
             unsafe { fma_run_avx2(&mut acc, rows, b.as_ptr().add(at * NR_AVX2), len) }
         }
-        // SAFETY: as this function's.
-        unsafe { store_tile_avx2(&acc, ldc, target, store) }
+        // SAFETY: the caller's.
+        unsafe { stores.store(&acc, target.row) }
     }
 
-    /// Stores the accumulators of [`tile_f32_avx2`] as `store` says, but
-    /// for pairs.
-    ///
-    /// # Safety
-    /// AVX2 and FMA present; as for [`store_tile`].
-    /// Its helpers are functions with the kernel's features rather than
-    /// closures: a closure is compiled without them, so neither it nor the
-    /// intrinsics in it were inlined.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn store_tile_avx2<const R: usize>(
-        acc: &[[__m256; 2]; R],
+    /// How [`tiles_f32_avx2`] stores the tiles of a panel, worked out once:
+    /// the lanes inside its columns and the epilogue's vectors.
+    struct StoreAvx2<'a> {
+        lanes: [Lanes; 2],
+        /// Vectors of a row inside the columns.
+        columns: usize,
+        /// Per vector: v -> max(v * scale + shift, 0).
+        affine: [(__m256, __m256); 2],
         ldc: usize,
-        target: Tile,
-        store: Store,
-    ) {
-        let lanes: [Lanes; 2] = std::array::from_fn(|h| Lanes::new(target.cols, h));
-        let columns = target.cols.div_ceil(8);
-        // Per vector: v -> max(v * scale + shift, 0).
-        let mut affine = [(_mm256_set1_ps(1.0), _mm256_setzero_ps()); 2];
-        if let Some(e) = store.epilogue {
-            for (h, (a, b)) in affine.iter_mut().enumerate().take(columns) {
-                let at = target.col + 8 * h;
-                // SAFETY: the lanes lie inside the tile's columns of the
-                // epilogue's vectors (ldc long).
-                unsafe {
-                    if let Some(scale) = e.scale {
-                        *a = lanes[h].load(scale.as_ptr().add(at));
+        col: usize,
+        store: Store<'a>,
+    }
+
+    impl<'a> StoreAvx2<'a> {
+        /// # Safety
+        /// AVX2 and FMA present; the epilogue's vectors `ldc` long.
+        #[inline(always)]
+        unsafe fn new(ldc: usize, first: Tile, store: Store<'a>) -> Self {
+            let lanes: [Lanes; 2] = std::array::from_fn(|h| Lanes::new(first.cols, h));
+            let columns = first.cols.div_ceil(8);
+            let mut affine = [(_mm256_set1_ps(1.0), _mm256_setzero_ps()); 2];
+            if let Some(e) = store.epilogue {
+                for (h, (a, b)) in affine.iter_mut().enumerate().take(columns) {
+                    let at = first.col + 8 * h;
+                    // SAFETY: the lanes lie inside the tile's columns of
+                    // the epilogue's vectors (ldc long).
+                    unsafe {
+                        if let Some(scale) = e.scale {
+                            *a = lanes[h].load(scale.as_ptr().add(at));
+                        }
+                        *b = lanes[h].load(e.shift.as_ptr().add(at));
                     }
-                    *b = lanes[h].load(e.shift.as_ptr().add(at));
                 }
             }
+            Self {
+                lanes,
+                columns,
+                affine,
+                ldc,
+                col: first.col,
+                store,
+            }
         }
-        for (r, acc) in acc.iter().enumerate().take(target.rows) {
-            for (h, &v) in acc.iter().enumerate().take(columns) {
-                // SAFETY: the lanes lie inside the target tile.
-                unsafe {
-                    let at = (target.row + r) * ldc + target.col + 8 * h;
-                    let mut v = v;
-                    if let (true, Some(c)) = (store.accumulate, store.c) {
-                        v = _mm256_add_ps(v, lanes[h].load(c.get().add(at)));
-                    }
-                    if store.epilogue.is_some() {
-                        let (a, b) = affine[h];
-                        v = _mm256_max_ps(_mm256_fmadd_ps(v, a, b), _mm256_setzero_ps());
-                    }
-                    if let Some(c) = store.c {
-                        lanes[h].store(c.get().add(at), v);
+
+        /// Stores the R rows of `acc` from row `row` on, as the store says,
+        /// but for pairs.
+        ///
+        /// # Safety
+        /// AVX2 and FMA present; the rows lie inside the destination, and
+        /// no one else writes them meanwhile.
+        #[inline(always)]
+        unsafe fn store<const R: usize>(&self, acc: &[[__m256; 2]; R], row: usize) {
+            let store = self.store;
+            for (r, acc) in acc.iter().enumerate() {
+                for (h, &v) in acc.iter().enumerate().take(self.columns) {
+                    // SAFETY: the lanes lie inside the target tile.
+                    unsafe {
+                        let at = (row + r) * self.ldc + self.col + 8 * h;
+                        let mut v = v;
+                        if let (true, Some(c)) = (store.accumulate, store.c) {
+                            v = _mm256_add_ps(v, self.lanes[h].load(c.get().add(at)));
+                        }
+                        if store.epilogue.is_some() {
+                            let (a, b) = self.affine[h];
+                            v = _mm256_max_ps(_mm256_fmadd_ps(v, a, b), _mm256_setzero_ps());
+                        }
+                        if let Some(c) = store.c {
+                            self.lanes[h].store(c.get().add(at), v);
+                        }
                     }
                 }
             }
@@ -1289,6 +1414,30 @@ pub(crate) mod tests {
             (Geometry { window, n, h, w, c }, c_out)
         })
         .collect()
+    }
+
+    /// The tiles' rows walked without divisions are the closed form's
+    /// (tile t from t x M / tiles), from any first tile: they cover the
+    /// rows once, in order, and differ in size by one row at most.
+    #[test]
+    fn tile_rows_split_rows_evenly_from_any_first_tile() {
+        for m in [1usize, 5, 6, 7, 49, 64, 100, 50_176] {
+            for mr in [1, 6, 8, 16] {
+                let tiles = m.div_ceil(mr);
+                for first in [0, 1, tiles / 2, tiles - 1] {
+                    let count = tiles - first;
+                    let walked: Vec<_> = TileRows::new(m, tiles, first, count).collect();
+                    let closed: Vec<_> = (first..tiles)
+                        .map(|t| (t * m / tiles, (t + 1) * m / tiles - t * m / tiles))
+                        .collect();
+                    assert_eq!(walked, closed, "m {m}, {tiles} tiles from {first}");
+                    let sizes = walked.iter().map(|&(_, rows)| rows);
+                    assert!(sizes
+                        .clone()
+                        .all(|rows| rows == m / tiles || rows == m / tiles + 1));
+                }
+            }
+        }
     }
 
     /// Every FP32 kernel this CPU runs, with its epilogue, against
