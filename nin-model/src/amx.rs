@@ -302,14 +302,14 @@ mod x86 {
         // rows read below.
         let c = c.as_ptr().cast::<[f32; NR]>();
         // The rows of the target through the store, one by one from
-        // memory (gathering them eight at a time into registers for
-        // `store_tile` cost a tenth of a 32 x 32 block's time at K = 64).
+        // memory (gathering them eight at a time into registers first
+        // cost a tenth of a 32 x 32 block's time at K = 64).
         // Row r of the target is row r % 16 of its tile of C,
         // whose tile of A started `target.row + r - start` rows before it.
         // SAFETY: the caller's: the rows are inside the target; each reads
         // a whole row of `c` that a tile stored.
         unsafe {
-            Rows::new(ldc, target, store).store(target.rows, |r| {
+            Rows::new(ldc, target, store).store(target.row, target.rows, |r| {
                 let h = r / TILE;
                 let row = c.add(TILE * h + (target.row + r - starts[h])).cast::<f32>();
                 [_mm512_loadu_ps(row), _mm512_loadu_ps(row.add(16))]

@@ -405,6 +405,12 @@ impl PackedF32 {
             nr,
         }
     }
+
+    /// Panel `i`: K rows of `nr` values, columns `i * nr..(i + 1) * nr`.
+    fn panel(&self, i: usize) -> &[f32] {
+        let len = self.k * self.nr;
+        &self.data[i * len..(i + 1) * len]
+    }
 }
 
 /// The vector units an FP32 kernel is compiled for.
@@ -549,18 +555,6 @@ impl Operands<'_> {
     }
 }
 
-/// Calls `x86::$kernel::<R>` for R = `$rows`, one of `[$n ...]`: the
-/// kernels are compiled once per row count, so that a tile computes its
-/// rows and no others.
-macro_rules! with_rows {
-    ($rows:expr, $kernel:ident, [$($n:literal)*], $args:tt) => {
-        match $rows {
-            $($n => x86::$kernel::<$n> $args,)*
-            rows => unreachable!("a tile of {rows} rows"),
-        }
-    };
-}
-
 /// The tiles `first..first + count` of `tiles` over M rows, each as
 /// `(row, rows)`. The rows are split evenly over the tiles (tile t starts
 /// at row t x M / `tiles`), each computed by a kernel of its own row
@@ -626,75 +620,58 @@ fn target((row, rows): (usize, usize), panel: usize, nr: usize, n: usize) -> Til
     }
 }
 
-/// Runs the micro-kernel on `tiles` of one panel: the AVX2 FP32 kernel
-/// takes them all in one call, the others one call a tile.
+/// Runs the micro-kernel on `tiles` of one panel: the vector kernels take
+/// them all in one call, AMX one call a tile (of 16 rows, each a few
+/// thousand multiply-adds or more).
 ///
 /// # Safety
-/// As for [`run_tile`], for every tile.
-unsafe fn run_tiles(ops: Operands, n: usize, store: Store, tiles: TileRows, panel: usize) {
-    #[cfg(target_arch = "x86_64")]
-    if let Operands::F32(a, b) = ops {
-        if b.isa == Isa::Avx2 {
-            let (k, nr) = (b.k, b.nr);
-            let b_panel = &b.data[panel * k * nr..(panel + 1) * k * nr];
-            let first = target((0, 0), panel, nr, n);
-            // SAFETY: the caller's.
-            unsafe { x86::tiles_f32_avx2(a, b_panel, n, tiles, first, store) };
-            return;
-        }
-    }
-    for rows in tiles {
-        // SAFETY: the caller's.
-        unsafe { run_tile(ops, n, store, target(rows, panel, ops.tile().1, n)) };
-    }
-}
-
-/// Runs the micro-kernel on one tile.
-///
-/// # Safety
-/// The units of `ops` are present; the tile lies inside the (M, `n`)
-/// destination and its pairs, and no one else writes it meanwhile; the
+/// The units of `ops` are present; the tiles lie inside the (M, `n`)
+/// destination and its pairs, and no one else writes them meanwhile; the
 /// operands hold what the product reads (K, or its pairs, per row; the
 /// panels of N); the epilogue's vectors are `n` long.
-unsafe fn run_tile(ops: Operands, n: usize, store: Store, target: Tile) {
+unsafe fn run_tiles(ops: Operands, n: usize, store: Store, tiles: TileRows, panel: usize) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the caller's.
     unsafe {
         match ops {
-            Operands::Bf16(a, b, pairs, nr, unit) => {
-                let panel = target.col / nr;
-                let b_panel = &b[panel * pairs * nr..(panel + 1) * pairs * nr];
-                match (unit, nr == NR_NARROW) {
-                    (Unit::Amx, _) => match a {
-                        Bf16Left::Rows(a) => crate::amx::tile(a, b_panel, n, target, store),
-                        Bf16Left::Conv(_) => unreachable!("windows on AMX"),
-                    },
-                    (Unit::Avx512Bf16, true) => with_rows!(target.rows, tile_narrow,
-                        [1 2 3 4 5 6 7 8], (a, b_panel, n, target, store)),
-                    (Unit::Avx512Bf16, false) => with_rows!(target.rows, tile,
-                        [1 2 3 4 5 6 7 8], (a, b_panel, n, target, store)),
+            Operands::F32(a, b) => {
+                let (first, b_panel) = (target((0, 0), panel, b.nr, n), b.panel(panel));
+                match (b.isa, b.nr == NR_NARROW, store.pairs.is_some()) {
+                    (Isa::Avx2, ..) => x86::tiles_f32_avx2(a, b_panel, n, tiles, first, store),
+                    (Isa::Avx512, true, true) => {
+                        x86::tiles_f32_to_pairs::<1>(a, b_panel, n, tiles, first, store)
+                    }
+                    (Isa::Avx512, true, false) => {
+                        x86::tiles_f32::<1>(a, b_panel, n, tiles, first, store)
+                    }
+                    (Isa::Avx512, false, true) => {
+                        x86::tiles_f32_to_pairs::<2>(a, b_panel, n, tiles, first, store)
+                    }
+                    (Isa::Avx512, false, false) => {
+                        x86::tiles_f32::<2>(a, b_panel, n, tiles, first, store)
+                    }
                 }
             }
-            Operands::F32(a, b) => {
-                let (k, nr) = (b.k, b.nr);
-                let panel = target.col / nr;
-                let b_panel = &b.data[panel * k * nr..(panel + 1) * k * nr];
-                match (b.isa, nr == NR_NARROW) {
-                    (Isa::Avx512, true) if store.pairs.is_some() => with_rows!(target.rows,
-                        tile_f32_narrow_to_pairs, [1 2 3 4 5 6 7 8], (a, b_panel, n, target, store)),
-                    (Isa::Avx512, true) => with_rows!(target.rows, tile_f32_narrow,
-                        [1 2 3 4 5 6 7 8], (a, b_panel, n, target, store)),
-                    (Isa::Avx512, false) if store.pairs.is_some() => with_rows!(target.rows,
-                        tile_f32_to_pairs, [1 2 3 4 5 6 7 8], (a, b_panel, n, target, store)),
-                    (Isa::Avx512, false) => with_rows!(target.rows, tile_f32,
-                        [1 2 3 4 5 6 7 8], (a, b_panel, n, target, store)),
-                    (Isa::Avx2, _) => unreachable!("AVX2 tiles run by the panel"),
+            Operands::Bf16(a, b, pairs, nr, unit) => {
+                let first = target((0, 0), panel, nr, n);
+                let b_panel = &b[panel * pairs * nr..(panel + 1) * pairs * nr];
+                match (unit, a) {
+                    (Unit::Avx512Bf16, _) if nr == NR_NARROW => {
+                        x86::tiles::<1>(a, b_panel, n, tiles, first, store)
+                    }
+                    (Unit::Avx512Bf16, _) => x86::tiles::<2>(a, b_panel, n, tiles, first, store),
+                    (Unit::Amx, Bf16Left::Rows(a)) => {
+                        for rows in tiles {
+                            crate::amx::tile(a, b_panel, n, target(rows, panel, nr, n), store);
+                        }
+                    }
+                    (Unit::Amx, Bf16Left::Conv(_)) => unreachable!("windows on AMX"),
                 }
             }
         }
     };
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (target, ops, store, n);
+    let _ = (ops, n, store, tiles, panel);
 }
 
 /// Runs the micro-kernel over every (tile, panel) of the (M, `n`) result,
@@ -762,59 +739,65 @@ pub(crate) mod x86 {
 
     use super::{Bf16Left, Left, Store, Tile, TileRows, MR_AVX2, NR_AVX2};
 
-    /// One R x NR tile of C = A x B over all of K (R = `target.rows`, at
-    /// most [`super::MR`]), stored at `target` as `store` says (`ldc` values per
+    /// Calls `$kernel::<R, V>$args` for R = `$rows`, one of `[$r ...]`:
+    /// the tile kernels are compiled once per row count, so that a tile
+    /// computes its rows and no others.
+    macro_rules! by_rows {
+        ($rows:expr, [$($r:literal)*], $kernel:ident::<_, $v:ident> $args:tt) => {
+            match $rows {
+                $($r => $kernel::<$r, $v> $args,)*
+                rows => unreachable!("a tile of {rows} rows"),
+            }
+        };
+    }
+
+    /// C = A x B on `tiles` of one panel, in bf16 pairs of K with FP32
+    /// sums over all of K: tiles of up to [`super::MR`] rows and `16 * V`
+    /// columns (`V` = 2 vectors, or 1 for a narrow product), each stored
+    /// in the panel's columns (`first`) as `store` says (`ldc` values a
     /// row of C). Columns past N are B's zero padding (and the epilogue's
-    /// zeros), not stored.
+    /// zeros), not stored. One call takes a panel's tiles: what a call
+    /// costs besides its multiply-adds (the dispatch, the lane masks and
+    /// the epilogue's vectors) is paid once a panel, not once a tile.
     ///
     /// # Safety
-    /// AVX512-BF16 present; `a` holds rows `target.row..target.row +
-    /// R`; `b` one panel of `a.pairs * NR`; `store`'s pointers
-    /// valid for the target tile, written by no one else meanwhile, and
-    /// its epilogue's vectors `ldc` long.
+    /// AVX512-BF16 present; `a` holds the rows of every tile; `b` one
+    /// panel of `a.pairs * 16 * V`, the one of `first.col`, whose columns
+    /// `first.cols` are; `store`'s pointers valid for every tile, written
+    /// by no one else meanwhile, and its epilogue's vectors `ldc` long.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn tile<const R: usize>(
+    pub(super) unsafe fn tiles<const V: usize>(
         a: &Bf16Left,
         b: &[u32],
         ldc: usize,
-        target: Tile,
+        tiles: TileRows,
+        first: Tile,
         store: Store,
     ) {
+        debug_assert!(first.cols <= 16 * V && b.len() == a.pairs() * 16 * V);
         // SAFETY: the caller's.
-        unsafe { tile_body::<R, 2>(a, b, ldc, target, store) }
+        let stores = unsafe { Rows::new(ldc, first, store) };
+        for (row, rows) in tiles {
+            let target = Tile { row, rows, ..first };
+            debug_assert!(rows <= super::MR && row + rows <= a.rows());
+            // SAFETY: the caller's, for this tile.
+            unsafe { by_rows!(rows, [1 2 3 4 5 6 7 8], tile_rows::<_, V>(a, b, target, &stores)) }
+        }
     }
 
-    /// [`tile`] one vector wide: an R x [`super::NR_NARROW`] tile, `b`
-    /// one panel of `a.pairs * NR_NARROW`.
+    /// One R-row tile of [`tiles`]: one broadcast pair of A per row and
+    /// `V` vectors of B's pairs per pair of K.
     ///
     /// # Safety
-    /// As for [`tile`], with that panel.
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn tile_narrow<const R: usize>(
-        a: &Bf16Left,
-        b: &[u32],
-        ldc: usize,
-        target: Tile,
-        store: Store,
-    ) {
-        // SAFETY: the caller's.
-        unsafe { tile_body::<R, 1>(a, b, ldc, target, store) }
-    }
-
-    /// The body of [`tile`] (`V` = 2 vectors of 16 columns) and of
-    /// [`tile_narrow`] (`V` = 1), inlined into each: one broadcast pair of
-    /// A per row and `V` vectors of B's pairs per pair of K.
+    /// As for [`tiles`], for this tile.
     #[inline(always)]
-    unsafe fn tile_body<const R: usize, const V: usize>(
+    unsafe fn tile_rows<const R: usize, const V: usize>(
         a: &Bf16Left,
         b: &[u32],
-        ldc: usize,
         target: Tile,
-        store: Store,
+        stores: &Rows,
     ) {
         let (step, nr) = (a.pair_step(), 16 * V);
-        debug_assert!(target.rows == R && target.row + R <= a.rows());
-        debug_assert!(target.cols <= nr && b.len() == a.pairs() * nr);
         let mut acc = [[_mm512_setzero_ps(); V]; R];
         for (rows, at, len) in a.stretches::<R>(target) {
             // SAFETY: the panel's pairs of K from `at` on.
@@ -839,11 +822,12 @@ pub(crate) mod x86 {
                 }
             }
         }
-        // SAFETY: as this function's.
-        unsafe { store_tile(&two_vectors(acc), ldc, target, store) }
+        let acc = two_vectors(acc);
+        // SAFETY: the caller's.
+        unsafe { stores.store(target.row, R, |r| acc[r]) }
     }
 
-    /// A tile's accumulators as [`store_tile`] takes them, two vectors a
+    /// A tile's accumulators as [`Rows::store`] takes them, two vectors a
     /// row: a narrow tile's second vector lies past its columns, masked
     /// off by the store and never written.
     #[inline(always)]
@@ -851,42 +835,6 @@ pub(crate) mod x86 {
         // SAFETY: all-zero bits are a valid __m512 (0.0 in every lane).
         let zero = unsafe { std::mem::zeroed::<__m512>() };
         std::array::from_fn(|r| std::array::from_fn(|v| acc[r].get(v).copied().unwrap_or(zero)))
-    }
-
-    /// One R x NR tile of C = A x B in FP32 over all of K, stored as
-    /// [`tile`] stores it.
-    ///
-    /// # Safety
-    /// AVX-512 present; `a` holds rows `target.row..target.row + R`; `b` one panel of `a.k * NR`; `store` as for [`tile`].
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn tile_f32<const R: usize>(
-        a: &Left,
-        b: &[f32],
-        ldc: usize,
-        target: Tile,
-        store: Store,
-    ) {
-        // SAFETY: the caller's.
-        unsafe { tile_f32_body::<R, 2>(a, b, ldc, target, store) }
-    }
-
-    /// [`tile_f32`] compiled with AVX512-BF16 too, for a store that
-    /// writes bf16 pairs: without it, the conversion in the store is a
-    /// function call per row instead of one instruction (seen in
-    /// profiles).
-    ///
-    /// # Safety
-    /// As for [`tile_f32`], and AVX512-BF16 present.
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn tile_f32_to_pairs<const R: usize>(
-        a: &Left,
-        b: &[f32],
-        ldc: usize,
-        target: Tile,
-        store: Store,
-    ) {
-        // SAFETY: the caller's.
-        unsafe { tile_f32_body::<R, 2>(a, b, ldc, target, store) }
     }
 
     /// `acc[r] += rows[r][kk] * b[kk]` over `len` values of K: the FP32
@@ -947,79 +895,103 @@ pub(crate) mod x86 {
         }
     }
 
-    /// One R x [`NR_NARROW`] tile of C = A x B in FP32 over all of K (R
-    /// at most [`super::MR`]), stored as [`tile`] stores it: one vector a
-    /// row, for products of at most 16 columns.
+    /// [`tiles`] in FP32: K rows of `16 * V` values a panel of B, one
+    /// broadcast of A per row and `V` vectors of B per value of K.
     ///
     /// # Safety
-    /// AVX-512 present; `a` holds rows `target.row..target.row + R`; `b`
-    /// one panel of `a.k * NR_NARROW`; `store` as for [`tile`].
+    /// AVX-512 present; `a` holds the rows of every tile; `b` one panel
+    /// of `a.k * 16 * V`, the one of `first.col`, whose columns
+    /// `first.cols` are; `store` as for [`tiles`], without pairs.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn tile_f32_narrow<const R: usize>(
+    pub(super) unsafe fn tiles_f32<const V: usize>(
         a: &Left,
         b: &[f32],
         ldc: usize,
-        target: Tile,
+        tiles: TileRows,
+        first: Tile,
         store: Store,
     ) {
+        debug_assert!(store.pairs.is_none(), "bf16 pairs without AVX512-BF16");
         // SAFETY: the caller's.
-        unsafe { tile_f32_body::<R, 1>(a, b, ldc, target, store) }
+        unsafe { tiles_f32_body::<V>(a, b, ldc, tiles, first, store) }
     }
 
-    /// [`tile_f32_narrow`] compiled with AVX512-BF16 too, as
-    /// [`tile_f32_to_pairs`] is.
+    /// [`tiles_f32`] compiled with AVX512-BF16 too, for a store that
+    /// writes bf16 pairs: without it, the conversion in the store is a
+    /// function call per row instead of one instruction (seen in
+    /// profiles).
     ///
     /// # Safety
-    /// As for [`tile_f32_narrow`], and AVX512-BF16 present.
+    /// As for [`tiles_f32`], and AVX512-BF16 present; pairs allowed.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn tile_f32_narrow_to_pairs<const R: usize>(
+    pub(super) unsafe fn tiles_f32_to_pairs<const V: usize>(
         a: &Left,
         b: &[f32],
         ldc: usize,
-        target: Tile,
+        tiles: TileRows,
+        first: Tile,
         store: Store,
     ) {
         // SAFETY: the caller's.
-        unsafe { tile_f32_body::<R, 1>(a, b, ldc, target, store) }
+        unsafe { tiles_f32_body::<V>(a, b, ldc, tiles, first, store) }
     }
 
-    /// The body of [`tile_f32`] (`V` = 2, [`super::NR`] columns) and of
-    /// [`tile_f32_narrow`] (`V` = 1, [`super::NR_NARROW`]), inlined into
-    /// each of their compilations.
+    /// The body of [`tiles_f32`] and [`tiles_f32_to_pairs`], inlined into
+    /// each.
     #[inline(always)]
-    unsafe fn tile_f32_body<const R: usize, const V: usize>(
+    unsafe fn tiles_f32_body<const V: usize>(
         a: &Left,
         b: &[f32],
         ldc: usize,
-        target: Tile,
+        tiles: TileRows,
+        first: Tile,
         store: Store,
     ) {
-        let nr = 16 * V;
-        debug_assert!(target.rows == R && target.row + R <= a.rows());
-        debug_assert!(target.cols <= nr && b.len() == a.k() * nr);
+        debug_assert!(first.cols <= 16 * V && b.len() == a.k() * 16 * V);
+        // SAFETY: the caller's.
+        let stores = unsafe { Rows::new(ldc, first, store) };
+        for (row, rows) in tiles {
+            let target = Tile { row, rows, ..first };
+            debug_assert!(rows <= super::MR && row + rows <= a.rows());
+            // SAFETY: the caller's, for this tile.
+            unsafe {
+                by_rows!(rows, [1 2 3 4 5 6 7 8], tile_f32_rows::<_, V>(a, b, target, &stores))
+            }
+        }
+    }
+
+    /// One R-row tile of [`tiles_f32_body`].
+    ///
+    /// # Safety
+    /// As for [`tiles_f32`], for this tile.
+    #[inline(always)]
+    unsafe fn tile_f32_rows<const R: usize, const V: usize>(
+        a: &Left,
+        b: &[f32],
+        target: Tile,
+        stores: &Rows,
+    ) {
         let mut acc = [[_mm512_setzero_ps(); V]; R];
         for (rows, at, len) in a.stretches::<R>(target) {
             // SAFETY: `rows[r]` holds `len` values (the caller's), and
             // the panel K rows from `at` on.
-            unsafe { fma_run(&mut acc, rows, b.as_ptr().add(at * nr), len) }
+            unsafe { fma_run(&mut acc, rows, b.as_ptr().add(at * 16 * V), len) }
         }
-        // SAFETY: as this function's.
-        unsafe { store_tile(&two_vectors(acc), ldc, target, store) }
+        let acc = two_vectors(acc);
+        // SAFETY: the caller's.
+        unsafe { stores.store(target.row, R, |r| acc[r]) }
     }
 
-    /// [`tile_f32`] on AVX2 with FMA, for a run of `tiles` of one panel
-    /// (each of up to [`MR_AVX2`] x [`NR_AVX2`], two vectors of 8 lanes a
-    /// row, over all of K), stored as [`tile`] stores them, but never as
-    /// pairs (bf16 needs AVX-512). One call takes the tiles of a panel:
-    /// what a call costs besides its multiply-adds (the dispatch, the
-    /// lane masks and the epilogue's vectors) is paid once, not per tile
-    /// of K = 64 to 192, the 1x1 layers.
+    /// [`tiles_f32`] on AVX2 with FMA: tiles of up to [`MR_AVX2`] x
+    /// [`NR_AVX2`], two vectors of 8 lanes a row, stored as [`tiles`]
+    /// stores them, but never as pairs (bf16 needs AVX-512). On Zen 1 a
+    /// tile of K = 64 (a 1x1 layer) is some 770 cycles of multiply-adds,
+    /// and paying the call's costs once a panel gained 4-9% a pass.
     ///
     /// # Safety
     /// AVX2 and FMA present; `a` holds the rows of every tile; `b` one
     /// panel of `a.k * NR_AVX2`, the one of `first.col`, whose columns
-    /// `first.cols` are; `store` as for [`tile`], without pairs, valid
-    /// for every tile.
+    /// `first.cols` are; `store` as for [`tiles`], without pairs.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn tiles_f32_avx2(
         a: &Left,
@@ -1057,7 +1029,7 @@ pub(crate) mod x86 {
     unsafe fn tile_avx2<const R: usize>(a: &Left, b: &[f32], target: Tile, stores: &StoreAvx2) {
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         for (rows, at, len) in a.stretches::<R>(target) {
-            // SAFETY: as in `tile_f32_body`.
+            // SAFETY: as in `tile_f32_rows`.
             unsafe { fma_run_avx2(&mut acc, rows, b.as_ptr().add(at * NR_AVX2), len) }
         }
         // SAFETY: the caller's.
@@ -1201,28 +1173,11 @@ pub(crate) mod x86 {
         }
     }
 
-    /// Stores a tile's accumulators as `store` says.
-    ///
-    /// # Safety
-    /// As for [`Rows::new`] and [`Rows::store`]; `target.rows` is at most R.
-    /// Always inlined into the kernel that calls it (a call would spill
-    /// the accumulators), and compiled with that kernel's features.
-    #[inline(always)]
-    pub(crate) unsafe fn store_tile<const R: usize>(
-        acc: &[[__m512; 2]; R],
-        ldc: usize,
-        target: Tile,
-        store: Store,
-    ) {
-        debug_assert!(target.rows <= R);
-        // SAFETY: the caller's.
-        unsafe { Rows::new(ldc, target, store).store(target.rows, |r| acc[r]) }
-    }
-
-    /// A tile's destinations and epilogue, worked out once per tile
-    /// (lane masks, the epilogue's vectors): [`Rows::store`] then stores
-    /// its rows of sums, wherever the kernel holds them (the FP32 and
-    /// AVX512-BF16 kernels in registers, AMX's in memory).
+    /// The destinations and epilogue of a tile's columns, worked out once
+    /// for all the tiles of a panel (lane masks, the epilogue's vectors):
+    /// [`Rows::store`] then stores their rows of sums, wherever the kernel
+    /// holds them (the FP32 and AVX512-BF16 kernels in registers, AMX's in
+    /// memory).
     #[derive(Clone, Copy)]
     pub(crate) struct Rows<'a> {
         /// The lanes of each half of a row inside the target's columns.
@@ -1232,11 +1187,15 @@ pub(crate) mod x86 {
         /// The pairs of a row inside the target's columns.
         pair_mask: __mmask16,
         ldc: usize,
-        target: Tile,
+        /// The target's first column.
+        col: usize,
         store: Store<'a>,
     }
 
     impl<'a> Rows<'a> {
+        /// For the columns of `target` (its rows are given to
+        /// [`Rows::store`]).
+        ///
         /// # Safety
         /// AVX-512 present; the epilogue's vectors `ldc` long.
         #[inline(always)]
@@ -1275,22 +1234,29 @@ pub(crate) mod x86 {
                 affine,
                 pair_mask,
                 ldc,
-                target,
+                col: target.col,
                 store,
             }
         }
 
-        /// Stores the first `rows` rows of the target, row r's two vectors
-        /// of sums from `fetch(r)`. The kind of store is settled once, not
-        /// tested for every row: with those tests in the loop, an AMX block
-        /// of 32 x 32 at K = 64 took 147 ns, without them 118.
+        /// Stores `rows` rows of the target's columns from row `row` on
+        /// (the target's rows, or those of another tile of its panel),
+        /// row r's two vectors of sums from `fetch(r)`. The kind of store
+        /// is settled once, not tested for every row: with those tests in
+        /// the loop, an AMX block of 32 x 32 at K = 64 took 147 ns, without
+        /// them 118.
         ///
         /// # Safety
         /// AVX-512 present, and AVX512-BF16 if the store wants pairs; the
-        /// rows are the target's; the store's pointers valid for them,
-        /// written by no one else meanwhile.
+        /// rows lie inside the destination; the store's pointers valid for
+        /// them, written by no one else meanwhile.
         #[inline(always)]
-        pub(crate) unsafe fn store(&self, rows: usize, fetch: impl Fn(usize) -> [__m512; 2]) {
+        pub(crate) unsafe fn store(
+            &self,
+            row: usize,
+            rows: usize,
+            fetch: impl Fn(usize) -> [__m512; 2],
+        ) {
             let store = self.store;
             let kind = (
                 store.accumulate && store.c.is_some(),
@@ -1303,7 +1269,7 @@ pub(crate) mod x86 {
                     match kind {
                         // SAFETY: the caller's.
                         $(($acc, $c, $pairs, $affine) => unsafe {
-                            self.store_as::<$acc, $c, $pairs, $affine>(rows, fetch)
+                            self.store_as::<$acc, $c, $pairs, $affine>(row, rows, fetch)
                         },)*
                         // Neither f32 nor pairs wanted: nothing to store.
                         _ => {}
@@ -1334,10 +1300,11 @@ pub(crate) mod x86 {
             const AFFINE: bool,
         >(
             &self,
+            row: usize,
             rows: usize,
             fetch: impl Fn(usize) -> [__m512; 2],
         ) {
-            let (masks, target) = (self.masks, self.target);
+            let (masks, col) = (self.masks, self.col);
             let c = self.store.c.map_or(std::ptr::null_mut(), |c| c.get());
             let pairs = self.store.pairs.map_or(std::ptr::null_mut(), |p| p.get());
             let per_row = self.ldc.div_ceil(2);
@@ -1347,7 +1314,7 @@ pub(crate) mod x86 {
                 // its masked loads and stores touch nothing (a test to
                 // skip it cost more than it saved).
                 for (h, v) in out.iter_mut().enumerate() {
-                    let at = (target.row + r) * self.ldc + target.col + 16 * h;
+                    let at = (row + r) * self.ldc + col + 16 * h;
                     // SAFETY: the masked lanes lie inside the target tile
                     // of C (when `C`, `c` is C).
                     unsafe {
@@ -1370,7 +1337,7 @@ pub(crate) mod x86 {
                     // (`pairs` is the store's); the caller has the units
                     // when it asks for pairs.
                     unsafe {
-                        let p = pairs.add((target.row + r) * per_row + target.col / 2);
+                        let p = pairs.add((row + r) * per_row + col / 2);
                         store_pairs(out, p, self.pair_mask);
                     }
                 }
