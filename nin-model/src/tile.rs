@@ -657,9 +657,11 @@ unsafe fn run_tiles(ops: Operands, n: usize, store: Store, tiles: TileRows, pane
                 let b_panel = &b[panel * pairs * nr..(panel + 1) * pairs * nr];
                 match (unit, a) {
                     (Unit::Avx512Bf16, _) if nr == NR_NARROW => {
-                        x86::tiles::<1>(a, b_panel, n, tiles, first, store)
+                        x86::tiles_bf16::<1>(a, b_panel, n, tiles, first, store)
                     }
-                    (Unit::Avx512Bf16, _) => x86::tiles::<2>(a, b_panel, n, tiles, first, store),
+                    (Unit::Avx512Bf16, _) => {
+                        x86::tiles_bf16::<2>(a, b_panel, n, tiles, first, store)
+                    }
                     (Unit::Amx, Bf16Left::Rows(a)) => {
                         for rows in tiles {
                             crate::amx::tile(a, b_panel, n, target(rows, panel, nr, n), store);
@@ -766,7 +768,7 @@ pub(crate) mod x86 {
     /// `first.cols` are; `store`'s pointers valid for every tile, written
     /// by no one else meanwhile, and its epilogue's vectors `ldc` long.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn tiles<const V: usize>(
+    pub(super) unsafe fn tiles_bf16<const V: usize>(
         a: &Bf16Left,
         b: &[u32],
         ldc: usize,
@@ -781,17 +783,19 @@ pub(crate) mod x86 {
             let target = Tile { row, rows, ..first };
             debug_assert!(rows <= super::MR && row + rows <= a.rows());
             // SAFETY: the caller's, for this tile.
-            unsafe { by_rows!(rows, [1 2 3 4 5 6 7 8], tile_rows::<_, V>(a, b, target, &stores)) }
+            unsafe {
+                by_rows!(rows, [1 2 3 4 5 6 7 8], tile_bf16_rows::<_, V>(a, b, target, &stores))
+            }
         }
     }
 
-    /// One R-row tile of [`tiles`]: one broadcast pair of A per row and
-    /// `V` vectors of B's pairs per pair of K.
+    /// One R-row tile of [`tiles_bf16`]: one broadcast pair of A per row
+    /// and `V` vectors of B's pairs per pair of K.
     ///
     /// # Safety
-    /// As for [`tiles`], for this tile.
+    /// As for [`tiles_bf16`], for this tile.
     #[inline(always)]
-    unsafe fn tile_rows<const R: usize, const V: usize>(
+    unsafe fn tile_bf16_rows<const R: usize, const V: usize>(
         a: &Bf16Left,
         b: &[u32],
         target: Tile,
@@ -895,13 +899,13 @@ pub(crate) mod x86 {
         }
     }
 
-    /// [`tiles`] in FP32: K rows of `16 * V` values a panel of B, one
+    /// [`tiles_bf16`] in FP32: K rows of `16 * V` values a panel of B, one
     /// broadcast of A per row and `V` vectors of B per value of K.
     ///
     /// # Safety
     /// AVX-512 present; `a` holds the rows of every tile; `b` one panel
     /// of `a.k * 16 * V`, the one of `first.col`, whose columns
-    /// `first.cols` are; `store` as for [`tiles`], without pairs.
+    /// `first.cols` are; `store` as for [`tiles_bf16`], without pairs.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn tiles_f32<const V: usize>(
         a: &Left,
@@ -983,15 +987,15 @@ pub(crate) mod x86 {
     }
 
     /// [`tiles_f32`] on AVX2 with FMA: tiles of up to [`MR_AVX2`] x
-    /// [`NR_AVX2`], two vectors of 8 lanes a row, stored as [`tiles`]
-    /// stores them, but never as pairs (bf16 needs AVX-512). On Zen 1 a
+    /// [`NR_AVX2`], two vectors of 8 lanes a row, stored as
+    /// [`tiles_bf16`] stores them, but never as pairs (bf16 needs AVX-512). On Zen 1 a
     /// tile of K = 64 (a 1x1 layer) is some 770 cycles of multiply-adds,
     /// and paying the call's costs once a panel gained 4-9% a pass.
     ///
     /// # Safety
     /// AVX2 and FMA present; `a` holds the rows of every tile; `b` one
     /// panel of `a.k * NR_AVX2`, the one of `first.col`, whose columns
-    /// `first.cols` are; `store` as for [`tiles`], without pairs.
+    /// `first.cols` are; `store` as for [`tiles_bf16`], without pairs.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn tiles_f32_avx2(
         a: &Left,
