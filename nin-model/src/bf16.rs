@@ -10,15 +10,15 @@
 //! values go in pairs:
 //!
 //! - the left matrix A (activations) is converted once per call into
-//!   [`Bf16Rows`]: row-major, each row K/2 pairs, every pair one `u32`
+//!   `Bf16Rows`: row-major, each row K/2 pairs, every pair one `u32`
 //!   that the kernel broadcasts to all lanes;
-//! - the right matrix B (weights) is packed into [`PackedB`]: panels of
-//!   [`NR`] columns, each K/2 rows of [`NR`] interleaved pairs, two vector
-//!   loads per pair of K (one, in panels of [`NR_NARROW`], for a narrow
-//!   matrix: see [`panel_width`]). Fixed weights are packed once (see
-//!   [`crate::block::ConvUnit`]).
+//! - the right matrix B (weights) is packed into `PackedB`: panels of
+//!   `NR` columns, each K/2 rows of `NR` interleaved pairs, two vector
+//!   loads per pair of K (one, in panels of `NR_NARROW`, for a narrow
+//!   matrix: see `panel_width`). Fixed weights are packed once (see
+//!   `crate::block::ConvUnit`).
 //!
-//! The products themselves run on [`crate::tile`]'s micro-kernel.
+//! The products themselves run on `crate::tile`'s micro-kernel.
 
 use std::ops::{Deref, DerefMut, Range};
 
@@ -28,7 +28,7 @@ use crate::aligned::Aligned;
 use crate::matmul::Mat;
 use crate::tile::{self, Bf16Left, Epilogue, Operands, Out, Store, Threads, NR, NR_NARROW};
 
-/// Whether this CPU has the units [`matmul`] needs (AVX512-BF16). Checked
+/// Whether this CPU has the units `matmul` needs (AVX512-BF16). Checked
 /// at run time: one binary serves every x86-64 CPU.
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]

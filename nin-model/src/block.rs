@@ -8,7 +8,7 @@
 //! the spatial conv's [`Window`]; the 1x1 convs keep the spatial size.
 //!
 //! The layers hold the parameters; the passes that run them are elsewhere:
-//! [`crate::tape`] (native CPU kernels) and [`crate::generic`] (candle ops,
+//! [`crate::tape`] (native CPU kernels) and `crate::generic` (candle ops,
 //! any device) for nin's own training and inference, and the plain candle
 //! path here (`forward_plain`), whose autograd is the reference both are
 //! tested against.

@@ -7,9 +7,9 @@
 //!
 //! - a 1x1 convolution is one matrix multiply, X (M, C_in) x W^T (C_in, C_out),
 //!   with no copy at all (most of NiN's convolutions are 1x1);
-//! - a k x k convolution is [`im2col_into`] (each output pixel's k*k*C_in
+//! - a k x k convolution is `im2col_into` (each output pixel's k*k*C_in
 //!   neighbourhood as a row) followed by one matrix multiply; its gradient
-//!   scatters the rows back ([`col2im_into`]);
+//!   scatters the rows back (`col2im_into`);
 //! - bias + ReLU and batch norm + ReLU are single fused, multithreaded
 //!   passes with hand-written gradients;
 //! - max-pool runs over contiguous channel vectors.
@@ -397,7 +397,7 @@ fn column_total_f64(partials: &[Vec<f32>], c: usize) -> Vec<f64> {
 
 /// Per-channel mean and biased variance of a (M, C) matrix. Each task sums
 /// [`ROWS_PER_TASK`] rows in f32 around a per-channel shift (the first
-/// row), which keeps E[x^2] - E[x]^2 from cancelling; tasks add up in f64.
+/// row), which keeps `E[x^2] - E[x]^2` from cancelling; tasks add up in f64.
 fn moments(x: &[f32], c: usize) -> (Vec<f64>, Vec<f64>) {
     let shift = &x[..c];
     let partials: Vec<(Vec<f32>, Vec<f32>)> = x
@@ -424,7 +424,7 @@ fn moments(x: &[f32], c: usize) -> (Vec<f64>, Vec<f64>) {
     (mean, var)
 }
 
-/// Batch-norm statistics of the last training-mode [`batch_norm_relu`] call,
+/// Batch-norm statistics of the last training-mode `batch_norm_relu_into` call,
 /// for the running averages.
 #[derive(Clone, Debug, Default)]
 pub struct NormStats {

@@ -21,7 +21,7 @@ pub enum Kernels {
     /// channels-last CPU kernels and `gemm`. F32 on CPU only; the default
     /// there.
     Native,
-    /// [`crate::generic`]: candle tensor ops, on any device. What CUDA and
+    /// `crate::generic`: candle tensor ops, on any device. What CUDA and
     /// Metal always run.
     Generic,
 }

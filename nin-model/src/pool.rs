@@ -4,7 +4,7 @@
 //! autograd themselves (`forward_t(x, true)`) and for the generic kernel
 //! set's views. nin's own passes run the kernel sets' pools instead: the
 //! native one in [`crate::channels_last`], the generic one in
-//! [`crate::generic`] (built on [`window_views`] below).
+//! `crate::generic` (built on `window_views` below).
 //!
 //! Every max-pool in NiN overlaps (a 3x3 window moved by 2), and candle 0.11
 //! refuses to backpropagate through `max_pool2d` when the kernel differs from

@@ -17,9 +17,9 @@
 //!   crate (what candle uses) in FP32, or [`crate::bf16`]'s kernel in
 //!   bf16, with transposes expressed as strides, never copied.
 //! - Inference runs each convolution and the 1x1 ones after it as one
-//!   fused pass on [`crate::tile`]'s kernels, in either precision:
+//!   fused pass on `crate::tile`'s kernels, in either precision:
 //!   product, bias or batch norm and ReLU (see `conv_chain`).
-//! - Buffers come from a [`Buffers`] pool that lives with the model and gets
+//! - Buffers come from a `Buffers` pool that lives with the model and gets
 //!   them back when a tape or a forward pass is done: after the first step
 //!   nothing is allocated or zero-filled that is about to be overwritten.
 //! - Every reduction (bias, batch norm, weight gradients split over rows)
@@ -27,7 +27,7 @@
 //!   count.
 //!
 //! This is the native kernel set ([`crate::Kernels::Native`]), for F32 on
-//! CPU; [`crate::generic`] is the same pass in candle ops for every device.
+//! CPU; `crate::generic` is the same pass in candle ops for every device.
 //! `tests/kernels.rs` checks both against candle's autograd on the plain
 //! path.
 

@@ -77,8 +77,9 @@ pub(crate) struct Store<'a> {
     pub(crate) c: Option<Out<f32>>,
     pub(crate) accumulate: bool,
     pub(crate) epilogue: Option<Epilogue<'a>>,
-    /// Also the result as bf16 pairs, [`pairs`]`(N)` per row: the next
-    /// layer's left operand, converted while the tile is in registers.
+    /// Also the result as bf16 pairs, [`crate::bf16::pairs`]`(N)` per
+    /// row: the next layer's left operand, converted while the tile is in
+    /// registers.
     pub(crate) pairs: Option<Out<u32>>,
 }
 

@@ -50,8 +50,14 @@ use crate::Error;
 /// tonic and prost: servers and clients alike. The code is committed in
 /// `generated/` (made by `codegen/`), so that no build needs a code
 /// generator; nin-model's test `generated` checks it against the `.proto`
-/// files.
-#[allow(missing_docs, clippy::all, clippy::pedantic)]
+/// files. Its doc comments are the `.proto` files' own, whose
+/// `<model>`-style placeholders rustdoc would read as HTML tags.
+#[allow(
+    missing_docs,
+    clippy::all,
+    clippy::pedantic,
+    rustdoc::invalid_html_tags
+)]
 pub mod proto {
     include!("../generated/inference.rs");
 

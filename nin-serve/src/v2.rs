@@ -578,7 +578,7 @@ pub struct CheckedRequest {
 /// Everything `POST /v2/models/{name}/infer` does to a body before the
 /// model: splits it at `header_length` (the `Inference-Header-Content-Length`
 /// header) into JSON and binary tensor data, parses the JSON
-/// ([`parse_request`]'s 400/422 split), takes each input's values from its
+/// (`parse_request`'s 400/422 split), takes each input's values from its
 /// `data` or its `binary_data_size` bytes, and checks and normalises them
 /// with [`tensor::check_input`] for a model with `channels` input channels
 /// and `recipe`, at most `max_images` images.
