@@ -989,9 +989,10 @@ pub(crate) mod x86 {
 
     /// [`tiles_f32`] on AVX2 with FMA: tiles of up to [`MR_AVX2`] x
     /// [`NR_AVX2`], two vectors of 8 lanes a row, stored as
-    /// [`tiles_bf16`] stores them, but never as pairs (bf16 needs AVX-512). On Zen 1 a
-    /// tile of K = 64 (a 1x1 layer) is some 770 cycles of multiply-adds,
-    /// and paying the call's costs once a panel gained 4-9% a pass.
+    /// [`tiles_bf16`] stores them, but never as pairs (bf16 needs
+    /// AVX-512). On Zen 1 a tile of K = 64 (a 1x1 layer) is some 770
+    /// cycles of multiply-adds, and paying the call's costs once a panel
+    /// gained 4-9% a pass.
     ///
     /// # Safety
     /// AVX2 and FMA present; `a` holds the rows of every tile; `b` one
