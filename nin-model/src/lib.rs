@@ -22,6 +22,7 @@ mod aligned;
 mod amx;
 pub mod bf16;
 pub mod block;
+mod border;
 pub mod channels_last;
 pub mod config;
 pub mod device;

@@ -41,12 +41,15 @@ use rayon::prelude::*;
 use crate::aligned::Aligned;
 use crate::bf16::{self, Bf16Rows, PackedB};
 use crate::block::{Affine, BiasOrNorm, ConvUnit, BN_EPS};
+use crate::border::BorderOrder;
 use crate::channels_last::{self as cl, Geometry, NormStats};
 use crate::config::Window;
 use crate::dropout::Dropout;
 use crate::matmul::{matmul, matmul_packed, matmul_tn, packed_in, Mat, Tall};
 use crate::precision::Precision;
-use crate::tile::{self, Bf16Left, ConvRows, Epilogue, F32Rows, Isa, Left, PackedF32, Threads};
+use crate::tile::{
+    self, Bf16Left, ConvRows, Epilogue, F32Rows, Isa, Left, Out, PackedF32, Threads,
+};
 
 /// Free buffers kept for the next step: the pool a model's passes draw from.
 ///
@@ -611,6 +614,61 @@ fn conv_rows<'a, T>(
     }
 }
 
+/// Rows of a group smaller than this run with their neighbours' taps
+/// (see [`BorderOrder::new`]): a tile of fewer rows is short of chains
+/// of multiply-adds to hide the kernel's latency.
+const MIN_GROUP_ROWS: usize = 4;
+
+/// The windows of rows `first..first + rows` over the framed maps
+/// `src`, in parts, each with its first row among them: all in one, or,
+/// in `order`, a part a group, over the group's taps.
+fn windows_of<'a, T>(
+    order: Option<&'a BorderOrder>,
+    src: &'a [T],
+    framed: &Geometry,
+    first: usize,
+    rows: usize,
+) -> Result<Vec<(usize, ConvRows<'a, T>)>> {
+    let Some(order) = order else {
+        return Ok(vec![(0, conv_rows(src, framed, first, rows)?)]);
+    };
+    order
+        .parts(first, rows)
+        .map(
+            |(at, starts, taps)| match ConvRows::in_order(src, *framed, starts, taps) {
+                Some(conv) => Ok((at - first, conv)),
+                None => bail!("windows {at}..{} do not fit {framed:?}", at + starts.len()),
+            },
+        )
+        .collect()
+}
+
+/// Rows of `width` values, in the order of `pixels`, to their pixels'
+/// rows of `out`.
+///
+/// # Safety
+/// `out` holds every pixel's row, and no one else reads or writes those
+/// of `pixels` meanwhile.
+unsafe fn to_places<T: Copy>(rows: &[T], width: usize, pixels: &[u32], out: Out<T>) {
+    // A group's pixels along a map row are neighbours there too: one
+    // copy a run of them.
+    let mut i = 0;
+    while i < pixels.len() {
+        let run = 1 + pixels[i + 1..]
+            .iter()
+            .zip(&pixels[i..])
+            .take_while(|(next, pixel)| **next == **pixel + 1)
+            .count();
+        let src = &rows[i * width..(i + run) * width];
+        // SAFETY: the caller's.
+        unsafe {
+            let dst = out.0.add(pixels[i] as usize * width);
+            std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len());
+        }
+        i += run;
+    }
+}
+
 /// The maps `data` (`geometry.c` values a pixel: channels, or pairs of
 /// them) framed by `geometry`'s padding (see [`cl::pad_into`]), or `None`
 /// where there is none (the maps are read as they are), and the framed
@@ -745,6 +803,23 @@ fn conv_chain(
         }
         _ => None,
     };
+    // Windows read in place skip the taps on the padding: the strips run
+    // over the output pixels in groups of equal taps (see `BorderOrder`),
+    // and their last layer's rows go back to the pixels' places. That
+    // copy and the groups' products cost more than they save where the
+    // taps skipped are under 1% of the chain's multiply-adds (the
+    // shipped network's first block: 0.3%; 1.3% to 1.7% faster at b64
+    // without it) and on a single image's maps (compact b1 4% to 7%
+    // slower with it).
+    let order = match (&framed, &framed_pairs) {
+        (Some(_), _) | (_, Some(_)) if x.n > 1 => BorderOrder::new(&geometry, MIN_GROUP_ROWS),
+        _ => None,
+    };
+    let order = order.filter(|order| {
+        let chain: usize = links.iter().map(|link| link.macs).sum();
+        let skipped = (1.0 - order.share_read()) * links[0].macs as f64;
+        skipped >= chain as f64 / 100.0
+    });
     // Strips of at most CHAIN_ROWS, as many for every thread, but none
     // so small that handing it to another thread costs more than it
     // saves (the compact network's head at batch 1: 4 pixels).
@@ -759,57 +834,66 @@ fn conv_chain(
     let run_strip =
         |task: usize, rows: usize, last: (Option<&mut [f32]>, Option<&mut [u32]>)| -> Result<()> {
             let first_row = task * strip;
-            // The strip's input rows, as the first layer reads them.
+            // The strip's input rows, as the first layer reads them: all
+            // at once, or in `parts` (their first row, and their windows
+            // over their own taps) where the strip runs in `order`.
             let (cols, cols_pairs): (Buf<f32>, Buf<u32>);
-            let mut input = match (&links[0].packed, pointwise, x_pairs) {
+            let whole = |input| vec![(0, input)];
+            let mut parts = match (&links[0].packed, pointwise, x_pairs) {
                 (Packed::F32(_), _, Some(_)) => {
                     bail!("an FP32 layer got its input in bf16 pairs alone")
                 }
                 (Packed::Bf16(_), true, Some(given)) => {
                     let per_row = bf16::pairs(c_in);
                     let given = &given[first_row * per_row..(first_row + rows) * per_row];
-                    LinkInput::Pairs(Bf16Left::Rows(Bf16Rows::from_pairs(given, rows, c_in)))
+                    whole(LinkInput::Pairs(Bf16Left::Rows(Bf16Rows::from_pairs(
+                        given, rows, c_in,
+                    ))))
                 }
                 (Packed::Bf16(_), false, Some(given)) => match &framed_pairs {
                     Some((maps, framed)) => {
                         let maps = maps.as_deref().unwrap_or(given);
-                        LinkInput::Pairs(Bf16Left::Conv(conv_rows(maps, framed, first_row, rows)?))
+                        let windows = windows_of(order.as_ref(), maps, framed, first_row, rows)?;
+                        let pairs = |(at, conv)| (at, LinkInput::Pairs(Bf16Left::Conv(conv)));
+                        windows.into_iter().map(pairs).collect()
                     }
                     None => {
                         let mut taken = pool.take(rows * bf16::pairs(row_len));
                         cl::im2col_rows_of_pairs_into(&geometry, given, first_row, &mut taken)?;
                         cols_pairs = taken;
-                        LinkInput::Pairs(Bf16Left::Rows(Bf16Rows::from_pairs(
+                        whole(LinkInput::Pairs(Bf16Left::Rows(Bf16Rows::from_pairs(
                             &cols_pairs,
                             rows,
                             row_len,
-                        )))
+                        ))))
                     }
                 },
                 (Packed::F32(_), true, None) => {
                     let data = &x.data[first_row * c_in..(first_row + rows) * c_in];
-                    LinkInput::F32(Left::Rows(F32Rows {
+                    whole(LinkInput::F32(Left::Rows(F32Rows {
                         data,
                         rows,
                         k: c_in,
                         row_step: c_in,
-                    }))
+                    })))
                 }
                 (Packed::F32(_), false, None) => match &framed {
                     Some((maps, framed)) => {
                         let maps = maps.as_deref().unwrap_or(&x.data);
-                        LinkInput::F32(Left::Conv(conv_rows(maps, framed, first_row, rows)?))
+                        let windows = windows_of(order.as_ref(), maps, framed, first_row, rows)?;
+                        let values = |(at, conv)| (at, LinkInput::F32(Left::Conv(conv)));
+                        windows.into_iter().map(values).collect()
                     }
                     None => {
                         let mut taken = pool.take(rows * row_len);
                         cl::im2col_rows_into(&geometry, &x.data, first_row, &mut taken)?;
                         cols = taken;
-                        LinkInput::F32(Left::Rows(F32Rows {
+                        whole(LinkInput::F32(Left::Rows(F32Rows {
                             data: &cols,
                             rows,
                             k: row_len,
                             row_step: row_len,
-                        }))
+                        })))
                     }
                 },
                 (Packed::Bf16(_), true, None) => {
@@ -819,55 +903,80 @@ fn conv_chain(
                         bf16::convert_row(row, out);
                     }
                     cols_pairs = taken;
-                    LinkInput::Pairs(Bf16Left::Rows(Bf16Rows::from_pairs(
+                    whole(LinkInput::Pairs(Bf16Left::Rows(Bf16Rows::from_pairs(
                         &cols_pairs,
                         rows,
                         c_in,
-                    )))
+                    ))))
                 }
                 (Packed::Bf16(_), false, None) => {
                     let mut taken = pool.take(rows * bf16::pairs(row_len));
                     cl::im2col_pairs_rows_into(&geometry, &x.data, first_row, &mut taken)?;
                     cols_pairs = taken;
-                    LinkInput::Pairs(Bf16Left::Rows(Bf16Rows::from_pairs(
+                    whole(LinkInput::Pairs(Bf16Left::Rows(Bf16Rows::from_pairs(
                         &cols_pairs,
                         rows,
                         row_len,
-                    )))
+                    ))))
                 }
             };
             // The maps between two layers of the strip.
             let (mut between, mut between_pairs): (Buf<f32>, Buf<u32>);
             for (i, link) in links.iter().enumerate() {
                 let Some(next) = links.get(i + 1) else {
-                    link.run(&input, last.0, last.1)?;
+                    link.run_parts(&parts, last.0, last.1)?;
                     break;
                 };
                 let c_out = link.c_out;
                 if let Packed::Bf16(_) = next.packed {
                     let mut pairs = pool.take(rows * bf16::pairs(c_out));
-                    link.run(&input, None, Some(&mut pairs))?;
+                    link.run_parts(&parts, None, Some(&mut pairs))?;
                     between_pairs = pairs;
-                    input = LinkInput::Pairs(Bf16Left::Rows(Bf16Rows::from_pairs(
+                    let input = LinkInput::Pairs(Bf16Left::Rows(Bf16Rows::from_pairs(
                         &between_pairs,
                         rows,
                         c_out,
                     )));
+                    parts = vec![(0, input)];
                 } else {
                     let mut y = pool.take(rows * c_out);
-                    link.run(&input, Some(&mut y), None)?;
+                    link.run_parts(&parts, Some(&mut y), None)?;
                     between = y;
-                    input = LinkInput::F32(Left::Rows(F32Rows {
+                    let input = LinkInput::F32(Left::Rows(F32Rows {
                         data: &between,
                         rows,
                         k: c_out,
                         row_step: c_out,
                     }));
+                    parts = vec![(0, input)];
                 }
             }
             Ok(())
         };
-    if pairs_out {
+    if let Some(order) = &order {
+        // Each strip's rows into a buffer of its own, then to their
+        // pixels' places, which are the strip's alone.
+        let (dst, dst_pairs) = (Out(out.as_mut_ptr()), Out(out_pairs.as_mut_ptr()));
+        (0..m.div_ceil(strip))
+            .into_par_iter()
+            .try_for_each(|task| -> Result<()> {
+                let rows = strip.min(m - task * strip);
+                let pixels = &order.pixels()[task * strip..][..rows];
+                if pairs_out {
+                    let mut own = pool.take(rows * pairs_per_row);
+                    run_strip(task, rows, (None, Some(&mut own)))?;
+                    // SAFETY: `pixels` are this strip's alone (every output
+                    // pixel is one row of `order`), each inside `out_pairs`.
+                    unsafe { to_places(&own, pairs_per_row, pixels, dst_pairs) };
+                } else {
+                    let mut own = pool.take(rows * channels);
+                    run_strip(task, rows, (Some(&mut own), None))?;
+                    // SAFETY: as above, inside `out`.
+                    unsafe { to_places(&own, channels, pixels, dst) };
+                }
+                Ok(())
+            })?;
+    } else if pairs_out {
         out_pairs
             .par_chunks_mut(strip * pairs_per_row)
             .enumerate()
@@ -933,6 +1042,32 @@ struct Link {
 }
 
 impl Link {
+    /// The layer on a strip's `parts` (each its first row and its input
+    /// rows), on this thread, into `dst` (f32) or `pairs` (bf16 pairs
+    /// for the next layer).
+    fn run_parts(
+        &self,
+        parts: &[(usize, LinkInput)],
+        mut dst: Option<&mut [f32]>,
+        mut pairs: Option<&mut [u32]>,
+    ) -> Result<()> {
+        let per_row = (self.c_out, bf16::pairs(self.c_out));
+        for (at, input) in parts {
+            let rows = match input {
+                LinkInput::F32(a) => a.rows(),
+                LinkInput::Pairs(a) => a.rows(),
+            };
+            let dst = dst
+                .as_deref_mut()
+                .map(|d| &mut d[at * per_row.0..][..rows * per_row.0]);
+            let pairs = pairs
+                .as_deref_mut()
+                .map(|p| &mut p[at * per_row.1..][..rows * per_row.1]);
+            self.run(input, dst, pairs)?;
+        }
+        Ok(())
+    }
+
     /// The layer on a strip's `input`, on this thread, into `dst` (f32)
     /// or `pairs` (bf16 pairs for the next layer).
     fn run(

@@ -25,6 +25,7 @@ use rayon::prelude::*;
 
 use crate::aligned::Aligned;
 use crate::bf16::{Bf16Rows, Unit};
+use crate::border::Taps;
 use crate::channels_last::Geometry;
 use crate::matmul::Mat;
 
@@ -125,6 +126,12 @@ pub(crate) struct ConvRows<'a, T = f32> {
     oh: usize,
     first: usize,
     rows: usize,
+    /// Where given, row i's window starts at pixel `starts[i]` of `src`
+    /// (a group of [`crate::border::BorderOrder`]) instead of output
+    /// pixel `first + i`'s.
+    starts: Option<&'a [u32]>,
+    /// The kernel taps the rows read: every one, or a group's.
+    taps: Taps,
 }
 
 impl ConvRows<'_> {
@@ -159,7 +166,41 @@ impl<'a, T> ConvRows<'a, T> {
                 oh,
                 first,
                 rows,
+                starts: None,
+                taps: Taps::all(g.window.kernel),
             })
+    }
+
+    /// The windows that start at `starts` (pixels of `src`), over their
+    /// `taps` alone: a group of [`crate::border::BorderOrder`]. `None`
+    /// when a window would reach past `src`, or the taps past the
+    /// window.
+    pub(crate) fn in_order(
+        src: &'a [T],
+        geometry: Geometry,
+        starts: &'a [u32],
+        taps: Taps,
+    ) -> Option<Self> {
+        let g = geometry;
+        let (oh, ow) = g.out_dims().ok()?;
+        let k = g.window.kernel;
+        let reach = |start: u32| (start as usize + (k - 1) * (g.w + 1) + 1) * g.c;
+        (g.window.padding == 0
+            && taps.ky.0 <= taps.ky.1
+            && taps.ky.1 <= k
+            && taps.kx.0 <= taps.kx.1
+            && taps.kx.1 <= k
+            && starts.iter().all(|&start| reach(start) <= src.len()))
+        .then_some(Self {
+            src,
+            geometry,
+            ow,
+            oh,
+            first: 0,
+            rows: starts.len(),
+            starts: Some(starts),
+            taps,
+        })
     }
 
     /// Values (or pairs) a window holds: the product's K.
@@ -177,6 +218,9 @@ impl<'a, T> ConvRows<'a, T> {
     /// FP32 shipped b64 1,619 -> 1,717, on a slow day of that VM).
     #[inline(always)]
     fn windows<const R: usize>(&self, target: Tile) -> [usize; R] {
+        if let Some(starts) = self.starts {
+            return std::array::from_fn(|r| starts[target.row + r] as usize);
+        }
         let (g, stride) = (&self.geometry, self.geometry.window.stride);
         let pixel = self.first + target.row;
         let per_map = self.oh * self.ow;
@@ -197,14 +241,16 @@ impl<'a, T> ConvRows<'a, T> {
         })
     }
 
-    /// Where kernel row `ky` of each window lies.
+    /// Where the taps of kernel row `ky` of each window lie.
     #[inline(always)]
     fn kernel_rows<const R: usize>(&self, windows: &[usize; R], ky: usize) -> [*const T; R] {
-        let g = &self.geometry;
-        // SAFETY: `new` checked that every window of rows first..first +
-        // rows lies inside `src`: kernel row ky of a window starts
-        // inside it, and its k x C values too.
-        std::array::from_fn(|r| unsafe { self.src.as_ptr().add((windows[r] + ky * g.w) * g.c) })
+        let (g, kx) = (&self.geometry, self.taps.kx.0);
+        // SAFETY: `new` and `in_order` checked that every window of rows
+        // first..first + rows lies inside `src`: kernel row ky of a
+        // window starts inside it, and its k x C values too.
+        std::array::from_fn(|r| unsafe {
+            self.src.as_ptr().add((windows[r] + ky * g.w + kx) * g.c)
+        })
     }
 }
 
@@ -311,6 +357,7 @@ struct Stretches<'a, T, const R: usize> {
     first: Option<[*const T; R]>,
     /// A convolution's next kernel row.
     ky: usize,
+    /// Values (or pairs) a stretch.
     len: usize,
 }
 
@@ -327,14 +374,15 @@ impl<'a, T, const R: usize> Stretches<'a, T, R> {
         }
     }
 
-    /// A convolution's windows: a stretch per kernel row.
+    /// A convolution's windows: a stretch per kernel row of its taps.
     #[inline(always)]
     fn windows(conv: ConvRows<'a, T>, target: Tile) -> Self {
+        let Taps { ky, kx } = conv.taps;
         Self {
             windows: conv.windows(target),
             first: None,
-            ky: 0,
-            len: conv.geometry.window.kernel * conv.geometry.c,
+            ky: ky.0,
+            len: (kx.1 - kx.0) * conv.geometry.c,
             conv: Some(conv),
         }
     }
@@ -349,11 +397,12 @@ impl<T, const R: usize> Iterator for Stretches<'_, T, R> {
             return self.first.take().map(|rows| (rows, 0, self.len));
         };
         let ky = self.ky;
-        if ky == conv.geometry.window.kernel {
+        if ky >= conv.taps.ky.1 {
             return None;
         }
         self.ky += 1;
-        Some((conv.kernel_rows(&self.windows, ky), ky * self.len, self.len))
+        let at = (ky * conv.geometry.window.kernel + conv.taps.kx.0) * conv.geometry.c;
+        Some((conv.kernel_rows(&self.windows, ky), at, self.len))
     }
 }
 
