@@ -44,8 +44,6 @@ pub(crate) struct BorderOrder {
     starts: Vec<u32>,
     /// Each group's first row and taps, in row order.
     groups: Vec<(usize, Taps)>,
-    /// The windows' kernel size.
-    kernel: usize,
 }
 
 impl BorderOrder {
@@ -98,23 +96,7 @@ impl BorderOrder {
             pixels,
             starts,
             groups,
-            kernel: g.window.kernel,
         })
-    }
-
-    /// The share of the windows' taps that the groups read (the rest
-    /// lie on the padding, skipped).
-    pub(crate) fn share_read(&self) -> f64 {
-        let taps = |t: &Taps| (t.ky.1 - t.ky.0) * (t.kx.1 - t.kx.0);
-        let read: usize = (0..self.groups.len())
-            .map(|i| {
-                let (start, group) = self.groups[i];
-                let stop = self.groups.get(i + 1).map_or(self.pixels.len(), |g| g.0);
-                (stop - start) * taps(&group)
-            })
-            .sum();
-        let all = self.pixels.len() * self.kernel * self.kernel;
-        read as f64 / all.max(1) as f64
     }
 
     /// The output pixel of each row.
@@ -139,6 +121,23 @@ impl BorderOrder {
                 (from < to).then(|| (from, &self.starts[from..to], taps))
             })
     }
+}
+
+/// The share of a convolution's taps (`g`, its maps before framing)
+/// that fall on the padding: what [`BorderOrder`] can skip at most.
+pub(crate) fn share_on_padding(g: &Geometry) -> f64 {
+    let Ok((oh, ow)) = g.out_dims() else {
+        return 0.0;
+    };
+    let inside = |classes: Classes| -> usize {
+        let sets = classes.sets.iter();
+        sets.map(|((lo, hi), coords)| (hi - lo) * coords.len())
+            .sum()
+    };
+    let read =
+        inside(Classes::along(oh, g.h, g.window)) * inside(Classes::along(ow, g.w, g.window));
+    let all = oh * ow * g.window.kernel * g.window.kernel;
+    1.0 - read as f64 / all.max(1) as f64
 }
 
 /// The output coordinates along one axis, in sets of equal taps.
@@ -262,6 +261,20 @@ mod tests {
             ky: (1, 3),
             kx: (1, 3)
         }));
+    }
+
+    /// The shipped network's padded windows: 3 x 3 over 7 x 7, 14 x 14
+    /// and 28 x 28 maps.
+    #[test]
+    fn the_share_on_padding_counts_the_taps_outside() {
+        let share = |size| share_on_padding(&geometry(2, size, size, Window::new(3, 1, 1)));
+        assert!((share(7) - 80.0 / 441.0).abs() < 1e-12);
+        assert!((share(14) - (1.0 - (40.0f64 / 42.0).powi(2))).abs() < 1e-12);
+        assert!((share(28) - (1.0 - (82.0f64 / 84.0).powi(2))).abs() < 1e-12);
+        assert_eq!(
+            share_on_padding(&geometry(2, 7, 7, Window::new(3, 1, 0))),
+            0.0
+        );
     }
 
     /// A strip's parts are the groups cut at its ends.

@@ -41,7 +41,7 @@ use rayon::prelude::*;
 use crate::aligned::Aligned;
 use crate::bf16::{self, Bf16Rows, PackedB};
 use crate::block::{Affine, BiasOrNorm, ConvUnit, BN_EPS};
-use crate::border::BorderOrder;
+use crate::border::{self, BorderOrder};
 use crate::channels_last::{self as cl, Geometry, NormStats};
 use crate::config::Window;
 use crate::dropout::Dropout;
@@ -811,20 +811,20 @@ fn conv_chain(
     // shipped network's first block: 0.3%; 1.3% to 1.7% faster at b64
     // without it) and on a single image's maps (compact b1 4% to 7%
     // slower with it).
+    let chain_macs: usize = links.iter().map(|link| link.macs).sum();
+    let pays =
+        border::share_on_padding(&geometry) * links[0].macs as f64 >= chain_macs as f64 / 100.0;
     let order = match (&framed, &framed_pairs) {
-        (Some(_), _) | (_, Some(_)) if x.n > 1 => BorderOrder::new(&geometry, MIN_GROUP_ROWS),
+        (Some(_), _) | (_, Some(_)) if x.n > 1 && pays => {
+            BorderOrder::new(&geometry, MIN_GROUP_ROWS)
+        }
         _ => None,
     };
-    let order = order.filter(|order| {
-        let chain: usize = links.iter().map(|link| link.macs).sum();
-        let skipped = (1.0 - order.share_read()) * links[0].macs as f64;
-        skipped >= chain as f64 / 100.0
-    });
     // Strips of at most CHAIN_ROWS, as many for every thread, but none
     // so small that handing it to another thread costs more than it
     // saves (the compact network's head at batch 1: 4 pixels).
     let threads = rayon::current_num_threads();
-    let macs = m * links.iter().map(|link| link.macs).sum::<usize>();
+    let macs = m * chain_macs;
     let mut strips = (threads * m.div_ceil(threads * CHAIN_ROWS)).min(macs / MIN_STRIP_MACS);
     if strips > threads {
         strips -= strips % threads;
