@@ -65,13 +65,15 @@ impl BorderOrder {
                     .all(|(_, x)| g.n * y.len() * x.len() >= min_rows)
             })
         };
-        let (ys, xs) = [
-            (along_y.clone(), along_x.clone()),
-            (along_y.clone(), along_x.merged()),
-            (along_y.merged(), along_x.merged()),
-        ]
-        .into_iter()
-        .find(|(ys, xs)| ys.sets.len() * xs.sets.len() > 1 && enough(ys, xs))?;
+        let xs = if enough(&along_y, &along_x) {
+            along_x
+        } else {
+            along_x.merged()
+        };
+        let ys = along_y;
+        if ys.sets.len() * xs.sets.len() == 1 || !enough(&ys, &xs) {
+            return None;
+        }
         let framed = g.framed();
         let stride = g.window.stride;
         let (mut pixels, mut starts) = (Vec::with_capacity(g.n * oh * ow), Vec::new());
@@ -141,7 +143,6 @@ pub(crate) fn share_on_padding(g: &Geometry) -> f64 {
 }
 
 /// The output coordinates along one axis, in sets of equal taps.
-#[derive(Clone)]
 struct Classes {
     sets: Vec<((usize, usize), Vec<usize>)>,
 }
