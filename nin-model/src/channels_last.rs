@@ -457,6 +457,52 @@ pub(crate) fn batch_norm_relu_into(
     out: &mut [f32],
 ) -> NormStats {
     let c = gamma.len();
+    let stats = batch_stats(x, gamma, beta, eps);
+    let (a, b) = (&stats.scale, &stats.shift);
+    out.par_chunks_mut(c * ROWS_PER_TASK)
+        .zip(x.par_chunks(c * ROWS_PER_TASK))
+        .for_each(|(out, x)| {
+            for (out, x) in out.chunks_mut(c).zip(x.chunks(c)) {
+                for (((out, &x), &a), &b) in out.iter_mut().zip(x).zip(a).zip(b) {
+                    *out = (x * a + b).max(0.0);
+                }
+            }
+        });
+    stats
+}
+
+/// [`batch_norm_relu_into`] with its output in bf16 pairs alone
+/// ([`crate::bf16::pairs`]`(C)` a row), for a bf16 training step whose
+/// next layer, a 1x1 convolution, reads nothing else: the f32 maps would
+/// be written and read once more only to be rounded.
+pub(crate) fn batch_norm_relu_pairs_into(
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f64,
+    out: &mut [u32],
+) -> NormStats {
+    let (c, p) = (gamma.len(), crate::bf16::pairs(gamma.len()));
+    let stats = batch_stats(x, gamma, beta, eps);
+    let (a, b) = (&stats.scale, &stats.shift);
+    out.par_chunks_mut(p * ROWS_PER_TASK)
+        .zip(x.par_chunks(c * ROWS_PER_TASK))
+        .for_each(|(out, x)| {
+            let mut row = vec![0f32; c];
+            for (out, x) in out.chunks_mut(p).zip(x.chunks(c)) {
+                for (((y, &x), &a), &b) in row.iter_mut().zip(x).zip(a).zip(b) {
+                    *y = (x * a + b).max(0.0);
+                }
+                crate::bf16::convert_row(&row, out);
+            }
+        });
+    stats
+}
+
+/// The batch's statistics over the (M, C) matrix `x`, and the scale
+/// and shift that normalize it.
+fn batch_stats(x: &[f32], gamma: &[f32], beta: &[f32], eps: f64) -> NormStats {
+    let c = gamma.len();
     let (mean, var) = moments(x, c);
     let inv_std = inv_std(&var, eps);
     // y = relu(x * a + b) with a = gamma / std, b = beta - mean * a.
@@ -466,15 +512,6 @@ pub(crate) fn batch_norm_relu_into(
     let b: Vec<f32> = (0..c)
         .map(|j| (f64::from(beta[j]) - mean[j] * f64::from(a[j])) as f32)
         .collect();
-    out.par_chunks_mut(c * ROWS_PER_TASK)
-        .zip(x.par_chunks(c * ROWS_PER_TASK))
-        .for_each(|(out, x)| {
-            for (out, x) in out.chunks_mut(c).zip(x.chunks(c)) {
-                for (((out, &x), &a), &b) in out.iter_mut().zip(x).zip(&a).zip(&b) {
-                    *out = (x * a + b).max(0.0);
-                }
-            }
-        });
     NormStats {
         mean,
         var,
@@ -1101,6 +1138,27 @@ mod tests {
         assert_eq!(pairs, expected);
         let odd = Geometry { c: 3, ..g };
         assert!(im2col_pairs_into(&odd, &src[..2 * 5 * 4 * 3], &mut pairs).is_err());
+    }
+
+    #[test]
+    fn batch_norm_in_pairs_is_batch_norm_then_conversion() {
+        // 34 channels (a whole vector and a tail of pairs), more rows than
+        // a task takes, an odd count of them.
+        let (m, c) = (3 * ROWS_PER_TASK + 5, 34);
+        let x: Vec<f32> = (0..m * c).map(|v| (v as f32 * 0.61).sin() * 3.0).collect();
+        let gamma: Vec<f32> = (0..c).map(|j| 0.5 + j as f32 * 0.05).collect();
+        let beta: Vec<f32> = (0..c).map(|j| (j as f32 * 0.3).cos()).collect();
+        let mut values = vec![f32::NAN; m * c];
+        let stats = batch_norm_relu_into(&x, &gamma, &beta, 1e-5, &mut values);
+        let mut expected = vec![0u32; m * c / 2];
+        for (row, out) in values.chunks(c).zip(expected.chunks_mut(c / 2)) {
+            crate::bf16::convert_row(row, out);
+        }
+        let mut pairs = vec![u32::MAX; expected.len()];
+        let in_pairs = batch_norm_relu_pairs_into(&x, &gamma, &beta, 1e-5, &mut pairs);
+        assert_eq!(pairs, expected);
+        assert_eq!((in_pairs.mean, in_pairs.var), (stats.mean, stats.var));
+        assert!(values.contains(&0.0) && values.iter().any(|&v| v > 0.0));
     }
 
     #[test]

@@ -322,7 +322,9 @@ enum Input {
     /// them: what the weight gradient's bf16 product transposes. Rounded
     /// once, not once per product: shipped bf16 training at batch 128 on
     /// Zen 4 went from 621 to 683 images/s (7 interleaved rounds, medians).
-    Pairs(Buf<u32>),
+    /// A 1x1 convolution's are the maps' own, shared with the layer
+    /// before where its batch norm wrote them in pairs alone.
+    Pairs(Arc<Buf<u32>>),
 }
 
 impl Input {
@@ -484,7 +486,11 @@ fn forward_here<'a>(
                 conv_chain(&[unit], &maps, (precision, false), pool)?
             }
             Step::Conv(unit) => {
-                let (out, record) = conv_forward(unit, &maps, train, precision, pool)?;
+                let pairs = train
+                    && precision == Precision::Bf16
+                    && matches!(unit.after, BiasOrNorm::Norm(_))
+                    && pointwise_pairs_next(&steps[i + 1..]);
+                let (out, record) = conv_forward(unit, &maps, train, (precision, pairs), pool)?;
                 if let Some(record) = record {
                     records.push(Record::Conv(Box::new(record)));
                 }
@@ -1020,6 +1026,17 @@ fn pairs_suffice(rest: &[Step]) -> bool {
     }
 }
 
+/// Whether the next convolution in `rest` (the steps after one) is a 1x1
+/// one that reads bf16 pairs (even input channels) and nothing comes
+/// between them but layer ends: in a bf16 training step, such a layer's
+/// input rows are the maps themselves, rounded, so the batch norm before
+/// it can write them in pairs alone (see `conv_forward`).
+fn pointwise_pairs_next(rest: &[Step]) -> bool {
+    let next = rest.iter().find(|step| !matches!(step, Step::End(_)));
+    matches!(next, Some(Step::Conv(unit)) if unit.window == Window::new(1, 1, 0)
+        && unit.weight.dims4().is_ok_and(|(_, c_in, _, _)| c_in % 2 == 0))
+}
+
 /// A layer's weights, packed for the kernel that runs it.
 enum Packed {
     F32(Arc<PackedF32>),
@@ -1100,7 +1117,7 @@ fn conv_forward(
     unit: &ConvUnit,
     x: &Maps,
     train: bool,
-    precision: Precision,
+    (precision, pairs_out): (Precision, bool),
     pool: &Arc<Buffers>,
 ) -> Result<(Maps, Option<ConvRecord>)> {
     let (c_out, c_in, k, _) = unit.weight.dims4()?;
@@ -1120,20 +1137,25 @@ fn conv_forward(
     let pointwise = unit.window == Window::new(1, 1, 0);
     // A bf16 step rounds the input once, into the pairs both products
     // read (odd channels cannot be paired by tap).
-    let input = if precision == Precision::Bf16 && c_in % 2 == 0 {
-        let mut pairs = pool.take::<u32>(m * bf16::pairs(row_len));
-        if pointwise {
-            Bf16Rows::convert(Mat::new(&x.data, m, row_len), &mut pairs);
-        } else {
-            cl::im2col_pairs_into(&geometry, &x.data, &mut pairs)?;
+    let given_pairs = x.only_pairs().and(x.pairs.clone());
+    let input = match given_pairs {
+        Some(pairs) if pointwise && precision == Precision::Bf16 => Input::Pairs(pairs),
+        Some(_) => bail!("a {k}x{k} {precision:?} convolution got its maps in bf16 pairs alone"),
+        None if precision == Precision::Bf16 && c_in % 2 == 0 => {
+            let mut pairs = pool.take::<u32>(m * bf16::pairs(row_len));
+            if pointwise {
+                Bf16Rows::convert(Mat::new(&x.data, m, row_len), &mut pairs);
+            } else {
+                cl::im2col_pairs_into(&geometry, &x.data, &mut pairs)?;
+            }
+            Input::Pairs(Arc::new(pairs))
         }
-        Input::Pairs(pairs)
-    } else if pointwise {
-        Input::Maps(x.data.clone())
-    } else {
-        let mut cols = pool.take(m * row_len);
-        cl::im2col_into(&geometry, &x.data, &mut cols)?;
-        Input::Cols(cols)
+        None if pointwise => Input::Maps(x.data.clone()),
+        None => {
+            let mut cols = pool.take(m * row_len);
+            cl::im2col_into(&geometry, &x.data, &mut cols)?;
+            Input::Cols(cols)
+        }
     };
     let weights = weight_matrix_of(unit)?;
     let mut y = pool.take(m * c_out);
@@ -1149,6 +1171,9 @@ fn conv_forward(
             bf16::matmul(&mut y, &rows, &packed, false);
         }
     }
+    // The output: f32 values, or (`pairs_out`, after a batch norm) bf16
+    // pairs alone, the values then empty.
+    let (mut out_values, mut out_pairs) = (pool.take(0), None);
     let (out, norm) = match &unit.after {
         BiasOrNorm::Bias(bias) => {
             cl::bias_relu_in_place(&mut y, &bias.to_vec1::<f32>()?);
@@ -1167,21 +1192,30 @@ fn conv_forward(
         BiasOrNorm::Norm(norm) => {
             let gamma = norm.gamma.to_vec1::<f32>()?;
             let beta = norm.beta.to_vec1::<f32>()?;
-            let mut out = pool.take(y.len());
-            let stats = cl::batch_norm_relu_into(&y, &gamma, &beta, BN_EPS, &mut out);
+            let stats = if pairs_out {
+                let mut pairs = pool.take(m * bf16::pairs(c_out));
+                let stats = cl::batch_norm_relu_pairs_into(&y, &gamma, &beta, BN_EPS, &mut pairs);
+                out_pairs = Some(Arc::new(pairs));
+                stats
+            } else {
+                let mut out = pool.take(y.len());
+                let stats = cl::batch_norm_relu_into(&y, &gamma, &beta, BN_EPS, &mut out);
+                out_values = out;
+                stats
+            };
             let as_tensor = |v: &[f64]| Tensor::new(v, &Device::Cpu);
             norm.update_running(
                 &as_tensor(&stats.mean)?,
                 &as_tensor(&stats.var)?,
                 stats.count,
             )?;
-            (out, Some((y, stats, gamma)))
+            (out_values, Some((y, stats, gamma)))
         }
     };
     let out = Arc::new(out);
     let maps = Maps {
         data: out.clone(),
-        pairs: None,
+        pairs: out_pairs,
         n: x.n,
         h: oh,
         w: ow,
