@@ -75,6 +75,10 @@ impl BorderOrder {
             return None;
         }
         let framed = g.framed();
+        // Window starts (and output pixels, fewer) are counted in u32.
+        if framed.n * framed.h * framed.w > u32::MAX as usize {
+            return None;
+        }
         let stride = g.window.stride;
         let (mut pixels, mut starts) = (Vec::with_capacity(g.n * oh * ow), Vec::new());
         starts.reserve_exact(pixels.capacity());
@@ -93,8 +97,7 @@ impl BorderOrder {
                 }
             }
         }
-        // Pixel indices fit u32 as long as the framed maps' do.
-        (framed.n * framed.h * framed.w <= u32::MAX as usize).then_some(Self {
+        Some(Self {
             pixels,
             starts,
             groups,

@@ -1113,6 +1113,9 @@ impl Link {
 /// conv -> bias or batch norm -> ReLU on channels-last maps, one layer
 /// at a time: a training step's (with what its backward needs), or
 /// inference's where the tile kernels cannot run (else `conv_chain`).
+/// With `pairs_out` (bf16 training, a batch norm, a 1x1 convolution
+/// next: see [`pointwise_pairs_next`]) the maps come out in bf16 pairs
+/// alone.
 fn conv_forward(
     unit: &ConvUnit,
     x: &Maps,
