@@ -181,25 +181,19 @@ impl<'a, T> ConvRows<'a, T> {
         starts: &'a [u32],
         taps: Taps,
     ) -> Option<Self> {
-        let g = geometry;
-        let (oh, ow) = g.out_dims().ok()?;
-        let k = g.window.kernel;
+        let (g, k) = (geometry, geometry.window.kernel);
         let reach = |start: u32| (start as usize + (k - 1) * (g.w + 1) + 1) * g.c;
-        (g.window.padding == 0
-            && taps.ky.0 <= taps.ky.1
+        let fits = taps.ky.0 <= taps.ky.1
             && taps.ky.1 <= k
             && taps.kx.0 <= taps.kx.1
             && taps.kx.1 <= k
-            && starts.iter().all(|&start| reach(start) <= src.len()))
-        .then_some(Self {
-            src,
-            geometry,
-            ow,
-            oh,
-            first: 0,
+            && starts.iter().all(|&start| reach(start) <= src.len());
+        let all = Self::new(src, geometry, 0, 0).filter(|_| fits)?;
+        Some(Self {
             rows: starts.len(),
             starts: Some(starts),
             taps,
+            ..all
         })
     }
 
