@@ -1014,11 +1014,6 @@ fn pairs_suffice(rest: &[Step]) -> bool {
     let mut next = rest
         .iter()
         .filter(|step| !matches!(step, Step::End(_) | Step::Dropout(..)));
-    let reads_pairs = |unit: &ConvUnit| {
-        unit.weight
-            .dims4()
-            .is_ok_and(|(_, c_in, _, _)| c_in % 2 == 0)
-    };
     match (next.next(), next.next()) {
         (Some(Step::Conv(unit)), _) => reads_pairs(unit),
         (Some(Step::MaxPool(_)), Some(Step::Conv(unit))) => reads_pairs(unit),
@@ -1033,8 +1028,18 @@ fn pairs_suffice(rest: &[Step]) -> bool {
 /// it can write them in pairs alone (see `conv_forward`).
 fn pointwise_pairs_next(rest: &[Step]) -> bool {
     let next = rest.iter().find(|step| !matches!(step, Step::End(_)));
-    matches!(next, Some(Step::Conv(unit)) if unit.window == Window::new(1, 1, 0)
-        && unit.weight.dims4().is_ok_and(|(_, c_in, _, _)| c_in % 2 == 0))
+    match next {
+        Some(Step::Conv(unit)) => unit.window == Window::new(1, 1, 0) && reads_pairs(unit),
+        _ => false,
+    }
+}
+
+/// Whether a convolution's input channels pair up (an even count), so
+/// that its bf16 product reads its input in pairs.
+fn reads_pairs(unit: &ConvUnit) -> bool {
+    unit.weight
+        .dims4()
+        .is_ok_and(|(_, c_in, _, _)| c_in % 2 == 0)
 }
 
 /// A layer's weights, packed for the kernel that runs it.
