@@ -463,9 +463,7 @@ pub(crate) fn batch_norm_relu_into(
         .zip(x.par_chunks(c * ROWS_PER_TASK))
         .for_each(|(out, x)| {
             for (out, x) in out.chunks_mut(c).zip(x.chunks(c)) {
-                for (((out, &x), &a), &b) in out.iter_mut().zip(x).zip(a).zip(b) {
-                    *out = (x * a + b).max(0.0);
-                }
+                scale_shift_relu_row(x, a, b, out);
             }
         });
     stats
@@ -490,13 +488,19 @@ pub(crate) fn batch_norm_relu_pairs_into(
         .for_each(|(out, x)| {
             let mut row = vec![0f32; c];
             for (out, x) in out.chunks_mut(p).zip(x.chunks(c)) {
-                for (((y, &x), &a), &b) in row.iter_mut().zip(x).zip(a).zip(b) {
-                    *y = (x * a + b).max(0.0);
-                }
+                scale_shift_relu_row(x, a, b, &mut row);
                 crate::bf16::convert_row(&row, out);
             }
         });
     stats
+}
+
+/// One row of a training batch norm's output, `relu(x * scale + shift)`:
+/// the same values whether kept in f32 or rounded into pairs.
+fn scale_shift_relu_row(x: &[f32], scale: &[f32], shift: &[f32], out: &mut [f32]) {
+    for (((out, &x), &a), &b) in out.iter_mut().zip(x).zip(scale).zip(shift) {
+        *out = (x * a + b).max(0.0);
+    }
 }
 
 /// The batch's statistics over the (M, C) matrix `x`, and the scale
