@@ -51,27 +51,32 @@ impl BorderOrder {
     /// `None` where every window reads the same taps (no padding, or
     /// groups too small to pay): a group runs as a product of its own,
     /// so one of fewer than `min_rows` rows would leave the kernel's
-    /// tiles short of rows. Columns are told apart only where every
-    /// group then keeps `min_rows` rows (at batch 1, a corner of a map
-    /// is a group of one pixel).
+    /// tiles short of rows. A set of rows (the top row's, the middle
+    /// ones', ...) tells its columns apart only where each of its groups
+    /// then keeps `min_rows` rows: at batch 1 a corner of a map is a
+    /// group of one pixel, so the top row stays whole, while the middle
+    /// rows still split off their left and right columns.
     pub(crate) fn new(g: &Geometry, min_rows: usize) -> Option<Self> {
         let (oh, ow) = g.out_dims().ok()?;
-        let along_y = Classes::along(oh, g.h, g.window);
-        let along_x = Classes::along(ow, g.w, g.window);
-        let enough = |ys: &Classes, xs: &Classes| {
-            ys.sets.iter().all(|(_, y)| {
-                xs.sets
-                    .iter()
-                    .all(|(_, x)| g.n * y.len() * x.len() >= min_rows)
-            })
+        let ys = Classes::along(oh, g.h, g.window);
+        let split = Classes::along(ow, g.w, g.window);
+        let whole = split.merged();
+        let keeps = |rows: usize, xs: &Classes| {
+            xs.sets
+                .iter()
+                .all(|(_, x)| g.n * rows * x.len() >= min_rows)
         };
-        let xs = if enough(&along_y, &along_x) {
-            along_x
-        } else {
-            along_x.merged()
-        };
-        let ys = along_y;
-        if ys.sets.len() * xs.sets.len() == 1 || !enough(&ys, &xs) {
+        // Each set of rows with the column sets it runs in.
+        let mut plan = Vec::with_capacity(ys.sets.len());
+        for (ky, rows) in &ys.sets {
+            let xs = match (keeps(rows.len(), &split), keeps(rows.len(), &whole)) {
+                (true, _) => &split,
+                (false, true) => &whole,
+                (false, false) => return None,
+            };
+            plan.push((*ky, rows, xs));
+        }
+        if plan.iter().map(|(.., xs)| xs.sets.len()).sum::<usize>() == 1 {
             return None;
         }
         let framed = g.framed();
@@ -82,10 +87,10 @@ impl BorderOrder {
         let stride = g.window.stride;
         let (mut pixels, mut starts) = (Vec::with_capacity(g.n * oh * ow), Vec::new());
         starts.reserve_exact(pixels.capacity());
-        let mut groups = Vec::with_capacity(ys.sets.len() * xs.sets.len());
-        for (ky, rows) in &ys.sets {
+        let mut groups = Vec::new();
+        for (ky, rows, xs) in plan {
             for (kx, cols) in &xs.sets {
-                groups.push((pixels.len(), Taps { ky: *ky, kx: *kx }));
+                groups.push((pixels.len(), Taps { ky, kx: *kx }));
                 for map in 0..g.n {
                     for &y in rows {
                         for &x in cols {
@@ -109,6 +114,51 @@ impl BorderOrder {
         &self.pixels
     }
 
+    /// Where `strips` strips of about equal work begin, and the end: a
+    /// row costs `per_row` plus `per_tap` for each tap its group reads
+    /// (a strip of the border's rows runs more of them than one of the
+    /// inside's). Cut by rows alone, at batch 1 on two threads one strip
+    /// took the border's groups and the other the inside, which then set
+    /// the pace alone.
+    pub(crate) fn cuts(&self, strips: usize, per_row: usize, per_tap: usize) -> Vec<usize> {
+        let strips = strips.max(1);
+        let cost = |taps: Taps| {
+            (per_row + per_tap * (taps.ky.1 - taps.ky.0) * (taps.kx.1 - taps.kx.0)).max(1) as u128
+        };
+        let total: u128 = self
+            .spans()
+            .map(|(rows, taps)| rows.len() as u128 * cost(taps))
+            .sum();
+        let mut cuts = vec![0];
+        let (mut spans, mut done) = (self.spans().peekable(), 0u128);
+        for strip in 1..strips as u128 {
+            let target = total * strip / strips as u128;
+            // The first row by which the strips' work reaches the target.
+            while let Some(&(ref rows, taps)) = spans.peek() {
+                let (c, here) = (cost(taps), done + rows.len() as u128 * cost(taps));
+                if here > target {
+                    let row = rows.start + (target - done).div_ceil(c) as usize;
+                    cuts.push(row.max(cuts[cuts.len() - 1]));
+                    break;
+                }
+                done = here;
+                spans.next();
+            }
+        }
+        cuts.resize(strips + 1, self.pixels.len());
+        cuts
+    }
+
+    /// Each group's rows and taps.
+    fn spans(&self) -> impl Iterator<Item = (std::ops::Range<usize>, Taps)> + '_ {
+        let ends = self.groups.iter().skip(1).map(|g| g.0);
+        let ends = ends.chain([self.pixels.len()]);
+        self.groups
+            .iter()
+            .zip(ends)
+            .map(|(&(start, taps), end)| (start..end, taps))
+    }
+
     /// The groups' parts among rows `first..first + rows`, as (first
     /// row, the rows' window starts, their taps).
     pub(crate) fn parts(
@@ -117,14 +167,10 @@ impl BorderOrder {
         rows: usize,
     ) -> impl Iterator<Item = (usize, &[u32], Taps)> + '_ {
         let end = first + rows;
-        self.groups
-            .iter()
-            .enumerate()
-            .filter_map(move |(i, &(start, taps))| {
-                let stop = self.groups.get(i + 1).map_or(self.pixels.len(), |g| g.0);
-                let (from, to) = (start.max(first), stop.min(end));
-                (from < to).then(|| (from, &self.starts[from..to], taps))
-            })
+        self.spans().filter_map(move |(span, taps)| {
+            let (from, to) = (span.start.max(first), span.end.min(end));
+            (from < to).then(|| (from, &self.starts[from..to], taps))
+        })
     }
 }
 
@@ -244,27 +290,72 @@ mod tests {
         }
     }
 
-    /// Groups split columns where they are large enough, and only then;
-    /// no padding, no order.
+    /// A set of rows splits its columns where its groups stay large
+    /// enough, and only then; no padding, no order.
     #[test]
     fn columns_split_only_where_the_groups_stay_large() {
-        let count = |n| {
-            let g = geometry(n, 7, 7, Window::new(3, 1, 1));
-            BorderOrder::new(&g, 4).map(|o| o.parts(0, n * 49).count())
+        let order = |n| BorderOrder::new(&geometry(n, 7, 7, Window::new(3, 1, 1)), 4);
+        let taps = |n| -> Vec<Taps> { order(n).unwrap().parts(0, n * 49).map(|p| p.2).collect() };
+        assert_eq!(taps(64).len(), 9);
+        assert_eq!(taps(4).len(), 9);
+        // The top and bottom rows' corners are groups of 3 images' or
+        // one image's pixels: those rows keep their columns whole, the
+        // middle rows split theirs.
+        let top = Taps {
+            ky: (1, 3),
+            kx: (0, 3),
         };
-        assert_eq!(count(64), Some(9));
-        assert_eq!(count(4), Some(9));
-        assert_eq!(count(3), Some(3));
-        assert_eq!(count(1), Some(3));
+        let left = Taps {
+            ky: (0, 3),
+            kx: (1, 3),
+        };
+        for n in [1, 3] {
+            let taps = taps(n);
+            assert_eq!(taps.len(), 5, "{n} images");
+            assert!(taps.contains(&top) && taps.contains(&left) && taps.contains(&Taps::all(3)));
+        }
         let unpadded = geometry(64, 7, 7, Window::new(3, 1, 0));
         assert!(BorderOrder::new(&unpadded, 4).is_none());
-        let inside = BorderOrder::new(&geometry(64, 7, 7, Window::new(3, 1, 1)), 4).unwrap();
-        let taps: Vec<Taps> = inside.parts(0, 64 * 49).map(|p| p.2).collect();
-        assert!(taps.contains(&Taps::all(3)));
-        assert!(taps.contains(&Taps {
+        assert!(taps(64).contains(&Taps {
             ky: (1, 3),
             kx: (1, 3)
         }));
+        // A 2 x 2 map's rows are too small to split or not.
+        assert!(BorderOrder::new(&geometry(1, 2, 2, Window::new(3, 1, 1)), 4).is_none());
+    }
+
+    /// Strips cut by work are each within a row's cost of an equal
+    /// share, from the first row to the last.
+    #[test]
+    fn cuts_share_the_work_evenly() {
+        let (per_row, per_tap) = (100, 40);
+        for (n, size) in [(1, 7), (1, 14), (3, 7), (64, 7), (2, 28)] {
+            let g = geometry(n, size, size, Window::new(3, 1, 1));
+            let order = BorderOrder::new(&g, 4).unwrap();
+            let work = |first, rows| -> usize {
+                let parts = order.parts(first, rows);
+                let cost = |t: Taps| per_row + per_tap * (t.ky.1 - t.ky.0) * (t.kx.1 - t.kx.0);
+                parts
+                    .map(|(_, starts, taps)| starts.len() * cost(taps))
+                    .sum()
+            };
+            let m = order.pixels().len();
+            let total = work(0, m);
+            for strips in [1, 2, 3, 4, 7] {
+                let cuts = order.cuts(strips, per_row, per_tap);
+                assert_eq!(cuts.len(), strips + 1);
+                assert_eq!((cuts[0], cuts[strips]), (0, m));
+                for cut in cuts.windows(2) {
+                    let share = work(cut[0], cut[1] - cut[0]) as f64;
+                    let fair = total as f64 / strips as f64;
+                    let row = (per_row + 9 * per_tap) as f64;
+                    assert!(
+                        (share - fair).abs() <= row,
+                        "{g:?}, {strips} strips: {cuts:?} gives {share} of {fair}"
+                    );
+                }
+            }
+        }
     }
 
     /// The shipped network's padded windows: 3 x 3 over 7 x 7, 14 x 14
@@ -287,7 +378,8 @@ mod tests {
         let g = geometry(2, 7, 7, Window::new(3, 1, 1));
         let order = BorderOrder::new(&g, 4).unwrap();
         let parts: Vec<(usize, usize)> = order.parts(10, 20).map(|p| (p.0, p.1.len())).collect();
-        // Groups by rows: top (14 rows), middle (70), bottom (14).
-        assert_eq!(parts, vec![(10, 4), (14, 16)]);
+        // Groups by rows: top (14 rows), the middle rows' left column
+        // (10), inside (50), right column (10), bottom (14).
+        assert_eq!(parts, vec![(10, 4), (14, 10), (24, 6)]);
     }
 }

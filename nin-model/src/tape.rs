@@ -815,15 +815,12 @@ fn conv_chain(
     // copy and the groups' products cost more than they save where the
     // taps skipped are under 1% of the chain's multiply-adds (the
     // shipped network's first block: 0.3%; 1.3% to 1.7% faster at b64
-    // without it) and on a single image's maps (compact b1 4% to 7%
-    // slower with it).
+    // without it).
     let chain_macs: usize = links.iter().map(|link| link.macs).sum();
     let pays =
         border::share_on_padding(&geometry) * links[0].macs as f64 >= chain_macs as f64 / 100.0;
     let order = match (&framed, &framed_pairs) {
-        (Some(_), _) | (_, Some(_)) if x.n > 1 && pays => {
-            BorderOrder::new(&geometry, MIN_GROUP_ROWS)
-        }
+        (Some(_), _) | (_, Some(_)) if pays => BorderOrder::new(&geometry, MIN_GROUP_ROWS),
         _ => None,
     };
     // Strips of at most CHAIN_ROWS, as many for every thread, but none
@@ -836,88 +833,38 @@ fn conv_chain(
         strips -= strips % threads;
     }
     let strip = m.div_ceil(strips.max(1)).max(1);
-    // Strip `task` of `rows` rows, into `last` (f32 or pairs).
-    let run_strip =
-        |task: usize, rows: usize, last: (Option<&mut [f32]>, Option<&mut [u32]>)| -> Result<()> {
-            let first_row = task * strip;
-            // The strip's input rows, as the first layer reads them: all
-            // at once, or in `parts` (their first row, and their windows
-            // over their own taps) where the strip runs in `order`.
-            let (cols, cols_pairs): (Buf<f32>, Buf<u32>);
-            let whole = |input| vec![(0, input)];
-            let mut parts = match (&links[0].packed, pointwise, x_pairs) {
-                (Packed::F32(_), _, Some(_)) => {
-                    bail!("an FP32 layer got its input in bf16 pairs alone")
+    // The strip of `rows` rows from `first_row`, into `last` (f32 or
+    // pairs).
+    let run_strip = |first_row: usize,
+                     rows: usize,
+                     last: (Option<&mut [f32]>, Option<&mut [u32]>)|
+     -> Result<()> {
+        // The strip's input rows, as the first layer reads them: all
+        // at once, or in `parts` (their first row, and their windows
+        // over their own taps) where the strip runs in `order`.
+        let (cols, cols_pairs): (Buf<f32>, Buf<u32>);
+        let whole = |input| vec![(0, input)];
+        let mut parts = match (&links[0].packed, pointwise, x_pairs) {
+            (Packed::F32(_), _, Some(_)) => {
+                bail!("an FP32 layer got its input in bf16 pairs alone")
+            }
+            (Packed::Bf16(_), true, Some(given)) => {
+                let per_row = bf16::pairs(c_in);
+                let given = &given[first_row * per_row..(first_row + rows) * per_row];
+                whole(LinkInput::Pairs(Bf16Left::Rows(Bf16Rows::from_pairs(
+                    given, rows, c_in,
+                ))))
+            }
+            (Packed::Bf16(_), false, Some(given)) => match &framed_pairs {
+                Some((maps, framed)) => {
+                    let maps = maps.as_deref().unwrap_or(given);
+                    let windows = windows_of(order.as_ref(), maps, framed, first_row, rows)?;
+                    let pairs = |(at, conv)| (at, LinkInput::Pairs(Bf16Left::Conv(conv)));
+                    windows.into_iter().map(pairs).collect()
                 }
-                (Packed::Bf16(_), true, Some(given)) => {
-                    let per_row = bf16::pairs(c_in);
-                    let given = &given[first_row * per_row..(first_row + rows) * per_row];
-                    whole(LinkInput::Pairs(Bf16Left::Rows(Bf16Rows::from_pairs(
-                        given, rows, c_in,
-                    ))))
-                }
-                (Packed::Bf16(_), false, Some(given)) => match &framed_pairs {
-                    Some((maps, framed)) => {
-                        let maps = maps.as_deref().unwrap_or(given);
-                        let windows = windows_of(order.as_ref(), maps, framed, first_row, rows)?;
-                        let pairs = |(at, conv)| (at, LinkInput::Pairs(Bf16Left::Conv(conv)));
-                        windows.into_iter().map(pairs).collect()
-                    }
-                    None => {
-                        let mut taken = pool.take(rows * bf16::pairs(row_len));
-                        cl::im2col_rows_of_pairs_into(&geometry, given, first_row, &mut taken)?;
-                        cols_pairs = taken;
-                        whole(LinkInput::Pairs(Bf16Left::Rows(Bf16Rows::from_pairs(
-                            &cols_pairs,
-                            rows,
-                            row_len,
-                        ))))
-                    }
-                },
-                (Packed::F32(_), true, None) => {
-                    let data = &x.data[first_row * c_in..(first_row + rows) * c_in];
-                    whole(LinkInput::F32(Left::Rows(F32Rows {
-                        data,
-                        rows,
-                        k: c_in,
-                        row_step: c_in,
-                    })))
-                }
-                (Packed::F32(_), false, None) => match &framed {
-                    Some((maps, framed)) => {
-                        let maps = maps.as_deref().unwrap_or(&x.data);
-                        let windows = windows_of(order.as_ref(), maps, framed, first_row, rows)?;
-                        let values = |(at, conv)| (at, LinkInput::F32(Left::Conv(conv)));
-                        windows.into_iter().map(values).collect()
-                    }
-                    None => {
-                        let mut taken = pool.take(rows * row_len);
-                        cl::im2col_rows_into(&geometry, &x.data, first_row, &mut taken)?;
-                        cols = taken;
-                        whole(LinkInput::F32(Left::Rows(F32Rows {
-                            data: &cols,
-                            rows,
-                            k: row_len,
-                            row_step: row_len,
-                        })))
-                    }
-                },
-                (Packed::Bf16(_), true, None) => {
-                    let mut taken = pool.take(rows * bf16::pairs(c_in));
-                    let data = &x.data[first_row * c_in..(first_row + rows) * c_in];
-                    for (row, out) in data.chunks(c_in).zip(taken.chunks_mut(bf16::pairs(c_in))) {
-                        bf16::convert_row(row, out);
-                    }
-                    cols_pairs = taken;
-                    whole(LinkInput::Pairs(Bf16Left::Rows(Bf16Rows::from_pairs(
-                        &cols_pairs,
-                        rows,
-                        c_in,
-                    ))))
-                }
-                (Packed::Bf16(_), false, None) => {
+                None => {
                     let mut taken = pool.take(rows * bf16::pairs(row_len));
-                    cl::im2col_pairs_rows_into(&geometry, &x.data, first_row, &mut taken)?;
+                    cl::im2col_rows_of_pairs_into(&geometry, given, first_row, &mut taken)?;
                     cols_pairs = taken;
                     whole(LinkInput::Pairs(Bf16Left::Rows(Bf16Rows::from_pairs(
                         &cols_pairs,
@@ -925,58 +872,114 @@ fn conv_chain(
                         row_len,
                     ))))
                 }
-            };
-            // The maps between two layers of the strip.
-            let (mut between, mut between_pairs): (Buf<f32>, Buf<u32>);
-            for (i, link) in links.iter().enumerate() {
-                let Some(next) = links.get(i + 1) else {
-                    link.run_parts(&parts, last.0, last.1)?;
-                    break;
-                };
-                let c_out = link.c_out;
-                if let Packed::Bf16(_) = next.packed {
-                    let mut pairs = pool.take(rows * bf16::pairs(c_out));
-                    link.run_parts(&parts, None, Some(&mut pairs))?;
-                    between_pairs = pairs;
-                    let input = LinkInput::Pairs(Bf16Left::Rows(Bf16Rows::from_pairs(
-                        &between_pairs,
-                        rows,
-                        c_out,
-                    )));
-                    parts = vec![(0, input)];
-                } else {
-                    let mut y = pool.take(rows * c_out);
-                    link.run_parts(&parts, Some(&mut y), None)?;
-                    between = y;
-                    let input = LinkInput::F32(Left::Rows(F32Rows {
-                        data: &between,
-                        rows,
-                        k: c_out,
-                        row_step: c_out,
-                    }));
-                    parts = vec![(0, input)];
-                }
+            },
+            (Packed::F32(_), true, None) => {
+                let data = &x.data[first_row * c_in..(first_row + rows) * c_in];
+                whole(LinkInput::F32(Left::Rows(F32Rows {
+                    data,
+                    rows,
+                    k: c_in,
+                    row_step: c_in,
+                })))
             }
-            Ok(())
+            (Packed::F32(_), false, None) => match &framed {
+                Some((maps, framed)) => {
+                    let maps = maps.as_deref().unwrap_or(&x.data);
+                    let windows = windows_of(order.as_ref(), maps, framed, first_row, rows)?;
+                    let values = |(at, conv)| (at, LinkInput::F32(Left::Conv(conv)));
+                    windows.into_iter().map(values).collect()
+                }
+                None => {
+                    let mut taken = pool.take(rows * row_len);
+                    cl::im2col_rows_into(&geometry, &x.data, first_row, &mut taken)?;
+                    cols = taken;
+                    whole(LinkInput::F32(Left::Rows(F32Rows {
+                        data: &cols,
+                        rows,
+                        k: row_len,
+                        row_step: row_len,
+                    })))
+                }
+            },
+            (Packed::Bf16(_), true, None) => {
+                let mut taken = pool.take(rows * bf16::pairs(c_in));
+                let data = &x.data[first_row * c_in..(first_row + rows) * c_in];
+                for (row, out) in data.chunks(c_in).zip(taken.chunks_mut(bf16::pairs(c_in))) {
+                    bf16::convert_row(row, out);
+                }
+                cols_pairs = taken;
+                whole(LinkInput::Pairs(Bf16Left::Rows(Bf16Rows::from_pairs(
+                    &cols_pairs,
+                    rows,
+                    c_in,
+                ))))
+            }
+            (Packed::Bf16(_), false, None) => {
+                let mut taken = pool.take(rows * bf16::pairs(row_len));
+                cl::im2col_pairs_rows_into(&geometry, &x.data, first_row, &mut taken)?;
+                cols_pairs = taken;
+                whole(LinkInput::Pairs(Bf16Left::Rows(Bf16Rows::from_pairs(
+                    &cols_pairs,
+                    rows,
+                    row_len,
+                ))))
+            }
         };
+        // The maps between two layers of the strip.
+        let (mut between, mut between_pairs): (Buf<f32>, Buf<u32>);
+        for (i, link) in links.iter().enumerate() {
+            let Some(next) = links.get(i + 1) else {
+                link.run_parts(&parts, last.0, last.1)?;
+                break;
+            };
+            let c_out = link.c_out;
+            if let Packed::Bf16(_) = next.packed {
+                let mut pairs = pool.take(rows * bf16::pairs(c_out));
+                link.run_parts(&parts, None, Some(&mut pairs))?;
+                between_pairs = pairs;
+                let input = LinkInput::Pairs(Bf16Left::Rows(Bf16Rows::from_pairs(
+                    &between_pairs,
+                    rows,
+                    c_out,
+                )));
+                parts = vec![(0, input)];
+            } else {
+                let mut y = pool.take(rows * c_out);
+                link.run_parts(&parts, Some(&mut y), None)?;
+                between = y;
+                let input = LinkInput::F32(Left::Rows(F32Rows {
+                    data: &between,
+                    rows,
+                    k: c_out,
+                    row_step: c_out,
+                }));
+                parts = vec![(0, input)];
+            }
+        }
+        Ok(())
+    };
     if let Some(order) = &order {
         // Each strip's rows into a buffer of its own, then to their
         // pixels' places, which are the strip's alone.
         let (dst, dst_pairs) = (Out(out.as_mut_ptr()), Out(out_pairs.as_mut_ptr()));
-        (0..m.div_ceil(strip))
-            .into_par_iter()
-            .try_for_each(|task| -> Result<()> {
-                let rows = strip.min(m - task * strip);
-                let pixels = &order.pixels()[task * strip..][..rows];
+        // Strips of equal work: a row's later layers, and its first
+        // layer's taps.
+        let per_row: usize = links[1..].iter().map(|link| link.macs).sum();
+        let cuts = order.cuts(strips.max(1), per_row, c_in * links[0].c_out);
+        cuts.par_windows(2)
+            .filter(|cut| cut[1] > cut[0])
+            .try_for_each(|cut| -> Result<()> {
+                let (first_row, rows) = (cut[0], cut[1] - cut[0]);
+                let pixels = &order.pixels()[first_row..cut[1]];
                 if pairs_out {
                     let mut own = pool.take(rows * pairs_per_row);
-                    run_strip(task, rows, (None, Some(&mut own)))?;
+                    run_strip(first_row, rows, (None, Some(&mut own)))?;
                     // SAFETY: `pixels` are this strip's alone (every output
                     // pixel is one row of `order`), each inside `out_pairs`.
                     unsafe { to_places(&own, pairs_per_row, pixels, dst_pairs) };
                 } else {
                     let mut own = pool.take(rows * channels);
-                    run_strip(task, rows, (Some(&mut own), None))?;
+                    run_strip(first_row, rows, (Some(&mut own), None))?;
                     // SAFETY: as above, inside `out`.
                     unsafe { to_places(&own, channels, pixels, dst) };
                 }
@@ -986,11 +989,15 @@ fn conv_chain(
         out_pairs
             .par_chunks_mut(strip * pairs_per_row)
             .enumerate()
-            .try_for_each(|(task, p)| run_strip(task, p.len() / pairs_per_row, (None, Some(p))))?;
+            .try_for_each(|(task, p)| {
+                run_strip(task * strip, p.len() / pairs_per_row, (None, Some(p)))
+            })?;
     } else {
         out.par_chunks_mut(strip * channels)
             .enumerate()
-            .try_for_each(|(task, o)| run_strip(task, o.len() / channels, (Some(o), None)))?;
+            .try_for_each(|(task, o)| {
+                run_strip(task * strip, o.len() / channels, (Some(o), None))
+            })?;
     }
     Ok(Maps {
         data: Arc::new(out),
