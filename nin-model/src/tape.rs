@@ -823,9 +823,10 @@ fn conv_chain(
         (Some(_), _) | (_, Some(_)) if pays => BorderOrder::new(&geometry, MIN_GROUP_ROWS),
         _ => None,
     };
-    // Strips of at most CHAIN_ROWS, as many for every thread, but none
-    // so small that handing it to another thread costs more than it
-    // saves (the compact network's head at batch 1: 4 pixels).
+    // Strips of at most CHAIN_ROWS (about, where the strips run in
+    // `order`: cut there by work, not rows), as many for every thread,
+    // but none so small that handing it to another thread costs more
+    // than it saves (the compact network's head at batch 1: 4 pixels).
     let threads = rayon::current_num_threads();
     let macs = m * chain_macs;
     let mut strips = (threads * m.div_ceil(threads * CHAIN_ROWS)).min(macs / MIN_STRIP_MACS);
