@@ -44,7 +44,7 @@ use crate::block::{Affine, BiasOrNorm, ConvUnit, BN_EPS};
 use crate::border::{self, BorderOrder};
 use crate::channels_last::{self as cl, Geometry, NormStats};
 use crate::config::Window;
-use crate::dropout::Dropout;
+use crate::dropout::{self, Dropout};
 use crate::matmul::{matmul, matmul_packed, matmul_tn, packed_in, Mat, Tall};
 use crate::precision::Precision;
 use crate::tile::{
@@ -293,7 +293,7 @@ enum Record {
         winners: Buf<u32>,
     },
     Dropout {
-        mask: Vec<f32>,
+        mask: Buf<f32>,
     },
 }
 
@@ -529,24 +529,23 @@ fn forward_here<'a>(
                     ..maps
                 }
             }
-            Step::Dropout(dropout, given) => match train
-                .then(|| dropout.mask_channels_last([n, maps.c, maps.h, maps.w], given))
-            {
-                Some(Some(mask)) => {
-                    let mask = mask?;
+            Step::Dropout(dropout, given) if train => {
+                let mut mask = pool.take(maps.data.len());
+                let dims = [n, maps.c, maps.h, maps.w];
+                if dropout.mask_channels_last_into(dims, given, &mut mask)? {
                     let mut out = pool.take(mask.len());
-                    for ((o, &x), &m) in out.iter_mut().zip(maps.data.iter()).zip(&mask) {
-                        *o = x * m;
-                    }
+                    dropout::masked_into(&maps.data, &mask, &mut out);
                     records.push(Record::Dropout { mask });
                     Maps {
                         data: Arc::new(out),
                         pairs: None,
                         ..maps
                     }
+                } else {
+                    maps
                 }
-                _ => maps,
-            },
+            }
+            Step::Dropout(..) => maps,
             Step::End(name) => {
                 if let Some(trace) = trace.as_deref_mut() {
                     let nhwc =
@@ -1302,9 +1301,7 @@ impl Tape {
                     out
                 }
                 Record::Dropout { mask } => {
-                    for (g, m) in grad.iter_mut().zip(&mask) {
-                        *g *= m;
-                    }
+                    dropout::mask_in_place(&mut grad, &mask);
                     grad
                 }
             };
