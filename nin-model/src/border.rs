@@ -32,6 +32,11 @@ impl Taps {
             kx: (0, kernel),
         }
     }
+
+    /// How many taps a window reads.
+    pub(crate) fn count(self) -> usize {
+        (self.ky.1 - self.ky.0) * (self.kx.1 - self.kx.0)
+    }
 }
 
 /// A convolution's output pixels in groups of equal [`Taps`].
@@ -122,9 +127,7 @@ impl BorderOrder {
     /// the pace alone.
     pub(crate) fn cuts(&self, strips: usize, per_row: usize, per_tap: usize) -> Vec<usize> {
         let strips = strips.max(1);
-        let cost = |taps: Taps| {
-            (per_row + per_tap * (taps.ky.1 - taps.ky.0) * (taps.kx.1 - taps.kx.0)).max(1) as u128
-        };
+        let cost = |taps: Taps| (per_row + per_tap * taps.count()).max(1) as u128;
         let total: u128 = self
             .spans()
             .map(|(rows, taps)| rows.len() as u128 * cost(taps))
@@ -135,7 +138,8 @@ impl BorderOrder {
             let target = total * strip / strips as u128;
             // The first row by which the strips' work reaches the target.
             while let Some(&(ref rows, taps)) = spans.peek() {
-                let (c, here) = (cost(taps), done + rows.len() as u128 * cost(taps));
+                let c = cost(taps);
+                let here = done + rows.len() as u128 * c;
                 if here > target {
                     let row = rows.start + (target - done).div_ceil(c) as usize;
                     cuts.push(row.max(cuts[cuts.len() - 1]));
@@ -334,7 +338,7 @@ mod tests {
             let order = BorderOrder::new(&g, 4).unwrap();
             let work = |first, rows| -> usize {
                 let parts = order.parts(first, rows);
-                let cost = |t: Taps| per_row + per_tap * (t.ky.1 - t.ky.0) * (t.kx.1 - t.kx.0);
+                let cost = |t: Taps| per_row + per_tap * t.count();
                 parts
                     .map(|(_, starts, taps)| starts.len() * cost(taps))
                     .sum()

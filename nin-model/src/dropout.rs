@@ -42,10 +42,15 @@ impl Dropout {
         if self.p == 0.0 {
             return None;
         }
-        let mut rng = self.rng.lock().expect("dropout rng poisoned");
         let mut mask = vec![0.0; len];
-        draw_into(self.p, &mut rng, &mut mask);
+        self.next_into(&mut mask);
         Some(mask)
+    }
+
+    /// The stream's next mask values, into `out`.
+    fn next_into(&self, out: &mut [f32]) {
+        let mut rng = self.rng.lock().expect("dropout rng poisoned");
+        draw_into(self.p, &mut rng, out);
     }
 
     /// The mask for `x` ((N, C, H, W) maps or any other shape) on `x`'s
@@ -92,8 +97,7 @@ impl Dropout {
             }
             None if self.p == 0.0 => Ok(false),
             None => {
-                let mut rng = self.rng.lock().expect("dropout rng poisoned");
-                draw_into(self.p, &mut rng, out);
+                self.next_into(out);
                 Ok(true)
             }
         }

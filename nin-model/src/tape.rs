@@ -965,7 +965,7 @@ fn conv_chain(
         // Strips of equal work: a row's later layers, and its first
         // layer's taps.
         let per_row: usize = links[1..].iter().map(|link| link.macs).sum();
-        let cuts = order.cuts(strips.max(1), per_row, c_in * links[0].c_out);
+        let cuts = order.cuts(strips, per_row, c_in * links[0].c_out);
         cuts.par_windows(2)
             .filter(|cut| cut[1] > cut[0])
             .try_for_each(|cut| -> Result<()> {
