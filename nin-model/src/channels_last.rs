@@ -56,6 +56,31 @@ impl Geometry {
         }
     }
 
+    /// The convolution that takes this one's output gradient (`c_out`
+    /// channels) to its input's, where there is one: for a stride of 1
+    /// and a padding p of at most k - 1, the input's gradient is the
+    /// output's, framed by k - 1 - p, convolved with the weights turned
+    /// half a circle and C_in and C_out swapped ([`turned_weights`]).
+    /// Its maps are the output's, its output the input's.
+    pub fn transposed(&self, c_out: usize) -> Option<Self> {
+        let Window {
+            kernel: k,
+            stride,
+            padding: p,
+        } = self.window;
+        if stride != 1 || k == 1 || p >= k {
+            return None;
+        }
+        let (h, w) = self.out_dims().ok()?;
+        Some(Self {
+            window: Window::new(k, 1, k - 1 - p),
+            h,
+            w,
+            c: c_out,
+            ..*self
+        })
+    }
+
     /// Input pixel (y, x) under kernel tap (ky, kx) of output (oy, ox), if inside.
     #[inline]
     fn source(&self, oy: usize, ox: usize, ky: usize, kx: usize) -> Option<(usize, usize)> {
@@ -69,7 +94,9 @@ impl Geometry {
 /// ordered (ky, kx, c). Every entry of `out` is written (zeros where the
 /// window hangs over the padding), so it may hold anything beforehand.
 pub(crate) fn im2col_into(g: &Geometry, src: &[f32], out: &mut [f32]) -> Result<()> {
-    im2col_with(g, src, out, g.c, |pixel, dst| dst.copy_from_slice(pixel))
+    im2col_with(g, (src, g.c), out, g.c, |pixel, dst| {
+        dst.copy_from_slice(pixel)
+    })
 }
 
 /// [`im2col_into`] straight into bf16 pairs ([`crate::bf16`]): rows of
@@ -79,22 +106,31 @@ pub(crate) fn im2col_pairs_into(g: &Geometry, src: &[f32], out: &mut [u32]) -> R
     if !g.c.is_multiple_of(2) {
         bail!("im2col into pairs: {} channels is odd", g.c)
     }
-    im2col_with(g, src, out, g.c / 2, crate::bf16::convert_row)
+    im2col_with(g, (src, g.c), out, g.c / 2, crate::bf16::convert_row)
+}
+
+/// [`im2col_into`] of maps already in bf16 pairs (`src`: (N*H*W, C/2)
+/// pairs; C even): the pairs are copied, not converted.
+pub(crate) fn im2col_of_pairs_into(g: &Geometry, src: &[u32], out: &mut [u32]) -> Result<()> {
+    if !g.c.is_multiple_of(2) {
+        bail!("im2col of pairs: {} channels is odd", g.c)
+    }
+    im2col_with(g, (src, g.c / 2), out, g.c / 2, copy_run)
 }
 
 /// The im2col walk: each tap of each output pixel gets `per_tap` values
-/// of `out`, written by `copy` from the input pixel's C channels, or
-/// zeros over the padding.
-fn im2col_with<T: Copy + Default + Send>(
+/// of `out`, written by `copy` from the input pixel's values (`src.1` of
+/// them), or zeros over the padding.
+fn im2col_with<S: Sync, T: Copy + Default + Send>(
     g: &Geometry,
-    src: &[f32],
+    src: (&[S], usize),
     out: &mut [T],
     per_tap: usize,
-    copy: impl Fn(&[f32], &mut [T]) + Sync,
+    copy: impl Fn(&[S], &mut [T]) + Sync,
 ) -> Result<()> {
     let (oh, ow) = g.out_dims()?;
     let row_len = g.window.kernel * g.window.kernel * per_tap;
-    if src.len() != g.n * g.h * g.w * g.c || out.len() != g.n * oh * ow * row_len {
+    if src.0.len() != g.n * g.h * g.w * src.1 || out.len() != g.n * oh * ow * row_len {
         bail!("im2col: buffer sizes do not match {g:?}")
     }
     // One task per output image row (n, oy).
@@ -104,7 +140,7 @@ fn im2col_with<T: Copy + Default + Send>(
             let (n, oy) = (task / oh, task % oh);
             let ys = g.window.span(oy, g.h);
             for (ox, row) in rows.chunks_mut(row_len).enumerate() {
-                im2col_pixel(g, (src, g.c), (n, oy, ox), &ys, row, per_tap, &copy);
+                im2col_pixel(g, src, (n, oy, ox), &ys, row, per_tap, &copy);
             }
         });
     Ok(())
@@ -330,6 +366,23 @@ pub(crate) fn col2im_into(g: &Geometry, cols: &[f32], out: &mut [f32]) -> Result
             }
         });
     Ok(())
+}
+
+/// The weight matrix of [`Geometry::transposed`]'s convolution, (k*k*C_out,
+/// C_in), from a layer's (k*k*C_in, C_out) `weights` (rows ordered ky, kx,
+/// c, as im2col's): tap t of the one is tap k*k - 1 - t of the other.
+pub(crate) fn turned_weights(weights: &[f32], taps: usize, c_out: usize) -> Vec<f32> {
+    let c_in = weights.len() / (taps * c_out);
+    let mut out = vec![0f32; weights.len()];
+    for (t, tap) in out.chunks_mut(c_out * c_in).enumerate() {
+        let from = &weights[(taps - 1 - t) * c_in * c_out..][..c_in * c_out];
+        for (o, row) in tap.chunks_mut(c_in).enumerate() {
+            for (i, v) in row.iter_mut().enumerate() {
+                *v = from[i * c_out + o];
+            }
+        }
+    }
+    out
 }
 
 /// x <- relu(x + bias) over a (M, C) matrix, C = `bias.len()`.
@@ -1142,6 +1195,89 @@ mod tests {
         assert_eq!(pairs, expected);
         let odd = Geometry { c: 3, ..g };
         assert!(im2col_pairs_into(&odd, &src[..2 * 5 * 4 * 3], &mut pairs).is_err());
+    }
+
+    #[test]
+    fn im2col_of_pairs_is_the_pairs_of_im2col() {
+        let g = two_images(Window::new(3, 1, 2), 4, 6);
+        let src: Vec<f32> = (0..g.n * g.h * g.w * g.c)
+            .map(|v| (v as f32 * 0.37).sin())
+            .collect();
+        let (oh, ow) = g.out_dims().unwrap();
+        let mut expected = vec![0u32; g.n * oh * ow * 9 * 3];
+        im2col_pairs_into(&g, &src, &mut expected).unwrap();
+        let mut pairs = vec![0u32; src.len() / 2];
+        crate::bf16::convert_row(&src, &mut pairs);
+        let mut got = vec![u32::MAX; expected.len()];
+        im2col_of_pairs_into(&g, &pairs, &mut got).unwrap();
+        assert_eq!(got, expected);
+    }
+
+    /// `a` (rows, k) x `b` (k, n), row-major, in f64.
+    fn product(a: &[f32], b: &[f32], k: usize, n: usize) -> Vec<f32> {
+        a.chunks(k)
+            .flat_map(|row| {
+                (0..n).map(move |j| {
+                    let dot: f64 = row
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &v)| f64::from(v) * f64::from(b[i * n + j]))
+                        .sum();
+                    dot as f32
+                })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_input_gradient_by_convolution_is_col2im_of_the_product() {
+        let (c_in, c_out) = (3, 4);
+        for (kernel, padding) in [(3, 1), (3, 0), (3, 2), (5, 2), (2, 1), (4, 3)] {
+            let g = two_images(Window::new(kernel, 1, padding), 5, c_in);
+            let t = g.transposed(c_out).expect("stride 1, padding below k");
+            assert_eq!(
+                (t.h, t.w, t.c),
+                (g.out_dims().unwrap().0, g.out_dims().unwrap().1, c_out)
+            );
+            let (taps, m) = (kernel * kernel, g.n * t.h * t.w);
+            let weights: Vec<f32> = (0..taps * c_in * c_out)
+                .map(|v| (v as f32 * 0.71).cos())
+                .collect();
+            let grad: Vec<f32> = (0..m * c_out).map(|v| (v as f32 * 0.37).sin()).collect();
+            // The product by the transposed weights, scattered back.
+            let mut weights_t = vec![0f32; weights.len()];
+            for (r, row) in weights.chunks(c_out).enumerate() {
+                for (o, &v) in row.iter().enumerate() {
+                    weights_t[o * taps * c_in + r] = v;
+                }
+            }
+            let cols = product(&grad, &weights_t, c_out, taps * c_in);
+            let mut expected = vec![0f32; g.n * g.h * g.w * c_in];
+            col2im_into(&g, &cols, &mut expected).unwrap();
+            // The convolution of the framed gradient by the turned weights.
+            let mut windows = vec![f32::NAN; g.n * g.h * g.w * taps * c_out];
+            im2col_into(&t, &grad, &mut windows).unwrap();
+            let got = product(
+                &windows,
+                &turned_weights(&weights, taps, c_out),
+                taps * c_out,
+                c_in,
+            );
+            for (got, want) in got.iter().zip(&expected) {
+                assert!(
+                    (got - want).abs() < 1e-4,
+                    "k {kernel} p {padding}: {got} vs {want}"
+                );
+            }
+        }
+        let no_transpose = [
+            Window::new(3, 2, 1),
+            Window::new(1, 1, 0),
+            Window::new(2, 1, 2),
+        ];
+        for window in no_transpose {
+            assert!(two_images(window, 5, c_in).transposed(c_out).is_none());
+        }
     }
 
     #[test]
