@@ -590,65 +590,127 @@ pub(crate) fn batch_norm_relu_backward_in_place(
     stats: &NormStats,
     eps: f64,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (back, parameters) = NormBackward::new(x, grad, gamma, stats, eps)?;
     let c = gamma.len();
-    let m = x.len() / c;
-    if grad.len() != x.len() || stats.mean.len() != c || stats.scale.len() != c || m == 0 {
-        bail!("batch norm backward: buffer sizes do not match")
-    }
-    let inv_std = inv_std(&stats.var, eps);
-    let chunk = c * ROWS_PER_TASK;
-    let affine = || stats.scale.iter().zip(&stats.shift);
-    // Pass 1: per channel, sums of g and g * x, with g the incoming gradient
-    // where the ReLU let it through.
-    let partials: Vec<(Vec<f32>, Vec<f32>)> = x
-        .par_chunks(chunk)
-        .zip(grad.par_chunks(chunk))
-        .map(|(x, g)| {
-            let (mut sg, mut sgx) = (vec![0f32; c], vec![0f32; c]);
-            for (x, g) in x.chunks(c).zip(g.chunks(c)) {
-                let sums = sg.iter_mut().zip(sgx.iter_mut());
-                for (((&x, &g), (&a, &b)), (sg, sgx)) in x.iter().zip(g).zip(affine()).zip(sums) {
-                    let g = if x * a + b > 0.0 { g } else { 0.0 };
-                    *sg += g;
-                    *sgx += g * x;
-                }
-            }
-            (sg, sgx)
-        })
-        .collect();
-    let (sg, sgx): (Vec<_>, Vec<_>) = partials.into_iter().unzip();
-    let (sg, sgx) = (column_total_f64(&sg, c), column_total_f64(&sgx, c));
-    // dbeta = sum g; dgamma = sum g * xhat = istd * (sum g x - mean sum g).
-    let dbeta = sg;
-    let dgamma: Vec<f64> = (0..c)
-        .map(|j| inv_std[j] * (sgx[j] - stats.mean[j] * dbeta[j]))
-        .collect();
-    // dx = gamma istd (g - dbeta/M - xhat dgamma/M) = a g + b + k x.
-    let mf = m as f64;
-    let (mut a, mut b, mut k) = (vec![0f32; c], vec![0f32; c], vec![0f32; c]);
-    for j in 0..c {
-        let aj = f64::from(gamma[j]) * inv_std[j];
-        let kj = -aj * dgamma[j] * inv_std[j] / mf;
-        a[j] = aj as f32;
-        k[j] = kj as f32;
-        b[j] = (-aj * dbeta[j] / mf - kj * stats.mean[j]) as f32;
-    }
-    // Pass 2.
-    grad.par_chunks_mut(chunk)
-        .zip(x.par_chunks(chunk))
+    grad.par_chunks_mut(c * ROWS_PER_TASK)
+        .zip(x.par_chunks(c * ROWS_PER_TASK))
         .for_each(|(g, x)| {
             for (g, x) in g.chunks_mut(c).zip(x.chunks(c)) {
-                let coefficients = a.iter().zip(&b).zip(&k).zip(affine());
-                for ((g, &x), (((&a, &b), &k), (&scale, &shift))) in
-                    g.iter_mut().zip(x).zip(coefficients)
-                {
-                    let v = if x * scale + shift > 0.0 { *g } else { 0.0 };
-                    *g = a * v + b + k * x;
-                }
+                back.row_in_place(g, x);
             }
         });
-    let to_f32 = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect::<Vec<_>>();
-    Ok((to_f32(dgamma), to_f32(dbeta)))
+    Ok(parameters)
+}
+
+/// [`batch_norm_relu_backward_in_place`] with the input's gradient written
+/// in bf16 pairs alone ([`crate::bf16::pairs`]`(C)` a row) and `grad` left
+/// as it is: what a bf16 training step's products multiply, which would
+/// otherwise write the gradient in f32 and read it back to round it.
+pub(crate) fn batch_norm_relu_backward_pairs_into(
+    x: &[f32],
+    grad: &[f32],
+    gamma: &[f32],
+    stats: &NormStats,
+    eps: f64,
+    out: &mut [u32],
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (back, parameters) = NormBackward::new(x, grad, gamma, stats, eps)?;
+    let (c, p) = (gamma.len(), crate::bf16::pairs(gamma.len()));
+    if out.len() != x.len() / c * p {
+        bail!("batch norm backward: buffer sizes do not match")
+    }
+    out.par_chunks_mut(p * ROWS_PER_TASK)
+        .zip(grad.par_chunks(c * ROWS_PER_TASK))
+        .zip(x.par_chunks(c * ROWS_PER_TASK))
+        .for_each(|((out, g), x)| {
+            let mut row = vec![0f32; c];
+            for ((out, g), x) in out.chunks_mut(p).zip(g.chunks(c)).zip(x.chunks(c)) {
+                row.copy_from_slice(g);
+                back.row_in_place(&mut row, x);
+                crate::bf16::convert_row(&row, out);
+            }
+        });
+    Ok(parameters)
+}
+
+/// Batch norm's input gradient, per channel `a g + b + k x` where the
+/// ReLU let `g` through (`x * scale + shift > 0`).
+struct NormBackward<'a> {
+    a: Vec<f32>,
+    b: Vec<f32>,
+    k: Vec<f32>,
+    stats: &'a NormStats,
+}
+
+impl<'a> NormBackward<'a> {
+    /// The coefficients, from one pass over `x` and `grad`, and the
+    /// gradients of gamma and beta.
+    #[allow(clippy::type_complexity)]
+    fn new(
+        x: &[f32],
+        grad: &[f32],
+        gamma: &[f32],
+        stats: &'a NormStats,
+        eps: f64,
+    ) -> Result<(Self, (Vec<f32>, Vec<f32>))> {
+        let c = gamma.len();
+        let m = x.len() / c;
+        if grad.len() != x.len() || stats.mean.len() != c || stats.scale.len() != c || m == 0 {
+            bail!("batch norm backward: buffer sizes do not match")
+        }
+        let inv_std = inv_std(&stats.var, eps);
+        let chunk = c * ROWS_PER_TASK;
+        let affine = || stats.scale.iter().zip(&stats.shift);
+        // Per channel, sums of g and g * x, with g the incoming gradient
+        // where the ReLU let it through.
+        let partials: Vec<(Vec<f32>, Vec<f32>)> = x
+            .par_chunks(chunk)
+            .zip(grad.par_chunks(chunk))
+            .map(|(x, g)| {
+                let (mut sg, mut sgx) = (vec![0f32; c], vec![0f32; c]);
+                for (x, g) in x.chunks(c).zip(g.chunks(c)) {
+                    let sums = sg.iter_mut().zip(sgx.iter_mut());
+                    for (((&x, &g), (&a, &b)), (sg, sgx)) in x.iter().zip(g).zip(affine()).zip(sums)
+                    {
+                        let g = if x * a + b > 0.0 { g } else { 0.0 };
+                        *sg += g;
+                        *sgx += g * x;
+                    }
+                }
+                (sg, sgx)
+            })
+            .collect();
+        let (sg, sgx): (Vec<_>, Vec<_>) = partials.into_iter().unzip();
+        let (sg, sgx) = (column_total_f64(&sg, c), column_total_f64(&sgx, c));
+        // dbeta = sum g; dgamma = sum g * xhat = istd * (sum g x - mean sum g).
+        let dbeta = sg;
+        let dgamma: Vec<f64> = (0..c)
+            .map(|j| inv_std[j] * (sgx[j] - stats.mean[j] * dbeta[j]))
+            .collect();
+        // dx = gamma istd (g - dbeta/M - xhat dgamma/M) = a g + b + k x.
+        let mf = m as f64;
+        let (mut a, mut b, mut k) = (vec![0f32; c], vec![0f32; c], vec![0f32; c]);
+        for j in 0..c {
+            let aj = f64::from(gamma[j]) * inv_std[j];
+            let kj = -aj * dgamma[j] * inv_std[j] / mf;
+            a[j] = aj as f32;
+            k[j] = kj as f32;
+            b[j] = (-aj * dbeta[j] / mf - kj * stats.mean[j]) as f32;
+        }
+        let to_f32 = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect::<Vec<_>>();
+        Ok((Self { a, b, k, stats }, (to_f32(dgamma), to_f32(dbeta))))
+    }
+
+    /// One row of the output's gradient `g` into the input's, in place.
+    #[inline(always)]
+    fn row_in_place(&self, g: &mut [f32], x: &[f32]) {
+        let affine = self.stats.scale.iter().zip(&self.stats.shift);
+        let coefficients = self.a.iter().zip(&self.b).zip(&self.k).zip(affine);
+        for ((g, &x), (((&a, &b), &k), (&scale, &shift))) in g.iter_mut().zip(x).zip(coefficients) {
+            let v = if x * scale + shift > 0.0 { *g } else { 0.0 };
+            *g = a * v + b + k * x;
+        }
+    }
 }
 
 /// `best[i] = max(best[i], v[i])`, where a NaN wins and then stays (NaN >
@@ -1299,6 +1361,32 @@ mod tests {
         assert_eq!(pairs, expected);
         assert_eq!((in_pairs.mean, in_pairs.var), (stats.mean, stats.var));
         assert!(values.contains(&0.0) && values.iter().any(|&v| v > 0.0));
+    }
+
+    #[test]
+    fn batch_norm_backward_in_pairs_is_the_gradient_then_conversion() {
+        let (m, c) = (3 * ROWS_PER_TASK + 5, 34);
+        let x: Vec<f32> = (0..m * c).map(|v| (v as f32 * 0.61).sin() * 3.0).collect();
+        let grad: Vec<f32> = (0..m * c).map(|v| (v as f32 * 0.29).cos()).collect();
+        let gamma: Vec<f32> = (0..c).map(|j| 0.5 + j as f32 * 0.05).collect();
+        let beta: Vec<f32> = (0..c).map(|j| (j as f32 * 0.3).cos()).collect();
+        let stats = batch_norm_relu_into(&x, &gamma, &beta, 1e-5, &mut vec![0f32; m * c]);
+        let mut in_place = grad.clone();
+        let sums = batch_norm_relu_backward_in_place(&x, &mut in_place, &gamma, &stats, 1e-5);
+        let mut expected = vec![0u32; m * c / 2];
+        for (row, out) in in_place.chunks(c).zip(expected.chunks_mut(c / 2)) {
+            crate::bf16::convert_row(row, out);
+        }
+        let mut pairs = vec![u32::MAX; expected.len()];
+        let in_pairs =
+            batch_norm_relu_backward_pairs_into(&x, &grad, &gamma, &stats, 1e-5, &mut pairs);
+        assert_eq!(pairs, expected);
+        assert_eq!(in_pairs.unwrap(), sums.unwrap());
+        assert!(in_place.iter().zip(&grad).any(|(a, b)| a != b));
+        let short = &mut pairs[1..];
+        assert!(
+            batch_norm_relu_backward_pairs_into(&x, &grad, &gamma, &stats, 1e-5, short).is_err()
+        );
     }
 
     #[test]
