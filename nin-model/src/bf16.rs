@@ -492,9 +492,21 @@ impl<D: Deref<Target = [u32]>> PackedB<D> {
     }
 }
 
+/// Pairs of K a task of [`fill_panels`] fills across every panel.
+const PAIRS_PER_TASK: usize = 16;
+
 /// Fills the panels of a packed (`k`, `n`) matrix in `data`, in
 /// parallel: `fill(q, cols, out)` writes pair `q` of rows over the
 /// columns `cols` of N into `out`, and the columns past N are zeroed.
+///
+/// A task takes [`PAIRS_PER_TASK`] pairs of rows across all panels, so
+/// that it reads its source rows from end to end; a task per panel read
+/// 64 or 128 bytes of each of hundreds of rows a few KB apart, which the
+/// hardware prefetchers do not follow (the loads of `halves_across`
+/// packing a weight gradient's input were 8% of a shipped bf16 training
+/// step on AMX; on a Xeon with AMX, shipped bf16 training at batch 128,
+/// alternating blocks of steps: 160.7 -> 157.8 and 161.3 -> 158.5 ms a
+/// step).
 fn fill_panels(
     data: &mut [u32],
     k: usize,
@@ -505,14 +517,28 @@ fn fill_panels(
     if p == 0 {
         return;
     }
-    data.par_chunks_mut(p * nr)
+    // Task t's part of every panel: pairs t * PAIRS_PER_TASK onwards.
+    let mut tasks: Vec<Vec<&mut [u32]>> = Vec::new();
+    for panel in data.chunks_mut(p * nr) {
+        for (t, part) in panel.chunks_mut(PAIRS_PER_TASK * nr).enumerate() {
+            if t == tasks.len() {
+                tasks.push(Vec::with_capacity(n.div_ceil(nr)));
+            }
+            tasks[t].push(part);
+        }
+    }
+    tasks
+        .into_par_iter()
         .enumerate()
-        .for_each(|(panel, values)| {
-            let cols = panel * nr..((panel + 1) * nr).min(n);
-            for (q, out) in values.chunks_mut(nr).enumerate() {
-                let (out, past) = out.split_at_mut(cols.len());
-                fill(q, cols.clone(), out);
-                past.fill(0);
+        .for_each(|(t, mut parts)| {
+            let first = t * PAIRS_PER_TASK;
+            for (i, q) in (first..(first + PAIRS_PER_TASK).min(p)).enumerate() {
+                for (panel, part) in parts.iter_mut().enumerate() {
+                    let cols = panel * nr..((panel + 1) * nr).min(n);
+                    let (out, past) = part[i * nr..(i + 1) * nr].split_at_mut(cols.len());
+                    fill(q, cols, out);
+                    past.fill(0);
+                }
             }
         });
 }
