@@ -589,7 +589,7 @@ pub(crate) fn batch_norm_relu_backward_in_place(
     gamma: &[f32],
     stats: &NormStats,
     eps: f64,
-) -> Result<(Vec<f32>, Vec<f32>)> {
+) -> Result<NormGrads> {
     let (back, parameters) = NormBackward::new(x, grad, gamma, stats, eps)?;
     let c = gamma.len();
     grad.par_chunks_mut(c * ROWS_PER_TASK)
@@ -613,7 +613,7 @@ pub(crate) fn batch_norm_relu_backward_pairs_into(
     stats: &NormStats,
     eps: f64,
     out: &mut [u32],
-) -> Result<(Vec<f32>, Vec<f32>)> {
+) -> Result<NormGrads> {
     let (back, parameters) = NormBackward::new(x, grad, gamma, stats, eps)?;
     let (c, p) = (gamma.len(), crate::bf16::pairs(gamma.len()));
     if out.len() != x.len() / c * p {
@@ -633,6 +633,9 @@ pub(crate) fn batch_norm_relu_backward_pairs_into(
     Ok(parameters)
 }
 
+/// The gradients of a batch norm's gamma and beta.
+pub(crate) type NormGrads = (Vec<f32>, Vec<f32>);
+
 /// Batch norm's input gradient, per channel `a g + b + k x` where the
 /// ReLU let `g` through (`x * scale + shift > 0`).
 struct NormBackward<'a> {
@@ -645,14 +648,13 @@ struct NormBackward<'a> {
 impl<'a> NormBackward<'a> {
     /// The coefficients, from one pass over `x` and `grad`, and the
     /// gradients of gamma and beta.
-    #[allow(clippy::type_complexity)]
     fn new(
         x: &[f32],
         grad: &[f32],
         gamma: &[f32],
         stats: &'a NormStats,
         eps: f64,
-    ) -> Result<(Self, (Vec<f32>, Vec<f32>))> {
+    ) -> Result<(Self, NormGrads)> {
         let c = gamma.len();
         let m = x.len() / c;
         if grad.len() != x.len() || stats.mean.len() != c || stats.scale.len() != c || m == 0 {

@@ -1371,7 +1371,8 @@ impl ConvRecord {
         let input = self.input.tall((m, row_len));
         let grad_mat = Mat::new(&grad, m, c_out);
         // In bf16, the output gradient is rounded once, for both products
-        // (by batch norm's backward pass where there is one).
+        // (by batch norm's backward pass where there is one: `grad` is
+        // then still the gradient of the norm's output, and unused).
         let grad_pairs = match (self.precision, grad_pairs) {
             (Precision::Bf16, None) => {
                 let mut pairs = pool.take::<u32>(m * bf16::pairs(c_out));
@@ -1394,9 +1395,7 @@ impl ConvRecord {
             return Ok(None);
         }
         if let Some(t) = self.input_grad_convolution() {
-            return self
-                .input_grad_by_convolution(&t, &grad, grad_out, pool)
-                .map(Some);
+            return self.input_grad_by_convolution(&t, grad_out, pool).map(Some);
         }
         let mut grad_input = pool.take(m * row_len);
         let weights = Mat::new(&self.weights, row_len, c_out);
@@ -1444,11 +1443,10 @@ impl ConvRecord {
     }
 
     /// The input's gradient as the convolution `t` ([`Geometry::transposed`])
-    /// of the output's, `grad` (or its bf16 pairs in `grad_out`).
+    /// of the output's, `grad_out`.
     fn input_grad_by_convolution(
         &self,
         t: &Geometry,
-        grad: &[f32],
         grad_out: Tall,
         pool: &Arc<Buffers>,
     ) -> Result<Buf<f32>> {
@@ -1465,9 +1463,9 @@ impl ConvRecord {
                 let cols = Bf16Rows::from_pairs(&cols, rows, row_len);
                 bf16::matmul(&mut grad_maps, &cols, &packed_in(turned, pool), false);
             }
-            Tall::F32(_) => {
+            Tall::F32(grad) => {
                 let mut cols = pool.take(rows * row_len);
-                cl::im2col_into(t, grad, &mut cols)?;
+                cl::im2col_into(t, grad.data, &mut cols)?;
                 matmul(&mut grad_maps, Mat::new(&cols, rows, row_len), turned);
             }
         }
