@@ -247,7 +247,17 @@ fn partial_tn(
 /// rows measured level with 256.
 const ROWS_PER_STEP: usize = 256;
 
-/// `dst` = `a^T x b` in bf16, [`ROWS_PER_STEP`] rows at a time. Each
+/// [`ROWS_PER_STEP`] for the product turned around (on AMX): each step
+/// is a K of half as many pairs for the tiles, which store and add up
+/// their 32 x 32 blocks of sums once a step, so longer steps store less
+/// (at 1,024 rows most layers' operands still fit in L2). On a Xeon with AMX,
+/// bf16 training at batch 128, alternating blocks of steps against 256
+/// rows, mean step: shipped -4.9%, -1.3% and -4.3% (three runs; 512 rows
+/// -1.7%, 2,048 -2.7%, 4,096 +1.2%), compact -4.0%.
+const ROWS_PER_TURNED_STEP: usize = 1024;
+
+/// `dst` = `a^T x b` in bf16, [`ROWS_PER_STEP`] rows at a time
+/// ([`ROWS_PER_TURNED_STEP`] `turned`). Each
 /// step's left operand is a transpose, pairs along M, which the
 /// AVX512-BF16 kernel reads where the conversion leaves them (a column
 /// apart). AMX loads each row's pairs side by side, so there the product
@@ -270,8 +280,13 @@ fn partial_tn_bf16(dst: &mut [f32], a: Tall, b: Tall, turned: bool, pool: &Arc<B
         (&mut *dst, (a, b))
     };
     let cols = left.dims().1;
-    for (i, start) in (0..m).step_by(ROWS_PER_STEP).enumerate() {
-        let rows = start..(start + ROWS_PER_STEP).min(m);
+    let step = if turned {
+        ROWS_PER_TURNED_STEP
+    } else {
+        ROWS_PER_STEP
+    };
+    for (i, start) in (0..m).step_by(step).enumerate() {
+        let rows = start..(start + step).min(m);
         let len = cols * bf16::pairs(rows.len());
         let mut pairs = pool.take::<u32>(len);
         let left_t = match left.rows(rows.clone()) {
@@ -400,6 +415,7 @@ mod tests {
             (3, 5, 7),
             (513, 9, 64),
             (514, 8, 5),
+            (ROWS_PER_TURNED_STEP + 477, 10, 6),
             (partials, 13, 37),
         ] {
             let (a, b) = (values(m * k, 3), values(m * n, 4));
