@@ -13,9 +13,11 @@
 //! The kernel computes a 32 x [`NR`] block of C in four accumulator tiles
 //! over all of K (each tile of A and of B loaded serves two products: a
 //! 16 x 32 block, with B loaded once per product, was bound by B's
-//! loads), stores them to the stack and hands them, eight rows at a time,
-//! to [`crate::tile`]'s store: the same epilogue (bias or batch norm,
-//! ReLU, bf16 pairs for the next layer) as the AVX512-BF16 kernel.
+//! loads), stores them to the stack and hands them, row by row, to
+//! [`crate::tile`]'s store: the same epilogue (bias or batch norm, ReLU,
+//! bf16 pairs for the next layer) as the AVX512-BF16 kernel. One call
+//! runs many blocks, each block's products issued before the store of
+//! the block before it, which the vector units run meanwhile.
 //!
 //! Rust has no stable AMX intrinsics, so the tile instructions are
 //! written as inline assembly (stable since Rust 1.59); the compiler never
@@ -46,18 +48,25 @@ pub fn available() -> bool {
     }
 }
 
-/// One [`ROWS`] x [`NR`] block of C = A x B over all of K (at most
-/// [`ROWS`] rows, `target.rows`), stored at `target` as `store` says,
-/// like the AVX512-BF16 kernel's (`ldc` values per row of C).
+/// The [`ROWS`] x [`NR`] blocks of C = A x B that `blocks` lists, one after
+/// another: each a target (at most [`ROWS`] rows, `target.rows`) and the
+/// panel of B it takes (`a.pairs * NR` pairs), stored at its target as
+/// `store` says, like the AVX512-BF16 kernel's (`ldc` values per row of
+/// C). One call for many blocks lets each block's tile products run
+/// while the vector units store the block before it.
 ///
 /// # Safety
 /// [`available`]; `a`'s pairs contiguous along K (`pair_step` 1) and it
-/// holds rows `target.row..target.row + target.rows`; `b` one panel of
-/// `a.pairs * NR`; `store` as for the AVX512-BF16 kernel.
+/// holds the rows of every target; `store` as for the AVX512-BF16 kernel.
 #[cfg(target_arch = "x86_64")]
-pub(crate) unsafe fn tile(a: &Bf16Rows, b: &[u32], ldc: usize, target: Tile, store: Store) {
+pub(crate) unsafe fn tiles<'b>(
+    a: &Bf16Rows,
+    blocks: impl Iterator<Item = (Tile, &'b [u32])>,
+    ldc: usize,
+    store: Store,
+) {
     // SAFETY: the caller's.
-    unsafe { x86::tile(a, b, ldc, target, store) }
+    unsafe { x86::tiles(a, blocks, ldc, store) }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -186,43 +195,89 @@ mod x86 {
     /// Where the two tiles of A start: 16 rows from `target.row` and 16
     /// from `target.row + 16`, each moved back near the end of A so that
     /// its 16 rows lie inside A (rows past the target are other blocks',
-    /// computed and not stored). A of fewer than 16 rows is copied into
-    /// `copy`, padded with zeros. Returns each tile's first row.
-    fn tile_rows(a: &Bf16Rows, target: Tile, copy: &mut Vec<u32>) -> [usize; 2] {
-        if a.rows >= TILE {
-            std::array::from_fn(|h| (target.row + TILE * h).min(a.rows - TILE))
+    /// computed and not stored; A of fewer than 16 rows is read from a
+    /// copy padded with zeros, see [`tiles`]). Returns each tile's first
+    /// row.
+    fn tile_rows(rows: usize, target: Tile) -> [usize; 2] {
+        if rows >= TILE {
+            std::array::from_fn(|h| (target.row + TILE * h).min(rows - TILE))
         } else {
-            copy.resize(TILE * a.row_step, 0);
-            let used = (a.rows - 1) * a.row_step + a.pairs;
-            copy[..used].copy_from_slice(&a.data[..used]);
             [0; 2]
         }
     }
 
-    /// See [`super::tile`].
+    /// See [`super::tiles`]. Block i's products are issued before block
+    /// i - 1 is stored: the tile unit works through them while the vector
+    /// units run the store's epilogue (the two share nothing but the load
+    /// ports); then block i's sums replace block i - 1's in memory.
     ///
     /// # Safety
-    /// As for [`super::tile`].
+    /// As for [`super::tiles`].
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn tile(a: &Bf16Rows, b: &[u32], ldc: usize, target: Tile, store: Store) {
-        debug_assert!(a.pair_step == 1 && target.rows <= ROWS);
-        debug_assert!(target.row + target.rows <= a.rows && a.pairs <= a.row_step);
-        debug_assert_eq!(b.len(), a.pairs * NR);
-        // A block of up to 16 rows needs one tile of A.
-        let two = target.rows > TILE;
-        let mut copy = Vec::new();
-        let starts = tile_rows(a, target, &mut copy);
-        let data = if copy.is_empty() { a.data } else { &copy[..] };
-        let tiles = starts.map(|start| data[start * a.row_step..].as_ptr());
-        let (whole, tail) = (a.pairs / TILE, a.pairs % TILE);
+    pub(super) unsafe fn tiles<'b>(
+        a: &Bf16Rows,
+        blocks: impl Iterator<Item = (Tile, &'b [u32])>,
+        ldc: usize,
+        store: Store,
+    ) {
+        debug_assert!(a.pair_step == 1 && a.pairs <= a.row_step);
+        // A of fewer than 16 rows, copied and padded with zeros: a tile
+        // of A reads 16 rows.
+        let copy;
+        let data = if a.rows >= TILE {
+            a.data
+        } else {
+            let mut padded = vec![0; TILE * a.row_step];
+            let used = (a.rows - 1) * a.row_step + a.pairs;
+            padded[..used].copy_from_slice(&a.data[..used]);
+            copy = padded;
+            &copy[..]
+        };
         // Written by the tiles' stores before it is read (zeroing 4 KiB
-        // a call showed in profiles of layers with a short K).
-        let mut c = std::mem::MaybeUninit::<Sums>::uninit();
-        // SAFETY: the process has the tile state (the caller's); each whole
-        // step reads 16 rows of 16 pairs inside A (or its copy) per tile
-        // of A and 16 pairs of the panel; the tail reads copies.
+        // a block showed in profiles of layers with a short K).
+        let mut sums = std::mem::MaybeUninit::<Sums>::uninit();
+        // The block whose sums are in `sums`, and where its tiles of A
+        // started.
+        let mut spilled: Option<(Tile, [usize; 2])> = None;
+        // SAFETY: the process has the tile state (the caller's); each
+        // block's rows lie inside A, its panel holds `a.pairs` pairs of
+        // NR columns (the caller's); a block's store reads the sums its
+        // tiles stored, before the next block's overwrite them.
         unsafe {
             configure();
+            for (target, b) in blocks {
+                debug_assert!(target.rows <= ROWS && target.row + target.rows <= a.rows);
+                debug_assert_eq!(b.len(), a.pairs * NR);
+                let two = target.rows > TILE;
+                let starts = tile_rows(a.rows, target);
+                let at = starts.map(|start| data[start * a.row_step..].as_ptr());
+                product(at, a.row_step, a.pairs, b, two);
+                if let Some((before, its_starts)) = spilled {
+                    store_block(sums.as_ptr(), its_starts, before, ldc, store);
+                }
+                spill(sums.as_mut_ptr(), two);
+                spilled = Some((target, starts));
+            }
+            if let Some((last, its_starts)) = spilled {
+                store_block(sums.as_ptr(), its_starts, last, ldc, store);
+            }
+        }
+    }
+
+    /// C = A x B over `pairs` pairs of K into tile registers 0-3 (0 and 1
+    /// alone unless `two`): A's tiles from `at` (`row_step` pairs from row
+    /// to row), B from the panel `b`.
+    ///
+    /// # Safety
+    /// Tiles configured; 16 rows of `pairs` pairs at each `at` used; `b`
+    /// `pairs * NR` long.
+    #[inline(always)]
+    unsafe fn product(at: [*const u32; 2], row_step: usize, pairs: usize, b: &[u32], two: bool) {
+        let (whole, tail) = (pairs / TILE, pairs % TILE);
+        // SAFETY: each whole step reads 16 rows of 16 pairs inside A (or
+        // its copy) per tile of A and 16 pairs of the panel; the tail
+        // reads copies.
+        unsafe {
             asm!(
                 "tilezero tmm0",
                 "tilezero tmm1",
@@ -230,16 +285,13 @@ mod x86 {
                 "tilezero tmm3",
                 options(nostack, nomem)
             );
-            let sa = 4 * a.row_step;
+            let sa = 4 * row_step;
             for s in 0..whole {
-                let (at, bt) = (
-                    tiles.map(|t| t.add(s * TILE)),
-                    b.as_ptr().add(s * TILE * NR),
-                );
+                let (a, bt) = (at.map(|t| t.add(s * TILE)), b.as_ptr().add(s * TILE * NR));
                 if two {
-                    step::<true>(at, sa, bt);
+                    step::<true>(a, sa, bt);
                 } else {
-                    step::<false>(at, sa, bt);
+                    step::<false>(a, sa, bt);
                 }
             }
             if tail > 0 {
@@ -254,7 +306,7 @@ mod x86 {
                 let used = if two { ROWS } else { TILE };
                 let lanes: __mmask16 = (1 << tail) - 1;
                 for r in 0..used {
-                    let row = tiles[r / TILE].add((r % TILE) * a.row_step + whole * TILE);
+                    let row = at[r / TILE].add((r % TILE) * row_step + whole * TILE);
                     let v = _mm512_maskz_loadu_epi32(lanes, row.cast());
                     _mm512_storeu_si512(a_tail.row(r).cast(), v);
                 }
@@ -272,40 +324,66 @@ mod x86 {
                     _mm512_storeu_si512(b_tail.row(2 * q).cast(), lo);
                     _mm512_storeu_si512(b_tail.row(2 * q + 1).cast(), hi);
                 }
-                let at = [
+                let a = [
                     a_tail.row(0).cast_const().cast(),
                     a_tail.row(TILE).cast_const().cast(),
                 ];
                 if two {
-                    step::<true>(at, 4 * TILE, b_tail.row(0).cast());
+                    step::<true>(a, 4 * TILE, b_tail.row(0).cast());
                 } else {
-                    step::<false>(at, 4 * TILE, b_tail.row(0).cast());
+                    step::<false>(a, 4 * TILE, b_tail.row(0).cast());
                 }
             }
-            let half = TILE * NR;
+        }
+    }
+
+    /// Stores tile registers 0 and 1 (C's rows 0-15), and 2 and 3 (rows
+    /// 16-31) when `two`, into `c`.
+    ///
+    /// # Safety
+    /// Tiles configured; `c` writable.
+    #[inline(always)]
+    unsafe fn spill(c: *mut Sums, two: bool) {
+        // SAFETY: the caller's; each tile writes 16 rows of 64 bytes
+        // inside its half of `c`.
+        unsafe {
             asm!(
                 "tilestored [{c} + {sc}*1], tmm0",
                 "tilestored [{c} + {sc}*1 + 64], tmm1",
-                c = in(reg) c.as_mut_ptr(), sc = in(reg) 4 * NR,
+                c = in(reg) c, sc = in(reg) 4 * NR,
                 options(nostack),
             );
             if two {
                 asm!(
                     "tilestored [{c1} + {sc}*1], tmm2",
                     "tilestored [{c1} + {sc}*1 + 64], tmm3",
-                    c1 = in(reg) c.as_mut_ptr().cast::<f32>().add(half), sc = in(reg) 4 * NR,
+                    c1 = in(reg) c.cast::<f32>().add(TILE * NR), sc = in(reg) 4 * NR,
                     options(nostack),
                 );
             }
         }
-        // The tiles stored C's rows 0-15, and 16-31 when `two`: the only
-        // rows read below.
-        let c = c.as_ptr().cast::<[f32; NR]>();
-        // The rows of the target through the store, one by one from
-        // memory (gathering them eight at a time into registers first
-        // cost a tenth of a 32 x 32 block's time at K = 64).
-        // Row r of the target is row r % 16 of its tile of C,
-        // whose tile of A started `target.row + r - start` rows before it.
+    }
+
+    /// The rows of `target` from the sums `c` that [`spill`] stored
+    /// (rows 0-15, and 16-31 for a target of more than 16 rows: the only
+    /// rows read), through the store, one by one from memory (gathering
+    /// them eight at a time into registers first cost a tenth of a
+    /// 32 x 32 block's time at K = 64). Row r of the target is row r % 16
+    /// of its tile of C, whose tile of A started `target.row + r - start`
+    /// rows before it.
+    ///
+    /// # Safety
+    /// `c` stored by [`spill`] for `target`, whose tiles of A started at
+    /// `starts`; `store` as for [`super::tiles`].
+    #[inline(always)]
+    unsafe fn store_block(
+        c: *const Sums,
+        starts: [usize; 2],
+        target: Tile,
+        ldc: usize,
+        store: Store,
+    ) {
+        let c = c.cast::<[f32; NR]>();
         // SAFETY: the caller's: the rows are inside the target; each reads
         // a whole row of `c` that a tile stored.
         unsafe {

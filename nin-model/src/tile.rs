@@ -21,6 +21,8 @@
 //! operands on every call and knows nothing of the layer after the
 //! product, which then takes another pass over the output.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use crate::aligned::Aligned;
@@ -664,52 +666,59 @@ fn target((row, rows): (usize, usize), panel: usize, nr: usize, n: usize) -> Til
     }
 }
 
-/// Runs the micro-kernel on `tiles` of one panel: the vector kernels take
-/// them all in one call, AMX one call a tile (of 16 rows, each a few
-/// thousand multiply-adds or more).
+/// Runs the micro-kernel on `tiles` of each of `panels`: the vector
+/// kernels take a panel's tiles in one call, AMX every (panel, tile) block
+/// in one call, so that the tile unit computes each block while the vector
+/// units store the one before (see [`crate::amx::tiles`]).
 ///
 /// # Safety
 /// The units of `ops` are present; the tiles lie inside the (M, `n`)
 /// destination and its pairs, and no one else writes them meanwhile; the
 /// operands hold what the product reads (K, or its pairs, per row; the
 /// panels of N); the epilogue's vectors are `n` long.
-unsafe fn run_tiles(ops: Operands, n: usize, store: Store, tiles: TileRows, panel: usize) {
+unsafe fn run_tiles(ops: Operands, n: usize, store: Store, tiles: TileRows, panels: Range<usize>) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the caller's.
     unsafe {
         match ops {
             Operands::F32(a, b) => {
-                let (first, b_panel) = (target((0, 0), panel, b.nr, n), b.panel(panel));
-                match (b.isa, b.nr == NR_NARROW, store.pairs.is_some()) {
-                    (Isa::Avx2, ..) => x86::tiles_f32_avx2(a, b_panel, n, tiles, first, store),
-                    (Isa::Avx512, true, true) => {
-                        x86::tiles_f32_to_pairs::<1>(a, b_panel, n, tiles, first, store)
-                    }
-                    (Isa::Avx512, true, false) => {
-                        x86::tiles_f32::<1>(a, b_panel, n, tiles, first, store)
-                    }
-                    (Isa::Avx512, false, true) => {
-                        x86::tiles_f32_to_pairs::<2>(a, b_panel, n, tiles, first, store)
-                    }
-                    (Isa::Avx512, false, false) => {
-                        x86::tiles_f32::<2>(a, b_panel, n, tiles, first, store)
+                for panel in panels {
+                    let (first, b_panel) = (target((0, 0), panel, b.nr, n), b.panel(panel));
+                    match (b.isa, b.nr == NR_NARROW, store.pairs.is_some()) {
+                        (Isa::Avx2, ..) => x86::tiles_f32_avx2(a, b_panel, n, tiles, first, store),
+                        (Isa::Avx512, true, true) => {
+                            x86::tiles_f32_to_pairs::<1>(a, b_panel, n, tiles, first, store)
+                        }
+                        (Isa::Avx512, true, false) => {
+                            x86::tiles_f32::<1>(a, b_panel, n, tiles, first, store)
+                        }
+                        (Isa::Avx512, false, true) => {
+                            x86::tiles_f32_to_pairs::<2>(a, b_panel, n, tiles, first, store)
+                        }
+                        (Isa::Avx512, false, false) => {
+                            x86::tiles_f32::<2>(a, b_panel, n, tiles, first, store)
+                        }
                     }
                 }
             }
             Operands::Bf16(a, b, pairs, nr, unit) => {
-                let first = target((0, 0), panel, nr, n);
-                let b_panel = &b[panel * pairs * nr..(panel + 1) * pairs * nr];
+                let b_panel = |panel: usize| &b[panel * pairs * nr..(panel + 1) * pairs * nr];
                 match (unit, a) {
-                    (Unit::Avx512Bf16, _) if nr == NR_NARROW => {
-                        x86::tiles_bf16::<1>(a, b_panel, n, tiles, first, store)
-                    }
                     (Unit::Avx512Bf16, _) => {
-                        x86::tiles_bf16::<2>(a, b_panel, n, tiles, first, store)
+                        for panel in panels {
+                            let first = target((0, 0), panel, nr, n);
+                            if nr == NR_NARROW {
+                                x86::tiles_bf16::<1>(a, b_panel(panel), n, tiles, first, store)
+                            } else {
+                                x86::tiles_bf16::<2>(a, b_panel(panel), n, tiles, first, store)
+                            }
+                        }
                     }
                     (Unit::Amx, Bf16Left::Rows(a)) => {
-                        for rows in tiles {
-                            crate::amx::tile(a, b_panel, n, target(rows, panel, nr, n), store);
-                        }
+                        let blocks = panels.flat_map(|panel| {
+                            tiles.map(move |rows| (target(rows, panel, nr, n), b_panel(panel)))
+                        });
+                        crate::amx::tiles(a, blocks, n, store);
                     }
                     (Unit::Amx, Bf16Left::Conv(_)) => unreachable!("windows on AMX"),
                 }
@@ -717,7 +726,7 @@ unsafe fn run_tiles(ops: Operands, n: usize, store: Store, tiles: TileRows, pane
         }
     };
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (ops, n, store, tiles, panel);
+    let _ = (ops, n, store, tiles, panels);
 }
 
 /// Runs the micro-kernel over every (tile, panel) of the (M, `n`) result,
@@ -736,10 +745,8 @@ pub(crate) fn drive(ops: Operands, n: usize, store: Store, threads: Threads) -> 
     let (mr, nr) = ops.tile();
     let (tiles, panels) = (m.div_ceil(mr), n.div_ceil(nr));
     if threads == Threads::Here {
-        for panel in 0..panels {
-            // SAFETY: as below; this thread writes every tile.
-            unsafe { run_tiles(ops, n, store, TileRows::new(m, tiles, 0, tiles), panel) };
-        }
+        // SAFETY: as below; this thread writes every tile.
+        unsafe { run_tiles(ops, n, store, TileRows::new(m, tiles, 0, tiles), 0..panels) };
         return true;
     }
     // Enough tasks for every thread to steal a few; a task's tiles share
@@ -761,7 +768,7 @@ pub(crate) fn drive(ops: Operands, n: usize, store: Store, threads: Threads) -> 
             // and no other task writes them (tasks own disjoint (tile,
             // panel) pairs); the operands and the epilogue's vectors have
             // the product's sizes (asserted by the callers).
-            unsafe { run_tiles(ops, n, store, rows, panel) };
+            unsafe { run_tiles(ops, n, store, rows, panel..panel + 1) };
         });
     true
 }
