@@ -76,7 +76,7 @@ mod x86 {
     use std::cell::Cell;
 
     use super::{Bf16Rows, Store, Tile, NR, ROWS, TILE};
-    use crate::tile::x86::Rows;
+    use crate::tile::x86::{lanes, Rows};
 
     /// Asks Linux for the tile data state (`arch_prctl(ARCH_REQ_XCOMP_PERM,
     /// XFEATURE_XTILEDATA)`) if the CPU has AMX-TILE and AMX-BF16: without
@@ -304,10 +304,10 @@ mod x86 {
                 let mut a_tail = Pairs::<ROWS>::uninit();
                 let mut b_tail = Pairs::<{ 2 * TILE }>::uninit();
                 let used = if two { ROWS } else { TILE };
-                let lanes: __mmask16 = (1 << tail) - 1;
+                let mask = lanes(tail);
                 for r in 0..used {
                     let row = at[r / TILE].add((r % TILE) * row_step + whole * TILE);
-                    let v = _mm512_maskz_loadu_epi32(lanes, row.cast());
+                    let v = _mm512_maskz_loadu_epi32(mask, row.cast());
                     _mm512_storeu_si512(a_tail.row(r).cast(), v);
                 }
                 let b_rows = b.as_ptr().add(whole * TILE * NR);

@@ -652,6 +652,8 @@ mod x86 {
     use std::arch::x86_64::*;
     use std::hint::black_box;
 
+    use crate::tile::x86::lanes;
+
     /// Independent accumulator chains: more than an instruction's latency
     /// times the instructions a cycle, so that throughput is what counts.
     const CHAINS: usize = 16;
@@ -696,15 +698,6 @@ mod x86 {
             }
         }
         acc.iter().map(|&a| _mm512_reduce_add_ps(a)).sum()
-    }
-
-    /// The first `n` of 16 lanes.
-    fn lanes(n: usize) -> __mmask16 {
-        if n >= 16 {
-            !0
-        } else {
-            (1 << n) - 1
-        }
     }
 
     /// Converts `src` into `out`'s pairs (an odd length padded with zero),

@@ -220,11 +220,11 @@ unsafe fn im2col_rows_of_pairs_avx512(
                 _mm512_storeu_si512(d.as_mut_ptr().cast(), _mm512_loadu_si512(v.as_ptr().cast()))
             };
         }
-        let lanes = ((1u32 << tail.len()) - 1) as __mmask16;
+        let mask = crate::tile::x86::lanes(tail.len());
         // SAFETY: as above; the lanes cover the tail's values alone.
         unsafe {
-            let v = _mm512_maskz_loadu_epi32(lanes, tail.as_ptr().cast());
-            _mm512_mask_storeu_epi32(dst_tail.as_mut_ptr().cast(), lanes, v);
+            let v = _mm512_maskz_loadu_epi32(mask, tail.as_ptr().cast());
+            _mm512_mask_storeu_epi32(dst_tail.as_mut_ptr().cast(), mask, v);
         }
     })
 }

@@ -792,6 +792,17 @@ pub(crate) mod x86 {
 
     use super::{Bf16Left, Left, Store, Tile, TileRows, MR_AVX2, NR_AVX2};
 
+    /// The first `n` of 16 lanes (all of them from 16 on): the mask of a
+    /// ragged run's last vector.
+    #[inline(always)]
+    pub(crate) fn lanes(n: usize) -> __mmask16 {
+        if n >= 16 {
+            !0
+        } else {
+            (1 << n) - 1
+        }
+    }
+
     /// Calls `$kernel::<R, V>$args` for R = `$rows`, one of `[$r ...]`:
     /// the tile kernels are compiled once per row count, so that a tile
     /// computes its rows and no others.
@@ -1256,14 +1267,7 @@ pub(crate) mod x86 {
         /// AVX-512 present; the epilogue's vectors `ldc` long.
         #[inline(always)]
         pub(crate) unsafe fn new(ldc: usize, target: Tile, store: Store<'a>) -> Self {
-            let lanes = |first: usize| -> __mmask16 {
-                match target.cols.saturating_sub(first) {
-                    0 => 0,
-                    l if l >= 16 => !0,
-                    l => (1 << l) - 1,
-                }
-            };
-            let masks = [lanes(0), lanes(16)];
+            let masks = [0, 16].map(|first| lanes(target.cols.saturating_sub(first)));
             let columns = |v: &[f32], h: usize| {
                 // SAFETY: masked-off lanes are not read (fault
                 // suppression), and the rest lie inside `v` (ldc long).
@@ -1281,10 +1285,7 @@ pub(crate) mod x86 {
                         };
                         [half(0), half(1)]
                     });
-            let pair_mask: __mmask16 = match target.cols.div_ceil(2) {
-                l if l >= 16 => !0,
-                l => (1 << l) - 1,
-            };
+            let pair_mask = lanes(target.cols.div_ceil(2));
             Self {
                 masks,
                 affine,
