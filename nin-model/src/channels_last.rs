@@ -195,8 +195,9 @@ pub(crate) fn im2col_rows_of_pairs_into(
 /// [`im2col_rows_of_pairs_into`] with each run copied by 512-bit moves
 /// in line: a run is a kernel row's pixels, 384 to 1,152 bytes in the
 /// shipped network, and a `memcpy` call a run was 5% of a bf16 pass on
-/// AMX (interleaved, a pass: shipped b64 -1.1% and -1.4%, compact b64
-/// -2.4%, d2l b8 -0.8%).
+/// AMX. Interleaved in one process on an AMX Xeon, ms a pass, masked
+/// moves / a `memcpy` call: shipped b64 3.88 / 3.91 and 3.72 / 3.77,
+/// compact b64 1.387 / 1.421 and 1.387 / 1.405, d2l b8 level.
 ///
 /// # Safety
 /// The CPU has AVX-512.
@@ -211,20 +212,17 @@ unsafe fn im2col_rows_of_pairs_avx512(
     use std::arch::x86_64::*;
     im2col_rows_with(g, (src, g.c / 2), first, out, g.c / 2, |run, dst| {
         assert_eq!(run.len(), dst.len(), "a run and its place");
-        let whole = run.len() - run.len() % 16;
-        let (run, tail) = run.split_at(whole);
-        let (dst, dst_tail) = dst.split_at_mut(whole);
-        for (v, d) in run.chunks_exact(16).zip(dst.chunks_exact_mut(16)) {
-            // SAFETY: AVX-512 (this function's contract); 16 values each.
+        // Every move masked, the last one's mask the tail's: LLVM turns a
+        // loop of plain 512-bit loads and stores back into a `memcpy`
+        // call (as it did a44db61's), but not one of masked moves.
+        for start in (0..run.len()).step_by(16) {
+            let mask = crate::tile::x86::lanes(run.len() - start);
+            // SAFETY: AVX-512 (this function's contract); the mask's lanes
+            // cover the run's values from `start` on, at most 16.
             unsafe {
-                _mm512_storeu_si512(d.as_mut_ptr().cast(), _mm512_loadu_si512(v.as_ptr().cast()))
-            };
-        }
-        let mask = crate::tile::x86::lanes(tail.len());
-        // SAFETY: as above; the lanes cover the tail's values alone.
-        unsafe {
-            let v = _mm512_maskz_loadu_epi32(mask, tail.as_ptr().cast());
-            _mm512_mask_storeu_epi32(dst_tail.as_mut_ptr().cast(), mask, v);
+                let v = _mm512_maskz_loadu_epi32(mask, run.as_ptr().add(start).cast());
+                _mm512_mask_storeu_epi32(dst.as_mut_ptr().add(start).cast(), mask, v);
+            }
         }
     })
 }
