@@ -154,17 +154,22 @@ mod x86 {
 
     /// C += A x B over 16 pairs of K: A's tiles from `a[0]` and, for the
     /// second 16 rows of C when `TWO`, `a[1]` (`sa` bytes from row to
-    /// row), B's from `b` (128 bytes from pair to pair).
+    /// row), B's from `b` (128 bytes from pair to pair); the second 16
+    /// columns of C (tiles 1 and 3) only when `WIDE`.
     ///
     /// # Safety
     /// Tiles configured; 16 rows of 64 bytes readable at each `a` used,
     /// 16 rows of 128 at `b`.
     #[inline(always)]
-    unsafe fn step<const TWO: bool>(a: [*const u32; 2], sa: usize, b: *const u32) {
+    unsafe fn step<const TWO: bool, const WIDE: bool>(
+        a: [*const u32; 2],
+        sa: usize,
+        b: *const u32,
+    ) {
         // SAFETY: the caller's.
         unsafe {
-            if TWO {
-                asm!(
+            match (TWO, WIDE) {
+                (true, true) => asm!(
                     "tileloadd tmm4, [{a} + {sa}*1]",
                     "tileloadd tmm6, [{b} + {sb}*1]",
                     "tileloadd tmm7, [{b} + {sb}*1 + 64]",
@@ -176,9 +181,8 @@ mod x86 {
                     a = in(reg) a[0], a1 = in(reg) a[1], sa = in(reg) sa,
                     b = in(reg) b, sb = in(reg) 4 * NR,
                     options(nostack, readonly),
-                );
-            } else {
-                asm!(
+                ),
+                (false, true) => asm!(
                     "tileloadd tmm4, [{a} + {sa}*1]",
                     "tileloadd tmm6, [{b} + {sb}*1]",
                     "tileloadd tmm7, [{b} + {sb}*1 + 64]",
@@ -187,7 +191,25 @@ mod x86 {
                     a = in(reg) a[0], sa = in(reg) sa,
                     b = in(reg) b, sb = in(reg) 4 * NR,
                     options(nostack, readonly),
-                );
+                ),
+                (true, false) => asm!(
+                    "tileloadd tmm4, [{a} + {sa}*1]",
+                    "tileloadd tmm6, [{b} + {sb}*1]",
+                    "tileloadd tmm5, [{a1} + {sa}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    a = in(reg) a[0], a1 = in(reg) a[1], sa = in(reg) sa,
+                    b = in(reg) b, sb = in(reg) 4 * NR,
+                    options(nostack, readonly),
+                ),
+                (false, false) => asm!(
+                    "tileloadd tmm4, [{a} + {sa}*1]",
+                    "tileloadd tmm6, [{b} + {sb}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    a = in(reg) a[0], sa = in(reg) sa,
+                    b = in(reg) b, sb = in(reg) 4 * NR,
+                    options(nostack, readonly),
+                ),
             }
         }
     }
@@ -249,9 +271,12 @@ mod x86 {
                 debug_assert!(target.rows <= ROWS && target.row + target.rows <= a.rows);
                 debug_assert_eq!(b.len(), a.pairs * NR);
                 let two = target.rows > TILE;
+                // A block of at most 16 columns (the head's 10, a last
+                // panel's few) computes one tile of them, not two.
+                let wide = target.cols > TILE;
                 let starts = tile_rows(a.rows, target);
                 let at = starts.map(|start| data[start * a.row_step..].as_ptr());
-                product(at, a.row_step, a.pairs, b, two);
+                product(at, a.row_step, a.pairs, b, two, wide);
                 if let Some((before, its_starts)) = spilled {
                     store_block(sums.as_ptr(), its_starts, before, ldc, store);
                 }
@@ -265,14 +290,22 @@ mod x86 {
     }
 
     /// C = A x B over `pairs` pairs of K into tile registers 0-3 (0 and 1
-    /// alone unless `two`): A's tiles from `at` (`row_step` pairs from row
-    /// to row), B from the panel `b`.
+    /// alone unless `two`; 0 and 2 alone unless `wide`, 1 and 3 left at
+    /// zero): A's tiles from `at` (`row_step` pairs from row to row), B
+    /// from the panel `b`.
     ///
     /// # Safety
     /// Tiles configured; 16 rows of `pairs` pairs at each `at` used; `b`
     /// `pairs * NR` long.
     #[inline(always)]
-    unsafe fn product(at: [*const u32; 2], row_step: usize, pairs: usize, b: &[u32], two: bool) {
+    unsafe fn product(
+        at: [*const u32; 2],
+        row_step: usize,
+        pairs: usize,
+        b: &[u32],
+        two: bool,
+        wide: bool,
+    ) {
         let (whole, tail) = (pairs / TILE, pairs % TILE);
         // SAFETY: each whole step reads 16 rows of 16 pairs inside A (or
         // its copy) per tile of A and 16 pairs of the panel; the tail
@@ -288,10 +321,11 @@ mod x86 {
             let sa = 4 * row_step;
             for s in 0..whole {
                 let (a, bt) = (at.map(|t| t.add(s * TILE)), b.as_ptr().add(s * TILE * NR));
-                if two {
-                    step::<true>(a, sa, bt);
-                } else {
-                    step::<false>(a, sa, bt);
+                match (two, wide) {
+                    (true, true) => step::<true, true>(a, sa, bt),
+                    (false, true) => step::<false, true>(a, sa, bt),
+                    (true, false) => step::<true, false>(a, sa, bt),
+                    (false, false) => step::<false, false>(a, sa, bt),
                 }
             }
             if tail > 0 {
@@ -328,10 +362,12 @@ mod x86 {
                     a_tail.row(0).cast_const().cast(),
                     a_tail.row(TILE).cast_const().cast(),
                 ];
-                if two {
-                    step::<true>(a, 4 * TILE, b_tail.row(0).cast());
-                } else {
-                    step::<false>(a, 4 * TILE, b_tail.row(0).cast());
+                let bt = b_tail.row(0).cast_const().cast();
+                match (two, wide) {
+                    (true, true) => step::<true, true>(a, 4 * TILE, bt),
+                    (false, true) => step::<false, true>(a, 4 * TILE, bt),
+                    (true, false) => step::<true, false>(a, 4 * TILE, bt),
+                    (false, false) => step::<false, false>(a, 4 * TILE, bt),
                 }
             }
         }

@@ -930,7 +930,8 @@ pub(crate) mod tests {
 
     /// Sizes ragged for both kernels (8 x 32 and 16 x 32 tiles, K in 16s
     /// of pairs for AMX), whole tiles, a K of whole AMX steps with and
-    /// without a tail, and fewer than 16 rows (AMX copies those).
+    /// without a tail, fewer than 16 rows (AMX copies those), and last
+    /// panels of at most 16 columns (one AMX tile of them) and of more.
     fn matmul_matches_the_reference(unit: Unit) {
         for (m, k, n) in [
             (1, 1, 1),
@@ -939,6 +940,8 @@ pub(crate) mod tests {
             (16, 32, 32),
             (17, 33, 45),
             (35, 101, 70),
+            (33, 64, 16),
+            (20, 40, 50),
             (49, 1152, 192),
         ] {
             let (a, b) = (values(m * k, 1), values(k * n, 2));
