@@ -166,50 +166,38 @@ mod x86 {
         sa: usize,
         b: *const u32,
     ) {
-        // SAFETY: the caller's.
+        // SAFETY: the caller's. (The compiler allocates no tile register:
+        // each names its own, so the steps may be separate `asm!` blocks.)
         unsafe {
-            match (TWO, WIDE) {
-                (true, true) => asm!(
-                    "tileloadd tmm4, [{a} + {sa}*1]",
-                    "tileloadd tmm6, [{b} + {sb}*1]",
+            asm!(
+                "tileloadd tmm4, [{a} + {sa}*1]",
+                "tileloadd tmm6, [{b} + {sb}*1]",
+                a = in(reg) a[0], sa = in(reg) sa, b = in(reg) b, sb = in(reg) 4 * NR,
+                options(nostack, readonly),
+            );
+            if WIDE {
+                asm!(
                     "tileloadd tmm7, [{b} + {sb}*1 + 64]",
+                    b = in(reg) b, sb = in(reg) 4 * NR,
+                    options(nostack, readonly),
+                );
+            }
+            if TWO {
+                asm!(
                     "tileloadd tmm5, [{a1} + {sa}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    "tdpbf16ps tmm2, tmm5, tmm6",
-                    "tdpbf16ps tmm3, tmm5, tmm7",
-                    a = in(reg) a[0], a1 = in(reg) a[1], sa = in(reg) sa,
-                    b = in(reg) b, sb = in(reg) 4 * NR,
+                    a1 = in(reg) a[1], sa = in(reg) sa,
                     options(nostack, readonly),
-                ),
-                (false, true) => asm!(
-                    "tileloadd tmm4, [{a} + {sa}*1]",
-                    "tileloadd tmm6, [{b} + {sb}*1]",
-                    "tileloadd tmm7, [{b} + {sb}*1 + 64]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    a = in(reg) a[0], sa = in(reg) sa,
-                    b = in(reg) b, sb = in(reg) 4 * NR,
-                    options(nostack, readonly),
-                ),
-                (true, false) => asm!(
-                    "tileloadd tmm4, [{a} + {sa}*1]",
-                    "tileloadd tmm6, [{b} + {sb}*1]",
-                    "tileloadd tmm5, [{a1} + {sa}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tdpbf16ps tmm2, tmm5, tmm6",
-                    a = in(reg) a[0], a1 = in(reg) a[1], sa = in(reg) sa,
-                    b = in(reg) b, sb = in(reg) 4 * NR,
-                    options(nostack, readonly),
-                ),
-                (false, false) => asm!(
-                    "tileloadd tmm4, [{a} + {sa}*1]",
-                    "tileloadd tmm6, [{b} + {sb}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    a = in(reg) a[0], sa = in(reg) sa,
-                    b = in(reg) b, sb = in(reg) 4 * NR,
-                    options(nostack, readonly),
-                ),
+                );
+            }
+            asm!("tdpbf16ps tmm0, tmm4, tmm6", options(nostack, nomem));
+            if WIDE {
+                asm!("tdpbf16ps tmm1, tmm4, tmm7", options(nostack, nomem));
+            }
+            if TWO {
+                asm!("tdpbf16ps tmm2, tmm5, tmm6", options(nostack, nomem));
+                if WIDE {
+                    asm!("tdpbf16ps tmm3, tmm5, tmm7", options(nostack, nomem));
+                }
             }
         }
     }
