@@ -202,6 +202,25 @@ mod x86 {
         }
     }
 
+    /// [`step`] for a block of two row tiles or one (`two`) and two
+    /// column tiles or one (`wide`), the one place the flags become the
+    /// const parameters.
+    ///
+    /// # Safety
+    /// As for [`step`].
+    #[inline(always)]
+    unsafe fn step_shaped(two: bool, wide: bool, a: [*const u32; 2], sa: usize, b: *const u32) {
+        // SAFETY: the caller's.
+        unsafe {
+            match (two, wide) {
+                (true, true) => step::<true, true>(a, sa, b),
+                (false, true) => step::<false, true>(a, sa, b),
+                (true, false) => step::<true, false>(a, sa, b),
+                (false, false) => step::<false, false>(a, sa, b),
+            }
+        }
+    }
+
     /// Where the two tiles of A start: 16 rows from `target.row` and 16
     /// from `target.row + 16`, each moved back near the end of A so that
     /// its 16 rows lie inside A (rows past the target are other blocks',
@@ -309,12 +328,7 @@ mod x86 {
             let sa = 4 * row_step;
             for s in 0..whole {
                 let (a, bt) = (at.map(|t| t.add(s * TILE)), b.as_ptr().add(s * TILE * NR));
-                match (two, wide) {
-                    (true, true) => step::<true, true>(a, sa, bt),
-                    (false, true) => step::<false, true>(a, sa, bt),
-                    (true, false) => step::<true, false>(a, sa, bt),
-                    (false, false) => step::<false, false>(a, sa, bt),
-                }
+                step_shaped(two, wide, a, sa, bt);
             }
             if tail > 0 {
                 // The last pairs of K, padded with zeros to a whole step:
@@ -350,13 +364,7 @@ mod x86 {
                     a_tail.row(0).cast_const().cast(),
                     a_tail.row(TILE).cast_const().cast(),
                 ];
-                let bt = b_tail.row(0).cast_const().cast();
-                match (two, wide) {
-                    (true, true) => step::<true, true>(a, 4 * TILE, bt),
-                    (false, true) => step::<false, true>(a, 4 * TILE, bt),
-                    (true, false) => step::<true, false>(a, 4 * TILE, bt),
-                    (false, false) => step::<false, false>(a, 4 * TILE, bt),
-                }
+                step_shaped(two, wide, a, 4 * TILE, b_tail.row(0).cast_const().cast());
             }
         }
     }
