@@ -52,6 +52,9 @@ pub(crate) struct ConvUnit {
     pub(crate) packed: Arc<OnceLock<Arc<PackedB>>>,
     /// That matrix packed for the FP32 inference kernel, under the same rule.
     pub(crate) packed_f32: Arc<OnceLock<Arc<PackedF32>>>,
+    /// That matrix transformed for [`crate::winograd`], under the same
+    /// rule.
+    pub(crate) winograd: Arc<OnceLock<Arc<crate::winograd::Weights>>>,
     /// What inference applies after the product, under the same rule: a
     /// batch norm's scale and shift cost a dozen candle operations to
     /// work out, more than a small layer's product at batch 1.
@@ -189,6 +192,7 @@ impl ConvUnit {
             matrix: Arc::default(),
             packed: Arc::default(),
             packed_f32: Arc::default(),
+            winograd: Arc::default(),
             affine: Arc::default(),
         })
     }

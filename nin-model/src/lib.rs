@@ -42,6 +42,7 @@ pub mod tape;
 pub mod threads;
 mod tile;
 pub mod weights;
+mod winograd;
 
 pub use config::{BlockConfig, NinConfig, Window};
 pub use error::{Error, Result};

@@ -50,6 +50,7 @@ use crate::precision::Precision;
 use crate::tile::{
     self, Bf16Left, ConvRows, Epilogue, F32Rows, Isa, Left, Out, PackedF32, Threads,
 };
+use crate::winograd;
 
 /// Free buffers kept for the next step: the pool a model's passes draw from.
 ///
@@ -218,6 +219,15 @@ fn packed_weights_of(unit: &ConvUnit, matrix: Mat) -> Result<Arc<PackedB>> {
 /// [`packed_weights_of`] for the FP32 inference kernel of `isa`.
 fn packed_f32_of(unit: &ConvUnit, matrix: Mat, isa: Isa) -> Result<Arc<PackedF32>> {
     kept(unit, &unit.packed_f32, || Ok(PackedF32::new(matrix, isa)))
+}
+
+/// A 3 x 3 unit's weight matrix `matrix` transformed and packed for
+/// [`winograd`], [`kept`].
+fn winograd_of(unit: &ConvUnit, matrix: &[f32], isa: Isa) -> Result<Arc<winograd::Weights>> {
+    let (c_out, c_in, ..) = unit.weight.dims4()?;
+    kept(unit, &unit.winograd, || {
+        Ok(winograd::Weights::new(matrix, c_in, c_out, isa))
+    })
 }
 
 /// A (C_out, C_in, k, k) weight as the (k*k*C_in, C_out) matrix that
@@ -464,7 +474,7 @@ fn forward_here<'a>(
     };
     let mut records = Vec::new();
     // Inference runs a convolution and the 1x1 ones after it as one pass
-    // (see `conv_chain`); a trace wants every layer's maps.
+    // (see `infer_chain`); a trace wants every layer's maps.
     let chains = !train && trace.is_none() && tile::available();
     let mut skip = 0;
     for (i, &step) in steps.iter().enumerate() {
@@ -478,12 +488,12 @@ fn forward_here<'a>(
                 skip = steps_taken - 1;
                 let pairs =
                     precision == Precision::Bf16 && pairs_suffice(&steps[i + steps_taken..]);
-                conv_chain(&units, &maps, (precision, pairs), pool)?
+                infer_chain(&units, &maps, (precision, pairs), pool)?
             }
             // A trace wants every layer's maps, in f32: each convolution
             // a chain of its own.
             Step::Conv(unit) if !train && tile::available() => {
-                conv_chain(&[unit], &maps, (precision, false), pool)?
+                infer_chain(&[unit], &maps, (precision, false), pool)?
             }
             Step::Conv(unit) => {
                 let pairs = train
@@ -724,6 +734,49 @@ const CHAIN_ROWS: usize = 64;
 const CHAIN_ROWS_AVX512: usize = 256;
 /// Multiply-adds a task of [`conv_chain`] takes at least.
 const MIN_STRIP_MACS: usize = 1 << 18;
+
+/// Inference of a chain of convolutions (see [`chain`]): its first by
+/// [`winograd`]'s transforms where they apply (FP32, 3 x 3, stride and
+/// padding 1, enough input channels), the 1x1 ones after it then a chain
+/// of their own; else all of them as one [`conv_chain`].
+fn infer_chain(
+    units: &[&ConvUnit],
+    x: &Maps,
+    (precision, pairs_out): (Precision, bool),
+    pool: &Arc<Buffers>,
+) -> Result<Maps> {
+    let first = units[0];
+    let (c_out, c_in, ..) = first.weight.dims4()?;
+    let fits = precision == Precision::Fp32
+        && x.only_pairs().is_none()
+        && c_in == x.c
+        && winograd::applies(first.window, c_in);
+    let Some(isa) = tile::isa().filter(|_| fits) else {
+        return conv_chain(units, x, (precision, pairs_out), pool);
+    };
+    let matrix = weight_matrix_of(first)?;
+    let weights = winograd_of(first, &matrix, isa)?;
+    let affine = affine_of(first)?;
+    let epilogue = Epilogue {
+        scale: affine.scale.as_deref(),
+        shift: &affine.shift,
+    };
+    let mut out = pool.take(x.n * x.h * x.w * c_out);
+    winograd::conv_into(&x.data, (x.n, x.h, x.w), &weights, epilogue, &mut out, pool);
+    let maps = Maps {
+        data: Arc::new(out),
+        pairs: None,
+        n: x.n,
+        h: x.h,
+        w: x.w,
+        c: c_out,
+    };
+    match units {
+        [_] => Ok(maps),
+        [_, rest @ ..] => conv_chain(rest, &maps, (precision, pairs_out), pool),
+        [] => unreachable!("a chain has a first convolution"),
+    }
+}
 
 /// Inference of a chain of convolutions (see [`chain`]): a k x k one and
 /// the 1x1 ones after it, as one pass. Each task takes a strip of output

@@ -490,7 +490,7 @@ impl Isa {
 
     /// Whether this CPU has the units, checked at run time (the crate is
     /// compiled for baseline x86-64).
-    fn present(self) -> bool {
+    pub(crate) fn present(self) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
             match self {
@@ -530,7 +530,16 @@ pub(crate) fn matmul_relu_f32(
     pairs_out: Option<&mut [u32]>,
     threads: Threads,
 ) {
-    let store = f32_store(dst, a, b, epilogue, pairs_out);
+    let store = f32_store(dst, a, b, Some(epilogue), pairs_out);
+    drive(Operands::F32(a, b), b.n, store, threads);
+}
+
+/// `dst` = `a` x `b` in FP32, the sums stored as they are (no bias, no
+/// ReLU): a product whose result another step finishes, such as the
+/// products of [`crate::winograd`], each one position of the tiles'
+/// transforms.
+pub(crate) fn matmul_f32(dst: &mut [f32], a: &Left, b: &PackedF32, threads: Threads) {
+    let store = f32_store(Some(dst), a, b, None, None);
     drive(Operands::F32(a, b), b.n, store, threads);
 }
 
@@ -550,7 +559,7 @@ fn f32_store<'a>(
     dst: Option<&mut [f32]>,
     a: &Left,
     b: &PackedF32,
-    epilogue: Epilogue<'a>,
+    epilogue: Option<Epilogue<'a>>,
     pairs_out: Option<&mut [u32]>,
 ) -> Store<'a> {
     let isa = b.isa;
@@ -570,11 +579,11 @@ fn f32_store<'a>(
         assert_eq!(p.len(), a.rows() * crate::bf16::pairs(b.n), "pairs size");
     }
     assert!(a.fits(), "left rows past their data");
-    assert!(epilogue.shift.len() == b.n && epilogue.scale.is_none_or(|s| s.len() == b.n));
+    assert!(epilogue.is_none_or(|e| e.shift.len() == b.n && e.scale.is_none_or(|s| s.len() == b.n)));
     Store {
         c: dst.map(|d| Out(d.as_mut_ptr())),
         accumulate: false,
-        epilogue: Some(epilogue),
+        epilogue,
         pairs: pairs_out.map(|p| Out(p.as_mut_ptr())),
     }
 }
