@@ -551,7 +551,26 @@ pub(crate) fn matmul<D: Deref<Target = [u32]>>(
     b: &PackedB<D>,
     accumulate: bool,
 ) {
-    matmul_on(Unit::best_for(&Bf16Left::Rows(*a)), dst, a, b, accumulate)
+    matmul_on(
+        Unit::best_for(&Bf16Left::Rows(*a)),
+        dst,
+        a,
+        b,
+        (accumulate, Threads::Pool),
+    )
+}
+
+/// [`matmul`] on this thread alone, without accumulating: a task's
+/// product inside a pass that is already split over the threads (the
+/// products of [`crate::winograd`]).
+pub(crate) fn matmul_here(dst: &mut [f32], a: &Bf16Rows, b: &PackedB) {
+    matmul_on(
+        Unit::best_for(&Bf16Left::Rows(*a)),
+        dst,
+        a,
+        b,
+        (false, Threads::Here),
+    )
 }
 
 /// [`matmul`] on the units given.
@@ -560,7 +579,7 @@ fn matmul_on<D: Deref<Target = [u32]>>(
     dst: &mut [f32],
     a: &Bf16Rows,
     b: &PackedB<D>,
-    accumulate: bool,
+    (accumulate, threads): (bool, Threads),
 ) {
     assert_eq!(dst.len(), a.rows * b.n, "output size");
     let store = Store {
@@ -569,7 +588,7 @@ fn matmul_on<D: Deref<Target = [u32]>>(
         epilogue: None,
         pairs: None,
     };
-    if !product(unit, &Bf16Left::Rows(*a), b, store, Threads::Pool) && !accumulate {
+    if !product(unit, &Bf16Left::Rows(*a), b, store, threads) && !accumulate {
         dst.fill(0.0);
     }
 }
@@ -951,7 +970,7 @@ pub(crate) mod tests {
             let packed = PackedB::new(Mat::new(&b, k, n));
             assert_eq!(packed.dims(), (k, n));
             let mut dst = vec![f32::NAN; m * n];
-            matmul_on(unit, &mut dst, &rows, &packed, false);
+            matmul_on(unit, &mut dst, &rows, &packed, (false, Threads::Pool));
             for (i, ((&got, &want), &tol)) in dst.iter().zip(&c).zip(&bound).enumerate() {
                 assert!(
                     (f64::from(got) - want).abs() <= tol,
@@ -959,7 +978,7 @@ pub(crate) mod tests {
                 );
             }
             let before = dst.clone();
-            matmul_on(unit, &mut dst, &rows, &packed, true);
+            matmul_on(unit, &mut dst, &rows, &packed, (true, Threads::Pool));
             for ((&twice, &once), &tol) in dst.iter().zip(&before).zip(&bound) {
                 assert!((f64::from(twice) - 2.0 * f64::from(once)).abs() <= 2.0 * tol + 1e-6);
             }
@@ -989,7 +1008,7 @@ pub(crate) mod tests {
             let rows = Bf16Rows::convert(Mat::new(&a, m, k), &mut rows);
             let packed = PackedB::new(Mat::new(&b, k, n));
             let mut plain = vec![0f32; m * n];
-            matmul_on(unit, &mut plain, &rows, &packed, false);
+            matmul_on(unit, &mut plain, &rows, &packed, (false, Threads::Pool));
             let expected: Vec<f32> = plain
                 .iter()
                 .enumerate()
@@ -1107,7 +1126,13 @@ pub(crate) mod tests {
             let rows = Bf16Rows::convert(a, &mut rows);
             assert_eq!(rows.pair_step == 1, a.col_stride == 1, "converted in place");
             let mut dst = vec![0f32; m * n];
-            matmul_on(Unit::Avx512Bf16, &mut dst, &rows, &PackedB::new(b), false);
+            matmul_on(
+                Unit::Avx512Bf16,
+                &mut dst,
+                &rows,
+                &PackedB::new(b),
+                (false, Threads::Pool),
+            );
             dst
         };
         let direct = product(Mat::new(&a, m, k), Mat::new(&b, k, n));

@@ -55,6 +55,8 @@ pub(crate) struct ConvUnit {
     /// That matrix transformed for [`crate::winograd`], under the same
     /// rule.
     pub(crate) winograd: Arc<OnceLock<Arc<crate::winograd::Weights>>>,
+    /// The same for the bf16 kernels.
+    pub(crate) winograd_bf16: Arc<OnceLock<Arc<crate::winograd::Weights>>>,
     /// What inference applies after the product, under the same rule: a
     /// batch norm's scale and shift cost a dozen candle operations to
     /// work out, more than a small layer's product at batch 1.
@@ -193,6 +195,7 @@ impl ConvUnit {
             packed: Arc::default(),
             packed_f32: Arc::default(),
             winograd: Arc::default(),
+            winograd_bf16: Arc::default(),
             affine: Arc::default(),
         })
     }

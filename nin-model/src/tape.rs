@@ -222,11 +222,19 @@ fn packed_f32_of(unit: &ConvUnit, matrix: Mat, isa: Isa) -> Result<Arc<PackedF32
 }
 
 /// A 3 x 3 unit's weight matrix `matrix` transformed and packed for
-/// [`winograd`], [`kept`].
-fn winograd_of(unit: &ConvUnit, matrix: &[f32], isa: Isa) -> Result<Arc<winograd::Weights>> {
+/// [`winograd`] on `kernel`, [`kept`] (one for each kind of kernel).
+fn winograd_of(
+    unit: &ConvUnit,
+    matrix: &[f32],
+    kernel: winograd::Kernel,
+) -> Result<Arc<winograd::Weights>> {
     let (c_out, c_in, ..) = unit.weight.dims4()?;
-    kept(unit, &unit.winograd, || {
-        Ok(winograd::Weights::new(matrix, c_in, c_out, isa))
+    let cell = match kernel {
+        winograd::Kernel::F32(_) => &unit.winograd,
+        winograd::Kernel::Bf16 => &unit.winograd_bf16,
+    };
+    kept(unit, cell, || {
+        Ok(winograd::Weights::new(matrix, c_in, c_out, kernel))
     })
 }
 
@@ -736,9 +744,10 @@ const CHAIN_ROWS_AVX512: usize = 256;
 const MIN_STRIP_MACS: usize = 1 << 18;
 
 /// Inference of a chain of convolutions (see [`chain`]): its first by
-/// [`winograd`]'s transforms where they apply (FP32, 3 x 3, stride and
-/// padding 1, enough input channels), the 1x1 ones after it then a chain
-/// of their own; else all of them as one [`conv_chain`].
+/// [`winograd`]'s transforms where they apply (3 x 3, stride and padding
+/// 1, enough input channels; FP32, or bf16 on AVX512-BF16 without AMX),
+/// the 1x1 ones after it then a chain of their own; else all of them as
+/// one [`conv_chain`].
 fn infer_chain(
     units: &[&ConvUnit],
     x: &Maps,
@@ -747,25 +756,59 @@ fn infer_chain(
 ) -> Result<Maps> {
     let first = units[0];
     let (c_out, c_in, ..) = first.weight.dims4()?;
-    let fits = precision == Precision::Fp32
-        && x.only_pairs().is_none()
-        && c_in == x.c
-        && winograd::applies(first.window, c_in);
-    let Some(isa) = tile::isa().filter(|_| fits) else {
+    let kernel = match (precision, tile::isa()) {
+        _ if c_in != x.c || !winograd::applies(first.window, c_in) => None,
+        (Precision::Fp32, Some(isa)) if x.only_pairs().is_none() => {
+            Some(winograd::Kernel::F32(isa))
+        }
+        (Precision::Bf16, Some(_)) if winograd::bf16_applies(c_in) => Some(winograd::Kernel::Bf16),
+        _ => None,
+    };
+    let Some(kernel) = kernel else {
         return conv_chain(units, x, (precision, pairs_out), pool);
     };
     let matrix = weight_matrix_of(first)?;
-    let weights = winograd_of(first, &matrix, isa)?;
+    let weights = winograd_of(first, &matrix, kernel)?;
     let affine = affine_of(first)?;
     let epilogue = Epilogue {
         scale: affine.scale.as_deref(),
         shift: &affine.shift,
     };
-    let mut out = pool.take(x.n * x.h * x.w * c_out);
-    winograd::conv_into(&x.data, (x.n, x.h, x.w), &weights, epilogue, &mut out, pool);
+    // bf16 products read their inputs in bf16, as the direct
+    // convolution's do: maps given in f32 (a trace's) are rounded first.
+    let rounded: Buf<u32>;
+    let given = match (kernel, x.only_pairs()) {
+        (_, Some(pairs)) => Some(pairs),
+        (winograd::Kernel::Bf16, None) => {
+            let mut pairs = pool.take(bf16::pairs(x.data.len()));
+            bf16::convert_row(&x.data, &mut pairs);
+            rounded = pairs;
+            Some(&rounded[..])
+        }
+        (winograd::Kernel::F32(_), None) => None,
+    };
+    let run = Winograd {
+        x: (&x.data, given.map(bytemuck::cast_slice::<u32, u16>)),
+        dims: (x.n, x.h, x.w),
+        weights: &weights,
+        epilogue,
+        pool,
+    };
+    let len = x.n * x.h * x.w * c_out;
+    // In bf16 the maps go on in pairs alone where the layers after read
+    // them so (the chain's 1x1 layers, or what `pairs_out` says follows).
+    let (data, pairs) = if kernel == winograd::Kernel::Bf16 && (units.len() > 1 || pairs_out) {
+        let mut out = pool.take::<u32>(bf16::pairs(len));
+        run.run_into(bytemuck::cast_slice_mut::<u32, u16>(&mut out));
+        (pool.take(0), Some(Arc::new(out)))
+    } else {
+        let mut out = pool.take::<f32>(len);
+        run.run_into(&mut out[..]);
+        (out, None)
+    };
     let maps = Maps {
-        data: Arc::new(out),
-        pairs: None,
+        data: Arc::new(data),
+        pairs,
         n: x.n,
         h: x.h,
         w: x.w,
@@ -775,6 +818,27 @@ fn infer_chain(
         [_] => Ok(maps),
         [_, rest @ ..] => conv_chain(rest, &maps, (precision, pairs_out), pool),
         [] => unreachable!("a chain has a first convolution"),
+    }
+}
+
+/// One [`winograd::conv_into`] of `infer_chain`, from its input maps in
+/// f32 or in bf16 (`x`: f32 values, and the bf16 ones where given).
+struct Winograd<'a> {
+    x: (&'a [f32], Option<&'a [u16]>),
+    dims: (usize, usize, usize),
+    weights: &'a winograd::Weights,
+    epilogue: Epilogue<'a>,
+    pool: &'a Arc<Buffers>,
+}
+
+impl Winograd<'_> {
+    /// Runs it into `out`, f32 or bf16 values.
+    fn run_into<D: winograd::Value>(&self, out: &mut [D]) {
+        let (dims, weights, epilogue, pool) = (self.dims, self.weights, self.epilogue, self.pool);
+        match self.x {
+            (_, Some(given)) => winograd::conv_into(given, dims, weights, epilogue, out, pool),
+            (data, None) => winograd::conv_into(data, dims, weights, epilogue, out, pool),
+        }
     }
 }
 

@@ -14,16 +14,21 @@
 //! multiply-adds.
 //!
 //! The transforms are additions and subtractions only, and the weights'
-//! halves are exact in binary, so the results differ from the direct
-//! convolution's by rounding alone (about 1e-6 relative, see the tests).
+//! halves are exact in binary, so in FP32 the results differ from the
+//! direct convolution's by rounding alone (about 1e-6 relative, see the
+//! tests). In bf16 the transformed inputs and weights are rounded to
+//! bf16 (the products sum in FP32), as the direct convolution's operands
+//! are.
 
 use rayon::prelude::*;
 
+use std::sync::Arc;
+
+use crate::bf16::{self, Bf16Rows, PackedB};
 use crate::config::Window;
 use crate::matmul::Mat;
 use crate::tape::Buffers;
 use crate::tile::{self, Epilogue, F32Rows, Isa, Left, PackedF32, Threads};
-use std::sync::Arc;
 
 /// Positions of a transformed 4 x 4 tile: one product each.
 const POSITIONS: usize = 16;
@@ -44,20 +49,49 @@ pub(crate) fn applies(window: Window, c_in: usize) -> bool {
     window == Window::new(3, 1, 1) && c_in >= MIN_CHANNELS
 }
 
+/// The kernel the products of a [`Weights`] run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kernel {
+    /// The FP32 tile kernel of this instruction set.
+    F32(Isa),
+    /// The bf16 kernels ([`bf16::matmul_here`]): the transformed inputs
+    /// in bf16 pairs, C_in even.
+    Bf16,
+}
+
+/// Whether a convolution that [`applies`] runs as [`conv_into`] in bf16
+/// too: C_in even (rows of pairs), on AVX512-BF16 without AMX. (AMX's
+/// products of a short K, 64 or 128 here, run well below its 3 x 3
+/// layers' rate, and this was not measured there.)
+pub(crate) fn bf16_applies(c_in: usize) -> bool {
+    c_in.is_multiple_of(2) && bf16::available() && !bf16::Unit::Amx.present()
+}
+
 /// A 3 x 3 convolution's weights transformed (`G g G^T`), one (C_in,
-/// C_out) matrix a position, each packed for the FP32 tile kernel.
+/// C_out) matrix a position, each packed for its kernel.
 #[derive(Debug)]
 pub(crate) struct Weights {
-    products: Vec<PackedF32>,
+    products: Products,
     c_in: usize,
     c_out: usize,
 }
 
+/// The 16 packed matrices of a [`Weights`], per kernel.
+#[derive(Debug)]
+enum Products {
+    F32(Vec<PackedF32>),
+    Bf16(Vec<PackedB>),
+}
+
 impl Weights {
     /// From the (9 x C_in, C_out) matrix that multiplies im2col rows
-    /// (ordered ky, kx, c), for the kernel of `isa`.
-    pub(crate) fn new(matrix: &[f32], c_in: usize, c_out: usize, isa: Isa) -> Self {
+    /// (ordered ky, kx, c), for `kernel`.
+    pub(crate) fn new(matrix: &[f32], c_in: usize, c_out: usize, kernel: Kernel) -> Self {
         assert_eq!(matrix.len(), 9 * c_in * c_out, "3 x 3 weight matrix");
+        assert!(
+            matches!(kernel, Kernel::F32(_)) || c_in.is_multiple_of(2),
+            "bf16 pairs of an odd C_in"
+        );
         let mut u = vec![vec![0f32; c_in * c_out]; POSITIONS];
         for i in 0..c_in {
             for o in 0..c_out {
@@ -74,10 +108,11 @@ impl Weights {
                 }
             }
         }
-        let products = u
-            .iter()
-            .map(|u| PackedF32::new(Mat::new(u, c_in, c_out), isa))
-            .collect();
+        let matrices = u.iter().map(|u| Mat::new(u, c_in, c_out));
+        let products = match kernel {
+            Kernel::F32(isa) => Products::F32(matrices.map(|u| PackedF32::new(u, isa)).collect()),
+            Kernel::Bf16 => Products::Bf16(matrices.map(PackedB::new).collect()),
+        };
         Self {
             products,
             c_in,
@@ -88,15 +123,16 @@ impl Weights {
 
 /// `out` = `epilogue`(the 3 x 3 convolution of `x` by `weights`), stride
 /// 1 and padding 1: `x` is (N, H, W, C_in) channels-last, `out` (N, H,
-/// W, C_out). The tiles run in strips of whole rows of tiles, a task
-/// each, so that a strip's two rows of output pixels are one stretch of
-/// `out`, and its transforms and products stay in L2.
-pub(crate) fn conv_into(
-    x: &[f32],
+/// W, C_out), each in f32 or in bf16 ([`Value`]). The tiles run in
+/// strips of whole rows of tiles, a task each, so that a strip's two
+/// rows of output pixels are one stretch of `out`, and its transforms
+/// and products stay in L2.
+pub(crate) fn conv_into<S: Value, D: Value>(
+    x: &[S],
     (n, h, w): (usize, usize, usize),
     weights: &Weights,
     epilogue: Epilogue,
-    out: &mut [f32],
+    out: &mut [D],
     pool: &Arc<Buffers>,
 ) {
     let (c_in, c_out) = (weights.c_in, weights.c_out);
@@ -132,21 +168,34 @@ pub(crate) fn conv_into(
             w,
         };
         let tiles = rows * tw;
-        let mut v = pool.take(POSITIONS * tiles * c_in);
         let mut m = pool.take(POSITIONS * tiles * c_out);
-        transform_input(x, &strip, c_in, &mut v);
-        for ((v, m), u) in v
-            .chunks_exact(tiles * c_in)
-            .zip(m.chunks_exact_mut(tiles * c_out))
-            .zip(&weights.products)
-        {
-            let a = Left::Rows(F32Rows {
-                data: v,
-                rows: tiles,
-                k: c_in,
-                row_step: c_in,
-            });
-            tile::matmul_f32(m, &a, u, Threads::Here);
+        let products = m.chunks_exact_mut(tiles * c_out);
+        match &weights.products {
+            Products::F32(packed) => {
+                let mut v = pool.take::<f32>(POSITIONS * tiles * c_in);
+                transform_input(x, &strip, c_in, &mut v);
+                for ((v, m), u) in v.chunks_exact(tiles * c_in).zip(products).zip(packed) {
+                    let a = Left::Rows(F32Rows {
+                        data: v,
+                        rows: tiles,
+                        k: c_in,
+                        row_step: c_in,
+                    });
+                    tile::matmul_f32(m, &a, u, Threads::Here);
+                }
+            }
+            Products::Bf16(packed) => {
+                let mut v = pool.take::<u32>(POSITIONS * tiles * c_in / 2);
+                transform_input(
+                    x,
+                    &strip,
+                    c_in,
+                    bytemuck::cast_slice_mut::<u32, u16>(&mut v),
+                );
+                for ((v, m), u) in v.chunks_exact(tiles * c_in / 2).zip(products).zip(packed) {
+                    bf16::matmul_here(m, &Bf16Rows::from_pairs(v, tiles, c_in), u);
+                }
+            }
         }
         transform_output(&m, &strip, epilogue, part);
     });
@@ -183,10 +232,52 @@ impl Strip {
 /// Channels the transforms take at a time: one AVX-512 vector.
 const LANES: usize = 16;
 
+/// What maps and transformed inputs hold a channel's value as: f32, or
+/// bf16 (`u16`, the top half of an f32's bits; a row of them is a row of
+/// [`crate::bf16`]'s pairs). The transforms compute in f32.
+pub(crate) trait Value: Copy + Default + Send + Sync {
+    /// The value as an f32.
+    fn widen(self) -> f32;
+    /// `v` as this type.
+    fn narrow(v: f32) -> Self;
+}
+
+impl Value for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn narrow(v: f32) -> f32 {
+        v
+    }
+}
+
+impl Value for u16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        bf16::widen(self)
+    }
+    /// [`bf16::round`] (to nearest, ties to even; NaN stays NaN) as
+    /// selects instead of branches, so that it vectorises; subnormals
+    /// round instead of flushing to zero.
+    #[inline(always)]
+    fn narrow(v: f32) -> u16 {
+        let bits = v.to_bits();
+        let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
+        let quiet = ((bits >> 16) as u16) | 0x0040;
+        if v.is_nan() {
+            quiet
+        } else {
+            rounded
+        }
+    }
+}
+
 /// `v` = `B^T d B` of each of the strip's tiles, per channel: position p
 /// of tile t at `v[(p * tiles + t) * c..][..c]`. Pixels outside the maps
 /// are the padding's zeros.
-fn transform_input(x: &[f32], strip: &Strip, c: usize, v: &mut [f32]) {
+fn transform_input<S: Value, W: Value>(x: &[S], strip: &Strip, c: usize, v: &mut [W]) {
     #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx512f") {
@@ -207,7 +298,12 @@ fn transform_input(x: &[f32], strip: &Strip, c: usize, v: &mut [f32]) {
 /// The CPU has AVX-512.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn transform_input_avx512(x: &[f32], strip: &Strip, c: usize, v: &mut [f32]) {
+unsafe fn transform_input_avx512<S: Value, W: Value>(
+    x: &[S],
+    strip: &Strip,
+    c: usize,
+    v: &mut [W],
+) {
     transform_input_any(x, strip, c, v)
 }
 
@@ -217,15 +313,15 @@ unsafe fn transform_input_avx512(x: &[f32], strip: &Strip, c: usize, v: &mut [f3
 /// The CPU has AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn transform_input_avx2(x: &[f32], strip: &Strip, c: usize, v: &mut [f32]) {
+unsafe fn transform_input_avx2<S: Value, W: Value>(x: &[S], strip: &Strip, c: usize, v: &mut [W]) {
     transform_input_any(x, strip, c, v)
 }
 
 /// [`transform_input`] for the vectors it is compiled for.
 #[inline(always)]
-fn transform_input_any(x: &[f32], strip: &Strip, c: usize, v: &mut [f32]) {
+fn transform_input_any<S: Value, W: Value>(x: &[S], strip: &Strip, c: usize, v: &mut [W]) {
     let tiles = strip.rows * strip.tw;
-    let zeros = vec![0f32; c];
+    let zeros = vec![S::default(); c];
     let whole = c - c % LANES;
     for (t, (image, ty, tx)) in strip.tiles().enumerate() {
         // The 16 input pixels of the tile's window, row by row: each
@@ -243,10 +339,10 @@ fn transform_input_any(x: &[f32], strip: &Strip, c: usize, v: &mut [f32]) {
         // Position p of this tile's channel ch goes to v[p * step + ch].
         let (v, step) = (&mut v[t * c..], tiles * c);
         for ch in (0..whole).step_by(LANES) {
-            input_channels::<LANES>(&pixels, ch, v, step);
+            input_channels::<LANES, S, W>(&pixels, ch, v, step);
         }
         for ch in whole..c {
-            input_channels::<1>(&pixels, ch, v, step);
+            input_channels::<1, S, W>(&pixels, ch, v, step);
         }
     }
 }
@@ -256,18 +352,22 @@ fn transform_input_any(x: &[f32], strip: &Strip, c: usize, v: &mut [f32]) {
 /// not a closure: the copies of `L` values then stay in line, where a
 /// copy of a run-time length calls `memcpy`.)
 #[inline(always)]
-fn input_channels<const L: usize>(
-    pixels: &[&[f32]; POSITIONS],
+fn input_channels<const L: usize, S: Value, W: Value>(
+    pixels: &[&[S]; POSITIONS],
     ch: usize,
-    v: &mut [f32],
+    v: &mut [W],
     step: usize,
 ) {
     let mut d = [[0f32; L]; POSITIONS];
     for (d, pixel) in d.iter_mut().zip(pixels) {
-        d.copy_from_slice(&pixel[ch..ch + L]);
+        for (d, s) in d.iter_mut().zip(&pixel[ch..ch + L]) {
+            *d = s.widen();
+        }
     }
     for (p, values) in input_transform(&d).iter().enumerate() {
-        v[p * step + ch..][..L].copy_from_slice(values);
+        for (v, &value) in v[p * step + ch..][..L].iter_mut().zip(values) {
+            *v = W::narrow(value);
+        }
     }
 }
 
@@ -303,7 +403,7 @@ fn by_bt<const L: usize>([a, b, c, e]: [[f32; L]; 4]) -> [[f32; L]; 4] {
 /// `part` (the strip's stretch of the output) = `epilogue`(`A^T m A`) of
 /// each tile's products, inside the maps, with `A^T` = [1 1 1 0; 0 1 -1
 /// -1].
-fn transform_output(m: &[f32], strip: &Strip, epilogue: Epilogue, part: &mut [f32]) {
+fn transform_output<D: Value>(m: &[f32], strip: &Strip, epilogue: Epilogue, part: &mut [D]) {
     #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx512f") {
@@ -324,7 +424,12 @@ fn transform_output(m: &[f32], strip: &Strip, epilogue: Epilogue, part: &mut [f3
 /// The CPU has AVX-512.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn transform_output_avx512(m: &[f32], strip: &Strip, epilogue: Epilogue, part: &mut [f32]) {
+unsafe fn transform_output_avx512<D: Value>(
+    m: &[f32],
+    strip: &Strip,
+    epilogue: Epilogue,
+    part: &mut [D],
+) {
     transform_output_any(m, strip, epilogue, part)
 }
 
@@ -334,13 +439,18 @@ unsafe fn transform_output_avx512(m: &[f32], strip: &Strip, epilogue: Epilogue, 
 /// The CPU has AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn transform_output_avx2(m: &[f32], strip: &Strip, epilogue: Epilogue, part: &mut [f32]) {
+unsafe fn transform_output_avx2<D: Value>(
+    m: &[f32],
+    strip: &Strip,
+    epilogue: Epilogue,
+    part: &mut [D],
+) {
     transform_output_any(m, strip, epilogue, part)
 }
 
 /// [`transform_output`] for the vectors it is compiled for.
 #[inline(always)]
-fn transform_output_any(m: &[f32], strip: &Strip, epilogue: Epilogue, part: &mut [f32]) {
+fn transform_output_any<D: Value>(m: &[f32], strip: &Strip, epilogue: Epilogue, part: &mut [D]) {
     let c = epilogue.shift.len();
     let tiles = strip.rows * strip.tw;
     let whole = c - c % LANES;
@@ -361,10 +471,10 @@ fn transform_output_any(m: &[f32], strip: &Strip, epilogue: Epilogue, part: &mut
             step: tiles * c,
         };
         for ch in (0..whole).step_by(LANES) {
-            output_channels::<LANES>(sums, ch, epilogue, inside, part);
+            output_channels::<LANES, D>(sums, ch, epilogue, inside, part);
         }
         for ch in whole..c {
-            output_channels::<1>(sums, ch, epilogue, inside, part);
+            output_channels::<1, D>(sums, ch, epilogue, inside, part);
         }
     }
 }
@@ -380,12 +490,12 @@ struct Sums<'a> {
 /// finished by `epilogue`, into the pixels of `part` at `inside`. (A
 /// function of a constant `L`, as [`input_channels`] is.)
 #[inline(always)]
-fn output_channels<const L: usize>(
+fn output_channels<const L: usize, D: Value>(
     sums: Sums,
     ch: usize,
     epilogue: Epilogue,
     inside: [Option<usize>; 4],
-    part: &mut [f32],
+    part: &mut [D],
 ) {
     let mut m = [[0f32; L]; POSITIONS];
     for (p, m) in m.iter_mut().enumerate() {
@@ -402,7 +512,9 @@ fn output_channels<const L: usize>(
         for l in 0..L {
             y[l] = (y[l] * scale[l] + shift[l]).max(0.0);
         }
-        part[place + ch..][..L].copy_from_slice(&y);
+        for (out, &y) in part[place + ch..][..L].iter_mut().zip(&y) {
+            *out = D::narrow(y);
+        }
     }
 }
 
@@ -517,7 +629,7 @@ mod tests {
             let matrix = values(9 * c_in * c_out, 2);
             let (scale, shift) = (values(c_out, 3), values(c_out, 4));
             let scale = scaled.then_some(&scale[..]);
-            let weights = Weights::new(&matrix, c_in, c_out, isa);
+            let weights = Weights::new(&matrix, c_in, c_out, Kernel::F32(isa));
             let mut out = vec![f32::NAN; n * h * w * c_out];
             let epilogue = Epilogue {
                 scale,
@@ -532,6 +644,79 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The same in bf16: maps in and out as bf16 values (pairs), or in
+    /// f32, against the direct convolution in f64 of the same inputs,
+    /// within bf16's rounding of the transformed operands and of the
+    /// result (1% of the terms' magnitudes: a wrong sign or a lost
+    /// position is off by whole terms).
+    #[test]
+    fn winograd_in_bf16_matches_the_direct_convolution() {
+        if !bf16::available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        let pool = Arc::new(Buffers::default());
+        for (n, h, w, c_in, c_out) in [(2, 7, 7, 16, 20), (3, 5, 8, 34, 33), (1, 14, 14, 64, 128)] {
+            let x: Vec<u16> = values(n * h * w * c_in, 1)
+                .into_iter()
+                .map(bf16::round)
+                .collect();
+            let wide: Vec<f32> = x.iter().map(|&v| bf16::widen(v)).collect();
+            let matrix = values(9 * c_in * c_out, 2);
+            let (scale, shift) = (values(c_out, 3), values(c_out, 4));
+            let weights = Weights::new(&matrix, c_in, c_out, Kernel::Bf16);
+            let epilogue = Epilogue {
+                scale: Some(&scale),
+                shift: &shift,
+            };
+            let dims = (n, h, w);
+            let mut pairs = vec![0u16; n * h * w * c_out];
+            conv_into(&x, dims, &weights, epilogue, &mut pairs, &pool);
+            let mut f32s = vec![f32::NAN; n * h * w * c_out];
+            conv_into(&wide, dims, &weights, epilogue, &mut f32s, &pool);
+            let expected = reference(
+                &wide,
+                (n, h, w, c_in),
+                &matrix,
+                c_out,
+                (Some(&scale), &shift),
+            );
+            for (i, &(want, size)) in expected.iter().enumerate() {
+                for got in [bf16::widen(pairs[i]), f32s[i]] {
+                    assert!(
+                        (got as f64 - want).abs() <= 1e-2 * (size + want.abs()) + 1e-3,
+                        "{n}x{h}x{w}, {c_in} -> {c_out}: value {i} is {got}, not {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The transforms' rounding to bf16 is [`bf16::round`]'s on normal
+    /// values, ties, infinities and NaN.
+    #[test]
+    fn bf16_values_round_as_the_conversions_do() {
+        let ties = [
+            1.0 + 2f32.powi(-8),
+            1.0 + 3.0 * 2f32.powi(-8),
+            -1.5 - 2f32.powi(-8),
+        ];
+        let special = [
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::MAX,
+            -0.0,
+            0.0,
+        ];
+        for v in values(1000, 9).into_iter().chain(ties).chain(special) {
+            assert_eq!(u16::narrow(v), bf16::round(v), "{v}");
+        }
+        // A NaN whose payload would carry into the exponent stays NaN.
+        let nan = f32::from_bits(0x7fff_ffff);
+        assert!(bf16::widen(u16::narrow(nan)).is_nan());
     }
 
     #[test]
