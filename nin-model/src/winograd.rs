@@ -557,9 +557,9 @@ mod tests {
     use super::*;
     use crate::bf16::tests::values;
 
-    /// relu(conv3x3(x) * scale + shift) in f64, stride 1, padding 1, and
-    /// per output value the sum of its terms' magnitudes (the scale of
-    /// its rounding error).
+    /// relu(conv3x3(x) * scale + shift) in f64, stride 1, padding 1, from
+    /// the im2col rows of `x`, and per output value the sum of its terms'
+    /// magnitudes (the scale of its rounding error).
     fn reference(
         x: &[f32],
         (n, h, w, c_in): (usize, usize, usize, usize),
@@ -567,37 +567,28 @@ mod tests {
         c_out: usize,
         (scale, shift): (Option<&[f32]>, &[f32]),
     ) -> Vec<(f64, f64)> {
-        let mut out = Vec::with_capacity(n * h * w * c_out);
-        for image in 0..n {
-            for y in 0..h {
-                for x_ in 0..w {
-                    for o in 0..c_out {
-                        let (mut sum, mut size) = (0f64, 0f64);
-                        for ky in 0..3 {
-                            for kx in 0..3 {
-                                let (Some(iy), Some(ix)) =
-                                    ((y + ky).checked_sub(1), (x_ + kx).checked_sub(1))
-                                else {
-                                    continue;
-                                };
-                                if iy >= h || ix >= w {
-                                    continue;
-                                }
-                                for i in 0..c_in {
-                                    let term = x[((image * h + iy) * w + ix) * c_in + i] as f64
-                                        * matrix[((ky * 3 + kx) * c_in + i) * c_out + o] as f64;
-                                    sum += term;
-                                    size += term.abs();
-                                }
-                            }
-                        }
-                        let s = scale.map_or(1.0, |s| s[o] as f64);
-                        out.push(((sum * s + shift[o] as f64).max(0.0), size * s.abs()));
-                    }
-                }
-            }
-        }
-        out
+        let geometry = crate::channels_last::Geometry {
+            window: Window::new(3, 1, 1),
+            n,
+            h,
+            w,
+            c: c_in,
+        };
+        let k = 9 * c_in;
+        let mut cols = vec![0f32; n * h * w * k];
+        crate::channels_last::im2col_into(&geometry, x, &mut cols).expect("3 x 3 windows");
+        let value = |row: &[f32], o: usize| {
+            let terms = row
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| f64::from(v) * f64::from(matrix[i * c_out + o]));
+            let (sum, size) = terms.fold((0.0, 0.0), |(s, t), p| (s + p, t + p.abs()));
+            let s = scale.map_or(1.0, |s| f64::from(s[o]));
+            ((sum * s + f64::from(shift[o])).max(0.0), size * s.abs())
+        };
+        cols.chunks(k)
+            .flat_map(|row| (0..c_out).map(move |o| value(row, o)))
+            .collect()
     }
 
     /// The transforms and their products against the direct convolution,
