@@ -127,6 +127,13 @@ impl Weights {
 /// strips of whole rows of tiles, a task each, so that a strip's two
 /// rows of output pixels are one stretch of `out`, and its transforms
 /// and products stay in L2.
+///
+/// Where that leaves a strip a thread (small batches: batch 1's 7 x 7
+/// tiles), every thread would stream all 16 of the weights' matrices
+/// (1.5 MB for the shipped network's block 3 in FP32) for its few
+/// tiles: the threads then split the positions instead, each
+/// transforming and multiplying its share of them for all the tiles,
+/// and the strips transform back from the products of all positions.
 pub(crate) fn conv_into<S: Value, D: Value>(
     x: &[S],
     (n, h, w): (usize, usize, usize),
@@ -149,56 +156,85 @@ pub(crate) fn conv_into<S: Value, D: Value>(
     let strips = (threads * tile_rows.div_ceil(threads * most)).min(tile_rows);
     let per_strip = tile_rows.div_ceil(strips);
     let first_pixel = |r: usize| first_pixel(r, th, h, w);
+    let strip = |first: usize, rows: usize| Strip {
+        first,
+        rows,
+        th,
+        tw,
+        h,
+        w,
+    };
     let mut parts = Vec::new();
     let mut rest = out;
     for first in (0..tile_rows).step_by(per_strip) {
         let last = (first + per_strip).min(tile_rows);
         let len = (first_pixel(last) - first_pixel(first)) * c_out;
         let (part, tail) = rest.split_at_mut(len);
-        parts.push((first, last - first, part));
+        parts.push((strip(first, last - first), part));
         rest = tail;
     }
-    parts.into_par_iter().for_each(|(first, rows, part)| {
-        let strip = Strip {
-            first,
-            rows,
-            th,
-            tw,
-            h,
-            w,
-        };
-        let tiles = rows * tw;
-        let mut m = pool.take(POSITIONS * tiles * c_out);
-        let products = m.chunks_exact_mut(tiles * c_out);
-        match &weights.products {
-            Products::F32(packed) => {
-                let mut v = pool.take::<f32>(POSITIONS * tiles * c_in);
-                transform_input(x, &strip, c_in, &mut v);
-                for ((v, m), u) in v.chunks_exact(tiles * c_in).zip(products).zip(packed) {
-                    let a = Left::Rows(F32Rows {
-                        data: v,
-                        rows: tiles,
-                        k: c_in,
-                        row_step: c_in,
-                    });
-                    tile::matmul_f32(m, &a, u, Threads::Here);
-                }
-            }
-            Products::Bf16(packed) => {
-                let mut v = pool.take::<u32>(POSITIONS * tiles * c_in / 2);
-                transform_input(
-                    x,
-                    &strip,
-                    c_in,
-                    bytemuck::cast_slice_mut::<u32, u16>(&mut v),
-                );
-                for ((v, m), u) in v.chunks_exact(tiles * c_in / 2).zip(products).zip(packed) {
-                    bf16::matmul_here(m, &Bf16Rows::from_pairs(v, tiles, c_in), u);
-                }
+    if strips > threads {
+        parts.into_par_iter().for_each(|(strip, part)| {
+            let per_position = strip.rows * tw * c_out;
+            let mut m = pool.take(POSITIONS * per_position);
+            products(x, &strip, weights, 0, &mut m, pool);
+            transform_output(&m, per_position, &strip, epilogue, part);
+        });
+        return;
+    }
+    let (all, per_position) = (strip(0, tile_rows), tile_rows * tw * c_out);
+    let mut m = pool.take(POSITIONS * per_position);
+    let share = POSITIONS.div_ceil(threads);
+    let shares: Vec<_> = m.chunks_mut(share * per_position).enumerate().collect();
+    shares.into_par_iter().for_each(|(i, m)| {
+        products(x, &all, weights, i * share, m, pool);
+    });
+    parts.into_par_iter().for_each(|(strip, part)| {
+        let m = &m[strip.first * tw * c_out..];
+        transform_output(m, per_position, &strip, epilogue, part);
+    });
+}
+
+/// `m` = the products of the strip's tiles at positions `from..` (as
+/// many as `m` holds), position p's at `m[(p - from) * tiles * C_out..]`:
+/// their transformed inputs by the weights' matrices.
+fn products<S: Value>(
+    x: &[S],
+    strip: &Strip,
+    weights: &Weights,
+    from: usize,
+    m: &mut [f32],
+    pool: &Arc<Buffers>,
+) {
+    let (c_in, c_out) = (weights.c_in, weights.c_out);
+    let tiles = strip.rows * strip.tw;
+    let count = m.len() / (tiles * c_out);
+    let products = m.chunks_exact_mut(tiles * c_out);
+    match &weights.products {
+        Products::F32(packed) => {
+            let mut v = pool.take::<f32>(count * tiles * c_in);
+            transform_input(x, strip, c_in, from, &mut v);
+            let packed = &packed[from..];
+            for ((v, m), u) in v.chunks_exact(tiles * c_in).zip(products).zip(packed) {
+                let a = Left::Rows(F32Rows {
+                    data: v,
+                    rows: tiles,
+                    k: c_in,
+                    row_step: c_in,
+                });
+                tile::matmul_f32(m, &a, u, Threads::Here);
             }
         }
-        transform_output(&m, &strip, epilogue, part);
-    });
+        Products::Bf16(packed) => {
+            let mut v = pool.take::<u32>(count * tiles * c_in / 2);
+            let values = bytemuck::cast_slice_mut::<u32, u16>(&mut v);
+            transform_input(x, strip, c_in, from, values);
+            let packed = &packed[from..];
+            for ((v, m), u) in v.chunks_exact(tiles * c_in / 2).zip(products).zip(packed) {
+                bf16::matmul_here(m, &Bf16Rows::from_pairs(v, tiles, c_in), u);
+            }
+        }
+    }
 }
 
 /// The output pixel (counted over all images) that tile row `r` (counted
@@ -274,22 +310,23 @@ impl Value for u16 {
     }
 }
 
-/// `v` = `B^T d B` of each of the strip's tiles, per channel: position p
-/// of tile t at `v[(p * tiles + t) * c..][..c]`. Pixels outside the maps
-/// are the padding's zeros.
-fn transform_input<S: Value, W: Value>(x: &[S], strip: &Strip, c: usize, v: &mut [W]) {
+/// `v` = `B^T d B` of each of the strip's tiles, per channel, at the
+/// positions from `from` (as many as `v` holds): position p of tile t at
+/// `v[((p - from) * tiles + t) * c..][..c]`. Pixels outside the maps are
+/// the padding's zeros.
+fn transform_input<S: Value, W: Value>(x: &[S], strip: &Strip, c: usize, from: usize, v: &mut [W]) {
     #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has AVX-512 (checked just above).
-            return unsafe { transform_input_avx512(x, strip, c, v) };
+            return unsafe { transform_input_avx512(x, strip, c, from, v) };
         }
         if is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU has AVX2 (checked just above).
-            return unsafe { transform_input_avx2(x, strip, c, v) };
+            return unsafe { transform_input_avx2(x, strip, c, from, v) };
         }
     }
-    transform_input_any(x, strip, c, v)
+    transform_input_any(x, strip, c, from, v)
 }
 
 /// [`transform_input`] compiled for AVX-512.
@@ -302,9 +339,10 @@ unsafe fn transform_input_avx512<S: Value, W: Value>(
     x: &[S],
     strip: &Strip,
     c: usize,
+    from: usize,
     v: &mut [W],
 ) {
-    transform_input_any(x, strip, c, v)
+    transform_input_any(x, strip, c, from, v)
 }
 
 /// [`transform_input`] compiled for AVX2.
@@ -313,14 +351,27 @@ unsafe fn transform_input_avx512<S: Value, W: Value>(
 /// The CPU has AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn transform_input_avx2<S: Value, W: Value>(x: &[S], strip: &Strip, c: usize, v: &mut [W]) {
-    transform_input_any(x, strip, c, v)
+unsafe fn transform_input_avx2<S: Value, W: Value>(
+    x: &[S],
+    strip: &Strip,
+    c: usize,
+    from: usize,
+    v: &mut [W],
+) {
+    transform_input_any(x, strip, c, from, v)
 }
 
 /// [`transform_input`] for the vectors it is compiled for.
 #[inline(always)]
-fn transform_input_any<S: Value, W: Value>(x: &[S], strip: &Strip, c: usize, v: &mut [W]) {
+fn transform_input_any<S: Value, W: Value>(
+    x: &[S],
+    strip: &Strip,
+    c: usize,
+    from: usize,
+    v: &mut [W],
+) {
     let tiles = strip.rows * strip.tw;
+    let count = v.len() / (tiles * c);
     let zeros = vec![S::default(); c];
     let whole = c - c % LANES;
     for (t, (image, ty, tx)) in strip.tiles().enumerate() {
@@ -339,16 +390,17 @@ fn transform_input_any<S: Value, W: Value>(x: &[S], strip: &Strip, c: usize, v: 
         // Position p of this tile's channel ch goes to v[p * step + ch].
         let (v, step) = (&mut v[t * c..], tiles * c);
         for ch in (0..whole).step_by(LANES) {
-            input_channels::<LANES, S, W>(&pixels, ch, v, step);
+            input_channels::<LANES, S, W>(&pixels, ch, v, step, from, count);
         }
         for ch in whole..c {
-            input_channels::<1, S, W>(&pixels, ch, v, step);
+            input_channels::<1, S, W>(&pixels, ch, v, step, from, count);
         }
     }
 }
 
 /// [`input_transform`] of `L` channels from `ch` of a tile's `pixels`,
-/// position p into `v[p * step + ch..]`. (A function of a constant `L`,
+/// positions `from..from + count`, p into `v[(p - from) * step + ch..]`.
+/// (A function of a constant `L`,
 /// not a closure: the copies of `L` values then stay in line, where a
 /// copy of a run-time length calls `memcpy`.)
 #[inline(always)]
@@ -357,6 +409,8 @@ fn input_channels<const L: usize, S: Value, W: Value>(
     ch: usize,
     v: &mut [W],
     step: usize,
+    from: usize,
+    count: usize,
 ) {
     let mut d = [[0f32; L]; POSITIONS];
     for (d, pixel) in d.iter_mut().zip(pixels) {
@@ -364,7 +418,12 @@ fn input_channels<const L: usize, S: Value, W: Value>(
             *d = s.widen();
         }
     }
-    for (p, values) in input_transform(&d).iter().enumerate() {
+    for (p, values) in input_transform(&d)
+        .iter()
+        .skip(from)
+        .take(count)
+        .enumerate()
+    {
         for (v, &value) in v[p * step + ch..][..L].iter_mut().zip(values) {
             *v = W::narrow(value);
         }
@@ -401,21 +460,28 @@ fn by_bt<const L: usize>([a, b, c, e]: [[f32; L]; 4]) -> [[f32; L]; 4] {
 }
 
 /// `part` (the strip's stretch of the output) = `epilogue`(`A^T m A`) of
-/// each tile's products, inside the maps, with `A^T` = [1 1 1 0; 0 1 -1
-/// -1].
-fn transform_output<D: Value>(m: &[f32], strip: &Strip, epilogue: Epilogue, part: &mut [D]) {
+/// each tile's products (the strip's tile t's at position p at
+/// `m[p * step + t * C_out..]`), inside the maps, with `A^T` = [1 1 1 0;
+/// 0 1 -1 -1].
+fn transform_output<D: Value>(
+    m: &[f32],
+    step: usize,
+    strip: &Strip,
+    epilogue: Epilogue,
+    part: &mut [D],
+) {
     #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has AVX-512 (checked just above).
-            return unsafe { transform_output_avx512(m, strip, epilogue, part) };
+            return unsafe { transform_output_avx512(m, step, strip, epilogue, part) };
         }
         if is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU has AVX2 (checked just above).
-            return unsafe { transform_output_avx2(m, strip, epilogue, part) };
+            return unsafe { transform_output_avx2(m, step, strip, epilogue, part) };
         }
     }
-    transform_output_any(m, strip, epilogue, part)
+    transform_output_any(m, step, strip, epilogue, part)
 }
 
 /// [`transform_output`] compiled for AVX-512.
@@ -426,11 +492,12 @@ fn transform_output<D: Value>(m: &[f32], strip: &Strip, epilogue: Epilogue, part
 #[target_feature(enable = "avx512f")]
 unsafe fn transform_output_avx512<D: Value>(
     m: &[f32],
+    step: usize,
     strip: &Strip,
     epilogue: Epilogue,
     part: &mut [D],
 ) {
-    transform_output_any(m, strip, epilogue, part)
+    transform_output_any(m, step, strip, epilogue, part)
 }
 
 /// [`transform_output`] compiled for AVX2.
@@ -441,18 +508,24 @@ unsafe fn transform_output_avx512<D: Value>(
 #[target_feature(enable = "avx2")]
 unsafe fn transform_output_avx2<D: Value>(
     m: &[f32],
+    step: usize,
     strip: &Strip,
     epilogue: Epilogue,
     part: &mut [D],
 ) {
-    transform_output_any(m, strip, epilogue, part)
+    transform_output_any(m, step, strip, epilogue, part)
 }
 
 /// [`transform_output`] for the vectors it is compiled for.
 #[inline(always)]
-fn transform_output_any<D: Value>(m: &[f32], strip: &Strip, epilogue: Epilogue, part: &mut [D]) {
+fn transform_output_any<D: Value>(
+    m: &[f32],
+    step: usize,
+    strip: &Strip,
+    epilogue: Epilogue,
+    part: &mut [D],
+) {
     let c = epilogue.shift.len();
-    let tiles = strip.rows * strip.tw;
     let whole = c - c % LANES;
     // The strip's first output pixel, which `part` starts at.
     let base = first_pixel(strip.first, strip.th, strip.h, strip.w);
@@ -468,7 +541,7 @@ fn transform_output_any<D: Value>(m: &[f32], strip: &Strip, epilogue: Epilogue, 
         }
         let sums = Sums {
             m: &m[t * c..],
-            step: tiles * c,
+            step,
         };
         for ch in (0..whole).step_by(LANES) {
             output_channels::<LANES, D>(sums, ch, epilogue, inside, part);
@@ -591,16 +664,29 @@ mod tests {
             .collect()
     }
 
+    /// Runs `check` on one thread and on three: on one, the larger layers
+    /// below run in strips of tile rows (more strips than threads); on
+    /// three, all but the largest by positions shared out (6, 6 and 4).
+    fn on_one_thread_and_three(check: impl Fn() + Send + Sync) {
+        for threads in [1, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("a thread pool");
+            pool.install(&check);
+        }
+    }
+
     /// The transforms and their products against the direct convolution,
     /// on maps of odd sides (tiles over the edge), one pixel, batches
     /// whose strips cross from one image to the next, channel counts
     /// that are not multiples of 16 (the transforms' tails) and the
-    /// shipped network's 3 x 3 layers.
+    /// shipped network's 3 x 3 layers (at batch 1, 2 and 8).
     #[test]
     fn winograd_matches_the_direct_convolution() {
         for isa in [Isa::Avx512, Isa::Avx2] {
             if isa.present() {
-                matches_the_direct_convolution(isa);
+                on_one_thread_and_three(|| matches_the_direct_convolution(isa));
             } else {
                 eprintln!("skipped: this CPU has no {isa:?}");
             }
@@ -615,6 +701,7 @@ mod tests {
             (3, 5, 8, 20, 33, true),
             (1, 14, 14, 64, 128, true),
             (2, 7, 7, 128, 192, false),
+            (8, 14, 14, 64, 128, false),
         ] {
             let x = values(n * h * w * c_in, 1);
             let matrix = values(9 * c_in * c_out, 2);
@@ -648,8 +735,17 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX512-BF16");
             return;
         }
+        on_one_thread_and_three(matches_the_direct_convolution_in_bf16);
+    }
+
+    fn matches_the_direct_convolution_in_bf16() {
         let pool = Arc::new(Buffers::default());
-        for (n, h, w, c_in, c_out) in [(2, 7, 7, 16, 20), (3, 5, 8, 34, 33), (1, 14, 14, 64, 128)] {
+        for (n, h, w, c_in, c_out) in [
+            (2, 7, 7, 16, 20),
+            (3, 5, 8, 34, 33),
+            (1, 14, 14, 64, 128),
+            (8, 14, 14, 64, 128),
+        ] {
             let x: Vec<u16> = values(n * h * w * c_in, 1)
                 .into_iter()
                 .map(bf16::round)
