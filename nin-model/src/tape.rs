@@ -745,7 +745,7 @@ const MIN_STRIP_MACS: usize = 1 << 18;
 
 /// Inference of a chain of convolutions (see [`chain`]): its first by
 /// [`winograd`]'s transforms where they apply (3 x 3, stride and padding
-/// 1, enough input channels; FP32, or bf16 on AVX512-BF16 without AMX),
+/// 1, enough channels in and out; FP32, or bf16 on AVX512-BF16 without AMX),
 /// the 1x1 ones after it then a chain of their own; else all of them as
 /// one [`conv_chain`].
 fn infer_chain(
@@ -757,7 +757,7 @@ fn infer_chain(
     let first = units[0];
     let (c_out, c_in, ..) = first.weight.dims4()?;
     let kernel = match (precision, tile::isa()) {
-        _ if c_in != x.c || !winograd::applies(first.window, c_in) => None,
+        _ if c_in != x.c || !winograd::applies(first.window, c_in, c_out) => None,
         (Precision::Fp32, Some(isa)) if x.only_pairs().is_none() => {
             Some(winograd::Kernel::F32(isa))
         }
