@@ -397,7 +397,8 @@ fn transform_input_any<S: Value, W: Value>(
                 *pixel = &x[((image * strip.h + y) * strip.w + x_) * c..][..c];
             }
         }
-        // Position p of this tile's channel ch goes to v[p * step + ch].
+        // Position p of this tile's channel ch goes to
+        // v[(p - from) * step + ch].
         let (v, step) = (&mut v[t * c..], tiles * c);
         for ch in (0..whole).step_by(LANES) {
             input_channels::<LANES, S, W>(&pixels, ch, v, step, from, count);
@@ -410,9 +411,9 @@ fn transform_input_any<S: Value, W: Value>(
 
 /// [`input_transform`] of `L` channels from `ch` of a tile's `pixels`,
 /// positions `from..from + count`, p into `v[(p - from) * step + ch..]`.
-/// (A function of a constant `L`,
-/// not a closure: the copies of `L` values then stay in line, where a
-/// copy of a run-time length calls `memcpy`.)
+/// (A function of a constant `L`, not a closure: the copies of `L`
+/// values then stay in line, where a copy of a run-time length calls
+/// `memcpy`.)
 #[inline(always)]
 fn input_channels<const L: usize, S: Value, W: Value>(
     pixels: &[&[S]; POSITIONS],
