@@ -1,6 +1,7 @@
 //! Winograd's minimal filtering F(2 x 2, 3 x 3) (Lavin & Gray, "Fast
-//! Algorithms for Convolutional Neural Networks", 2016) for FP32
-//! inference of 3 x 3 convolutions of stride 1 and padding 1.
+//! Algorithms for Convolutional Neural Networks", 2016) for inference of
+//! 3 x 3 convolutions of stride 1 and padding 1, in FP32 and (on
+//! AVX512-BF16 without AMX) in bf16.
 //!
 //! Each 2 x 2 block of output pixels (a tile) comes from the 4 x 4
 //! window of input pixels around it: transformed by `B^T d B`, multiplied
@@ -382,19 +383,18 @@ fn transform_input_any<S: Value, W: Value>(
 ) {
     let tiles = strip.rows * strip.tw;
     let count = v.len() / (tiles * c);
-    let zeros = vec![S::default(); c];
     let whole = c - c % LANES;
     for (t, (image, ty, tx)) in strip.tiles().enumerate() {
         // The 16 input pixels of the tile's window, row by row: each
-        // pixel's c values, zeros on the padding.
-        let mut pixels = [&zeros[..]; POSITIONS];
+        // pixel's c values, none on the padding.
+        let mut pixels = [None; POSITIONS];
         for (p, pixel) in pixels.iter_mut().enumerate() {
             let (y, x_) = (
                 (2 * ty + p / 4).wrapping_sub(1),
                 (2 * tx + p % 4).wrapping_sub(1),
             );
             if y < strip.h && x_ < strip.w {
-                *pixel = &x[((image * strip.h + y) * strip.w + x_) * c..][..c];
+                *pixel = Some(&x[((image * strip.h + y) * strip.w + x_) * c..][..c]);
             }
         }
         // Position p of this tile's channel ch goes to
@@ -416,15 +416,20 @@ fn transform_input_any<S: Value, W: Value>(
 /// `memcpy`.)
 #[inline(always)]
 fn input_channels<const L: usize, S: Value, W: Value>(
-    pixels: &[&[S]; POSITIONS],
+    pixels: &[Option<&[S]>; POSITIONS],
     ch: usize,
     v: &mut [W],
     step: usize,
     from: usize,
     count: usize,
 ) {
+    // The padding's pixels stay zeros.
     let mut d = [[0f32; L]; POSITIONS];
-    for (d, pixel) in d.iter_mut().zip(pixels) {
+    for (d, pixel) in d
+        .iter_mut()
+        .zip(pixels)
+        .filter_map(|(d, p)| Some((d, (*p)?)))
+    {
         for (d, s) in d.iter_mut().zip(&pixel[ch..ch + L]) {
             *d = s.widen();
         }
