@@ -28,6 +28,7 @@ use std::sync::Arc;
 use crate::bf16::{self, Bf16Rows, PackedB};
 use crate::config::Window;
 use crate::matmul::Mat;
+use crate::precision::Precision;
 use crate::tape::Buffers;
 use crate::tile::{self, Epilogue, F32Rows, Isa, Left, PackedF32, Threads};
 
@@ -52,9 +53,29 @@ const NARROW_OUT: usize = 16;
 /// each other on a Zen 4, shipped network at batch 64 and d2l at 8.)
 const STRIP_BYTES: usize = 512 << 10;
 
+/// The kernel on which a convolution of `window` from `c_in` channels to
+/// `c_out` runs as [`conv_into`] in `precision`, where it does: where
+/// the transforms [`applies`], on the FP32 tile kernel, or on the bf16
+/// kernels where [`bf16_applies`]. Inference, a training step's
+/// products and its input gradients all ask here.
+pub(crate) fn kernel(
+    window: Window,
+    (c_in, c_out): (usize, usize),
+    precision: Precision,
+) -> Option<Kernel> {
+    if !applies(window, c_in, c_out) {
+        return None;
+    }
+    match (precision, tile::isa()) {
+        (Precision::Fp32, Some(isa)) => Some(Kernel::F32(isa)),
+        (Precision::Bf16, Some(_)) if bf16_applies(c_in) => Some(Kernel::Bf16),
+        _ => None,
+    }
+}
+
 /// Whether a convolution of `window` from `c_in` channels to `c_out`
-/// runs as [`conv_into`].
-pub(crate) fn applies(window: Window, c_in: usize, c_out: usize) -> bool {
+/// can run as [`conv_into`].
+fn applies(window: Window, c_in: usize, c_out: usize) -> bool {
     window == Window::new(3, 1, 1) && c_in >= MIN_CHANNELS && c_out > NARROW_OUT
 }
 
@@ -74,7 +95,7 @@ pub(crate) enum Kernel {
 /// it, and longer with it on any one of the layers alone: the tiles'
 /// products of a short K, 64 to 192, and the transforms on the vector
 /// units cost more than the multiply-adds they save.)
-pub(crate) fn bf16_applies(c_in: usize) -> bool {
+fn bf16_applies(c_in: usize) -> bool {
     c_in.is_multiple_of(2) && bf16::available() && !bf16::Unit::Amx.present()
 }
 
@@ -133,7 +154,9 @@ impl Weights {
 }
 
 /// `out` = `epilogue`(the 3 x 3 convolution of `x` by `weights`), stride
-/// 1 and padding 1: `x` is (N, H, W, C_in) channels-last, `out` (N, H,
+/// 1 and padding 1, or the convolution alone without one (a training
+/// step's products, whose batch norm needs them all first, and the
+/// input's gradient): `x` is (N, H, W, C_in) channels-last, `out` (N, H,
 /// W, C_out), each in f32 or in bf16 ([`Value`]). The tiles run in
 /// strips of whole rows of tiles, a task each, so that a strip's two
 /// rows of output pixels are one stretch of `out`, and its transforms
@@ -149,14 +172,16 @@ pub(crate) fn conv_into<S: Value, D: Value>(
     x: &[S],
     (n, h, w): (usize, usize, usize),
     weights: &Weights,
-    epilogue: Epilogue,
+    epilogue: Option<Epilogue>,
     out: &mut [D],
     pool: &Arc<Buffers>,
 ) {
     let (c_in, c_out) = (weights.c_in, weights.c_out);
     assert_eq!(x.len(), n * h * w * c_in, "input size");
     assert_eq!(out.len(), n * h * w * c_out, "output size");
-    assert!(epilogue.shift.len() == c_out && epilogue.scale.is_none_or(|s| s.len() == c_out));
+    assert!(
+        epilogue.is_none_or(|e| e.shift.len() == c_out && e.scale.is_none_or(|s| s.len() == c_out))
+    );
     let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
     let tile_rows = n * th;
     if tile_rows == 0 || w == 0 {
@@ -189,7 +214,7 @@ pub(crate) fn conv_into<S: Value, D: Value>(
             let per_position = strip.rows * tw * c_out;
             let mut m = pool.take(POSITIONS * per_position);
             products(x, &strip, weights, 0, &mut m, pool);
-            transform_output(&m, per_position, &strip, epilogue, part);
+            transform_output(&m, per_position, &strip, (c_out, epilogue), part);
         });
         return;
     }
@@ -202,7 +227,7 @@ pub(crate) fn conv_into<S: Value, D: Value>(
     });
     parts.into_par_iter().for_each(|(strip, part)| {
         let m = &m[strip.first * tw * c_out..];
-        transform_output(m, per_position, &strip, epilogue, part);
+        transform_output(m, per_position, &strip, (c_out, epilogue), part);
     });
 }
 
@@ -475,29 +500,30 @@ fn by_bt<const L: usize>([a, b, c, e]: [[f32; L]; 4]) -> [[f32; L]; 4] {
     [sub(a, c), add(b, c), sub(c, b), sub(b, e)]
 }
 
-/// `part` (the strip's stretch of the output) = `epilogue`(`A^T m A`) of
-/// each tile's products (the strip's tile t's at position p at
+/// `part` (the strip's stretch of the output, `c` channels) =
+/// `epilogue`(`A^T m A`), or `A^T m A` alone without one, of each tile's
+/// products (the strip's tile t's at position p at
 /// `m[p * step + t * C_out..]`), inside the maps, with `A^T` = [1 1 1 0;
 /// 0 1 -1 -1].
 fn transform_output<D: Value>(
     m: &[f32],
     step: usize,
     strip: &Strip,
-    epilogue: Epilogue,
+    (c, epilogue): (usize, Option<Epilogue>),
     part: &mut [D],
 ) {
     #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has AVX-512 (checked just above).
-            return unsafe { transform_output_avx512(m, step, strip, epilogue, part) };
+            return unsafe { transform_output_avx512(m, step, strip, (c, epilogue), part) };
         }
         if is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU has AVX2 (checked just above).
-            return unsafe { transform_output_avx2(m, step, strip, epilogue, part) };
+            return unsafe { transform_output_avx2(m, step, strip, (c, epilogue), part) };
         }
     }
-    transform_output_any(m, step, strip, epilogue, part)
+    transform_output_any(m, step, strip, (c, epilogue), part)
 }
 
 /// [`transform_output`] compiled for AVX-512.
@@ -510,10 +536,10 @@ unsafe fn transform_output_avx512<D: Value>(
     m: &[f32],
     step: usize,
     strip: &Strip,
-    epilogue: Epilogue,
+    (c, epilogue): (usize, Option<Epilogue>),
     part: &mut [D],
 ) {
-    transform_output_any(m, step, strip, epilogue, part)
+    transform_output_any(m, step, strip, (c, epilogue), part)
 }
 
 /// [`transform_output`] compiled for AVX2.
@@ -526,10 +552,10 @@ unsafe fn transform_output_avx2<D: Value>(
     m: &[f32],
     step: usize,
     strip: &Strip,
-    epilogue: Epilogue,
+    (c, epilogue): (usize, Option<Epilogue>),
     part: &mut [D],
 ) {
-    transform_output_any(m, step, strip, epilogue, part)
+    transform_output_any(m, step, strip, (c, epilogue), part)
 }
 
 /// [`transform_output`] for the vectors it is compiled for.
@@ -538,10 +564,9 @@ fn transform_output_any<D: Value>(
     m: &[f32],
     step: usize,
     strip: &Strip,
-    epilogue: Epilogue,
+    (c, epilogue): (usize, Option<Epilogue>),
     part: &mut [D],
 ) {
-    let c = epilogue.shift.len();
     let whole = c - c % LANES;
     // The strip's first output pixel, which `part` starts at.
     let base = first_pixel(strip.first, strip.th, strip.h, strip.w);
@@ -576,13 +601,13 @@ struct Sums<'a> {
 }
 
 /// [`output_transform`] of `L` channels from `ch` of a tile's `sums`,
-/// finished by `epilogue`, into the pixels of `part` at `inside`. (A
+/// finished by `epilogue` where there is one, into the pixels of `part` at `inside`. (A
 /// function of a constant `L`, as [`input_channels`] is.)
 #[inline(always)]
 fn output_channels<const L: usize, D: Value>(
     sums: Sums,
     ch: usize,
-    epilogue: Epilogue,
+    epilogue: Option<Epilogue>,
     inside: [Option<usize>; 4],
     part: &mut [D],
 ) {
@@ -590,16 +615,21 @@ fn output_channels<const L: usize, D: Value>(
     for (p, m) in m.iter_mut().enumerate() {
         m.copy_from_slice(&sums.m[p * sums.step + ch..][..L]);
     }
-    let mut scale = [1f32; L];
-    if let Some(given) = epilogue.scale {
-        scale.copy_from_slice(&given[ch..ch + L]);
-    }
-    let mut shift = [0f32; L];
-    shift.copy_from_slice(&epilogue.shift[ch..ch + L]);
+    let affine = epilogue.map(|epilogue| {
+        let mut scale = [1f32; L];
+        if let Some(given) = epilogue.scale {
+            scale.copy_from_slice(&given[ch..ch + L]);
+        }
+        let mut shift = [0f32; L];
+        shift.copy_from_slice(&epilogue.shift[ch..ch + L]);
+        (scale, shift)
+    });
     for (mut y, place) in output_transform(&m).into_iter().zip(inside) {
         let Some(place) = place else { continue };
-        for l in 0..L {
-            y[l] = (y[l] * scale[l] + shift[l]).max(0.0);
+        if let Some((scale, shift)) = &affine {
+            for l in 0..L {
+                y[l] = (y[l] * scale[l] + shift[l]).max(0.0);
+            }
         }
         for (out, &y) in part[place + ch..][..L].iter_mut().zip(&y) {
             *out = D::narrow(y);
@@ -646,15 +676,16 @@ mod tests {
     use super::*;
     use crate::bf16::tests::values;
 
-    /// relu(conv3x3(x) * scale + shift) in f64, stride 1, padding 1, from
-    /// the im2col rows of `x`, and per output value the sum of its terms'
-    /// magnitudes (the scale of its rounding error).
+    /// relu(conv3x3(x) * scale + shift) in f64, or conv3x3(x) alone
+    /// without an epilogue, stride 1, padding 1, from the im2col rows of
+    /// `x`, and per output value the sum of its terms' magnitudes (the
+    /// scale of its rounding error).
     fn reference(
         x: &[f32],
         (n, h, w, c_in): (usize, usize, usize, usize),
         matrix: &[f32],
         c_out: usize,
-        (scale, shift): (Option<&[f32]>, &[f32]),
+        epilogue: Option<Epilogue>,
     ) -> Vec<(f64, f64)> {
         let geometry = crate::channels_last::Geometry {
             window: Window::new(3, 1, 1),
@@ -672,6 +703,9 @@ mod tests {
                 .enumerate()
                 .map(|(i, &v)| f64::from(v) * f64::from(matrix[i * c_out + o]));
             let (sum, size) = terms.fold((0.0, 0.0), |(s, t), p| (s + p, t + p.abs()));
+            let Some(Epilogue { scale, shift }) = epilogue else {
+                return (sum, size);
+            };
             let s = scale.map_or(1.0, |s| f64::from(s[o]));
             ((sum * s + f64::from(shift[o])).max(0.0), size * s.abs())
         };
@@ -697,7 +731,8 @@ mod tests {
     /// on maps of odd sides (tiles over the edge), one pixel, batches
     /// whose strips cross from one image to the next, channel counts
     /// that are not multiples of 16 (the transforms' tails) and the
-    /// shipped network's 3 x 3 layers (at batch 1, 2 and 8).
+    /// shipped network's 3 x 3 layers (at batch 1, 2 and 8), with a
+    /// scale, with a shift alone, and without an epilogue.
     #[test]
     fn winograd_matches_the_direct_convolution() {
         for isa in [Isa::Avx512, Isa::Avx2] {
@@ -711,26 +746,27 @@ mod tests {
 
     fn matches_the_direct_convolution(isa: Isa) {
         let pool = Arc::new(Buffers::default());
-        for (n, h, w, c_in, c_out, scaled) in [
-            (1, 1, 1, 16, 5, true),
-            (2, 7, 7, 16, 20, false),
-            (3, 5, 8, 20, 33, true),
-            (1, 14, 14, 64, 128, true),
-            (2, 7, 7, 128, 192, false),
-            (8, 14, 14, 64, 128, false),
+        for (n, h, w, c_in, c_out, finish) in [
+            (1, 1, 1, 16, 5, Some(true)),
+            (2, 7, 7, 16, 20, Some(false)),
+            (3, 5, 8, 20, 33, None),
+            (1, 14, 14, 64, 128, Some(true)),
+            (2, 7, 7, 128, 192, None),
+            (8, 14, 14, 64, 128, Some(false)),
+            (8, 14, 14, 128, 64, None),
         ] {
             let x = values(n * h * w * c_in, 1);
             let matrix = values(9 * c_in * c_out, 2);
             let (scale, shift) = (values(c_out, 3), values(c_out, 4));
-            let scale = scaled.then_some(&scale[..]);
+            // Some(scaled): an epilogue, with a scale or a shift alone.
+            let epilogue = finish.map(|scaled| Epilogue {
+                scale: scaled.then_some(&scale[..]),
+                shift: &shift,
+            });
             let weights = Weights::new(&matrix, c_in, c_out, Kernel::F32(isa));
             let mut out = vec![f32::NAN; n * h * w * c_out];
-            let epilogue = Epilogue {
-                scale,
-                shift: &shift,
-            };
             conv_into(&x, (n, h, w), &weights, epilogue, &mut out, &pool);
-            let expected = reference(&x, (n, h, w, c_in), &matrix, c_out, (scale, &shift));
+            let expected = reference(&x, (n, h, w, c_in), &matrix, c_out, epilogue);
             for (i, (&got, &(want, size))) in out.iter().zip(&expected).enumerate() {
                 assert!(
                     (got as f64 - want).abs() <= 1e-5 * size + 1e-6,
@@ -770,22 +806,16 @@ mod tests {
             let matrix = values(9 * c_in * c_out, 2);
             let (scale, shift) = (values(c_out, 3), values(c_out, 4));
             let weights = Weights::new(&matrix, c_in, c_out, Kernel::Bf16);
-            let epilogue = Epilogue {
+            let epilogue = Some(Epilogue {
                 scale: Some(&scale),
                 shift: &shift,
-            };
+            });
             let dims = (n, h, w);
             let mut pairs = vec![0u16; n * h * w * c_out];
             conv_into(&x, dims, &weights, epilogue, &mut pairs, &pool);
             let mut f32s = vec![f32::NAN; n * h * w * c_out];
             conv_into(&wide, dims, &weights, epilogue, &mut f32s, &pool);
-            let expected = reference(
-                &wide,
-                (n, h, w, c_in),
-                &matrix,
-                c_out,
-                (Some(&scale), &shift),
-            );
+            let expected = reference(&wide, (n, h, w, c_in), &matrix, c_out, epilogue);
             for (i, &(want, size)) in expected.iter().enumerate() {
                 for got in [bf16::widen(pairs[i]), f32s[i]] {
                     assert!(
