@@ -120,6 +120,13 @@ fn matmul_f32(dst: &mut [f32], a: Mat, b: Mat, accumulate: bool, parallelism: Pa
     }
 }
 
+/// `dst += a^T x b` in FP32 by `gemm`, on this thread: a task's share
+/// of a product it sums over its own chunks ([`crate::winograd`]'s
+/// weight gradient).
+pub(crate) fn add_matmul_tn_here(dst: &mut [f32], a: Mat, b: Mat) {
+    matmul_f32(dst, a.t(), b, true, Parallelism::None);
+}
+
 /// Rows per partial product of [`matmul_tn`].
 const ROWS_PER_PARTIAL: usize = 4096;
 

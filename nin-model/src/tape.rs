@@ -338,23 +338,30 @@ enum Input {
     Maps(Arc<Buf<f32>>),
     /// The input's im2col rows.
     Cols(Buf<f32>),
-    /// Either in row-by-row bf16 pairs, as the forward product (without
-    /// Winograd) multiplied them: what the weight gradient's bf16 product transposes. Rounded
-    /// once, not once per product: shipped bf16 training at batch 128 on
-    /// Zen 4 went from 621 to 683 images/s (7 interleaved rounds, medians).
-    /// A 1x1 convolution's are the maps' own, shared with the layer
-    /// before where its batch norm wrote them in pairs alone.
+    /// The input maps of a 3 x 3 layer whose products and gradients
+    /// [`winograd`] computes in FP32, its weight's among them
+    /// ([`winograd::weight_grad`]): no im2col rows at all.
+    Windows(Arc<Buf<f32>>),
+    /// Either in row-by-row bf16 pairs, as the forward product multiplied
+    /// them (where [`winograd`] took it from the maps, as the weight
+    /// gradient reads them): what the weight gradient's bf16 product
+    /// transposes. Rounded once, not once per product: shipped bf16
+    /// training at batch 128 on Zen 4 went from 621 to 683 images/s (7
+    /// interleaved rounds, medians). A 1x1 convolution's are the maps'
+    /// own, shared with the layer before where its batch norm wrote them
+    /// in pairs alone.
     Pairs(Arc<Buf<u32>>),
 }
 
 impl Input {
     /// The values as an (M, K) matrix.
-    fn tall(&self, (m, k): (usize, usize)) -> Tall<'_> {
-        match self {
+    fn tall(&self, (m, k): (usize, usize)) -> Result<Tall<'_>> {
+        Ok(match self {
             Input::Maps(values) => Tall::F32(Mat::new(values, m, k)),
             Input::Cols(values) => Tall::F32(Mat::new(values, m, k)),
             Input::Pairs(pairs) => Tall::Pairs(Bf16Rows::from_pairs(pairs, m, k), k),
-        }
+            Input::Windows(_) => bail!("a 3 x 3 layer's maps are not its im2col rows"),
+        })
     }
 }
 
@@ -1283,7 +1290,9 @@ fn conv_forward(
     // A bf16 step rounds the input once, into the pairs both products
     // read (odd channels cannot be paired by tap).
     let given_pairs = x.only_pairs().and(x.pairs.clone());
+    let kernel = winograd::kernel(unit.window, (c_in, c_out), precision);
     let input = match given_pairs {
+        None if matches!(kernel, Some(winograd::Kernel::F32(_))) => Input::Windows(x.data.clone()),
         Some(pairs) if pointwise && precision == Precision::Bf16 => Input::Pairs(pairs),
         Some(_) => bail!("a {k}x{k} {precision:?} convolution got its maps in bf16 pairs alone"),
         None if precision == Precision::Bf16 && c_in % 2 == 0 => {
@@ -1306,27 +1315,26 @@ fn conv_forward(
     let mut y = pool.take(m * c_out);
     let weight_mat = Mat::new(&weights, row_len, c_out);
     // A 3 x 3 layer's product by Winograd's transforms where they apply,
-    // from its maps: the rows above are then the weight gradient's alone.
-    // (On a Zen 4, shipped training at batch 128, 2 threads, alternating
-    // blocks of steps, mean step: FP32 239.1 -> 224.8 ms, bf16 170.4 ->
-    // 167.1; with the input gradients' too, 207.3 and 152.3.)
-    let transformed = match winograd::kernel(unit.window, (c_in, c_out), precision) {
-        Some(kernel) => Some(winograd_of(unit, &weights, kernel)?),
-        None => None,
-    };
-    match (transformed, input.tall((m, row_len)), precision) {
-        (Some(transformed), ..) => {
-            let dims = (x.n, x.h, x.w);
-            winograd::conv_into(&x.data[..], dims, &transformed, None, &mut y, pool);
-        }
-        (None, Tall::F32(input_mat), Precision::Fp32) => matmul(&mut y, input_mat, weight_mat),
-        (None, Tall::F32(input_mat), Precision::Bf16) => {
-            let packed = packed_weights_of(unit, weight_mat)?;
-            matmul_packed(&mut y, input_mat, &packed, pool);
-        }
-        (None, Tall::Pairs(rows, _), _) => {
-            let packed = packed_weights_of(unit, weight_mat)?;
-            bf16::matmul(&mut y, &rows, &packed, false);
+    // from its maps. (On a Zen 4, shipped training at batch 128, 2
+    // threads, alternating blocks of steps, mean step: FP32 239.1 ->
+    // 224.8 ms, bf16 170.4 -> 167.1; with the input gradients' too, 207.3
+    // and 152.3; with the weight gradients' too, FP32 only, 213.0 ->
+    // 193.4 in one such run.)
+    if let Some(kernel) = kernel {
+        let transformed = winograd_of(unit, &weights, kernel)?;
+        let dims = (x.n, x.h, x.w);
+        winograd::conv_into(&x.data[..], dims, &transformed, None, &mut y, pool);
+    } else {
+        match (input.tall((m, row_len))?, precision) {
+            (Tall::F32(input_mat), Precision::Fp32) => matmul(&mut y, input_mat, weight_mat),
+            (Tall::F32(input_mat), Precision::Bf16) => {
+                let packed = packed_weights_of(unit, weight_mat)?;
+                matmul_packed(&mut y, input_mat, &packed, pool);
+            }
+            (Tall::Pairs(rows, _), _) => {
+                let packed = packed_weights_of(unit, weight_mat)?;
+                bf16::matmul(&mut y, &rows, &packed, false);
+            }
         }
     }
     // The output: f32 values, or (`pairs_out`, after a batch norm) bf16
@@ -1511,7 +1519,6 @@ impl ConvRecord {
             }
             (BiasOrNorm::Norm(_), None) => bail!("batch norm recorded without statistics"),
         }
-        let input = self.input.tall((m, row_len));
         let grad_mat = Mat::new(&grad, m, c_out);
         // In bf16, the output gradient is rounded once, for both products
         // (by batch norm's backward pass where there is one: `grad` is
@@ -1528,7 +1535,13 @@ impl ConvRecord {
             None => Tall::F32(grad_mat),
             Some(pairs) => Tall::Pairs(Bf16Rows::from_pairs(pairs, m, c_out), c_out),
         };
-        let grad_weights = matmul_tn(input, grad_out, self.precision, pool);
+        let grad_weights = match &self.input {
+            Input::Windows(maps) => {
+                let g = &self.geometry;
+                winograd::weight_grad(maps, &grad, (g.n, g.h, g.w), (g.c, c_out), pool)
+            }
+            input => matmul_tn(input.tall((m, row_len))?, grad_out, self.precision, pool),
+        };
         accumulate(
             grads,
             &self.unit.weight,

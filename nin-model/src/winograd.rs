@@ -27,9 +27,9 @@ use std::sync::Arc;
 
 use crate::bf16::{self, Bf16Rows, PackedB};
 use crate::config::Window;
-use crate::matmul::Mat;
+use crate::matmul::{self, Mat};
 use crate::precision::Precision;
-use crate::tape::Buffers;
+use crate::tape::{Buf, Buffers};
 use crate::tile::{self, Epilogue, F32Rows, Isa, Left, PackedF32, Threads};
 
 /// Positions of a transformed 4 x 4 tile: one product each.
@@ -649,6 +649,185 @@ fn output_transform<const L: usize>(m: &[[f32; L]; POSITIONS]) -> [[f32; L]; 4] 
     [a, b, c, e]
 }
 
+/// The gradient of a 3 x 3 convolution's weights (stride and padding
+/// 1), in FP32, as the (9 x C_in, C_out) matrix [`Weights::new`] takes,
+/// from its input maps `x` (N, H, W, C_in) and its output's gradient
+/// `grad` (N, H, W, C_out), by the same transforms: the output of a
+/// tile is `A^T [U . V] A` with `U = G g G^T`, so the gradient of `U` at
+/// position p is the sum over tiles of `V_p^T (A dY A^T)_p` (a product
+/// of C_in x tiles by tiles x C_out, 2.25x fewer multiply-adds than the
+/// direct weight gradient's, and no im2col rows), and the weights'
+/// is `G^T dU G`. The threads share the 16 positions out, each taking
+/// its positions' transforms of a few tile rows at a time (which stay
+/// in L2) and adding their products on its own.
+pub(crate) fn weight_grad(
+    x: &[f32],
+    grad: &[f32],
+    (n, h, w): (usize, usize, usize),
+    (c_in, c_out): (usize, usize),
+    pool: &Arc<Buffers>,
+) -> Buf<f32> {
+    assert_eq!(x.len(), n * h * w * c_in, "input size");
+    assert_eq!(grad.len(), n * h * w * c_out, "gradient size");
+    let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
+    let tile_rows = n * th;
+    let per_position = c_in * c_out;
+    let mut du = vec![0f32; POSITIONS * per_position];
+    if tile_rows > 0 && tw > 0 {
+        let share = POSITIONS.div_ceil(rayon::current_num_threads());
+        du.par_chunks_mut(share * per_position)
+            .enumerate()
+            .for_each(|(i, du)| {
+                let (from, count) = (i * share, du.len() / per_position);
+                let most = (STRIP_BYTES / (count * (c_in + c_out) * 4) / tw).max(1);
+                for first in (0..tile_rows).step_by(most) {
+                    let strip = Strip {
+                        first,
+                        rows: most.min(tile_rows - first),
+                        th,
+                        tw,
+                        h,
+                        w,
+                    };
+                    let tiles = strip.rows * tw;
+                    let mut v = pool.take::<f32>(count * tiles * c_in);
+                    transform_input(x, &strip, c_in, from, &mut v);
+                    let mut g = pool.take::<f32>(count * tiles * c_out);
+                    transform_grad(grad, &strip, c_out, from, &mut g);
+                    let products = du
+                        .chunks_exact_mut(per_position)
+                        .zip(v.chunks_exact(tiles * c_in))
+                        .zip(g.chunks_exact(tiles * c_out));
+                    for ((du, v), g) in products {
+                        let (v, g) = (Mat::new(v, tiles, c_in), Mat::new(g, tiles, c_out));
+                        matmul::add_matmul_tn_here(du, v, g);
+                    }
+                }
+            });
+    }
+    // G^T dU G, with G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1].
+    const G: [[f32; 3]; 4] = [
+        [1.0, 0.0, 0.0],
+        [0.5, 0.5, 0.5],
+        [0.5, -0.5, 0.5],
+        [0.0, 0.0, 1.0],
+    ];
+    let mut matrix = pool.take(9 * per_position);
+    matrix.fill(0.0);
+    for (tap, out) in matrix.chunks_exact_mut(per_position).enumerate() {
+        let (ky, kx) = (tap / 3, tap % 3);
+        for (p, du) in du.chunks_exact(per_position).enumerate() {
+            let factor = G[p / 4][ky] * G[p % 4][kx];
+            if factor != 0.0 {
+                for (o, &d) in out.iter_mut().zip(du) {
+                    *o += factor * d;
+                }
+            }
+        }
+    }
+    matrix
+}
+
+/// `g` = `A dY A^T` of each of the strip's tiles of the output's
+/// gradient `grad` (its 2 x 2 pixels `dY`, those outside the maps
+/// zeros), per channel, at the positions from `from` (as many as `g`
+/// holds), laid out as [`transform_input`] lays out `v`.
+fn transform_grad(grad: &[f32], strip: &Strip, c: usize, from: usize, g: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512 (checked just above).
+            return unsafe { transform_grad_avx512(grad, strip, c, from, g) };
+        }
+        if is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked just above).
+            return unsafe { transform_grad_avx2(grad, strip, c, from, g) };
+        }
+    }
+    transform_grad_any(grad, strip, c, from, g)
+}
+
+/// [`transform_grad`] compiled for AVX-512.
+///
+/// # Safety
+/// The CPU has AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transform_grad_avx512(grad: &[f32], strip: &Strip, c: usize, from: usize, g: &mut [f32]) {
+    transform_grad_any(grad, strip, c, from, g)
+}
+
+/// [`transform_grad`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn transform_grad_avx2(grad: &[f32], strip: &Strip, c: usize, from: usize, g: &mut [f32]) {
+    transform_grad_any(grad, strip, c, from, g)
+}
+
+/// [`transform_grad`] for the vectors it is compiled for.
+#[inline(always)]
+fn transform_grad_any(grad: &[f32], strip: &Strip, c: usize, from: usize, g: &mut [f32]) {
+    let tiles = strip.rows * strip.tw;
+    let count = g.len() / (tiles * c);
+    let whole = c - c % LANES;
+    for (t, (image, ty, tx)) in strip.tiles().enumerate() {
+        // The tile's 2 x 2 output pixels, row by row, where inside.
+        let mut pixels = [None; 4];
+        for (q, pixel) in pixels.iter_mut().enumerate() {
+            let (oy, ox) = (2 * ty + q / 2, 2 * tx + q % 2);
+            if oy < strip.h && ox < strip.w {
+                *pixel = Some(&grad[((image * strip.h + oy) * strip.w + ox) * c..][..c]);
+            }
+        }
+        let (g, step) = (&mut g[t * c..], tiles * c);
+        for ch in (0..whole).step_by(LANES) {
+            grad_channels::<LANES>(&pixels, ch, g, step, (from, count));
+        }
+        for ch in whole..c {
+            grad_channels::<1>(&pixels, ch, g, step, (from, count));
+        }
+    }
+}
+
+/// `A dY A^T` of `L` channels from `ch` of a tile's output gradient
+/// `pixels`, positions `from..from + count`, p into `g[(p - from) *
+/// step + ch..]`. (A function of a constant `L`, as [`input_channels`]
+/// is.)
+#[inline(always)]
+fn grad_channels<const L: usize>(
+    pixels: &[Option<&[f32]>; 4],
+    ch: usize,
+    g: &mut [f32],
+    step: usize,
+    (from, count): (usize, usize),
+) {
+    let mut d = [[0f32; L]; 4];
+    for (d, pixel) in d.iter_mut().zip(pixels) {
+        if let Some(pixel) = pixel {
+            d.copy_from_slice(&pixel[ch..ch + L]);
+        }
+    }
+    // A = [1 0; 1 1; 1 -1; 0 -1]: A dY column by column, then each of
+    // its rows times A^T.
+    let (left, right) = (by_a(d[0], d[2]), by_a(d[1], d[3]));
+    let mut m = [[0f32; L]; POSITIONS];
+    for ((row, a), b) in m.chunks_exact_mut(4).zip(left).zip(right) {
+        row.copy_from_slice(&by_a(a, b));
+    }
+    for (p, values) in m.iter().skip(from).take(count).enumerate() {
+        g[p * step + ch..][..L].copy_from_slice(values);
+    }
+}
+
+/// `A` times two values (of `L` channels each): `[a, a + b, a - b, -b]`.
+#[inline(always)]
+fn by_a<const L: usize>(a: [f32; L], b: [f32; L]) -> [[f32; L]; 4] {
+    [a, add(a, b), sub(a, b), sub([0.0; L], b)]
+}
+
 /// `A^T` times four values (of `L` channels each).
 #[inline(always)]
 fn by_at<const L: usize>([a, b, c, e]: [[f32; L]; 4]) -> [[f32; L]; 2] {
@@ -825,6 +1004,50 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The weight gradient by the transforms against the direct one (the
+    /// im2col rows transposed times the output's gradient, in f64), on
+    /// one thread and on three (positions 6, 6 and 4), over maps of odd
+    /// sides, a pixel, several images and the shipped network's layers;
+    /// the small strips of the larger ones add several chunks' products.
+    #[test]
+    fn the_weight_gradient_matches_the_direct_one() {
+        on_one_thread_and_three(|| {
+            let pool = Arc::new(Buffers::default());
+            for (n, h, w, c_in, c_out) in [
+                (1, 1, 1, 16, 17),
+                (3, 5, 8, 20, 33),
+                (2, 14, 14, 64, 128),
+                (4, 7, 7, 128, 192),
+            ] {
+                let x = values(n * h * w * c_in, 1);
+                let grad = values(n * h * w * c_out, 2);
+                let geometry = crate::channels_last::Geometry {
+                    window: Window::new(3, 1, 1),
+                    n,
+                    h,
+                    w,
+                    c: c_in,
+                };
+                let k = 9 * c_in;
+                let mut cols = vec![0f32; n * h * w * k];
+                crate::channels_last::im2col_into(&geometry, &x, &mut cols).expect("windows");
+                let got = weight_grad(&x, &grad, (n, h, w), (c_in, c_out), &pool);
+                for (i, &got) in got.iter().enumerate() {
+                    let (row, o) = (i / c_out, i % c_out);
+                    let terms = cols
+                        .chunks(k)
+                        .zip(grad.chunks(c_out))
+                        .map(|(x, g)| f64::from(x[row]) * f64::from(g[o]));
+                    let (want, size) = terms.fold((0.0, 0.0), |(s, t), p| (s + p, t + p.abs()));
+                    assert!(
+                        (f64::from(got) - want).abs() <= 1e-5 * size + 1e-6,
+                        "{n}x{h}x{w}, {c_in} -> {c_out}: weight {i} is {got}, not {want}"
+                    );
+                }
+            }
+        });
     }
 
     /// The transforms' rounding to bf16 is [`bf16::round`]'s on normal
