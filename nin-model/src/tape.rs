@@ -1550,8 +1550,12 @@ impl ConvRecord {
         if !input_grad {
             return Ok(None);
         }
-        if let Some(kernel) = self.input_grad_winograd() {
-            return Ok(Some(self.input_grad_by_winograd(kernel, grad_out, pool)));
+        if let Some(kernel) = self.input_grad_winograd(c_out) {
+            return Ok(Some(self.input_grad_by_winograd(
+                (kernel, c_out),
+                grad_out,
+                pool,
+            )));
         }
         if let Some(t) = self.input_grad_convolution() {
             return self.input_grad_by_convolution(&t, grad_out, pool).map(Some);
@@ -1584,21 +1588,19 @@ impl ConvRecord {
     /// 1, another such, from C_out channels to C_in). On a Zen 4 (shipped
     /// training, batch 128, 2 threads, alternating blocks of steps, mean
     /// step): FP32 239.1 -> 219.0 ms, bf16 170.4 -> 156.2 ms.
-    fn input_grad_winograd(&self) -> Option<winograd::Kernel> {
-        let c_out = self.unit.weight.dims4().ok()?.0;
+    fn input_grad_winograd(&self, c_out: usize) -> Option<winograd::Kernel> {
         winograd::kernel(self.unit.window, (c_out, self.geometry.c), self.precision)
     }
 
     /// The input's gradient by [`winograd`]'s transforms on `kernel`, from
-    /// the output's, `grad_out`.
+    /// the output's, `grad_out` (`c_out` channels).
     fn input_grad_by_winograd(
         &self,
-        kernel: winograd::Kernel,
+        (kernel, c_out): (winograd::Kernel, usize),
         grad_out: Tall,
         pool: &Arc<Buffers>,
     ) -> Buf<f32> {
         let g = &self.geometry;
-        let c_out = self.weights.len() / (9 * g.c);
         let turned = cl::turned_weights(&self.weights, 9, c_out);
         let weights = winograd::Weights::new(&turned, c_out, g.c, kernel);
         let (dims, mut grad_maps) = ((g.n, g.h, g.w), pool.take(g.n * g.h * g.w * g.c));
@@ -1617,9 +1619,8 @@ impl ConvRecord {
     /// The convolution ([`Geometry::transposed`]) that computes the input's
     /// gradient, where [`winograd`] does not and it is faster than the
     /// product of the output's gradient by the transposed weights
-    /// followed by `col2im`: that
-    /// product writes (and `col2im` reads back) k x k rows of C_in values
-    /// a pixel, where the convolution's im2col writes k x k rows of C_out
+    /// followed by `col2im`: that product writes (and `col2im` reads
+    /// back) k x k rows of C_in values a pixel, where the convolution's im2col writes k x k rows of C_out
     /// values, and on AMX its K, C_out, is short (K is what a tile
     /// accumulates over; the head's 10 classes are 5 pairs). In FP32 and
     /// on AVX512-BF16 where C_out < C_in; on AMX always. On a Xeon with

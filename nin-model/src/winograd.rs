@@ -1,7 +1,8 @@
 //! Winograd's minimal filtering F(2 x 2, 3 x 3) (Lavin & Gray, "Fast
-//! Algorithms for Convolutional Neural Networks", 2016) for inference of
-//! 3 x 3 convolutions of stride 1 and padding 1, in FP32 and (on
-//! AVX512-BF16 without AMX) in bf16.
+//! Algorithms for Convolutional Neural Networks", 2016) for 3 x 3
+//! convolutions of stride 1 and padding 1, in FP32 and (on AVX512-BF16
+//! without AMX) in bf16: inference, and a training step's products and
+//! input gradients; in FP32 its weight gradients too ([`weight_grad`]).
 //!
 //! Each 2 x 2 block of output pixels (a tile) comes from the 4 x 4
 //! window of input pixels around it: transformed by `B^T d B`, multiplied
