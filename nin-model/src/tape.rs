@@ -738,17 +738,19 @@ fn chain<'a>(steps: &[Step<'a>]) -> (Vec<&'a ConvUnit>, usize) {
     (units, taken)
 }
 
-/// Rows of the output a task of [`conv_chain`] takes at most on AVX2.
-const CHAIN_ROWS: usize = 64;
-/// [`CHAIN_ROWS`] on AVX-512 (and AMX): a panel of B serves four times
-/// the rows (eight blocks of 32 rows on AMX instead of two, where the
-/// tile unit also works through one block while the store of the one
+/// Rows of the output a task of [`conv_chain`] takes at most: a panel of
+/// B serves every row of a strip, so more rows a strip means fewer passes
+/// over the weights (eight blocks of 32 rows on AMX instead of two, where
+/// the tile unit also works through one block while the store of the one
 /// before runs, see [`crate::amx::tiles`]). Against 64 on a Xeon with
 /// AMX, passes of the shipped, compact and d2l networks: bf16 6.6%, 6.3%
 /// and 11% shorter, FP32 2.6%, 2.5% and 6.6% (512 rows: the d2l net's
-/// im2col pairs of a bf16 strip, 2.4 MB, outgrow L2, and it slows).
-/// AVX2's CPUs, some with 512 KiB of L2, keep 64 (not measured).
-const CHAIN_ROWS_AVX512: usize = 256;
+/// im2col pairs of a bf16 strip, 2.4 MB, outgrow L2, and it slows). On
+/// AVX2 too, with 512 KiB of L2 a core (a Zen 3, FP32, passes
+/// interleaved in one process, two runs): shipped b1 0.9% and 2.1%
+/// shorter, b64 1.1% and 3.1%; compact b1 2.8% and 3.4%, b64 3.8% and
+/// 4.5%; 512 rows no better.
+const CHAIN_ROWS: usize = 256;
 /// Multiply-adds a task of [`conv_chain`] takes at least.
 const MIN_STRIP_MACS: usize = 1 << 18;
 
@@ -954,18 +956,13 @@ fn conv_chain(
         (Some(_), _) | (_, Some(_)) if pays => BorderOrder::new(&geometry, MIN_GROUP_ROWS),
         _ => None,
     };
-    // Strips of at most CHAIN_ROWS or CHAIN_ROWS_AVX512 (about, where the
-    // strips run in `order`: cut there by work, not rows), as many for
-    // every thread, but none so small that handing it to another thread
-    // costs more than it saves (the compact network's head at batch 1:
-    // 4 pixels).
+    // Strips of at most CHAIN_ROWS (about, where the strips run in
+    // `order`: cut there by work, not rows), as many for every thread,
+    // but none so small that handing it to another thread costs more
+    // than it saves (the compact network's head at batch 1: 4 pixels).
     let threads = rayon::current_num_threads();
     let macs = m * chain_macs;
-    let most = match isa {
-        Isa::Avx512 => CHAIN_ROWS_AVX512,
-        Isa::Avx2 => CHAIN_ROWS,
-    };
-    let mut strips = (threads * m.div_ceil(threads * most)).min(macs / MIN_STRIP_MACS);
+    let mut strips = (threads * m.div_ceil(threads * CHAIN_ROWS)).min(macs / MIN_STRIP_MACS);
     if strips > threads {
         strips -= strips % threads;
     }
