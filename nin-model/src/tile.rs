@@ -942,14 +942,15 @@ pub(crate) mod x86 {
         }
     }
 
-    /// [`fma_run`] on AVX2: two vectors of 8 lanes a row.
+    /// [`fma_run`] on AVX2: `V` vectors of 8 lanes a row (one where a
+    /// panel's columns end within its first half).
     ///
     /// # Safety
     /// AVX2 and FMA present; as for [`fma_run`], `b` in rows of
     /// [`NR_AVX2`].
     #[inline(always)]
-    unsafe fn fma_run_avx2<const R: usize>(
-        acc: &mut [[__m256; 2]; R],
+    unsafe fn fma_run_avx2<const R: usize, const V: usize>(
+        acc: &mut [[__m256; V]; R],
         rows: [*const f32; R],
         b: *const f32,
         len: usize,
@@ -958,12 +959,12 @@ pub(crate) mod x86 {
         for kk in 0..len {
             // SAFETY: kk < len, so bp and rows[r] + kk are inside b and a.
             unsafe {
-                let b0 = _mm256_loadu_ps(bp);
-                let b1 = _mm256_loadu_ps(bp.add(8));
+                let bv: [__m256; V] = std::array::from_fn(|v| _mm256_loadu_ps(bp.add(8 * v)));
                 for r in 0..R {
                     let av = _mm256_broadcast_ss(&*rows[r].add(kk));
-                    acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
-                    acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+                    for v in 0..V {
+                        acc[r][v] = _mm256_fmadd_ps(av, bv[v], acc[r][v]);
+                    }
                 }
                 bp = bp.add(NR_AVX2);
             }
@@ -1081,15 +1082,20 @@ pub(crate) mod x86 {
         debug_assert!(store.pairs.is_none(), "bf16 pairs from the AVX2 kernel");
         // SAFETY: the caller's.
         let stores = unsafe { StoreAvx2::new(ldc, first, store) };
+        // A panel whose columns end within its first half (the last of
+        // N = 24, say) skips the second half's multiply-adds.
+        let half = first.cols <= 8;
         for (row, rows) in tiles {
             let target = Tile { row, rows, ..first };
             debug_assert!(rows <= MR_AVX2 && row + rows <= a.rows());
             macro_rules! rows {
                 ($($r:literal)*) => {
-                    match rows {
+                    match (rows, half) {
                         // SAFETY: the caller's, for this tile.
-                        $($r => unsafe { tile_avx2::<$r>(a, b, target, &stores) },)*
-                        rows => unreachable!("a tile of {rows} rows"),
+                        $(($r, false) => unsafe { tile_avx2::<$r, 2>(a, b, target, &stores) },)*
+                        // SAFETY: as above.
+                        $(($r, true) => unsafe { tile_avx2::<$r, 1>(a, b, target, &stores) },)*
+                        (rows, _) => unreachable!("a tile of {rows} rows"),
                     }
                 };
             }
@@ -1097,13 +1103,19 @@ pub(crate) mod x86 {
         }
     }
 
-    /// One tile of [`tiles_f32_avx2`], R rows.
+    /// One tile of [`tiles_f32_avx2`], R rows of `V` vectors.
     ///
     /// # Safety
-    /// As for [`tiles_f32_avx2`], for this tile.
+    /// As for [`tiles_f32_avx2`], for this tile; `V` vectors cover its
+    /// columns.
     #[inline(always)]
-    unsafe fn tile_avx2<const R: usize>(a: &Left, b: &[f32], target: Tile, stores: &StoreAvx2) {
-        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    unsafe fn tile_avx2<const R: usize, const V: usize>(
+        a: &Left,
+        b: &[f32],
+        target: Tile,
+        stores: &StoreAvx2,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); V]; R];
         for (rows, at, len) in a.stretches::<R>(target) {
             // SAFETY: as in `tile_f32_rows`.
             unsafe { fma_run_avx2(&mut acc, rows, b.as_ptr().add(at * NR_AVX2), len) }
@@ -1163,7 +1175,7 @@ pub(crate) mod x86 {
         /// AVX2 and FMA present; the rows lie inside the destination, and
         /// no one else writes them meanwhile.
         #[inline(always)]
-        unsafe fn store<const R: usize>(&self, acc: &[[__m256; 2]; R], row: usize) {
+        unsafe fn store<const R: usize, const V: usize>(&self, acc: &[[__m256; V]; R], row: usize) {
             let store = self.store;
             for (r, acc) in acc.iter().enumerate() {
                 for (h, &v) in acc.iter().enumerate().take(self.columns) {
@@ -1499,6 +1511,7 @@ pub(crate) mod tests {
             (49, 1152, 192, 1152, false),
             (49, 1728, 10, 1728, true),
             (37, 40, 16, 41, false),
+            (11, 24, 24, 24, true),
             (5, 0, 3, 0, true),
         ] {
             let a = values(m * row_step.max(1), 1);
