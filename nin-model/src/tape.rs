@@ -1617,16 +1617,16 @@ impl ConvRecord {
     /// gradient, where [`winograd`] does not and it is faster than the
     /// product of the output's gradient by the transposed weights
     /// followed by `col2im`: that product writes (and `col2im` reads
-    /// back) k x k rows of C_in values a pixel, where the convolution's im2col writes k x k rows of C_out
-    /// values, and on AMX its K, C_out, is short (K is what a tile
-    /// accumulates over; the head's 10 classes are 5 pairs). In FP32 and
-    /// on AVX512-BF16 where C_out < C_in; on AMX always. On a Xeon with
-    /// AMX (shipped training, batch 128, 2 threads, alternating blocks of
-    /// steps, mean step): bf16 178.5 -> 160.1 ms (the head's input
-    /// gradient 10.5 -> 0.7 ms, block 3's 7.2 -> 3.7, block 2's 12.1 ->
-    /// 8.8), FP32 233.9 -> 230.1 ms (the head alone: on gemm, blocks 2
-    /// and 3 took 20 and 12 ms this way, more than the product and
-    /// `col2im`).
+    /// back) k x k rows of C_in values a pixel, where the convolution's
+    /// im2col writes k x k rows of C_out values, and on AMX its K, C_out,
+    /// is short (K is what a tile accumulates over; the head's 10 classes
+    /// are 5 pairs). In FP32 and on AVX512-BF16 where C_out < C_in; on
+    /// AMX always. On a Xeon with AMX (shipped training, batch 128, 2
+    /// threads, alternating blocks of steps, mean step): bf16 178.5 ->
+    /// 160.1 ms (the head's input gradient 10.5 -> 0.7 ms, block 3's 7.2
+    /// -> 3.7, block 2's 12.1 -> 8.8), FP32 233.9 -> 230.1 ms (the head
+    /// alone: on gemm, blocks 2 and 3 took 20 and 12 ms this way, more
+    /// than the product and `col2im`).
     fn input_grad_convolution(&self) -> Option<Geometry> {
         let (c_in, c_out) = (self.geometry.c, self.unit.weight.dims4().ok()?.0);
         let on_tiles = self.precision == Precision::Bf16 && bf16::Unit::Amx.present();
