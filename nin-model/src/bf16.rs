@@ -191,6 +191,21 @@ impl<'a> Bf16Rows<'a> {
         }
     }
 
+    /// A (rows, k) matrix already in pairs, pair by pair: pair q of row i
+    /// at `q * rows + i` (what [`Bf16Rows::transpose`] and the transposes
+    /// of [`Bf16Rows::convert`] write).
+    pub(crate) fn across(data: &'a [u32], rows: usize, k: usize) -> Self {
+        let p = pairs(k);
+        assert_eq!(data.len(), rows * p, "bf16 rows size");
+        Self {
+            data,
+            rows,
+            pairs: p,
+            row_step: 1,
+            pair_step: rows,
+        }
+    }
+
     /// Converts `a` into `out` (`a.rows * pairs(a.cols)` long, overwritten).
     pub(crate) fn convert(a: Mat, out: &'a mut [u32]) -> Self {
         let (rows, p) = (a.rows, pairs(a.cols));
@@ -305,13 +320,7 @@ impl<'a> Bf16Rows<'a> {
                 let row = |i: usize| (i < a.rows).then(|| &a.data[i * a.row_step..][..a.pairs]);
                 halves_across(row(2 * q).expect("pair inside M"), row(2 * q + 1), out);
             });
-        Self {
-            data: out,
-            rows: k,
-            pairs: p,
-            row_step: 1,
-            pair_step: k,
-        }
+        Self::across(out, k, a.rows)
     }
 }
 
@@ -362,7 +371,7 @@ pub(crate) fn convert_row(src: &[f32], out: &mut [u32]) {
 }
 
 /// Pairs `(lo[j], hi[j])` (`hi` zero when `None`) into `out[j]`.
-fn interleave(lo: &[f32], hi: Option<&[f32]>, out: &mut [u32]) {
+pub(crate) fn interleave(lo: &[f32], hi: Option<&[f32]>, out: &mut [u32]) {
     assert!(lo.len() >= out.len() && hi.is_none_or(|hi| hi.len() >= out.len()));
     #[cfg(target_arch = "x86_64")]
     if available() {

@@ -172,6 +172,101 @@ pub(crate) fn im2col_pairs_rows_into(
     im2col_rows_with(g, (src, g.c), first, out, g.c / 2, crate::bf16::convert_row)
 }
 
+/// A layer's im2col rows (`g`'s windows over f32 `maps`), rows `first..`
+/// `first + rows`, never written out whole: made a few hundred rows at a
+/// time, straight into the bf16 pairs a weight gradient multiplies (a bf16
+/// 3 x 3 layer whose products [`crate::winograd`] computes from the maps
+/// needs its im2col rows for nothing else).
+#[derive(Clone, Copy)]
+pub(crate) struct Windows<'a> {
+    g: Geometry,
+    maps: &'a [f32],
+    first: usize,
+    rows: usize,
+}
+
+impl<'a> Windows<'a> {
+    /// All the im2col rows of `g` over `maps` ((N*H*W, C), f32).
+    pub fn new(g: Geometry, maps: &'a [f32]) -> Result<Self> {
+        let (oh, ow) = g.out_dims()?;
+        if maps.len() != g.n * g.h * g.w * g.c {
+            bail!("windows: {} values for {g:?}", maps.len())
+        }
+        Ok(Self {
+            g,
+            maps,
+            first: 0,
+            rows: g.n * oh * ow,
+        })
+    }
+
+    /// (rows, values a row): the (M, k*k*C) matrix they are.
+    pub fn dims(&self) -> (usize, usize) {
+        let k = self.g.window.kernel;
+        (self.rows, k * k * self.g.c)
+    }
+
+    /// Rows `range` of these.
+    pub fn rows(&self, range: std::ops::Range<usize>) -> Self {
+        assert!(range.end <= self.rows, "rows of windows");
+        Self {
+            first: self.first + range.start,
+            rows: range.len(),
+            ..*self
+        }
+    }
+
+    /// The rows in row-by-row bf16 pairs, as [`im2col_pairs_rows_into`]
+    /// writes them (C even).
+    pub fn pairs_into(&self, out: &mut [u32]) -> Result<()> {
+        im2col_pairs_rows_into(&self.g, self.maps, self.first, out)
+    }
+
+    /// The rows' transpose in bf16 pairs along M: `out[q * len + j]`
+    /// pairs value j of rows 2q and 2q + 1 (a zero for the row past an
+    /// odd count), what [`crate::bf16::Bf16Rows::convert`] makes of the
+    /// transpose of the rows written out. Two rows at a time: two windows
+    /// inside the maps interleave straight from them, a kernel row (one
+    /// run of k x C values) at a time; others through a scratch of two
+    /// im2col rows, which stays in L1.
+    pub fn pairs_across_into(&self, out: &mut [u32]) -> Result<()> {
+        let (rows, len) = self.dims();
+        if out.len() != rows.div_ceil(2) * len {
+            bail!("windows across pairs: {} values for {rows} rows", out.len())
+        }
+        let (g, (oh, ow)) = (&self.g, self.g.out_dims()?);
+        let (k, row) = (g.window.kernel, g.w * g.c);
+        // Where the window of output pixel `at` starts in the maps, if it
+        // lies inside them whole (most pixels).
+        let inside = |at: usize| {
+            let (n, oy, ox) = (at / (oh * ow), at % (oh * ow) / ow, at % ow);
+            let (ys, xs) = (g.window.span(oy, g.h), g.window.span(ox, g.w));
+            (ys.len() == k && xs.len() == k)
+                .then(|| n * g.h * row + ys.start * row + xs.start * g.c)
+        };
+        let mut two = vec![0f32; 2 * len];
+        for (q, out) in out.chunks_mut(len.max(1)).enumerate() {
+            let count = (rows - 2 * q).min(2);
+            let at = self.first + 2 * q;
+            if let (2, Some(a), Some(b)) = (count, inside(at), inside(at + 1)) {
+                // A kernel row of each window is one run of k x C values.
+                let run = k * g.c;
+                for (ky, out) in out.chunks_mut(run).enumerate() {
+                    let (a, b) = (a + ky * row, b + ky * row);
+                    let (a, b) = (&self.maps[a..a + run], &self.maps[b..b + run]);
+                    crate::bf16::interleave(a, Some(b), out);
+                }
+                continue;
+            }
+            let two = &mut two[..count * len];
+            im2col_rows_with(g, (self.maps, g.c), at, two, g.c, copy_run)?;
+            let (lo, hi) = two.split_at(len);
+            crate::bf16::interleave(lo, (count == 2).then_some(hi), out);
+        }
+        Ok(())
+    }
+}
+
 /// [`im2col_pairs_rows_into`] from maps already in bf16 pairs (`src`:
 /// (N*H*W, C/2) pairs, as a bf16 layer and a max-pool of pairs write
 /// them): the pairs are copied, not converted.

@@ -13,6 +13,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use crate::bf16::{self, Bf16Rows, PackedB, Unit};
+use crate::channels_last::Windows;
 use crate::precision::Precision;
 use crate::tape::{Buf, Buffers};
 
@@ -158,19 +159,51 @@ impl<'a> Tall<'a> {
     }
 }
 
+/// What a weight's gradient is multiplied from (`a` of [`matmul_tn`]): a
+/// [`Tall`] operand, or a layer's im2col rows made a step at a time where
+/// they are multiplied (in bf16 only).
+#[derive(Clone, Copy)]
+pub(crate) enum Operand<'a> {
+    Tall(Tall<'a>),
+    Windows(Windows<'a>),
+}
+
+impl<'a> Operand<'a> {
+    /// (M, K).
+    fn dims(&self) -> (usize, usize) {
+        match self {
+            Operand::Tall(a) => a.dims(),
+            Operand::Windows(a) => a.dims(),
+        }
+    }
+
+    /// Rows `range`.
+    fn rows(&self, range: Range<usize>) -> Self {
+        match self {
+            Operand::Tall(a) => Operand::Tall(a.rows(range)),
+            Operand::Windows(a) => Operand::Windows(a.rows(range)),
+        }
+    }
+}
+
 /// `a^T x b` for `a` (M, K) and `b` (M, N) with M large and K, N small
 /// (weight gradients), in `precision` (FP32 takes f32 operands only):
 /// gemm parallelises over the output, which is small here, so the rows
 /// are split into fixed chunks whose products are computed in parallel
 /// and added in order. In bf16 (FP32 accumulation), on AMX where the CPU
 /// has it (turned around, see [`partial_tn_bf16`]), else AVX512-BF16.
-pub(crate) fn matmul_tn(a: Tall, b: Tall, precision: Precision, pool: &Arc<Buffers>) -> Buf<f32> {
+pub(crate) fn matmul_tn(
+    a: Operand,
+    b: Tall,
+    precision: Precision,
+    pool: &Arc<Buffers>,
+) -> Buf<f32> {
     matmul_tn_as(a, b, precision, Unit::Amx.present(), pool)
 }
 
 /// [`matmul_tn`], its bf16 products `turned` around or not.
 fn matmul_tn_as(
-    a: Tall,
+    a: Operand,
     b: Tall,
     precision: Precision,
     turned: bool,
@@ -224,22 +257,22 @@ fn matmul_tn_as(
 /// first layer's, 1.5 as given against 3.0 turned.
 fn partial_tn(
     dst: &mut [f32],
-    (a, b): (Tall, Tall),
+    (a, b): (Operand, Tall),
     precision: Precision,
     turned: bool,
     parallelism: Parallelism,
     pool: &Arc<Buffers>,
 ) {
     match (precision, a, b) {
-        (Precision::Fp32, Tall::F32(a), Tall::F32(b)) if a.cols > b.cols => {
+        (Precision::Fp32, Operand::Tall(Tall::F32(a)), Tall::F32(b)) if a.cols > b.cols => {
             let mut dst_t = pool.take(a.cols * b.cols);
             matmul_f32(&mut dst_t, b.t(), a, false, parallelism);
             transpose_into(&dst_t, a.cols, dst);
         }
-        (Precision::Fp32, Tall::F32(a), Tall::F32(b)) => {
+        (Precision::Fp32, Operand::Tall(Tall::F32(a)), Tall::F32(b)) => {
             matmul_f32(dst, a.t(), b, false, parallelism)
         }
-        (Precision::Fp32, _, _) => panic!("an FP32 product of bf16 pairs"),
+        (Precision::Fp32, _, _) => panic!("an FP32 product of bf16 pairs or of windows"),
         (Precision::Bf16, ..) => partial_tn_bf16(dst, a, b, turned, pool),
     }
 }
@@ -274,7 +307,7 @@ const ROWS_PER_TURNED_STEP: usize = 1024;
 /// a Xeon with AMX (bf16 training at batch 128, interleaved, 3 rounds,
 /// images/s), against this product on AVX512-BF16 as given: shipped
 /// 606 -> 718, compact 2,395 -> 2,617.
-fn partial_tn_bf16(dst: &mut [f32], a: Tall, b: Tall, turned: bool, pool: &Arc<Buffers>) {
+fn partial_tn_bf16(dst: &mut [f32], a: Operand, b: Tall, turned: bool, pool: &Arc<Buffers>) {
     let ((m, k), n) = (a.dims(), b.dims().1);
     if m == 0 {
         dst.fill(0.0);
@@ -282,9 +315,9 @@ fn partial_tn_bf16(dst: &mut [f32], a: Tall, b: Tall, turned: bool, pool: &Arc<B
     }
     let mut dst_t = pool.take(if turned { k * n } else { 0 });
     let (out, (left, right)) = if turned {
-        (&mut dst_t[..], (b, a))
+        (&mut dst_t[..], (Operand::Tall(b), a))
     } else {
-        (&mut *dst, (a, b))
+        (&mut *dst, (a, Operand::Tall(b)))
     };
     let cols = left.dims().1;
     let step = if turned {
@@ -297,8 +330,12 @@ fn partial_tn_bf16(dst: &mut [f32], a: Tall, b: Tall, turned: bool, pool: &Arc<B
         let len = cols * bf16::pairs(rows.len());
         let mut pairs = pool.take::<u32>(len);
         let left_t = match left.rows(rows.clone()) {
-            Tall::F32(x) => Bf16Rows::convert(x.t(), &mut pairs),
-            Tall::Pairs(x, c) => Bf16Rows::transpose(&x, c, &mut pairs),
+            Operand::Tall(Tall::F32(x)) => Bf16Rows::convert(x.t(), &mut pairs),
+            Operand::Tall(Tall::Pairs(x, c)) => Bf16Rows::transpose(&x, c, &mut pairs),
+            Operand::Windows(x) => {
+                x.pairs_across_into(&mut pairs).expect("a step's windows");
+                Bf16Rows::across(&pairs, cols, rows.len())
+            }
         };
         let mut gathered = pool.take::<u32>(if turned { len } else { 0 });
         let left_t = if turned {
@@ -307,10 +344,17 @@ fn partial_tn_bf16(dst: &mut [f32], a: Tall, b: Tall, turned: bool, pool: &Arc<B
             left_t
         };
         let right = match right.rows(rows) {
-            Tall::F32(x) => packed_in(x, pool),
-            Tall::Pairs(x, c) => {
+            Operand::Tall(Tall::F32(x)) => packed_in(x, pool),
+            Operand::Tall(Tall::Pairs(x, c)) => {
                 let packed = pool.take(PackedB::<Buf<u32>>::len_for(x.rows, c));
                 PackedB::from_pairs_in(&x, c, packed)
+            }
+            Operand::Windows(x) => {
+                let (m, c) = x.dims();
+                let mut rows = pool.take::<u32>(m * bf16::pairs(c));
+                x.pairs_into(&mut rows).expect("a step's windows");
+                let packed = pool.take(PackedB::<Buf<u32>>::len_for(m, c));
+                PackedB::from_pairs_in(&Bf16Rows::from_pairs(&rows, m, c), c, packed)
             }
         };
         bf16::matmul(out, &left_t, &right, i > 0);
@@ -361,6 +405,8 @@ pub(crate) fn matmul_packed<D: Deref<Target = [u32]>>(
 mod tests {
     use super::*;
     use crate::bf16::tests::{reference, values};
+    use crate::channels_last::{im2col_into, Geometry};
+    use crate::config::Window;
 
     /// The weight-gradient product in FP32 against an f64 reference, into
     /// a buffer left full of NaN, with either operand the wider (gemm's
@@ -380,7 +426,7 @@ mod tests {
             let (a, b) = (values(m * k, 5), values(m * n, 6));
             pool.take::<f32>(k * n).fill(f32::NAN);
             let got = matmul_tn(
-                Tall::F32(Mat::new(&a, m, k)),
+                Operand::Tall(Tall::F32(Mat::new(&a, m, k))),
                 Tall::F32(Mat::new(&b, m, n)),
                 Precision::Fp32,
                 &pool,
@@ -439,7 +485,7 @@ mod tests {
                 let product = |a, b| {
                     // What an earlier user left in the buffer the result will take.
                     pool.take::<f32>(k * n).fill(f32::NAN);
-                    matmul_tn_as(a, b, Precision::Bf16, turned, &pool)
+                    matmul_tn_as(Operand::Tall(a), b, Precision::Bf16, turned, &pool)
                 };
                 let got = product(Tall::F32(a_f32), Tall::F32(b));
                 for (i, ((&got, &want), &tol)) in got.iter().zip(&want).zip(&bound).enumerate() {
@@ -459,6 +505,43 @@ mod tests {
                         "({m}, {k}, {n}), turned {turned}, {given} in pairs"
                     );
                 }
+            }
+        }
+    }
+    /// A layer's im2col rows made a step at a time where multiplied
+    /// ([`Operand::Windows`]) give the bits of the same rows written out
+    /// first, as given and turned around: 3 x 3 windows of stride 1 and
+    /// padding 1 (over the padding at every edge; an odd count of rows;
+    /// rows enough for steps and partial products) and of stride 2.
+    #[test]
+    fn windows_made_where_multiplied_match_their_rows_written_out() {
+        if !bf16::available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        let pool = Arc::new(Buffers::default());
+        for (window, (n, h, w, c), n_out) in [
+            (Window::new(3, 1, 1), (1, 5, 7, 4), 6),
+            (Window::new(3, 1, 1), (27, 28, 28, 4), 5),
+            (Window::new(3, 2, 0), (3, 9, 9, 6), 3),
+        ] {
+            let g = Geometry { window, n, h, w, c };
+            let maps = values(n * h * w * c, 7);
+            let (oh, ow) = g.out_dims().unwrap();
+            let (m, row_len) = (n * oh * ow, 9 * c);
+            let mut cols = vec![0f32; m * row_len];
+            im2col_into(&g, &maps, &mut cols).unwrap();
+            let grad = values(m * n_out, 8);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            for turned in [false, true] {
+                let product = |a| {
+                    pool.take::<f32>(row_len * n_out).fill(f32::NAN);
+                    let b = Tall::F32(Mat::new(&grad, m, n_out));
+                    bits(&matmul_tn_as(a, b, Precision::Bf16, turned, &pool))
+                };
+                let written = Operand::Tall(Tall::F32(Mat::new(&cols, m, row_len)));
+                let made = Operand::Windows(Windows::new(g, &maps).unwrap());
+                assert_eq!(product(made), product(written), "{g:?}, turned {turned}");
             }
         }
     }

@@ -45,7 +45,7 @@ use crate::border::{self, BorderOrder};
 use crate::channels_last::{self as cl, Geometry, NormStats};
 use crate::config::Window;
 use crate::dropout::{self, Dropout};
-use crate::matmul::{matmul, matmul_packed, matmul_tn, packed_in, Mat, Tall};
+use crate::matmul::{matmul, matmul_packed, matmul_tn, packed_in, Mat, Operand, Tall};
 use crate::precision::Precision;
 use crate::tile::{
     self, Bf16Left, ConvRows, Epilogue, F32Rows, Isa, Left, Out, PackedF32, Threads,
@@ -338,14 +338,18 @@ enum Input {
     Maps(Arc<Buf<f32>>),
     /// The input's im2col rows.
     Cols(Buf<f32>),
-    /// The input maps of a 3 x 3 layer whose products and gradients
-    /// [`winograd`] computes in FP32, its weight's among them
-    /// ([`winograd::weight_grad`]): no im2col rows at all.
+    /// The input maps of a 3 x 3 layer whose product and input gradient
+    /// [`winograd`] computes: no im2col rows written whole. In FP32 the
+    /// weight's gradient is Winograd's too ([`winograd::weight_grad`]);
+    /// in bf16 its product makes the im2col rows from the maps a step at
+    /// a time, straight into the pairs it multiplies ([`cl::Windows`]).
+    /// (Against the rows written in pairs by the forward pass, tens of MB
+    /// that went to memory and back: shipped bf16 training at batch 128
+    /// on a Zen 5, alternating blocks of steps, 105.2 -> 101.0 and 104.5
+    /// -> 99.6 ms a step.)
     Windows(Arc<Buf<f32>>),
     /// Either in row-by-row bf16 pairs, as the forward product multiplied
-    /// them (where [`winograd`] took it from the maps, as the weight
-    /// gradient reads them): what the weight gradient's bf16 product
-    /// transposes. Rounded once, not once per product: shipped bf16
+    /// them: what the weight gradient's bf16 product transposes. Rounded once, not once per product: shipped bf16
     /// training at batch 128 on Zen 4 went from 621 to 683 images/s (7
     /// interleaved rounds, medians). A 1x1 convolution's are the maps'
     /// own, shared with the layer before where its batch norm wrote them
@@ -1289,7 +1293,7 @@ fn conv_forward(
     let given_pairs = x.only_pairs().and(x.pairs.clone());
     let kernel = winograd::kernel(unit.window, (c_in, c_out), precision);
     let input = match given_pairs {
-        None if matches!(kernel, Some(winograd::Kernel::F32(_))) => Input::Windows(x.data.clone()),
+        None if kernel.is_some() => Input::Windows(x.data.clone()),
         Some(pairs) if pointwise && precision == Precision::Bf16 => Input::Pairs(pairs),
         Some(_) => bail!("a {k}x{k} {precision:?} convolution got its maps in bf16 pairs alone"),
         None if precision == Precision::Bf16 && c_in % 2 == 0 => {
@@ -1532,12 +1536,19 @@ impl ConvRecord {
             None => Tall::F32(grad_mat),
             Some(pairs) => Tall::Pairs(Bf16Rows::from_pairs(pairs, m, c_out), c_out),
         };
-        let grad_weights = match &self.input {
-            Input::Windows(maps) => {
+        let grad_weights = match (&self.input, self.precision) {
+            (Input::Windows(maps), Precision::Fp32) => {
                 let g = &self.geometry;
                 winograd::weight_grad(maps, &grad, (g.n, g.h, g.w), (g.c, c_out), pool)
             }
-            input => matmul_tn(input.tall((m, row_len))?, grad_out, self.precision, pool),
+            (Input::Windows(maps), Precision::Bf16) => {
+                let windows = Operand::Windows(cl::Windows::new(self.geometry, maps)?);
+                matmul_tn(windows, grad_out, Precision::Bf16, pool)
+            }
+            (input, _) => {
+                let input = Operand::Tall(input.tall((m, row_len))?);
+                matmul_tn(input, grad_out, self.precision, pool)
+            }
         };
         accumulate(
             grads,
