@@ -195,14 +195,10 @@ impl<'a> Bf16Rows<'a> {
     /// at `q * rows + i` (what [`Bf16Rows::transpose`] and the transposes
     /// of [`Bf16Rows::convert`] write).
     pub(crate) fn across(data: &'a [u32], rows: usize, k: usize) -> Self {
-        let p = pairs(k);
-        assert_eq!(data.len(), rows * p, "bf16 rows size");
         Self {
-            data,
-            rows,
-            pairs: p,
             row_step: 1,
             pair_step: rows,
+            ..Self::from_pairs(data, rows, k)
         }
     }
 

@@ -350,11 +350,11 @@ fn partial_tn_bf16(dst: &mut [f32], a: Operand, b: Tall, turned: bool, pool: &Ar
                 PackedB::from_pairs_in(&x, c, packed)
             }
             Operand::Windows(x) => {
-                let (m, c) = x.dims();
-                let mut rows = pool.take::<u32>(m * bf16::pairs(c));
+                let (count, len) = x.dims();
+                let mut rows = pool.take::<u32>(count * bf16::pairs(len));
                 x.pairs_into(&mut rows).expect("a step's windows");
-                let packed = pool.take(PackedB::<Buf<u32>>::len_for(m, c));
-                PackedB::from_pairs_in(&Bf16Rows::from_pairs(&rows, m, c), c, packed)
+                let packed = pool.take(PackedB::<Buf<u32>>::len_for(count, len));
+                PackedB::from_pairs_in(&Bf16Rows::from_pairs(&rows, count, len), len, packed)
             }
         };
         bf16::matmul(out, &left_t, &right, i > 0);
@@ -508,6 +508,7 @@ mod tests {
             }
         }
     }
+
     /// A layer's im2col rows made a step at a time where multiplied
     /// ([`Operand::Windows`]) give the bits of the same rows written out
     /// first, as given and turned around: 3 x 3 windows of stride 1 and

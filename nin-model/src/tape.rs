@@ -350,11 +350,11 @@ enum Input {
     /// -> 99.6 ms a step.)
     Windows(Arc<Buf<f32>>),
     /// Either in row-by-row bf16 pairs, as the forward product multiplied
-    /// them: what the weight gradient's bf16 product transposes. Rounded once, not once per product: shipped bf16
-    /// training at batch 128 on Zen 4 went from 621 to 683 images/s (7
-    /// interleaved rounds, medians). A 1x1 convolution's are the maps'
-    /// own, shared with the layer before where its batch norm wrote them
-    /// in pairs alone.
+    /// them: what the weight gradient's bf16 product transposes. Rounded
+    /// once, not once per product: shipped bf16 training at batch 128 on
+    /// Zen 4 went from 621 to 683 images/s (7 interleaved rounds,
+    /// medians). A 1x1 convolution's are the maps' own, shared with the
+    /// layer before where its batch norm wrote them in pairs alone.
     Pairs(Arc<Buf<u32>>),
 }
 
