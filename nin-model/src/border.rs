@@ -44,11 +44,18 @@ impl Taps {
 pub(crate) struct BorderOrder {
     /// The output pixel (index in (n, y, x) order) of each row.
     pixels: Vec<u32>,
-    /// Where each row's window starts, in pixels of the framed maps
-    /// ([`Geometry::framed`]): its top-left tap, padding or not.
+    /// Where each row's window starts: its top-left tap, padding or
+    /// not, in pixels of the framed maps ([`Geometry::framed`]), or,
+    /// where the windows read the maps as given ([`Self::unframed`]), of
+    /// those maps offset by the padding's `p * (w + 1)` pixels (so that
+    /// a start is never negative).
     starts: Vec<u32>,
     /// Each group's first row and taps, in row order.
     groups: Vec<(usize, Taps)>,
+    /// Whether every group's taps lie inside the maps for each of its
+    /// windows: then the windows read nothing of the padding, and the
+    /// maps need no frame.
+    unframed: bool,
 }
 
 impl BorderOrder {
@@ -84,11 +91,17 @@ impl BorderOrder {
         if plan.iter().map(|(.., xs)| xs.sets.len()).sum::<usize>() == 1 {
             return None;
         }
+        // Columns merged into one set read the taps of all of them,
+        // some on the padding: those windows need the frame.
+        let unframed = plan
+            .iter()
+            .all(|(.., xs)| xs.sets.len() == split.sets.len());
         let framed = g.framed();
         // Window starts (and output pixels, fewer) are counted in u32.
         if framed.n * framed.h * framed.w > u32::MAX as usize {
             return None;
         }
+        let read = if unframed { *g } else { framed };
         let stride = g.window.stride;
         let (mut pixels, mut starts) = (Vec::with_capacity(g.n * oh * ow), Vec::new());
         starts.reserve_exact(pixels.capacity());
@@ -100,7 +113,7 @@ impl BorderOrder {
                     for &y in rows {
                         for &x in cols {
                             pixels.push(((map * oh + y) * ow + x) as u32);
-                            let start = (map * framed.h + y * stride) * framed.w + x * stride;
+                            let start = (map * read.h + y * stride) * read.w + x * stride;
                             starts.push(start as u32);
                         }
                     }
@@ -111,7 +124,17 @@ impl BorderOrder {
             pixels,
             starts,
             groups,
+            unframed,
         })
+    }
+
+    /// Whether its windows read the maps as given, not framed by their
+    /// padding: every group's taps lie inside the maps for each of its
+    /// windows, so the frame (a copy of the maps, 5% of the compact
+    /// network's pass at b64) is never read. Not where a group of too few
+    /// rows ran with its neighbours' taps (at batch 1, a map's corners).
+    pub(crate) fn unframed(&self) -> bool {
+        self.unframed
     }
 
     /// The output pixel of each row.
@@ -264,15 +287,27 @@ mod tests {
                 panic!("{g:?}: no groups")
             };
             let (oh, ow) = g.out_dims().unwrap();
-            let framed = g.framed();
+            // The maps its starts count pixels of, and by how many
+            // pixels they are offset.
+            let (read, offset) = match order.unframed() {
+                true => (g, window.padding * (w + 1)),
+                false => (g.framed(), 0),
+            };
             let mut seen = vec![false; n * oh * ow];
             for (first, starts, taps) in order.parts(0, n * oh * ow) {
                 for (i, &start) in starts.iter().enumerate() {
                     let pixel = order.pixels()[first + i] as usize;
                     assert!(!std::mem::replace(&mut seen[pixel], true), "{g:?}: twice");
                     let (map, y, x) = (pixel / (oh * ow), pixel / ow % oh, pixel % ow);
-                    let at = (map * framed.h + y * window.stride) * framed.w + x * window.stride;
+                    let (top, left) = (y * window.stride, x * window.stride);
+                    let at = (map * read.h + top) * read.w + left;
                     assert_eq!(start as usize, at, "{g:?}: pixel {pixel}'s window");
+                    // Its first tap read, where it lies in the maps read.
+                    if order.unframed() && taps.count() > 0 {
+                        let tap = (top + taps.ky.0 - window.padding, left + taps.kx.0);
+                        let pixel = (map * h + tap.0) * w + tap.1 - window.padding;
+                        assert_eq!(start as usize + taps.ky.0 * w + taps.kx.0 - offset, pixel);
+                    }
                     for ky in 0..window.kernel {
                         for kx in 0..window.kernel {
                             let inside = (y * window.stride + ky)
@@ -284,8 +319,11 @@ mod tests {
                             let read = (taps.ky.0..taps.ky.1).contains(&ky)
                                 && (taps.kx.0..taps.kx.1).contains(&kx);
                             // A group reads every tap inside; it may read
-                            // padding only where columns were not split.
+                            // padding only where columns were not split,
+                            // and then it reads the maps framed.
                             assert!(!inside || read, "{g:?}: ({ky}, {kx}) of {pixel} unread");
+                            let framed = !order.unframed();
+                            assert!(inside || !read || framed, "{g:?}: ({ky}, {kx}) of {pixel}");
                         }
                     }
                 }
@@ -302,6 +340,7 @@ mod tests {
         let taps = |n| -> Vec<Taps> { order(n).unwrap().parts(0, n * 49).map(|p| p.2).collect() };
         assert_eq!(taps(64).len(), 9);
         assert_eq!(taps(4).len(), 9);
+        assert!(order(64).unwrap().unframed() && order(4).unwrap().unframed());
         // The top and bottom rows' corners are groups of 3 images' or
         // one image's pixels: those rows keep their columns whole, the
         // middle rows split theirs.
@@ -317,6 +356,10 @@ mod tests {
             let taps = taps(n);
             assert_eq!(taps.len(), 5, "{n} images");
             assert!(taps.contains(&top) && taps.contains(&left) && taps.contains(&Taps::all(3)));
+            assert!(
+                !order(n).unwrap().unframed(),
+                "{n} images: the corners read the frame"
+            );
         }
         let unpadded = geometry(64, 7, 7, Window::new(3, 1, 0));
         assert!(BorderOrder::new(&unpadded, 4).is_none());

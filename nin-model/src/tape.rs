@@ -656,9 +656,10 @@ fn conv_rows<'a, T>(
 /// of multiply-adds to hide the kernel's latency.
 const MIN_GROUP_ROWS: usize = 4;
 
-/// The windows of rows `first..first + rows` over the framed maps
-/// `src`, in parts, each with its first row among them: all in one, or,
-/// in `order`, a part a group, over the group's taps.
+/// The windows of rows `first..first + rows` over the maps `src`
+/// (framed, unless `order` reads them as given: see [`framed_maps`]), in
+/// parts, each with its first row among them: all in one, or, in
+/// `order`, a part a group, over the group's taps.
 fn windows_of<'a, T>(
     order: Option<&'a BorderOrder>,
     src: &'a [T],
@@ -708,14 +709,19 @@ unsafe fn to_places<T: Copy>(rows: &[T], width: usize, pixels: &[u32], out: Out<
 
 /// The maps `data` (`geometry.c` values a pixel: channels, or pairs of
 /// them) framed by `geometry`'s padding (see [`cl::pad_into`]), or `None`
-/// where there is none (the maps are read as they are), and the framed
-/// maps' geometry.
+/// where there is none or the windows read none of it (`unframed`, see
+/// [`BorderOrder::unframed`]): the maps are read as they are. With the
+/// geometry of the maps read.
 fn framed_maps<T: Pooled + Default>(
     data: &[T],
     geometry: &Geometry,
+    unframed: bool,
     pool: &Arc<Buffers>,
 ) -> Result<(Option<Buf<T>>, Geometry)> {
     let framed = geometry.framed();
+    if unframed {
+        return Ok((None, *geometry));
+    }
     if geometry.window.padding == 0 {
         return Ok((None, framed));
     }
@@ -926,26 +932,13 @@ fn conv_chain(
     let mut out = pool.take(if pairs_out { 0 } else { m * channels });
     let mut out_pairs = pool.take(if pairs_out { m * pairs_per_row } else { 0 });
     let x_pairs = x.only_pairs();
-    // The chain's input maps framed by its padding, to read its windows
-    // from (see `ConvRows`): f32 maps for an FP32 chain, pairs for a bf16
-    // one where its products read windows (not on AMX).
-    let framed = match (&links[0].packed, pointwise, x_pairs) {
-        (Packed::F32(_), false, None) if ConvRows::pay(c_in, isa) => {
-            Some(framed_maps(&x.data, &geometry, pool)?)
-        }
-        _ => None,
-    };
-    let framed_pairs = match (&links[0].packed, pointwise, x_pairs) {
-        (Packed::Bf16(_), false, Some(given))
-            if ConvRows::pay(c_in, isa) && bf16::reads_windows() =>
-        {
-            let in_pairs = Geometry {
-                c: c_in / 2,
-                ..geometry
-            };
-            Some(framed_maps(given, &in_pairs, pool)?)
-        }
-        _ => None,
+    // Whether the first layer reads its windows where the maps lie (see
+    // `ConvRows`): f32 maps for an FP32 chain, pairs for a bf16 one
+    // (not on AMX).
+    let in_place = match (&links[0].packed, pointwise, x_pairs) {
+        (Packed::F32(_), false, None) => ConvRows::pay(c_in, isa),
+        (Packed::Bf16(_), false, Some(_)) => ConvRows::pay(c_in, isa) && bf16::reads_windows(),
+        _ => false,
     };
     // Windows read in place skip the taps on the padding: the strips run
     // over the output pixels in groups of equal taps (see `BorderOrder`),
@@ -957,8 +950,27 @@ fn conv_chain(
     let chain_macs: usize = links.iter().map(|link| link.macs).sum();
     let pays =
         border::share_on_padding(&geometry) * links[0].macs as f64 >= chain_macs as f64 / 100.0;
-    let order = match (&framed, &framed_pairs) {
-        (Some(_), _) | (_, Some(_)) if pays => BorderOrder::new(&geometry, MIN_GROUP_ROWS),
+    let order = match in_place && pays {
+        true => BorderOrder::new(&geometry, MIN_GROUP_ROWS),
+        false => None,
+    };
+    // The maps the windows read: framed by the padding, unless the order
+    // reads none of it.
+    let unframed = order.as_ref().is_some_and(BorderOrder::unframed);
+    let framed = match (&links[0].packed, x_pairs) {
+        (Packed::F32(_), None) if in_place => {
+            Some(framed_maps(&x.data, &geometry, unframed, pool)?)
+        }
+        _ => None,
+    };
+    let framed_pairs = match (&links[0].packed, x_pairs) {
+        (Packed::Bf16(_), Some(given)) if in_place => {
+            let in_pairs = Geometry {
+                c: c_in / 2,
+                ..geometry
+            };
+            Some(framed_maps(given, &in_pairs, unframed, pool)?)
+        }
         _ => None,
     };
     // Strips of at most CHAIN_ROWS (about, where the strips run in

@@ -119,9 +119,14 @@ impl F32Rows<'_> {
 /// counts pairs.
 #[derive(Clone, Copy)]
 pub(crate) struct ConvRows<'a, T = f32> {
-    /// The input maps, (N*H*W, C) channels-last, padding included.
+    /// The input maps, (N*H*W, C) channels-last, padding included
+    /// (unless the windows come in an order that reads none of it).
     src: &'a [T],
     geometry: Geometry,
+    /// Pixels that window starts count before `src`'s first: the
+    /// padding's `p * (W + 1)` where `src` is not framed by it (see
+    /// [`crate::border::BorderOrder::unframed`]), else 0.
+    offset: usize,
     /// Output columns: rows run over output pixels in (n, y, x) order.
     ow: usize,
     /// Output rows a map.
@@ -166,6 +171,7 @@ impl<'a, T> ConvRows<'a, T> {
                 geometry,
                 ow,
                 oh,
+                offset: 0,
                 first,
                 rows,
                 starts: None,
@@ -173,10 +179,11 @@ impl<'a, T> ConvRows<'a, T> {
             })
     }
 
-    /// The windows that start at `starts` (pixels of `src`), over their
-    /// `taps` alone: a group of [`crate::border::BorderOrder`]. `None`
-    /// when a window would reach past `src`, or the taps past the
-    /// window.
+    /// The windows that start at `starts` (pixels of `src`, less the
+    /// padding's `p * (W + 1)` where `geometry` has one, see
+    /// [`crate::border::BorderOrder`]), over their `taps` alone: a group
+    /// of [`crate::border::BorderOrder`]. `None` when a tap would lie
+    /// outside `src`, or the taps past the window.
     pub(crate) fn in_order(
         src: &'a [T],
         geometry: Geometry,
@@ -184,18 +191,36 @@ impl<'a, T> ConvRows<'a, T> {
         taps: Taps,
     ) -> Option<Self> {
         let (g, k) = (geometry, geometry.window.kernel);
-        let reach = |start: u32| (start as usize + (k - 1) * (g.w + 1) + 1) * g.c;
-        let fits = taps.ky.0 <= taps.ky.1
-            && taps.ky.1 <= k
-            && taps.kx.0 <= taps.kx.1
-            && taps.kx.1 <= k
-            && starts.iter().all(|&start| reach(start) <= src.len());
-        let all = Self::new(src, geometry, 0, 0).filter(|_| fits)?;
-        Some(Self {
+        let (oh, ow) = g.out_dims().ok()?;
+        let offset = g.window.padding * (g.w + 1);
+        let within = |(lo, hi): (usize, usize)| lo <= hi && hi <= k;
+        if !within(taps.ky) || !within(taps.kx) {
+            return None;
+        }
+        // A window wholly on the padding reads no kernel row at all.
+        let none = Taps {
+            ky: (0, 0),
+            kx: (0, 0),
+        };
+        let taps = if taps.count() == 0 { none } else { taps };
+        // The first tap read and one past the last, in pixels of `src`.
+        let first = |start: u32| (start as usize + taps.ky.0 * g.w + taps.kx.0).checked_sub(offset);
+        let end = |start: u32| start as usize + (taps.ky.1 - 1) * g.w + taps.kx.1 - offset;
+        let fits = src.len() == g.n * g.h * g.w * g.c
+            && (taps.count() == 0
+                || starts
+                    .iter()
+                    .all(|&start| first(start).is_some() && end(start) * g.c <= src.len()));
+        fits.then_some(Self {
+            src,
+            geometry,
+            offset,
+            ow,
+            oh,
+            first: 0,
             rows: starts.len(),
             starts: Some(starts),
             taps,
-            ..all
         })
     }
 
@@ -242,10 +267,13 @@ impl<'a, T> ConvRows<'a, T> {
     fn kernel_rows<const R: usize>(&self, windows: &[usize; R], ky: usize) -> [*const T; R] {
         let (g, kx) = (&self.geometry, self.taps.kx.0);
         // SAFETY: `new` and `in_order` checked that every window of rows
-        // first..first + rows lies inside `src`: kernel row ky of a
-        // window starts inside it, and its k x C values too.
+        // first..first + rows lies inside `src`, or in order every tap
+        // it reads: kernel row ky of a window starts inside it, and the
+        // values of its taps too.
         std::array::from_fn(|r| unsafe {
-            self.src.as_ptr().add((windows[r] + ky * g.w + kx) * g.c)
+            self.src
+                .as_ptr()
+                .add((windows[r] + ky * g.w + kx - self.offset) * g.c)
         })
     }
 }
