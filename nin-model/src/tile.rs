@@ -1691,4 +1691,35 @@ pub(crate) mod tests {
             }
         }
     }
+
+    /// Windows in order over maps not framed by their padding are taken
+    /// where every tap they read lies inside the maps, and refused where
+    /// one would lie before or past them.
+    #[test]
+    fn windows_in_order_over_unframed_maps_read_inside_them_alone() {
+        let g = Geometry {
+            window: crate::Window::new(3, 1, 1),
+            n: 1,
+            h: 4,
+            w: 4,
+            c: 2,
+        };
+        let maps = values(g.n * g.h * g.w * g.c, 3);
+        // Starts count pixels offset by p * (W + 1) = 5: the window of
+        // output pixel (0, 0) starts at 0, (1, 1) at 5, (3, 3) at 15.
+        let inside = Taps {
+            ky: (1, 3),
+            kx: (1, 3),
+        };
+        assert!(ConvRows::in_order(&maps, g, &[0], inside).is_some());
+        assert!(ConvRows::in_order(&maps, g, &[0], Taps::all(3)).is_none());
+        assert!(ConvRows::in_order(&maps, g, &[5], Taps::all(3)).is_some());
+        let top_left = Taps {
+            ky: (0, 2),
+            kx: (0, 2),
+        };
+        assert!(ConvRows::in_order(&maps, g, &[15], top_left).is_some());
+        assert!(ConvRows::in_order(&maps, g, &[15], Taps::all(3)).is_none());
+        assert!(ConvRows::in_order(&maps[2..], g, &[5], Taps::all(3)).is_none());
+    }
 }
