@@ -69,16 +69,27 @@ for arch in compact shipped; do
   ./target/release/examples/throughput --onnx "$work/$arch.onnx" \
     "$(network "$arch" forward)" forward 1 0.1 > /dev/null
 done
+# nin's runs of a workload, in each precision.
+run_nin() { # run_nin ARCH MODE BATCH
+  for precision in $precisions; do
+    ./target/release/examples/throughput --precision "$precision" \
+      "$(network "$1" "$2")" "$2" "$3" "$seconds" \
+      | "$venv/bin/python" -c 'import json,sys; r=json.load(sys.stdin); r["arch"]=sys.argv[1]; r["impl"]="nin-bf16" if sys.argv[2]=="bf16" else "nin"; print(json.dumps(r))' "$1" "$precision" \
+      >> "$work/results.jsonl"
+  done
+}
+# In each round nin runs a workload before the peers and again after
+# them (its median is of twice as many runs): a shared VM's speed
+# drifts by a fifth or more within a minute, and nin's runs on either
+# side of the peers' span the same stretch of it, where runs only before
+# them did not (on a Zen 4 at e59ebaa, shipped b1 came out at 0.92x
+# ONNX Runtime that way, and at 1.17x to 1.22x in runs alternating
+# with it).
 for round in $(seq "$rounds"); do
   for w in "${workloads[@]}"; do
     set -- $w
     arch=$1 mode=$2 batch=$3
-    for precision in $precisions; do
-      ./target/release/examples/throughput --precision "$precision" \
-        "$(network "$arch" "$mode")" "$mode" "$batch" "$seconds" \
-        | "$venv/bin/python" -c 'import json,sys; r=json.load(sys.stdin); r["arch"]=sys.argv[1]; r["impl"]="nin-bf16" if sys.argv[2]=="bf16" else "nin"; print(json.dumps(r))' "$arch" "$precision" \
-        >> "$work/results.jsonl"
-    done
+    run_nin "$arch" "$mode" "$batch"
     engines="torch torch-cl $bf16_engines"
     [ "$mode" = forward ] && engines="$engines ort openvino ${bf16_engines:+openvino-bf16}"
     for engine in $engines; do
@@ -87,6 +98,7 @@ for round in $(seq "$rounds"); do
         --seconds "$seconds" --threads "$threads" 2> "$work/peer.log" >> "$work/results.jsonl" \
         || { cat "$work/peer.log" >&2; exit 1; }
     done
+    run_nin "$arch" "$mode" "$batch"
   done
   echo "round $round/$rounds done" >&2
 done
