@@ -53,10 +53,11 @@ pub(crate) struct ConvUnit {
     /// That matrix packed for the FP32 inference kernel, under the same rule.
     pub(crate) packed_f32: Arc<OnceLock<Arc<PackedF32>>>,
     /// That matrix transformed for [`crate::winograd`], under the same
-    /// rule.
-    pub(crate) winograd: Arc<OnceLock<Arc<crate::winograd::Weights>>>,
-    /// The same for the bf16 kernels.
-    pub(crate) winograd_bf16: Arc<OnceLock<Arc<crate::winograd::Weights>>>,
+    /// rule, one for each kernel and tile side (see `winograd_of` in
+    /// `tape.rs`): FP32 in tiles of 2 x 2 pixels (a training step's) and
+    /// of 4 x 4 (inference's), then bf16 in 2 x 2 (both; its 4 x 4 slot
+    /// stays empty).
+    pub(crate) winograd: Arc<[OnceLock<Arc<crate::winograd::Weights>>; 4]>,
     /// What inference applies after the product, under the same rule: a
     /// batch norm's scale and shift cost a dozen candle operations to
     /// work out, more than a small layer's product at batch 1.
@@ -195,7 +196,6 @@ impl ConvUnit {
             packed: Arc::default(),
             packed_f32: Arc::default(),
             winograd: Arc::default(),
-            winograd_bf16: Arc::default(),
             affine: Arc::default(),
         })
     }

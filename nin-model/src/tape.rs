@@ -222,19 +222,19 @@ fn packed_f32_of(unit: &ConvUnit, matrix: Mat, isa: Isa) -> Result<Arc<PackedF32
 }
 
 /// A 3 x 3 unit's weight matrix `matrix` transformed and packed for
-/// [`winograd`] on `kernel`, [`kept`] (one for each kind of kernel).
+/// [`winograd`] on `kernel` in tiles of `side` x `side` pixels, [`kept`]
+/// (one for each kind of kernel and side).
 fn winograd_of(
     unit: &ConvUnit,
     matrix: &[f32],
     kernel: winograd::Kernel,
+    side: usize,
 ) -> Result<Arc<winograd::Weights>> {
     let (c_out, c_in, ..) = unit.weight.dims4()?;
-    let cell = match kernel {
-        winograd::Kernel::F32(_) => &unit.winograd,
-        winograd::Kernel::Bf16 => &unit.winograd_bf16,
-    };
+    let bf16 = matches!(kernel, winograd::Kernel::Bf16);
+    let cell = &unit.winograd[2 * usize::from(bf16) + usize::from(side == 4)];
     kept(unit, cell, || {
-        Ok(winograd::Weights::new(matrix, c_in, c_out, kernel))
+        Ok(winograd::Weights::new(matrix, (c_in, c_out), kernel, side))
     })
 }
 
@@ -802,7 +802,7 @@ fn infer_chain(
         return conv_chain(units, x, (precision, pairs_out), pool);
     };
     let matrix = weight_matrix_of(first)?;
-    let weights = winograd_of(first, &matrix, kernel)?;
+    let weights = winograd_of(first, &matrix, kernel, kernel.inference_side())?;
     let affine = affine_of(first)?;
     let epilogue = Some(Epilogue {
         scale: affine.scale.as_deref(),
@@ -1350,7 +1350,7 @@ fn conv_forward(
     // and 152.3; the weight gradients' too, FP32 only, 212.6 -> 193.9
     // and 214.0 -> 193.4 in two more such runs.)
     if let Some(kernel) = kernel {
-        let transformed = winograd_of(unit, &weights, kernel)?;
+        let transformed = winograd_of(unit, &weights, kernel, winograd::TRAINING_SIDE)?;
         let dims = (x.n, x.h, x.w);
         winograd::conv_into(&x.data[..], dims, &transformed, None, &mut y, pool);
     } else {
@@ -1650,7 +1650,8 @@ impl ConvRecord {
     ) -> Buf<f32> {
         let g = &self.geometry;
         let turned = cl::turned_weights(&self.weights, 9, c_out);
-        let weights = winograd::Weights::new(&turned, c_out, g.c, kernel);
+        let weights =
+            winograd::Weights::new(&turned, (c_out, g.c), kernel, winograd::TRAINING_SIDE);
         let (dims, mut grad_maps) = ((g.n, g.h, g.w), pool.take(g.n * g.h * g.w * g.c));
         match grad_out {
             Tall::F32(grad) => {
