@@ -204,8 +204,10 @@ fn g_of(side: usize) -> &'static [[f64; 3]] {
 impl Weights {
     /// From the (9 x C_in, C_out) matrix that multiplies im2col rows
     /// (ordered ky, kx, c), for `kernel`, in tiles of `side` x `side`
-    /// output pixels (2 or 4). The transform sums in f64, so that
-    /// F(4 x 4)'s sixths and twelfths round once.
+    /// output pixels (2 or 4). (A training step transforms its weights
+    /// every step: position p's matrix is a sum of the 9 taps' (C_in,
+    /// C_out) matrices, each scaled by `G[p / A][ky] G[p % A][kx]`, on
+    /// whole matrices at a time.)
     pub(crate) fn new(
         matrix: &[f32],
         (c_in, c_out): (usize, usize),
@@ -221,19 +223,15 @@ impl Weights {
         );
         let g_matrix = g_of(side);
         let a = side + 2;
-        let mut u = vec![vec![0f32; c_in * c_out]; a * a];
-        for i in 0..c_in {
-            for o in 0..c_out {
-                let g = |ky: usize, kx: usize| {
-                    f64::from(matrix[((ky * 3 + kx) * c_in + i) * c_out + o])
-                };
-                for (y, left) in g_matrix.iter().enumerate() {
-                    // Row y of G g, then its products by G^T's columns.
-                    let row: [f64; 3] =
-                        std::array::from_fn(|kx| (0..3).map(|ky| left[ky] * g(ky, kx)).sum());
-                    for (x, right) in g_matrix.iter().enumerate() {
-                        let v: f64 = (0..3).map(|kx| row[kx] * right[kx]).sum();
-                        u[y * a + x][i * c_out + o] = v as f32;
+        let per_tap = c_in * c_out;
+        let mut u = vec![vec![0f32; per_tap]; a * a];
+        for (p, u) in u.iter_mut().enumerate() {
+            let (left, right) = (g_matrix[p / a], g_matrix[p % a]);
+            for (tap, g) in matrix.chunks_exact(per_tap).enumerate() {
+                let factor = (left[tap / 3] * right[tap % 3]) as f32;
+                if factor != 0.0 {
+                    for (u, &g) in u.iter_mut().zip(g) {
+                        *u += factor * g;
                     }
                 }
             }
