@@ -55,12 +55,6 @@ const POSITIONS: usize = 16;
 /// tile's arrays hold room for.
 const MOST_POSITIONS: usize = 36;
 
-/// Positions of the transformed window of a tile of `side` x `side`
-/// output pixels: one product each.
-const fn positions(side: usize) -> usize {
-    (side + 2) * (side + 2)
-}
-
 /// Output pixels of the widest tile, 4 x 4.
 const MOST_PIXELS: usize = 16;
 
@@ -292,7 +286,8 @@ fn conv_tiles<const M: usize, const A: usize, S: Value, D: Value>(
     pool: &Arc<Buffers>,
 ) {
     let (c_in, c_out) = (weights.c_in, weights.c_out);
-    let positions = positions(M);
+    // One product a position of the A x A window.
+    let positions = A * A;
     assert_eq!(x.len(), n * h * w * c_in, "input size");
     assert_eq!(out.len(), n * h * w * c_out, "output size");
     assert!(
