@@ -802,7 +802,8 @@ fn infer_chain(
         return conv_chain(units, x, (precision, pairs_out), pool);
     };
     let matrix = weight_matrix_of(first)?;
-    let weights = winograd_of(first, &matrix, kernel, kernel.inference_side())?;
+    let side = kernel.inference_side((x.n, x.h, x.w));
+    let weights = winograd_of(first, &matrix, kernel, side)?;
     let affine = affine_of(first)?;
     let epilogue = Some(Epilogue {
         scale: affine.scale.as_deref(),

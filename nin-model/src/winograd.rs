@@ -55,6 +55,20 @@ const POSITIONS: usize = 16;
 /// tile's arrays hold room for.
 const MOST_POSITIONS: usize = 36;
 
+/// Tiles of 4 x 4 a layer needs for FP32 inference to take them
+/// (fewer: tiles of 2 x 2). On a Xeon with AMX (2 MiB of L2 a core, full
+/// 512-bit FMA units), passes of the shipped network interleaved in one
+/// process, 2 threads, ms a pass, F(4 x 4) everywhere against F(2 x 2)
+/// on the 7 x 7 maps of block 3 (4 tiles of 4 x 4 an image): batch 1
+/// 0.4687 against 0.4335 and 0.4467 against 0.4134, batch 2 0.7026
+/// against 0.6540, but batch 4 (16 tiles) 1.1744 against 1.1936 and
+/// batch 64 16.87 against 18.04. Below that, block 3's 3.5 MB of F(4 x 4)
+/// weights (1.6 MB in F(2 x 2)) serve a few rows each and no longer stay
+/// in a core's L2 from one pass to the next. (A Zen 4, whose AVX-512
+/// runs on 256-bit halves, measured F(4 x 4) as fast or faster at batch
+/// 1 and 5% faster at 2: there the multiply-adds weigh more.)
+const MIN_WIDE_TILES: usize = 16;
+
 /// Output pixels of the widest tile, 4 x 4.
 const MOST_PIXELS: usize = 16;
 
@@ -113,26 +127,30 @@ pub(crate) enum Kernel {
 }
 
 impl Kernel {
-    /// The side of the tiles inference runs in on this kernel.
+    /// The side of the tiles inference runs in on this kernel, over
+    /// `n` maps of `h` x `w`.
     ///
-    /// FP32: 4, F(4 x 4, 3 x 3). Against F(2 x 2), passes of the shipped
-    /// network interleaved in one process on a Zen 4 (2 threads), two
-    /// runs each: 5.7% and 5.8% shorter at batch 64, 2.2% and 2.6% at 1
-    /// (and 4.3% at 16, 4.4% at 4 in one run each); with the AVX2 kernels
-    /// 6.5% and 6.8% at 64, 1.7% and 3.8% at 1. Its transformed
-    /// weights are 2.25 times larger, which costs nothing measurable at
-    /// batch 1 (1.2 MB and 3.5 MB for the shipped network's blocks 2 and
-    /// 3, streamed from L2 and L3 either way); the shipped weights score
-    /// the same on the test set (0.9405, loss equal to 7 digits).
+    /// FP32: 4, F(4 x 4, 3 x 3), where the layer has at least
+    /// [`MIN_WIDE_TILES`] such tiles; else 2. Against F(2 x 2), passes of
+    /// the shipped network interleaved in one process on a Zen 4 (2
+    /// threads), two runs each: 5.7% and 5.8% shorter at batch 64, 2.2%
+    /// and 2.6% at 1 (and 4.3% at 16, 4.4% at 4 in one run each); with
+    /// the AVX2 kernels 6.5% and 6.8% at 64, 1.7% and 3.8% at 1. Its
+    /// transformed weights are 2.25 times larger (1.2 MB and 3.5 MB for
+    /// the shipped network's blocks 2 and 3), and where few tiles share
+    /// them, streaming them costs more than the multiply-adds save: see
+    /// [`MIN_WIDE_TILES`]. The shipped weights score the same on the test
+    /// set (0.9405, loss equal to 7 digits).
     ///
     /// bf16: 2. F(4 x 4) was 8% faster at batch 64 and at 1 and the
     /// shipped weights scored 0.9406, but rounding its transformed inputs
     /// (up to 100 times a pixel) to bf16 put results off by up to 2.5% of
     /// their terms' magnitudes, against F(2 x 2)'s 0.17%: too coarse for
     /// a mode that promises bf16 operands and FP32 sums.
-    pub(crate) fn inference_side(self) -> usize {
+    pub(crate) fn inference_side(self, (n, h, w): (usize, usize, usize)) -> usize {
         match self {
-            Self::F32(_) => 4,
+            Self::F32(_) if n * h.div_ceil(4) * w.div_ceil(4) >= MIN_WIDE_TILES => 4,
+            Self::F32(_) => 2,
             Self::Bf16 => 2,
         }
     }
@@ -1233,5 +1251,19 @@ mod tests {
         assert!(!applies(Window::new(3, 2, 1), 64, 128));
         assert!(!applies(Window::new(3, 1, 0), 64, 128));
         assert!(!applies(Window::new(1, 1, 0), 64, 128));
+    }
+
+    #[test]
+    fn fp32_inference_takes_wide_tiles_only_where_they_are_many() {
+        let fp32 = Kernel::F32(Isa::Avx512);
+        // The shipped network's 7 x 7 maps: 4 tiles of 4 x 4 an image.
+        assert_eq!(fp32.inference_side((1, 7, 7)), 2);
+        assert_eq!(fp32.inference_side((3, 7, 7)), 2);
+        assert_eq!(fp32.inference_side((4, 7, 7)), 4);
+        // Its 14 x 14 maps: 16 an image.
+        assert_eq!(fp32.inference_side((1, 14, 14)), 4);
+        assert_eq!(fp32.inference_side((1, 13, 13)), 4);
+        assert_eq!(fp32.inference_side((1, 12, 12)), 2);
+        assert_eq!(Kernel::Bf16.inference_side((64, 14, 14)), 2);
     }
 }
