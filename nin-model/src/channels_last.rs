@@ -30,7 +30,7 @@ const ROWS_PER_TASK: usize = 64;
 const PAD_BYTES_PER_TASK: usize = 16 << 10;
 
 /// A window sliding over a batch of channels-last maps.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Geometry {
     pub window: Window,
     pub n: usize,

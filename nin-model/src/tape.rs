@@ -967,12 +967,12 @@ fn conv_chain(
     let pays =
         border::share_on_padding(&geometry) * links[0].macs as f64 >= chain_macs as f64 / 100.0;
     let order = match in_place && pays {
-        true => BorderOrder::new(&geometry, MIN_GROUP_ROWS),
+        true => BorderOrder::kept(&geometry, MIN_GROUP_ROWS),
         false => None,
     };
     // The maps the windows read: framed by the padding, unless the order
     // reads none of it.
-    let unframed = order.as_ref().is_some_and(BorderOrder::unframed);
+    let unframed = order.as_deref().is_some_and(BorderOrder::unframed);
     let framed = match (&links[0].packed, x_pairs) {
         (Packed::F32(_), None) if in_place => {
             Some(framed_maps(&x.data, &geometry, unframed, pool)?)
@@ -1025,7 +1025,7 @@ fn conv_chain(
             (Packed::Bf16(_), false, Some(given)) => match &framed_pairs {
                 Some((maps, framed)) => {
                     let maps = maps.as_deref().unwrap_or(given);
-                    let windows = windows_of(order.as_ref(), maps, framed, first_row, rows)?;
+                    let windows = windows_of(order.as_deref(), maps, framed, first_row, rows)?;
                     let pairs = |(at, conv)| (at, LinkInput::Pairs(Bf16Left::Conv(conv)));
                     windows.into_iter().map(pairs).collect()
                 }
@@ -1052,7 +1052,7 @@ fn conv_chain(
             (Packed::F32(_), false, None) => match &framed {
                 Some((maps, framed)) => {
                     let maps = maps.as_deref().unwrap_or(&x.data);
-                    let windows = windows_of(order.as_ref(), maps, framed, first_row, rows)?;
+                    let windows = windows_of(order.as_deref(), maps, framed, first_row, rows)?;
                     let values = |(at, conv)| (at, LinkInput::F32(Left::Conv(conv)));
                     windows.into_iter().map(values).collect()
                 }
