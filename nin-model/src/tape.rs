@@ -965,8 +965,8 @@ fn conv_chain(
     // without it).
     let chain_macs: usize = links.iter().map(|link| link.macs).sum();
     let pays =
-        border::share_on_padding(&geometry) * links[0].macs as f64 >= chain_macs as f64 / 100.0;
-    let order = match in_place && pays {
+        || border::share_on_padding(&geometry) * links[0].macs as f64 >= chain_macs as f64 / 100.0;
+    let order = match in_place && pays() {
         true => BorderOrder::kept(&geometry, MIN_GROUP_ROWS),
         false => None,
     };

@@ -1158,6 +1158,8 @@ pub(crate) mod x86 {
         lanes: [Lanes; 2],
         /// Vectors of a row inside the columns.
         columns: usize,
+        /// Every lane of those vectors inside the columns: plain moves.
+        whole: bool,
         /// Per vector: v -> max(v * scale + shift, 0).
         affine: [(__m256, __m256); 2],
         ldc: usize,
@@ -1189,6 +1191,7 @@ pub(crate) mod x86 {
             Self {
                 lanes,
                 columns,
+                whole: lanes[..columns].iter().all(|lanes| lanes.whole),
                 affine,
                 ldc,
                 col: first.col,
@@ -1212,8 +1215,9 @@ pub(crate) mod x86 {
             let Some(c) = store.c else {
                 return;
             };
-            let whole = self.columns == V && self.lanes[..V].iter().all(|lanes| lanes.whole);
-            let kind = (store.accumulate, store.epilogue.is_some(), whole);
+            // `tiles_f32_avx2` picks V from the columns.
+            debug_assert_eq!(self.columns, V);
+            let kind = (store.accumulate, store.epilogue.is_some(), self.whole);
             macro_rules! kinds {
                 ($(($acc:literal, $affine:literal, $whole:literal)),*) => {
                     match kind {
