@@ -1259,9 +1259,9 @@ pub(crate) mod x86 {
             c: *mut f32,
             row: usize,
         ) {
-            let columns = if WHOLE { V } else { self.columns };
+            // V vectors a row are the columns' (see `StoreAvx2::store`).
             for (r, acc) in acc.iter().enumerate() {
-                for (h, &v) in acc.iter().enumerate().take(columns) {
+                for (h, &v) in acc.iter().enumerate() {
                     let lanes = self.lanes[h];
                     // SAFETY: the lanes lie inside the target tile (all of
                     // them when `WHOLE`).
