@@ -134,14 +134,12 @@ fn im2col_with<S: Sync, T: Copy + Default + Send>(
         bail!("im2col: buffer sizes do not match {g:?}")
     }
     // One task per output image row (n, oy).
+    let inside = g.window.inside(g.w, ow);
     out.par_chunks_mut(ow * row_len)
         .enumerate()
         .for_each(|(task, rows)| {
             let (n, oy) = (task / oh, task % oh);
-            let ys = g.window.span(oy, g.h);
-            for (ox, row) in rows.chunks_mut(row_len).enumerate() {
-                im2col_pixel(g, src, (n, oy, ox), &ys, row, per_tap, &copy);
-            }
+            im2col_line(g, src, (n, oy, 0), &inside, rows, per_tap, &copy);
         });
     Ok(())
 }
@@ -403,23 +401,80 @@ fn im2col_rows_with<S, T: Copy + Default>(
             first + rows
         )
     }
-    let (mut n, mut oy, mut ox) = (first / (oh * ow), first % (oh * ow) / ow, first % ow);
-    let mut ys = g.window.span(oy, g.h);
-    for row in out.chunks_mut(row_len) {
-        im2col_pixel(g, src, (n, oy, ox), &ys, row, per_tap, &copy);
-        ox += 1;
-        if ox == ow {
-            (ox, oy) = (0, oy + 1);
-            if oy == oh {
-                (oy, n) = (0, n + 1);
-            }
-            ys = g.window.span(oy, g.h);
-        }
+    // Output row by output row (n, oy), from pixel ox of the first.
+    let inside = g.window.inside(g.w, ow);
+    let (mut pixel, mut rest) = (first, out);
+    while !rest.is_empty() {
+        let (n, oy, ox) = (pixel / (oh * ow), pixel % (oh * ow) / ow, pixel % ow);
+        let count = (ow - ox).min(rest.len() / row_len);
+        let (line, later) = std::mem::take(&mut rest).split_at_mut(count * row_len);
+        im2col_line(g, src, (n, oy, ox), &inside, line, per_tap, &copy);
+        (pixel, rest) = (pixel + count, later);
     }
     Ok(())
 }
 
-/// One output pixel's row of the im2col walk: pixel (`oy`, `ox`) of image
+/// Pixels `ox..` of output row `oy` of image `n`, as many as `rows` has
+/// rows for: the run whose windows lie inside the maps (`inside`, see
+/// [`crate::config::Window::inside`]) at once, the rest a pixel at a
+/// time (their windows' taps on the padding filled with zeros).
+#[inline]
+fn im2col_line<S, T: Copy + Default>(
+    g: &Geometry,
+    src: (&[S], usize),
+    (n, oy, ox): (usize, usize, usize),
+    inside: &std::ops::Range<usize>,
+    rows: &mut [T],
+    per_tap: usize,
+    copy: &impl Fn(&[S], &mut [T]),
+) {
+    let k = g.window.kernel;
+    let row_len = k * k * per_tap;
+    let ys = g.window.span(oy, g.h);
+    let (mut ox, mut rest) = (ox, rows);
+    while !rest.is_empty() {
+        let run = if ys.len() == k && inside.contains(&ox) {
+            (inside.end - ox).min(rest.len() / row_len)
+        } else {
+            0
+        };
+        let (done, later) = std::mem::take(&mut rest).split_at_mut(run.max(1) * row_len);
+        if run > 0 {
+            windows_inside(g, src, (n, ys.start, ox), done, per_tap, copy);
+        } else {
+            im2col_pixel(g, src, (n, oy, ox), &ys, done, per_tap, copy);
+        }
+        (ox, rest) = (ox + run.max(1), later);
+    }
+}
+
+/// The im2col rows of pixels `ox..` of one output row whose windows lie
+/// inside the maps (rows `y0..y0 + k`), as many as `rows` holds: no
+/// padding to test for, a kernel row's taps one run.
+#[inline]
+fn windows_inside<S, T>(
+    g: &Geometry,
+    (src, c): (&[S], usize),
+    (n, y0, ox): (usize, usize, usize),
+    rows: &mut [T],
+    per_tap: usize,
+    copy: &impl Fn(&[S], &mut [T]),
+) {
+    let (k, stride, padding) = (g.window.kernel, g.window.stride, g.window.padding);
+    let line = g.w * c;
+    let image = &src[(n * g.h + y0) * line..(n * g.h + y0 + k) * line];
+    let run = k * per_tap;
+    for (i, row) in rows.chunks_exact_mut(k * run).enumerate() {
+        let x0 = ((ox + i) * stride - padding) * c;
+        for (ky, taps) in row.chunks_exact_mut(run).enumerate() {
+            let at = ky * line + x0;
+            copy(&image[at..at + k * c], taps);
+        }
+    }
+}
+
+/// One output pixel's row of the im2col walk, a window over the padding
+/// (see [`windows_inside`] for the others): pixel (`oy`, `ox`) of image
 /// `n`. The taps of one kernel row read neighbouring pixels, which lie side
 /// by side in channels-last maps: they are copied as one run (a call per
 /// tap cost more than the copying in the first layer, one channel wide).
@@ -439,21 +494,6 @@ fn im2col_pixel<S, T: Copy + Default>(
     // The taps whose pixels lie inside the maps, the same for every
     // kernel row: kx in first..first + count.
     let xs = g.window.span(ox, g.w);
-    if xs.len() == k && ys.len() == k {
-        // The whole window inside the maps (most pixels): each kernel
-        // row is one run, with no padding to fill around it.
-        // (Indexed, not zipped with `chunks_mut`: the zip's length is a
-        // division a pixel, a seventh of the first layer's im2col.)
-        let run = k * per_tap;
-        for (ky, y) in ys.clone().enumerate() {
-            let pixel = y * g.w + xs.start;
-            copy(
-                &image[pixel * c..(pixel + k) * c],
-                &mut row[ky * run..(ky + 1) * run],
-            );
-        }
-        return;
-    }
     let (first, count) = (xs.start + padding - ox * stride, xs.len());
     for (ky, taps) in row.chunks_mut(k * per_tap).enumerate() {
         let y = (oy * stride + ky).wrapping_sub(padding);
@@ -1530,6 +1570,51 @@ mod tests {
         assert!(
             batch_norm_relu_backward_pairs_into(&x, &grad, &gamma, &stats, 1e-5, short).is_err()
         );
+    }
+
+    #[test]
+    fn im2col_rows_hold_each_tap_of_each_window() {
+        // One channel (the first layer's runs of k values) and three;
+        // windows inside, over the padding, and past both sides.
+        let windows = [
+            (3, 1, 0),
+            (3, 1, 1),
+            (2, 1, 0),
+            (3, 2, 1),
+            (4, 2, 1),
+            (3, 1, 2),
+        ];
+        for c in [1, 3] {
+            for (k, stride, padding) in windows {
+                let g = two_images(Window::new(k, stride, padding), 6, c);
+                let src: Vec<f32> = (0..g.n * g.h * g.w * c).map(|v| v as f32 + 1.0).collect();
+                let (oh, ow) = g.out_dims().unwrap();
+                let row_len = k * k * c;
+                let mut expected = vec![0f32; g.n * oh * ow * row_len];
+                for (r, row) in expected.chunks_mut(row_len).enumerate() {
+                    let (n, oy, ox) = (r / (oh * ow), r % (oh * ow) / ow, r % ow);
+                    for (tap, values) in row.chunks_mut(c).enumerate() {
+                        if let Some((y, x)) = g.source(oy, ox, tap / k, tap % k) {
+                            let at = ((n * g.h + y) * g.w + x) * c;
+                            values.copy_from_slice(&src[at..at + c]);
+                        }
+                    }
+                }
+                let mut whole = vec![f32::NAN; expected.len()];
+                im2col_into(&g, &src, &mut whole).unwrap();
+                assert_eq!(whole, expected, "{:?}, C = {c}", g.window);
+                // From mid-row on, across a row and an image.
+                let first = ow / 2 + 1;
+                let mut strip = vec![f32::NAN; expected.len() - first * row_len];
+                im2col_rows_into(&g, &src, first, &mut strip).unwrap();
+                assert_eq!(
+                    strip,
+                    expected[first * row_len..],
+                    "{:?}, C = {c}",
+                    g.window
+                );
+            }
+        }
     }
 
     #[test]

@@ -41,6 +41,18 @@ impl Window {
         start..end.max(start)
     }
 
+    /// The outputs (of `outs`) whose windows lie inside an input side of
+    /// `len`, no tap on the padding: im2col copies their rows of taps
+    /// as they lie, with no padding to test for or fill.
+    pub fn inside(&self, len: usize, outs: usize) -> std::ops::Range<usize> {
+        let start = self.padding.div_ceil(self.stride.max(1));
+        let end = (len + self.padding)
+            .checked_sub(self.kernel)
+            .map_or(0, |last| last / self.stride.max(1) + 1)
+            .min(outs);
+        start..end.max(start)
+    }
+
     /// Output side for an input side, or `None` when the window does not fit.
     pub fn output_size(&self, input: usize) -> Option<usize> {
         if self.kernel == 0 || self.stride == 0 {
@@ -295,6 +307,28 @@ impl LayerSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn inside_holds_the_outputs_whose_windows_have_no_padding_tap() {
+        for (kernel, stride, padding) in windows() {
+            let window = Window::new(kernel, stride, padding);
+            for len in 1..12 {
+                let Some(outs) = window.output_size(len) else {
+                    continue;
+                };
+                let expected: Vec<usize> = (0..outs)
+                    .filter(|&o| o * stride >= padding && o * stride + kernel <= len + padding)
+                    .collect();
+                let inside: Vec<usize> = window.inside(len, outs).collect();
+                assert_eq!(inside, expected, "{window:?} over {len}");
+            }
+        }
+    }
+
+    /// Kernels 1 to 5, strides 1 to 3, paddings 0 to 3.
+    fn windows() -> impl Iterator<Item = (usize, usize, usize)> {
+        (1..=5).flat_map(|k| (1..=3).flat_map(move |s| (0..=3).map(move |p| (k, s, p))))
+    }
 
     #[test]
     fn window_arithmetic_matches_pytorch() {
